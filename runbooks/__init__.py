@@ -1,19 +1,6 @@
-"""Shared machinery for runbook flows: results, incident reports, retries, waiting, errors."""
+"""Shared machinery for runbook flows.
 
-from runbooks.errors import Escalation, VerificationFailed
-from runbooks.report import IncidentReport, incident_report
-from runbooks.results import Change, ChangeSet
-from runbooks.retry import transient_retries
-from runbooks.waiting import PollOutcome, poll_until
-
-__all__ = [
-    "Change",
-    "ChangeSet",
-    "Escalation",
-    "IncidentReport",
-    "PollOutcome",
-    "VerificationFailed",
-    "incident_report",
-    "poll_until",
-    "transient_retries",
-]
+Kept import-free on purpose: `runbooks.cli` must set Prefect's environment (API URL, home)
+before anything imports prefect. Import from the submodules: `runbooks.report`,
+`runbooks.results`, `runbooks.retry`, `runbooks.waiting`, `runbooks.params`, `runbooks.errors`.
+"""

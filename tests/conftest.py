@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# before prefect is imported: its settings are read at import; telemetry has no network here
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+
 import uuid
 from collections.abc import Iterator
 
@@ -75,3 +81,20 @@ def produce_one_per_batch(bootstrap: str, topic: str, values: list[bytes], parti
         else:
             producer.produce(topic, value=value, partition=partition)
         assert producer.flush(10) == 0
+
+
+def read_incident_report(flow_run_id: object) -> str:
+    """The markdown incident report artifact a flow run published (exactly one)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    # raw API: prefect 3.8.8's client.read_artifacts sends null filters the server rejects
+    resp = httpx.post(
+        f"{PREFECT_API_URL.value()}/artifacts/filter",
+        json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}, "type": {"any_": ["markdown"]}}},
+        timeout=10,
+    )
+    resp.raise_for_status()
+    reports = resp.json()
+    assert len(reports) == 1, f"expected one incident report, got {len(reports)}"
+    return reports[0]["data"]

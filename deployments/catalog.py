@@ -1,0 +1,96 @@
+"""Read the runbook deployments declared in `prefect.yaml`.
+
+`prefect.yaml` stays the single source of truth: a team runs `prefect deploy --all` against a
+work pool; `runbooks up` (one laptop) reads the same entries here and serves them in-process.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule, RRuleSchedule
+from prefect.events import DeploymentTriggerTypes
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PREFECT_YAML = PROJECT_ROOT / "prefect.yaml"
+
+_triggers = TypeAdapter(list[DeploymentTriggerTypes])
+
+
+class RunbookSpec(BaseModel):
+    """One `deployments:` entry of prefect.yaml (the fields this project uses)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    entrypoint: str
+    description: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    schedules: list[dict[str, Any]] = Field(default_factory=list)
+    triggers: list[dict[str, Any]] = Field(default_factory=list)
+    concurrency_limit: int | None = None
+
+    def schedule_objects(self) -> list[dict[str, Any]]:
+        return [_schedule(s) for s in self.schedules]
+
+    def trigger_objects(self) -> list[DeploymentTriggerTypes]:
+        specs = [
+            {"name": f"{self.name}__trigger_{i}", **t} for i, t in enumerate(self.triggers, 1)
+        ]
+        return _triggers.validate_python(specs)
+
+
+def load_catalog(path: Path = PREFECT_YAML) -> list[RunbookSpec]:
+    """Parse and validate every deployment in prefect.yaml (raises on a bad entry)."""
+    document = yaml.safe_load(path.read_text())
+    specs = [RunbookSpec.model_validate(d) for d in document.get("deployments") or []]
+    for spec in specs:
+        spec.trigger_objects()
+        spec.schedule_objects()
+    return specs
+
+
+def to_runner_deployments(specs: list[RunbookSpec]) -> list[Any]:
+    """Build in-process (served) deployments from the specs, importing each flow."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    deployments = []
+    for spec in specs:
+        flow = load_flow_from_entrypoint(str(PROJECT_ROOT / spec.entrypoint))
+        deployments.append(
+            flow.to_deployment(
+                name=spec.name,
+                description=spec.description,
+                tags=spec.tags,
+                parameters=spec.parameters,
+                schedules=spec.schedule_objects(),
+                triggers=spec.trigger_objects(),
+                concurrency_limit=spec.concurrency_limit,
+            )
+        )
+    return deployments
+
+
+def _schedule(config: dict[str, Any]) -> dict[str, Any]:
+    """A prefect.yaml schedule entry (cron / interval / rrule) as a deployment schedule."""
+    tz = config.get("timezone")
+    if "cron" in config:
+        schedule: Any = CronSchedule(cron=config["cron"], **({"timezone": tz} if tz else {}))
+    elif "interval" in config:
+        interval = config["interval"]
+        if isinstance(interval, int | float):
+            interval = timedelta(seconds=interval)
+        schedule = IntervalSchedule(interval=interval, **({"timezone": tz} if tz else {}))
+    elif "rrule" in config:
+        schedule = RRuleSchedule(rrule=config["rrule"], **({"timezone": tz} if tz else {}))
+    else:
+        raise ValueError(f"schedule needs cron, interval or rrule: {config}")
+    result: dict[str, Any] = {"schedule": schedule, "active": config.get("active", True)}
+    if config.get("parameters"):
+        result["parameters"] = config["parameters"]
+    return result
