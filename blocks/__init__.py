@@ -1,5 +1,17 @@
 """Prefect Blocks: configuration of the systems runbooks act on. Configuration only; each builds its client."""
 
+from blocks.edge_gateway import EdgeGateway
+from blocks.event_store import EventStore
+from blocks.flink import FlinkCluster
 from blocks.kafka import KafkaCluster
+from blocks.kubernetes import KubernetesCluster
+from blocks.postgres import PostgresDatabase
 
-__all__ = ["KafkaCluster"]
+__all__ = [
+    "EdgeGateway",
+    "EventStore",
+    "FlinkCluster",
+    "KafkaCluster",
+    "KubernetesCluster",
+    "PostgresDatabase",
+]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prefect.client.schemas.actions import DeploymentScheduleCreate
 from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule, RRuleSchedule
 from prefect.events import DeploymentTriggerTypes
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -35,8 +36,8 @@ class RunbookSpec(BaseModel):
     triggers: list[dict[str, Any]] = Field(default_factory=list)
     concurrency_limit: int | None = None
 
-    def schedule_objects(self) -> list[dict[str, Any]]:
-        return [_schedule(s) for s in self.schedules]
+    def schedule_objects(self) -> list[DeploymentScheduleCreate]:
+        return [_schedule(self.name, i, s) for i, s in enumerate(self.schedules, 1)]
 
     def trigger_objects(self) -> list[DeploymentTriggerTypes]:
         specs = [
@@ -76,7 +77,7 @@ def to_runner_deployments(specs: list[RunbookSpec]) -> list[Any]:
     return deployments
 
 
-def _schedule(config: dict[str, Any]) -> dict[str, Any]:
+def _schedule(deployment: str, index: int, config: dict[str, Any]) -> DeploymentScheduleCreate:
     """A prefect.yaml schedule entry (cron / interval / rrule) as a deployment schedule."""
     tz = config.get("timezone")
     if "cron" in config:
@@ -90,7 +91,10 @@ def _schedule(config: dict[str, Any]) -> dict[str, Any]:
         schedule = RRuleSchedule(rrule=config["rrule"], **({"timezone": tz} if tz else {}))
     else:
         raise ValueError(f"schedule needs cron, interval or rrule: {config}")
-    result: dict[str, Any] = {"schedule": schedule, "active": config.get("active", True)}
-    if config.get("parameters"):
-        result["parameters"] = config["parameters"]
-    return result
+    return DeploymentScheduleCreate(
+        schedule=schedule,
+        active=config.get("active", True),
+        parameters=config.get("parameters") or {},
+        # a stable slug lets a re-deploy update the schedule instead of adding a twin
+        slug=config.get("slug") or f"{deployment}-schedule-{index}",
+    )

@@ -1,0 +1,143 @@
+"""Runbook: event processing stuck (seed 003, issue 5), on a PostgreSQL event store."""
+
+from __future__ import annotations
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from blocks.event_store import EventStore
+from runbooks.errors import VerificationFailed
+from runbooks.params import RunbookParams
+from runbooks.report import IncidentReport, Outcome, incident_report
+from tasks.event_store import (
+    ResetResult,
+    ResetVerdict,
+    StuckSummary,
+    count_stuck_events,
+    judge_reset,
+    reset_stuck_events,
+)
+
+RUNBOOK = "event-processing-stuck"
+
+
+class StuckEventsParams(RunbookParams):
+    """Run form of the event-processing-stuck runbook; empty overrides use the block's values."""
+
+    event_store_block: str = Field(
+        "default", description="Name of the saved 'Runbooks Event Store' block."
+    )
+    stuck_after_s: float | None = Field(
+        None, gt=0, le=30 * 86400, description="Override: PROCESSING longer than this is stuck."
+    )
+    batch_size: int | None = Field(
+        None, ge=1, le=10_000, description="Override: rows reset per transaction."
+    )
+    max_batches: int | None = Field(
+        None, ge=1, le=10_000, description="Override: at most this many batches in this run."
+    )
+
+
+class StuckEventsSummary(BaseModel):
+    """What an event-processing-stuck run saw and did."""
+
+    outcome: Outcome
+    before: StuckSummary
+    reset: ResetResult | None = None
+    after: StuckSummary | None = None
+    report: str = Field(description="The incident report, as markdown.")
+
+
+@flow(
+    name=RUNBOOK,
+    description="Find events stuck in PROCESSING, reset them to PENDING in short batches, "
+    "verify none is left.",
+)
+def event_processing_stuck(params: StuckEventsParams) -> StuckEventsSummary:
+    with incident_report(
+        runbook=RUNBOOK, title="Event Processing Stuck", severity="P2", params=params
+    ) as report:
+        store = _with_overrides(EventStore.load(params.event_store_block), params)
+        before = count_stuck_events(store)
+        report.evidence("stuck events before", before)
+        if report.check("events stuck in PROCESSING", before.count == 0, before.describe()):
+            report.finish(Outcome.NO_ACTION_NEEDED, f"No stuck events: {before.describe()}.")
+            return _summary(report, before)
+        _add_follow_ups(report, before)
+
+        reset = reset_stuck_events(store, params.dry_run)
+        report.record("reset stuck events to PENDING", reset)
+        if params.dry_run:
+            report.finish(
+                Outcome.PLANNED,
+                f"Would reset up to {sum(reset.batch_sizes)} event(s) in "
+                f"{len(reset.batch_sizes)} batch(es); rows a consumer holds locked would be skipped.",
+            )
+            return _summary(report, before, reset)
+
+        after = count_stuck_events(store, check_locks=True)
+        report.evidence("stuck events after", after)
+        verdict = judge_reset(reset.reset_count, after)
+        report.check(
+            "no resettable stuck events left",
+            verdict is not ResetVerdict.INCOMPLETE,
+            after.describe(),
+        )
+        if after.locked:
+            report.follow_ups.append(
+                f"{after.locked} stuck event(s) are locked by open transactions (skipped): find the "
+                "consumer session in pg_stat_activity ('idle in transaction') and check it for "
+                "deadlocks; restart it if it hangs."
+            )
+        if verdict is ResetVerdict.INCOMPLETE:
+            why = (
+                "the per-run batch limit was reached; run again"
+                if reset.hit_batch_limit
+                else "more events got stuck meanwhile: the consumer is still failing"
+            )
+            raise VerificationFailed(
+                f"{after.resettable} stuck event(s) remain after the reset: {why}"
+            )
+        if verdict is ResetVerdict.NOTHING_RESET:
+            report.finish(
+                Outcome.NO_ACTION_NEEDED,
+                "Nothing reset: the stuck events are held by live transactions or were finished "
+                f"meanwhile ({after.describe()}).",
+            )
+        else:
+            report.finish(
+                Outcome.RESOLVED,
+                f"Reset {reset.reset_count} event(s) to PENDING in {len(reset.batch_sizes)} "
+                f"batch(es); {after.describe()}.",
+            )
+        return _summary(report, before, reset, after)
+
+
+def _with_overrides(store: EventStore, params: StuckEventsParams) -> EventStore:
+    """The block's settings with this run's overrides (validated by the params' bounds)."""
+    overrides = {
+        "stuck_after_s": params.stuck_after_s,
+        "batch_size": params.batch_size,
+        "max_batches": params.max_batches,
+    }
+    return store.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+
+
+def _add_follow_ups(report: IncidentReport, before: StuckSummary) -> None:
+    """Seed 003: resetting clears the symptom; the consumer that left the events is the cause."""
+    report.follow_ups += [
+        f"Check the event consumer for deadlocks or infinite loops: {before.count} event(s) "
+        f"stayed PROCESSING (e.g. ids {', '.join(before.sample_ids[:5])}).",
+        "Restart the consumer service if it keeps leaving events in PROCESSING.",
+    ]
+
+
+def _summary(
+    report: IncidentReport,
+    before: StuckSummary,
+    reset: ResetResult | None = None,
+    after: StuckSummary | None = None,
+) -> StuckEventsSummary:
+    return StuckEventsSummary(
+        outcome=report.outcome, before=before, reset=reset, after=after, report=report.to_markdown()
+    )

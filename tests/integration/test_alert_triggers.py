@@ -1,0 +1,120 @@
+"""prefect.yaml's triggers: an `alert.firing` event starts the matching runbook with parameters
+templated from the alert's labels; other alerts start nothing."""
+
+from __future__ import annotations
+
+import time
+import typing
+import uuid
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+from prefect.flows import load_flow_from_entrypoint
+from prefect.settings import PREFECT_API_URL
+
+from deployments.catalog import PROJECT_ROOT, load_catalog, to_runner_deployments
+
+# deployment -> (alert labels, parameters the run must get)
+CASES = {
+    "kafka-cluster-down": (
+        {"alertname": "KafkaBrokerDown", "namespace": "streaming", "kafka_cluster": "prod-kafka"},
+        {"kafka_block": "prod-kafka", "namespace": "streaming"},
+    ),
+    "flink-job-crashed": (
+        {"alertname": "FlinkJobFailed", "job_name": "enrichment-job", "flink_cluster": "flink-eu"},
+        {"flink_block": "flink-eu", "job_name": "enrichment-job", "topic": "match-events-raw"},
+    ),
+    "stadium-network-flap": (
+        {"alertname": "GatewayWalBacklog", "gateway": "wembley-gw-1"},
+        {"gateway_block": "wembley-gw-1"},
+    ),
+    "db-connection-pool-exhausted": (
+        {"alertname": "PostgresTooManyConnections", "database": "orders-db"},
+        {"db_block": "orders-db"},
+    ),
+    "event-processing-stuck": (
+        {"alertname": "EventsStuckInProcessing", "event_store": "events"},
+        {"event_store_block": "events"},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def deployment_ids() -> dict[str, str]:
+    specs = load_catalog()
+    ids = {}
+    for spec, deployment in zip(specs, to_runner_deployments(specs), strict=True):
+        ids[spec.name] = str(deployment.apply())
+    # automations are loaded by the server's trigger service shortly after creation
+    time.sleep(2)
+    return ids
+
+
+def test_every_deployment_has_a_case() -> None:
+    assert set(CASES) == {s.name for s in load_catalog() if s.triggers}
+
+
+def post_alert_event(labels: dict[str, str], event: str = "alert.firing") -> str:
+    fingerprint = uuid.uuid4().hex[:16]
+    body = [{
+        "id": str(uuid.uuid4()),
+        "occurred": datetime.now(UTC).isoformat(),
+        "event": event,
+        "resource": {"prefect.resource.id": f"alert.{fingerprint}", "severity": "critical", **labels},
+        "payload": {"startsAt": "2026-11-22T03:00:00Z"},
+    }]
+    httpx.post(f"{PREFECT_API_URL.value()}/events", json=body, timeout=10).raise_for_status()
+    return fingerprint
+
+
+def runs_of(deployment_id: str) -> list[dict]:
+    resp = httpx.post(
+        f"{PREFECT_API_URL.value()}/flow_runs/filter",
+        json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}},
+        timeout=10,
+    )
+    resp.raise_for_status()
+    return resp.json()
+
+
+def params_model(entrypoint: str) -> type:
+    flow = load_flow_from_entrypoint(str(PROJECT_ROOT / entrypoint))
+    return typing.get_type_hints(flow.fn)["params"]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_alert_starts_its_runbook_with_labels(name: str, deployment_ids: dict[str, str]) -> None:
+    labels, expected = CASES[name]
+    before = {r["id"] for r in runs_of(deployment_ids[name])}
+    fingerprint = post_alert_event(labels)
+
+    deadline = time.monotonic() + 30
+    new: list[dict] = []
+    while time.monotonic() < deadline and not new:
+        new = [r for r in runs_of(deployment_ids[name]) if r["id"] not in before]
+        time.sleep(0.3)
+    assert len(new) == 1, f"{name}: expected one run for the alert, got {len(new)}"
+    run = new[0]
+    assert run["created_by"]["type"] == "AUTOMATION"
+
+    spec = next(s for s in load_catalog() if s.name == name)
+    params = params_model(spec.entrypoint).model_validate(run["parameters"]["params"])
+    for field, value in expected.items():
+        assert getattr(params, field) == value, field
+    assert params.alert.alertname == labels["alertname"]
+    assert params.alert.fingerprint == fingerprint
+    assert params.alert.status == "firing"
+    assert params.alert.severity == "critical"
+    assert params.alert.starts_at == "2026-11-22T03:00:00Z"
+    assert params.alert.labels["alertname"] == labels["alertname"]
+    assert params.dry_run is False
+
+
+def test_unrelated_alert_and_resolved_alert_start_nothing(deployment_ids: dict[str, str]) -> None:
+    before = {name: len(runs_of(i)) for name, i in deployment_ids.items()}
+    post_alert_event({"alertname": "SomethingElseEntirely"})
+    post_alert_event({"alertname": "KafkaBrokerDown"}, event="alert.resolved")
+    time.sleep(4)
+    after = {name: len(runs_of(i)) for name, i in deployment_ids.items()}
+    assert after == before

@@ -1,0 +1,380 @@
+"""db-connection-pool-exhausted against a real PostgreSQL: real sessions, really terminated.
+
+Each test opens a crowd of sessions in the module's own database: idle ones (the victims),
+one busy in a query, one idle in a transaction, one of an excluded role, one of an excluded
+application and an idle superuser. The runbook logs in as a least-privileged role
+(pg_signal_backend + pg_read_all_stats). An admin session in another database watches
+pg_stat_activity.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import psycopg
+import pytest
+from prefect import flow
+from psycopg import sql
+
+from blocks.postgres import PostgresDatabase
+from flows.postgres import ConnectionPoolParams, ConnectionPoolSummary, db_connection_pool_exhausted
+from runbooks.report import Outcome
+from tasks.postgres import IdleCriteria, find_idle_connections, terminate_idle_connections
+from tests.conftest import unique
+from tests.servers import PostgresServer
+
+pytestmark = pytest.mark.integration
+
+IDLE_S = 1.0
+LOCK_KEY = 4711
+EXCLUDED_APP = "ops-console"
+
+
+@dataclass
+class Env:
+    server: PostgresServer
+    admin: psycopg.Connection
+    db: str
+    app_role: str
+    batch_role: str
+    ops_role: str
+    password: str = field(default_factory=lambda: f"pw-{uuid.uuid4().hex}")
+
+    def connect(self, role: str, app: str, autocommit: bool = True) -> psycopg.Connection:
+        password = self.server.password if role == self.server.user else self.password
+        return psycopg.connect(
+            self.server.conninfo(dbname=self.db, user=role, password=password),
+            application_name=app,
+            autocommit=autocommit,
+        )
+
+    def block(self, **overrides) -> str:
+        name = unique("pool-db")
+        fields = {
+            "host": self.server.host,
+            "port": self.server.port,
+            "dbname": self.db,
+            "user": self.ops_role,
+            "password": self.password,
+            "connect_timeout_s": 5,
+            "statement_timeout_s": 10,
+        }
+        PostgresDatabase(**(fields | overrides)).save(name, overwrite=True)
+        return name
+
+    def live_pids(self) -> set[int]:
+        rows = self.admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s", (self.db,)
+        ).fetchall()
+        return {pid for (pid,) in rows}
+
+    def headroom(self) -> int:
+        (free,) = self.admin.execute(
+            "SELECT current_setting('max_connections')::int"
+            " - current_setting('superuser_reserved_connections')::int"
+            " - count(*) FILTER (WHERE backend_type = 'client backend')::int FROM pg_stat_activity"
+        ).fetchone()
+        return free
+
+
+@pytest.fixture(scope="module")
+def env(postgres: PostgresServer) -> Iterator[Env]:
+    admin = psycopg.connect(postgres.conninfo(), application_name="test-admin", autocommit=True)
+    suffix = uuid.uuid4().hex[:8]
+    e = Env(
+        postgres,
+        admin,
+        f"rbpool_{suffix}",
+        f"rbapp_{suffix}",
+        f"rbbatch_{suffix}",
+        f"rbops_{suffix}",
+    )
+    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(e.db)))
+    for role in (e.app_role, e.batch_role, e.ops_role):
+        admin.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(e.password)
+            )
+        )
+    admin.execute(
+        sql.SQL("GRANT pg_signal_backend, pg_read_all_stats TO {}").format(
+            sql.Identifier(e.ops_role)
+        )
+    )
+    yield e
+    admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(e.db)))
+    for role in (e.app_role, e.batch_role, e.ops_role):
+        admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    admin.close()
+
+
+@dataclass
+class Crowd:
+    """The sessions of one test, by role in the scenario."""
+
+    idle: list[psycopg.Connection]
+    idle_in_transaction: psycopg.Connection
+    excluded_role: psycopg.Connection  # holds the advisory lock the busy session waits for
+    excluded_app: psycopg.Connection
+    superuser: psycopg.Connection
+    busy: psycopg.Connection
+    busy_thread: threading.Thread
+    busy_result: list
+
+    def pid(self, conn: psycopg.Connection) -> int:
+        return conn.info.backend_pid
+
+    @property
+    def idle_pids(self) -> set[int]:
+        return {c.info.backend_pid for c in self.idle}
+
+    def survivors(self) -> list[psycopg.Connection]:
+        return [self.idle_in_transaction, self.excluded_role, self.excluded_app, self.superuser]
+
+    def finish_busy_query(self) -> None:
+        """Release the lock the busy session waits on; its query must then complete."""
+        self.excluded_role.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+        self.busy_thread.join(timeout=15)
+        assert not self.busy_thread.is_alive()
+
+
+def wait_until(check, timeout_s: float = 15.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def crowd(env: Env) -> Iterator[Crowd]:
+    opened: list[psycopg.Connection] = []
+
+    def open_(role: str, app: str, autocommit: bool = True) -> psycopg.Connection:
+        conn = env.connect(role, app, autocommit)
+        opened.append(conn)
+        return conn
+
+    idle = [open_(env.app_role, "victim-idle") for _ in range(4)]
+    iit = open_(env.app_role, "victim-idle-in-tx", autocommit=False)
+    iit.execute("SELECT 1")
+    excluded_role = open_(env.batch_role, "nightly-batch")
+    excluded_role.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+    excluded_app = open_(env.app_role, EXCLUDED_APP)
+    superuser = open_(env.server.user, "dba-psql")
+    busy = open_(env.app_role, "victim-busy")
+    result: list = []
+    thread = threading.Thread(
+        target=lambda: result.append(
+            busy.execute("SELECT 'done' FROM pg_advisory_lock(%s)", (LOCK_KEY,)).fetchone()
+        ),
+        daemon=True,
+    )
+    thread.start()
+    c = Crowd(idle, iit, excluded_role, excluded_app, superuser, busy, thread, result)
+
+    def settled() -> bool:
+        rows = env.admin.execute(
+            "SELECT pid, state, extract(epoch FROM now() - state_change) FROM pg_stat_activity"
+            " WHERE datname = %s",
+            (env.db,),
+        ).fetchall()
+        by_pid = {pid: (state, age) for pid, state, age in rows}
+        idle_long = all(
+            by_pid.get(c.pid(conn), (None, 0))[1] > IDLE_S + 0.3
+            for conn in [*idle, iit, excluded_role, excluded_app, superuser]
+        )
+        return idle_long and by_pid.get(c.pid(busy), (None, 0))[0] == "active"
+
+    assert wait_until(settled), "sessions never settled into idle/active"
+    yield c
+    if thread.is_alive():
+        c.finish_busy_query()
+    for conn in opened:
+        conn.close()
+
+
+def params(env: Env, min_free: int, **overrides) -> ConnectionPoolParams:
+    fields = {
+        "db_block": env.block(),
+        "idle_threshold_s": IDLE_S,
+        "exclude_roles": [env.batch_role],
+        "exclude_applications": [EXCLUDED_APP],
+        "databases": [env.db],
+        "target_headroom_percent": 0,
+        "min_free_connections": min_free,
+        "verify_timeout_s": 10,
+    }
+    return ConnectionPoolParams(**(fields | overrides))
+
+
+def assert_alive(env: Env, conns: list[psycopg.Connection]) -> None:
+    live = env.live_pids()
+    for conn in conns:
+        assert conn.info.backend_pid in live
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("include_idle_in_transaction", [False, True])
+def test_terminates_long_idle_sessions_only(
+    env: Env, crowd: Crowd, include_idle_in_transaction: bool
+) -> None:
+    victims = set(crowd.idle_pids)
+    if include_idle_in_transaction:
+        victims.add(crowd.pid(crowd.idle_in_transaction))
+    # the flow's own session takes one slot: demand just more than is free now, so the pool
+    # counts as exhausted until the victims are gone
+    p = params(env, env.headroom() + 1, include_idle_in_transaction=include_idle_in_transaction)
+
+    state = db_connection_pool_exhausted(params=p, return_state=True)
+
+    assert state.is_completed(), state.message
+    summary: ConnectionPoolSummary = state.result()
+    assert summary.outcome is Outcome.RESOLVED
+    assert set(summary.terminate.terminated) == victims
+    assert summary.terminate.session_pid not in victims
+    assert summary.after.headroom >= p.min_free_connections
+    # the victims are gone from the server and their clients see it
+    assert wait_until(lambda: not (env.live_pids() & victims))
+    for conn in crowd.idle:
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")
+    # the busy query finishes normally and its session stays usable
+    crowd.finish_busy_query()
+    assert crowd.busy_result == [("done",)]
+    survivors = [crowd.busy, crowd.excluded_role, crowd.excluded_app, crowd.superuser]
+    if not include_idle_in_transaction:
+        survivors.append(crowd.idle_in_transaction)
+    assert_alive(env, survivors)
+    assert env.admin.execute("SELECT 1").fetchone() == (1,)
+    assert env.server.password not in summary.report and env.password not in summary.report
+    assert "Cap idle connections in the pools of" in summary.report
+
+
+def test_dry_run_terminates_nothing(env: Env, crowd: Crowd) -> None:
+    before = env.live_pids()
+    p = params(env, env.headroom() + 1, dry_run=True)
+
+    state = db_connection_pool_exhausted(params=p, return_state=True)
+
+    assert state.is_completed(), state.message
+    summary: ConnectionPoolSummary = state.result()
+    assert summary.outcome is Outcome.PLANNED
+    assert {b.pid for b in summary.candidates} == crowd.idle_pids
+    assert len(summary.terminate.planned) == 4 and summary.terminate.applied == []
+    time.sleep(0.5)  # a termination would have landed by now
+    assert env.live_pids() == before
+    assert_alive(env, [*crowd.idle, *crowd.survivors()])
+
+
+def test_healthy_pool_is_left_alone(env: Env, crowd: Crowd) -> None:
+    before = env.live_pids()
+    state = db_connection_pool_exhausted(params=params(env, 0), return_state=True)
+
+    assert state.is_completed(), state.message
+    summary: ConnectionPoolSummary = state.result()
+    assert summary.outcome is Outcome.NO_ACTION_NEEDED
+    assert summary.terminate is None
+    assert env.live_pids() == before
+
+
+def test_escalates_when_busy_sessions_alone_exhaust_the_pool(env: Env, crowd: Crowd) -> None:
+    before = env.live_pids()
+    # every idle session is excluded: nothing is left that terminating could free
+    p = params(env, env.headroom() + 1, exclude_applications=[EXCLUDED_APP, "victim-idle"])
+
+    state = db_connection_pool_exhausted(params=p, return_state=True)
+
+    assert state.is_failed()
+    assert "busy connections alone exhaust the pool" in state.message
+    assert "scale up the database" in state.message
+    assert env.live_pids() == before
+
+
+def test_fails_verification_when_idle_sessions_are_not_enough(env: Env, crowd: Crowd) -> None:
+    p = params(env, env.headroom() + 10, verify_timeout_s=2)
+
+    state = db_connection_pool_exhausted(params=p, return_state=True)
+
+    assert state.is_failed()
+    assert "busy connections exhaust the pool" in state.message
+    # the idle sessions were still terminated: partial relief while humans scale up
+    assert wait_until(lambda: not (env.live_pids() & crowd.idle_pids))
+    assert_alive(env, crowd.survivors())
+
+
+def test_terminate_rechecks_each_session_at_the_last_moment(env: Env, crowd: Crowd) -> None:
+    """Sessions that changed between listing and terminating are left alone; re-runs are no-ops."""
+    db = PostgresDatabase.load(env.block())
+    criteria = IdleCriteria(
+        idle_for_s=IDLE_S,
+        exclude_roles=[env.batch_role],
+        exclude_applications=[EXCLUDED_APP],
+        databases=[env.db],
+    )
+    turns_busy, disconnects, recycled, stays_idle = crowd.idle
+    busy_pid, gone_pid, recycled_pid, idle_pid = (c.info.backend_pid for c in crowd.idle)
+
+    @flow
+    def find():
+        return find_idle_connections(db, criteria)
+
+    candidates = find()
+    assert {b.pid for b in candidates} == crowd.idle_pids
+
+    # after listing: one session starts a query (it waits on the advisory lock) ...
+    thread = threading.Thread(
+        target=lambda: turns_busy.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,)), daemon=True
+    )
+    thread.start()
+    assert wait_until(
+        lambda: env.admin.execute(
+            "SELECT state = 'active' FROM pg_stat_activity WHERE pid = %s", (busy_pid,)
+        ).fetchone()[0]
+    )
+    # ... one disconnects, and one pid stands for a newer session than the one listed
+    disconnects.close()
+    assert wait_until(lambda: gone_pid not in env.live_pids())
+    candidates = [
+        b.model_copy(update={"backend_start": b.backend_start.replace(year=2000)})
+        if b.pid == recycled_pid
+        else b
+        for b in candidates
+    ]
+
+    @flow
+    def terminate():
+        return terminate_idle_connections(db, candidates, criteria, dry_run=False)
+
+    result = terminate()
+    assert result.terminated == [idle_pid]
+    assert result.spared == [busy_pid]
+    assert set(result.gone) == {gone_pid, recycled_pid}
+    assert wait_until(lambda: idle_pid not in env.live_pids())
+    assert_alive(env, [recycled])
+
+    again = terminate()  # idempotent: nothing is signalled twice, nothing fails
+    assert again.applied == [] and again.terminated == []
+    assert set(again.gone) == {gone_pid, recycled_pid, idle_pid}
+    assert again.spared == [busy_pid]
+
+    # both waiting queries get the lock in turn and complete
+    crowd.finish_busy_query()
+    crowd.busy.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+    thread.join(timeout=15)
+    assert not thread.is_alive()
+    assert_alive(env, [turns_busy])
+
+
+def test_sessions_carry_the_block_timeouts_and_name(env: Env) -> None:
+    db = PostgresDatabase.load(env.block(application_name="runbooks-test", statement_timeout_s=1.5))
+    with db.connect() as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("1500ms",)
+        assert conn.execute("SHOW application_name").fetchone() == ("runbooks-test",)
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(5)")
