@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from enum import StrEnum
+
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import OffsetSpec
 from prefect import task
-from pydantic import BaseModel, Field
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field, computed_field
 
 from blocks.kafka import KafkaCluster
 from runbooks.retry import transient_retries
+from tasks.kubernetes import PodState
 
 
 def is_retriable(exc: BaseException) -> bool:
@@ -32,7 +36,7 @@ class ConsumerLag(BaseModel):
     partitions: list[PartitionLag]
 
 
-@task(**transient_retries(KafkaException, when=is_retriable))
+@task(cache_policy=NO_CACHE, **transient_retries(KafkaException, when=is_retriable))
 def get_consumer_lag(cluster: KafkaCluster, group: str, topic: str) -> ConsumerLag:
     """Lag of a consumer group on a topic: end offset minus committed offset, per partition.
 
@@ -65,3 +69,179 @@ def get_consumer_lag(cluster: KafkaCluster, group: str, topic: str) -> ConsumerL
         )
     rows.sort(key=lambda r: r.partition)
     return ConsumerLag(group=group, topic=topic, total_lag=sum(r.lag for r in rows), partitions=rows)
+
+
+# --- cluster health ------------------------------------------------------------------------
+
+# librdkafka's local errors when no bootstrap server answers; it flags none of them retriable
+_UNREACHABLE = {
+    KafkaError._TRANSPORT,
+    KafkaError._TIMED_OUT,
+    KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._RESOLVE,
+}
+
+
+class PartitionState(BaseModel):
+    topic: str
+    partition: int
+    leader: int = Field(description="Leader broker id; -1 when the partition has no leader.")
+    replicas: list[int]
+    isr: list[int] = Field(description="In-sync replicas.")
+
+
+class ClusterHealth(BaseModel):
+    """One snapshot of a Kafka cluster as its metadata describes it."""
+
+    reachable: bool = Field(description="A bootstrap server answered within the timeout.")
+    error: str | None = Field(None, description="Why the cluster was not reachable.")
+    cluster_id: str | None = None
+    controller_id: int | None = Field(None, description="Active controller; None when there is none.")
+    broker_ids: list[int] = Field(default_factory=list, description="Brokers in the metadata.")
+    expected_brokers: int | None = Field(None, description="Brokers a healthy cluster has (block).")
+    topics: int = Field(0, description="Topics checked, internal ones included.")
+    partitions: int = Field(0, description="Partitions checked.")
+    under_replicated: list[PartitionState] = Field(
+        default_factory=list, description="Partitions with a leader whose ISR is smaller than their replicas."
+    )
+    offline: list[PartitionState] = Field(
+        default_factory=list, description="Partitions without a leader."
+    )
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def missing_brokers(self) -> int:
+        """Expected brokers absent from the metadata (all of them when unreachable)."""
+        if self.expected_brokers is None:
+            return 0
+        return max(self.expected_brokers - len(self.broker_ids), 0)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def caught_up(self) -> bool:
+        """Every expected broker is back and every partition has a leader and a full ISR."""
+        return (
+            self.reachable and not self.missing_brokers and not self.under_replicated and not self.offline
+        )
+
+
+# NO_CACHE: a health check polled within one run must never be answered from a cached result
+@task(cache_policy=NO_CACHE, **transient_retries(KafkaException, when=is_retriable))
+def check_isr(cluster: KafkaCluster) -> ClusterHealth:
+    """Brokers, controller and per-partition replication of the cluster, from its metadata.
+
+    A partition is under-replicated when its ISR is smaller than its replica set, and offline
+    when it has no leader (-1); offline partitions are not counted again as under-replicated
+    (like Kafka's UnderReplicatedPartitions metric, which only leaders report). Internal topics
+    (``__consumer_offsets``, ``__transaction_state``) are included: when they are short of
+    replicas, consumers cannot commit and transactions stall, which matters in this runbook.
+
+    When no bootstrap server answers within the block's ``request_timeout_s`` this returns a
+    health with ``reachable=False`` instead of raising: an unreachable cluster is a finding.
+    Other errors (authentication, authorization) raise.
+    """
+    admin = cluster.get_admin_client()
+    timeout = cluster.request_timeout_s
+    try:
+        metadata = admin.list_topics(timeout=timeout)
+        described = admin.describe_cluster(request_timeout=timeout).result(timeout)
+    except KafkaException as exc:
+        err = exc.args[0]
+        if err.code() not in _UNREACHABLE:
+            raise
+        return ClusterHealth(reachable=False, error=err.str(), expected_brokers=cluster.expected_brokers)
+
+    partitions = [
+        PartitionState(topic=name, partition=p.id, leader=p.leader, replicas=p.replicas, isr=p.isrs)
+        for name, topic in sorted(metadata.topics.items())
+        for p in sorted(topic.partitions.values(), key=lambda p: p.id)
+    ]
+    return ClusterHealth(
+        reachable=True,
+        cluster_id=described.cluster_id,
+        controller_id=described.controller.id if described.controller else None,
+        broker_ids=sorted(metadata.brokers),
+        expected_brokers=cluster.expected_brokers,
+        topics=len(metadata.topics),
+        partitions=len(partitions),
+        under_replicated=[p for p in partitions if p.leader >= 0 and len(p.isr) < len(p.replicas)],
+        offline=[p for p in partitions if p.leader < 0],
+    )
+
+
+class DiagnosisKind(StrEnum):
+    HEALTHY = "HEALTHY"
+    # under-replicated but every broker is up: followers are catching up; watch, do not restart
+    DEGRADED = "DEGRADED"
+    # leaderless partitions with every broker up: a restart will not elect a leader
+    PARTITIONS_OFFLINE = "PARTITIONS_OFFLINE"
+    # some brokers down while the rest serve: restarting the down broker's pod may fix it
+    BROKERS_DOWN = "BROKERS_DOWN"
+    # nothing serves: not a one-pod fix
+    CLUSTER_DOWN = "CLUSTER_DOWN"
+
+
+class Diagnosis(BaseModel):
+    kind: DiagnosisKind
+    reason: str = Field(description="The evidence behind the kind, in one sentence.")
+    down_pods: list[str] = Field(
+        default_factory=list,
+        description="Broker pods that are down: not Ready, terminating, or (when brokers are "
+        "missing from the metadata) serving no broker the metadata lists.",
+    )
+    missing_brokers: int = Field(0, description="Expected brokers absent from the metadata.")
+
+
+def diagnose(
+    health: ClusterHealth, pods: list[PodState] | None, broker_pod_name: str = "kafka-{broker_id}"
+) -> Diagnosis:
+    """Classify a health snapshot plus broker pod states (None or empty: no Kubernetes evidence).
+
+    ``broker_pod_name`` maps a broker id to its pod name. It matters when the metadata lacks
+    expected brokers: a broker that hangs (e.g. stopped, or partitioned from the controller)
+    can keep a Ready pod when its readiness probe only opens a TCP socket, so the pods whose
+    broker the metadata does not list count as down too. The pod selector must select broker
+    pods only.
+    """
+    pods = pods or []
+    not_up = [p for p in pods if not p.up]
+    pod_names = [p.name for p in not_up]
+    missing = health.missing_brokers
+    if not health.reachable:
+        return Diagnosis(
+            kind=DiagnosisKind.CLUSTER_DOWN, reason=f"no bootstrap server answered: {health.error}",
+            down_pods=pod_names, missing_brokers=missing,
+        )
+    if pods and len(not_up) == len(pods):
+        return Diagnosis(
+            kind=DiagnosisKind.CLUSTER_DOWN, reason=f"all {len(pods)} broker pods are down",
+            down_pods=pod_names, missing_brokers=missing,
+        )
+    hung: list[str] = []
+    if missing:
+        listed = {broker_pod_name.format(broker_id=b) for b in health.broker_ids}
+        hung = [p.name for p in pods if p.up and p.name not in listed]
+    if not_up or missing:
+        facts = [f"pod {p.name} not up ({p.reason or p.phase}, {p.restarts} restarts)" for p in not_up]
+        facts += [f"pod {name} is Ready but its broker is not in the metadata" for name in hung]
+        if missing:
+            facts.insert(0, f"{missing} of {health.expected_brokers} brokers missing from the metadata "
+                            f"(seen: {health.broker_ids})")
+        return Diagnosis(
+            kind=DiagnosisKind.BROKERS_DOWN, reason="; ".join(facts),
+            down_pods=sorted(pod_names + hung), missing_brokers=missing,
+        )
+    if health.offline:
+        return Diagnosis(
+            kind=DiagnosisKind.PARTITIONS_OFFLINE,
+            reason=f"{len(health.offline)} partitions have no leader while every broker is up",
+        )
+    if health.under_replicated:
+        return Diagnosis(
+            kind=DiagnosisKind.DEGRADED,
+            reason=f"{len(health.under_replicated)} partitions under-replicated while every broker is up",
+        )
+    return Diagnosis(
+        kind=DiagnosisKind.HEALTHY,
+        reason=f"{len(health.broker_ids)} broker(s) serving, {health.partitions} partitions fully in sync",
+    )
