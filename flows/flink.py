@@ -1,0 +1,321 @@
+"""Runbook "P2 Flink Job Crashed" (seed 000): restore the job from its latest checkpoint.
+
+Symptoms: consumer lag growing on ``match-events-raw``, no new events on the enriched topic, the
+Flink job FAILED. Response: check the job and why it failed, verify the last successful
+checkpoint, run the job again from it (``flink run -s <checkpoint-path> enrichment-job.jar``),
+then watch consumer lag until it is back to normal. Checkpoints carry all keyed state (scores,
+cards...), so a restore loses no data; match state accuracy is still left as a follow-up.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from blocks.flink import FlinkCluster
+from blocks.kafka import KafkaCluster
+from runbooks.errors import Escalation, VerificationFailed
+from runbooks.params import RunbookParams
+from runbooks.report import IncidentReport, Outcome, incident_report
+from runbooks.waiting import poll_until
+from tasks.flink import (
+    GLOBALLY_TERMINAL,
+    RESTORABLE,
+    SETTLING,
+    Action,
+    Checkpoint,
+    Decision,
+    FlinkJob,
+    LagTrend,
+    assess_lag,
+    decide_action,
+    find_job,
+    get_failure_cause,
+    get_job_state,
+    get_latest_checkpoint,
+    resubmit_from_checkpoint,
+)
+from tasks.kafka import get_consumer_lag
+
+RUNBOOK = "flink-job-crashed"
+
+
+class FlinkJobCrashedParams(RunbookParams):
+    """Run form of the flink-job-crashed runbook."""
+
+    flink_block: str = Field("default", description="Name of the Runbooks Flink Cluster block.")
+    job_name: str = Field(
+        "enrichment-job", description="Name of the Flink job, as in the dashboard."
+    )
+    jar: str = Field(
+        "enrichment-job.jar",
+        description="Jar to run, already uploaded to the cluster: its file name or its /jars id.",
+    )
+    entry_class: str | None = Field(
+        None, description="Main class to run; empty uses the one in the jar's manifest."
+    )
+    program_args: list[str] = Field(
+        default_factory=list, description="Arguments passed to the job's main method."
+    )
+    parallelism: int | None = Field(
+        None, ge=1, le=10_000, description="Job parallelism; empty uses the cluster default."
+    )
+    kafka_block: str = Field("default", description="Name of the Runbooks Kafka Cluster block.")
+    topic: str = Field(
+        "match-events-raw", description="Topic the job consumes; its lag is watched."
+    )
+    consumer_group: str | None = Field(
+        None, description="Consumer group of the job's Kafka source; empty means the job name."
+    )
+    lag_threshold: int = Field(
+        1000,
+        ge=0,
+        description="Total lag (records) at or under which consumption is back to normal.",
+    )
+    running_deadline_s: float = Field(
+        120, gt=0, le=3600, description="How long a job may take to reach RUNNING, in seconds."
+    )
+    lag_deadline_s: float = Field(
+        900,
+        gt=0,
+        le=4 * 3600,
+        description="How long lag may take to get under the threshold after the restore, in seconds. "
+        "Flink commits source offsets only on completed checkpoints: allow several checkpoint intervals.",
+    )
+    poll_interval_s: float = Field(
+        5, gt=0, le=300, description="Pause between two checks of job state or lag, in seconds."
+    )
+    accept_falling_lag: bool = Field(
+        False,
+        description="At the lag deadline, count lag that is still above the threshold but fell "
+        "steadily across every sample as recovered (a big backlog that is draining).",
+    )
+
+
+class FlinkRecovery(BaseModel):
+    """What a flink-job-crashed run found and did."""
+
+    outcome: Outcome
+    job_name: str
+    failed_job_id: str | None = None
+    checkpoint: Checkpoint | None = None
+    restored_job_id: str | None = None
+    lag_before: int | None = None
+    lag_after: int | None = None
+    lag_samples: list[int] = Field(
+        default_factory=list, description="Total lag seen while verifying recovery, oldest first."
+    )
+    report_markdown: str = ""
+
+
+@flow(name=RUNBOOK, description="P2 Flink Job Crashed: restore the job from its latest checkpoint.")
+def flink_job_crashed(params: FlinkJobCrashedParams) -> FlinkRecovery:
+    """Find the job; if it is dead, run it again from its newest checkpoint and verify recovery."""
+    flink = FlinkCluster.load(params.flink_block)
+    kafka = KafkaCluster.load(params.kafka_block)
+    group = params.consumer_group or params.job_name
+    with incident_report(
+        runbook=RUNBOOK, title="Flink Job Crashed", severity="P2", params=params
+    ) as report:
+        job = find_job(flink, params.job_name)
+        report.check(
+            "flink job running",
+            job is not None and job.state == "RUNNING",
+            f"{job.name} {job.jid}: {job.state}" if job else f"no job named {params.job_name!r}",
+        )
+        if job is not None:
+            report.evidence("flink job", job)
+        lag = get_consumer_lag(kafka, group, params.topic)
+        report.check(
+            "consumer lag",
+            lag.total_lag <= params.lag_threshold,
+            f"group {group} on {params.topic}: {lag.total_lag} (threshold {params.lag_threshold})",
+        )
+        report.evidence("consumer lag before", lag)
+        summary = FlinkRecovery(
+            outcome=Outcome.FAILED, job_name=params.job_name, lag_before=lag.total_lag
+        )
+
+        decision, checkpoint = _decide(flink, job, report)
+        observed = decision.action is Action.OBSERVE
+        if observed:
+            assert job is not None  # OBSERVE is only decided for an existing job
+            job = _wait_until_settled(flink, job, params, report)
+            decision, checkpoint = _decide(flink, job, report)
+        if decision.action is Action.ESCALATE:
+            raise Escalation(f"{params.job_name}: {decision.reason}")
+
+        if decision.action is Action.NOTHING and not observed:
+            report.finish(
+                Outcome.NO_ACTION_NEEDED,
+                f"{params.job_name} is RUNNING ({decision.reason}): nothing to restore. If lag keeps "
+                "growing, the job is slow rather than crashed (see the high-latency runbook).",
+            )
+            return _summarize(summary, report)
+        if decision.action is Action.NOTHING:
+            # Flink's own restart strategy brought the job back: confirm it is consuming again
+            summary.lag_samples = _watch_lag(kafka, flink, group, job.jid, params, report)
+            report.follow_ups.append(f"Find out why {params.job_name} ({job.jid}) restarted.")
+            report.finish(
+                Outcome.NO_ACTION_NEEDED,
+                f"Flink restarted {params.job_name} itself ({job.jid} RUNNING) and consumer lag is "
+                "back to normal.",
+            )
+            return _summarize(summary, report)
+
+        assert job is not None and checkpoint is not None  # RESTORE needs both
+        summary.failed_job_id, summary.checkpoint = job.jid, checkpoint
+        resubmission = report.record(
+            "restore from checkpoint",
+            resubmit_from_checkpoint(
+                flink,
+                job_name=params.job_name,
+                failed_job_id=job.jid,
+                checkpoint=checkpoint,
+                jar=params.jar,
+                entry_class=params.entry_class,
+                program_args=params.program_args,
+                parallelism=params.parallelism,
+                dry_run=params.dry_run,
+            ),
+        )
+        summary.restored_job_id = resubmission.job_id
+        if params.dry_run and not resubmission.planned:
+            report.finish(Outcome.NO_ACTION_NEEDED, "; ".join(resubmission.notes))
+            return _summarize(summary, report)
+        if params.dry_run:
+            report.finish(
+                Outcome.PLANNED,
+                f"Would run {params.jar} as job {resubmission.job_id} from {checkpoint.kind} "
+                f"{checkpoint.id} ({checkpoint.external_path}), then watch lag.",
+            )
+            return _summarize(summary, report)
+
+        new_jid = resubmission.job_id
+        assert new_jid is not None  # a live submission always knows its job id
+        _verify_running(flink, new_jid, params, report)
+        summary.lag_samples = _watch_lag(kafka, flink, group, new_jid, params, report)
+        report.follow_ups += [
+            "Verify match state accuracy after recovery (scores, cards) against the source feed.",
+            f"Find the root cause of the crash of {job.jid} in the TaskManager logs.",
+        ]
+        started = "restored" if resubmission.changed else "found already restored"
+        report.finish(
+            Outcome.RESOLVED if resubmission.changed else Outcome.NO_ACTION_NEEDED,
+            f"{params.job_name} {started} as {new_jid} from {checkpoint.kind} {checkpoint.id} "
+            f"({checkpoint.external_path}); it is RUNNING and consumer lag on {params.topic} is "
+            "back to normal.",
+        )
+        return _summarize(summary, report)
+
+
+def _summarize(summary: FlinkRecovery, report: IncidentReport) -> FlinkRecovery:
+    assert report.outcome is not None
+    return summary.model_copy(
+        update={
+            "outcome": report.outcome,
+            "lag_after": summary.lag_samples[-1] if summary.lag_samples else None,
+            "report_markdown": report.to_markdown(),
+        }
+    )
+
+
+def _decide(
+    flink: FlinkCluster, job: FlinkJob | None, report: IncidentReport
+) -> tuple[Decision, Checkpoint | None]:
+    """Gather what the decision needs (restore point, failure cause of a dead job) and decide."""
+    checkpoint = None
+    if job is not None and job.state in RESTORABLE:
+        report.evidence("failure cause", get_failure_cause(flink, job.jid) or "none recorded")
+        lookup = get_latest_checkpoint(flink, job.jid)
+        report.evidence("checkpoints", lookup)
+        checkpoint = lookup.latest
+        report.check("last successful checkpoint", checkpoint is not None, lookup.describe())
+    decision = decide_action(job, checkpoint)
+    report.step(f"decision: {decision.action.value}: {decision.reason}")
+    return decision, checkpoint
+
+
+def _wait_until_settled(
+    flink: FlinkCluster, job: FlinkJob, params: FlinkJobCrashedParams, report: IncidentReport
+) -> FlinkJob:
+    """Wait for Flink to finish moving the job (restart, failover, cancel) and return it settled."""
+    outcome = poll_until(
+        lambda: get_job_state(flink, job.jid),
+        lambda state: state not in SETTLING,
+        timeout_s=params.running_deadline_s,
+        interval_s=params.poll_interval_s,
+    )
+    if not outcome.ok:
+        raise Escalation(
+            f"{params.job_name} ({job.jid}) still {outcome.last} after {params.running_deadline_s:.0f}s: "
+            "Flink cannot settle it (restart loop?), a human must look"
+        )
+    report.step(f"{job.jid} settled in {outcome.last} after {outcome.elapsed_s:.1f}s")
+    return job.model_copy(update={"state": outcome.last})
+
+
+def _verify_running(
+    flink: FlinkCluster, job_id: str, params: FlinkJobCrashedParams, report: IncidentReport
+) -> None:
+    outcome = poll_until(
+        lambda: get_job_state(flink, job_id),
+        lambda state: state == "RUNNING" or state in GLOBALLY_TERMINAL,
+        timeout_s=params.running_deadline_s,
+        interval_s=params.poll_interval_s,
+    )
+    running = outcome.last == "RUNNING"
+    report.check(
+        "restored job running", running, f"{job_id}: {outcome.last} after {outcome.elapsed_s:.1f}s"
+    )
+    if not running:
+        raise VerificationFailed(
+            f"restored job {job_id} is {outcome.last}, not RUNNING, {outcome.elapsed_s:.0f}s after "
+            f"submission (deadline {params.running_deadline_s:.0f}s)"
+        )
+
+
+def _watch_lag(
+    kafka: KafkaCluster,
+    flink: FlinkCluster,
+    group: str,
+    job_id: str,
+    params: FlinkJobCrashedParams,
+    report: IncidentReport,
+) -> list[int]:
+    """Poll consumer lag until it is at or under the threshold; VerificationFailed at the deadline.
+
+    Returns the total lag samples, oldest first.
+    """
+    samples: list[int] = []
+
+    def probe() -> int:
+        samples.append(get_consumer_lag(kafka, group, params.topic).total_lag)
+        return samples[-1]
+
+    poll_until(
+        probe,
+        lambda lag: lag <= params.lag_threshold,
+        timeout_s=params.lag_deadline_s,
+        interval_s=params.poll_interval_s,
+    )
+    verdict = assess_lag(samples, params.lag_threshold)
+    report.evidence(
+        "consumer lag samples", {"group": group, "topic": params.topic, "samples": samples}
+    )
+    draining = (
+        not verdict.recovered and params.accept_falling_lag and verdict.trend is LagTrend.FALLING
+    )
+    report.check("consumer lag back to normal", verdict.recovered or draining, verdict.reason)
+    if draining:
+        report.follow_ups.append(
+            f"Lag on {params.topic} was still {verdict.latest} (falling) at the deadline: "
+            "confirm it reaches the threshold."
+        )
+    if verdict.recovered or draining:
+        return samples
+    state = get_job_state(flink, job_id)
+    raise VerificationFailed(
+        f"consumer lag of {group} on {params.topic} not back to normal after "
+        f"{params.lag_deadline_s:.0f}s: {verdict.reason}; job {job_id} is {state}"
+    )
