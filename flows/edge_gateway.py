@@ -1,0 +1,204 @@
+"""Edge-gateway runbooks: seed 000 "P4 Stadium Network Flap"."""
+
+from __future__ import annotations
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from blocks.edge_gateway import EdgeGateway
+from blocks.kafka import KafkaCluster
+from runbooks.errors import Escalation, VerificationFailed
+from runbooks.params import RunbookParams
+from runbooks.report import IncidentReport, Outcome, incident_report
+from runbooks.waiting import poll_until
+from tasks.wal import (
+    DeliveryCheckpoint,
+    WalAction,
+    WalStatus,
+    check_kafka_reachable,
+    checkpoint_delivery,
+    decide,
+    drain_wal,
+    measure_wal,
+    verify_delivery,
+)
+
+RUNBOOK = "stadium-network-flap"
+
+
+class StadiumNetworkFlapParams(RunbookParams):
+    """Run form of the stadium-network-flap runbook."""
+
+    gateway_block: str = Field("default", description="Name of the Runbooks Edge Gateway block.")
+    kafka_block: str | None = Field(
+        None, description="Runbooks Kafka Cluster block; leave empty for the one the gateway names."
+    )
+    pending_threshold: int = Field(
+        5_000, ge=0,
+        description="Backlog the WAL absorbs on its own: at most this many pending events and Kafka "
+        "unreachable means wait; more means a human investigates the network (seed: 5,000).",
+    )
+    network_wait_s: float = Field(
+        600.0, ge=0, le=3600,
+        description="Below the threshold, how long to wait for Kafka to become reachable.",
+    )
+    probe_interval_s: float = Field(
+        10.0, gt=0, le=300, description="Seconds between reachability probes while waiting."
+    )
+    batch_size: int = Field(
+        500, ge=1, le=10_000, description="Records per Kafka transaction (the marker moves per batch)."
+    )
+
+
+class StadiumNetworkFlapSummary(BaseModel):
+    outcome: str
+    gateway: str
+    pending_before: int
+    pending_after: int | None = None
+    waited_s: float = 0.0
+    drained: int = 0
+    already_in_kafka: int = 0
+    drain_rate_eps: float | None = None
+
+
+@flow(name=RUNBOOK, description="Seed 000 P4: gateway WAL growing while the stadium network flaps.")
+def stadium_network_flap(params: StadiumNetworkFlapParams) -> StadiumNetworkFlapSummary:
+    """Measure the WAL backlog; wait for the network or escalate; drain it to Kafka; verify nothing was lost."""
+    with incident_report(
+        runbook=RUNBOOK, title=f"Stadium network flap: gateway {params.gateway_block}", severity="P4",
+        params=params,
+    ) as report:
+        gateway = EdgeGateway.load(params.gateway_block)
+        cluster = KafkaCluster.load(params.kafka_block or gateway.kafka_block)
+        before = measure_wal(gateway)
+        report.evidence("WAL before (gateway_wal_pending_events)", before)
+        summary = StadiumNetworkFlapSummary(
+            outcome="", gateway=gateway.gateway_name, pending_before=before.pending_events
+        )
+        report.check(
+            "gateway_wal_pending_events within threshold",
+            before.pending_events <= params.pending_threshold,
+            f"{before.describe()}; threshold {params.pending_threshold}",
+        )
+        reach = check_kafka_reachable(cluster, gateway.topic)
+        report.check(f"Kafka topic {gateway.topic} reachable", reach.reachable, reach.detail)
+        action = decide(before.pending_events, params.pending_threshold, reach.reachable)
+        report.step(f"decision: {action.value}")
+
+        if action is WalAction.NOTHING_PENDING:
+            return _finish(report, summary, Outcome.NO_ACTION_NEEDED, "The WAL holds no pending events.")
+        if action is WalAction.INVESTIGATE:
+            raise Escalation(_network_advice(before, params.pending_threshold))
+        if action is WalAction.WAIT_FOR_NETWORK:
+            if params.dry_run:
+                return _finish(
+                    report, summary, Outcome.PLANNED,
+                    f"Would wait up to {params.network_wait_s:.0f}s for Kafka, then drain "
+                    f"{before.pending_events} events.",
+                )
+            report.step(f"below threshold: waiting up to {params.network_wait_s:.0f}s for the network (self-healing)")
+            waited = poll_until(
+                lambda: check_kafka_reachable(cluster, gateway.topic),
+                lambda r: r.reachable,
+                timeout_s=params.network_wait_s,
+                interval_s=params.probe_interval_s,
+            )
+            summary.waited_s = waited.elapsed_s
+            if not waited.ok or waited.last is None:
+                return _still_down(report, summary, gateway, params)
+            reach = waited.last
+            report.check(f"Kafka topic {gateway.topic} reachable", True, f"after {waited.elapsed_s:.0f}s")
+        if before.pending_events > params.pending_threshold:
+            report.follow_ups.append(
+                f"Backlog reached {before.pending_events} events (threshold {params.pending_threshold}): "
+                "review the stadium uplink and the 4G failover."
+            )
+        if not reach.topic_exists:
+            raise Escalation(f"Kafka answers but {reach.detail}: create the topic or fix the gateway block")
+
+        if params.dry_run:
+            report.record("drain WAL", drain_wal(gateway, cluster, dry_run=True, batch_size=params.batch_size))
+            return _finish(
+                report, summary, Outcome.PLANNED,
+                f"Kafka is reachable: would drain {before.pending_events} events to {gateway.topic}.",
+            )
+        checkpoint = checkpoint_delivery(gateway, cluster)
+        drain = drain_wal(gateway, cluster, dry_run=False, batch_size=params.batch_size)
+        report.record("drain WAL", drain)
+        summary.drained, summary.already_in_kafka = drain.sent, drain.already_in_kafka
+        summary.drain_rate_eps = drain.rate_eps
+        report.evidence(
+            "drain",
+            {"sent": drain.sent, "already_in_kafka": drain.already_in_kafka,
+             "elapsed_s": round(drain.elapsed_s, 3), "drain_rate_events_per_s": drain.rate_eps,
+             "marker": f"{drain.acked_before} -> {drain.acked_after}"},
+        )
+        _verify(report, summary, gateway, cluster, checkpoint, drain.acked_after, drain.backlog_end)
+        return _finish(
+            report, summary, Outcome.RESOLVED,
+            f"Drained {drain.acked_after - checkpoint.acked} events to {gateway.topic} "
+            f"({drain.already_in_kafka} already there from an interrupted drain) at "
+            f"{drain.rate_eps or 0:.0f} events/s; every one is in the topic exactly once, "
+            "sequence numbers are continuous.",
+        )
+
+
+def _verify(
+    report: IncidentReport, summary: StadiumNetworkFlapSummary, gateway: EdgeGateway,
+    cluster: KafkaCluster, checkpoint: DeliveryCheckpoint, acked_to: int, backlog_end: int,
+) -> None:
+    """Backlog gone, every record in Kafka exactly once and in order, no sequence gaps."""
+    after = measure_wal(gateway)
+    summary.pending_after = after.pending_events
+    report.evidence("WAL after", after)
+    drained = report.check(
+        "backlog drained", after.acked_up_to >= backlog_end,
+        f"marker at {after.acked_up_to}, backlog ended at {backlog_end}; {after.pending_events} "
+        "newer event(s) pending",
+    )
+    delivery = verify_delivery(gateway, cluster, checkpoint, acked_to)
+    report.evidence("delivery check", delivery)
+    delivered = report.check("every record in Kafka exactly once, in order per source", delivery.ok, delivery.summary())
+    if not (drained and delivered):
+        raise VerificationFailed(delivery.summary() if drained else f"backlog not drained: {after.describe()}")
+    problems = delivery.sequences.problems()
+    report.check("sequence numbers continuous per source", not problems, "; ".join(problems) or "no gaps or duplicates")
+    if problems:
+        report.follow_ups.append("Find where the missing or repeated events went (source feed, gateway).")
+        raise Escalation(
+            "events lost or repeated before reaching the WAL (everything in the WAL was delivered): "
+            + "; ".join(problems)
+        )
+
+
+def _still_down(
+    report: IncidentReport, summary: StadiumNetworkFlapSummary, gateway: EdgeGateway,
+    params: StadiumNetworkFlapParams,
+) -> StadiumNetworkFlapSummary:
+    now = measure_wal(gateway)
+    report.evidence("WAL after waiting", now)
+    summary.pending_after = now.pending_events
+    if now.pending_events > params.pending_threshold:
+        raise Escalation(_network_advice(now, params.pending_threshold))
+    report.follow_ups.append("Re-run this runbook if the alert keeps firing.")
+    return _finish(
+        report, summary, Outcome.WAITING,
+        f"Kafka still unreachable after {summary.waited_s:.0f}s; {now.describe()}, below the threshold "
+        f"of {params.pending_threshold}: the WAL keeps buffering and drains on recovery.",
+    )
+
+
+def _network_advice(status: WalStatus, threshold: int) -> str:
+    return (
+        f"gateway {status.gateway}: {status.describe()}, above the threshold of {threshold}, and Kafka "
+        "is unreachable: investigate the stadium network link and consider failing over to the 4G "
+        "uplink before the WAL fills"
+    )
+
+
+def _finish(
+    report: IncidentReport, summary: StadiumNetworkFlapSummary, outcome: Outcome, conclusion: str
+) -> StadiumNetworkFlapSummary:
+    report.finish(outcome, conclusion)
+    summary.outcome = outcome.value
+    return summary

@@ -1,0 +1,1049 @@
+"""Edge-gateway write-ahead log (WAL): the on-disk format, measuring it, draining it to Kafka.
+
+The format is specified in docs/wal-format.md. In short: a directory of append-only segment
+files of CRC-checked records (global position, source id, per-source sequence number,
+timestamp, value), ``wal.json`` naming the WAL, and the ``ack.json`` marker saying which
+records Kafka already holds.
+
+Draining delivers each record exactly once, across crashes: a transactional producer (so
+idempotent, acks=all) whose ``transactional.id`` belongs to the WAL fences any earlier
+drainer, then the drain reads the topic from the marker's ``scan_from`` offsets to find the
+records an interrupted drain delivered without recording them, and skips those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import struct
+import time
+import uuid
+import zlib
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from functools import partial
+from pathlib import Path
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field
+
+from blocks.edge_gateway import EdgeGateway
+from blocks.kafka import KafkaCluster
+from runbooks.results import Change, ChangeSet
+from runbooks.retry import transient_retries
+
+FORMAT_VERSION = 1
+SEGMENT_SUFFIX = ".wal"
+META_FILE = "wal.json"
+MARKER_FILE = "ack.json"
+LOCK_FILE = "drain.lock"
+MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
+
+_MAGIC = b"WR"
+# magic, format version, reserved byte, payload length, crc32 of the payload
+_HEADER = struct.Struct(">2sBxII")
+# global position, per-source sequence number, timestamp (ms since epoch), source id length
+_FIELDS = struct.Struct(">QQqH")
+
+H_WAL_ID = "wal-id"
+H_GATEWAY = "wal-gateway"
+H_SOURCE = "wal-source"
+H_SEQ = "wal-seq"
+H_POSITION = "wal-position"
+
+
+class WalCorruption(RuntimeError):
+    """The WAL holds a damaged record that is not a torn last write; a human must look."""
+
+
+class KafkaUnavailable(RuntimeError):
+    """Kafka did not answer or confirm in time. The marker did not move past it: safe to retry."""
+
+
+class DrainConflict(RuntimeError):
+    """Another drain owns this WAL (local lock held, or fenced by a newer drainer elsewhere)."""
+
+
+# --- format -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WalRecord:
+    """One event in the WAL."""
+
+    position: int
+    source: str
+    seq: int
+    timestamp_ms: int
+    value: bytes
+    size: int  # bytes on disk, header included
+
+
+def encode_record(position: int, source: str, seq: int, timestamp_ms: int, value: bytes) -> bytes:
+    """The on-disk bytes of one record: header (magic, version, length, crc32) then payload."""
+    src = source.encode()
+    if not src or len(src) > 0xFFFF:
+        raise ValueError(f"source id must be 1..65535 bytes, got {len(src)}")
+    payload = _FIELDS.pack(position, seq, timestamp_ms, len(src)) + src + value
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ValueError(f"record of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    return _HEADER.pack(_MAGIC, FORMAT_VERSION, len(payload), zlib.crc32(payload)) + payload
+
+
+def segment_name(base_position: int) -> str:
+    return f"{base_position:020d}{SEGMENT_SUFFIX}"
+
+
+def list_segments(directory: Path) -> list[tuple[int, Path]]:
+    """(base position, path) of every segment, oldest first."""
+    found = []
+    for path in directory.glob(f"*{SEGMENT_SUFFIX}"):
+        stem = path.name.removesuffix(SEGMENT_SUFFIX)
+        if len(stem) == 20 and stem.isdigit():
+            found.append((int(stem), path))
+    return sorted(found)
+
+
+def _read_segment(path: Path, base: int, is_last: bool) -> tuple[list[WalRecord], int]:
+    """Records of one segment and the length of its valid prefix.
+
+    Only the newest segment may end in a torn record (the writer crashed, or is writing it
+    right now): it is ignored. Damage anywhere else raises ``WalCorruption``.
+    """
+    data = path.read_bytes()
+    records: list[WalRecord] = []
+    offset, position = 0, base
+    while offset < len(data):
+        problem, torn = _check_record(data, offset, position)
+        if problem is None:
+            records.append(_decode(data, offset))
+            offset += records[-1].size
+            position += 1
+            continue
+        if is_last and torn:
+            break
+        raise WalCorruption(f"{path}: {problem} at byte {offset} (position {position})")
+    return records, offset
+
+
+def _check_record(data: bytes, offset: int, position: int) -> tuple[str | None, bool]:
+    """(problem or None, whether the problem looks like a torn last write)."""
+    if len(data) - offset < _HEADER.size:
+        return "incomplete header", True
+    magic, version, length, crc = _HEADER.unpack_from(data, offset)
+    end = offset + _HEADER.size + length
+    if magic != _MAGIC or version != FORMAT_VERSION or not _FIELDS.size <= length <= MAX_PAYLOAD_BYTES:
+        # a crash can leave zero-filled blocks after the last complete record
+        return "bad record header", not any(data[offset:])
+    if end > len(data):
+        return "incomplete record", True
+    if zlib.crc32(data[offset + _HEADER.size : end]) != crc:
+        return "crc mismatch", end == len(data)
+    if _FIELDS.unpack_from(data, offset + _HEADER.size)[0] != position:
+        return "unexpected position", False
+    return None, False
+
+
+def _decode(data: bytes, offset: int) -> WalRecord:
+    length = _HEADER.unpack_from(data, offset)[2]
+    start = offset + _HEADER.size
+    position, seq, ts, src_len = _FIELDS.unpack_from(data, start)
+    src_start = start + _FIELDS.size
+    source = data[src_start : src_start + src_len].decode()
+    value = data[src_start + src_len : start + length]
+    return WalRecord(position, source, seq, ts, value, _HEADER.size + length)
+
+
+def _write_json_atomic(path: Path, data: str) -> None:
+    """Write, fsync, rename over, fsync the directory: the file is either old or new, never torn."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_wal_id(directory: Path) -> str | None:
+    meta = directory / META_FILE
+    if not meta.exists():
+        return None
+    return json.loads(meta.read_text())["wal_id"]
+
+
+class WalWriter:
+    """Appends events to a WAL directory: what the edge gateway does with every event it receives.
+
+    On open it truncates a torn last record left by a crash, so new records never follow garbage.
+
+    Example:
+        ```python
+        with WalWriter("/var/lib/gateway/wal") as wal:
+            wal.append("opta-feed", seq=41, value=b'{"type":"goal"}')
+        ```
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], segment_max_bytes: int = 64 * 1024 * 1024):
+        self.directory = Path(directory)
+        self.segment_max_bytes = segment_max_bytes
+        self.directory.mkdir(parents=True, exist_ok=True)
+        wal_id = _read_wal_id(self.directory)
+        if wal_id is None:
+            wal_id = uuid.uuid4().hex
+            _write_json_atomic(
+                self.directory / META_FILE, json.dumps({"format": FORMAT_VERSION, "wal_id": wal_id})
+            )
+        self.wal_id = wal_id
+        self._file = None
+        self._size = 0
+        self._next = 0
+        segments = list_segments(self.directory)
+        if segments:
+            base, path = segments[-1]
+            records, valid = _read_segment(path, base, is_last=True)
+            self._file = open(path, "r+b")
+            if self._file.seek(0, os.SEEK_END) > valid:
+                self._file.truncate(valid)
+                os.fsync(self._file.fileno())
+            self._file.seek(valid)
+            self._size = valid
+            self._next = records[-1].position + 1 if records else base
+
+    @property
+    def next_position(self) -> int:
+        return self._next
+
+    def append(
+        self, source: str, seq: int, value: bytes, timestamp_ms: int | None = None, *, sync: bool = True
+    ) -> int:
+        """Append one event; returns its global position. ``sync=False`` defers the fsync to ``sync()``."""
+        ts = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
+        data = encode_record(self._next, source, seq, ts, value)
+        if self._file is None or (self._size and self._size + len(data) > self.segment_max_bytes):
+            self._rotate()
+        assert self._file is not None
+        self._file.write(data)
+        self._size += len(data)
+        self._next += 1
+        if sync:
+            self.sync()
+        return self._next - 1
+
+    def sync(self) -> None:
+        """Make every appended record durable (the gateway acknowledges its source after this)."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self.sync()
+            self._file.close()
+            self._file = None
+
+    def _rotate(self) -> None:
+        if self._file is not None:
+            self.close()
+        self._file = open(self.directory / segment_name(self._next), "w+b")
+        self._size = 0
+        _fsync_dir(self.directory)
+
+    def __enter__(self) -> WalWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class WalReader:
+    """Reads a WAL directory; safe while the gateway appends (a half-written tail is ignored)."""
+
+    def __init__(self, directory: str | os.PathLike[str]):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"WAL directory {self.directory} does not exist")
+        self.wal_id = _read_wal_id(self.directory)
+        if self.wal_id is None and list_segments(self.directory):
+            raise WalCorruption(f"{self.directory} has segments but no {META_FILE}")
+
+    def segments(self) -> list[tuple[int, Path]]:
+        return list_segments(self.directory)
+
+    def records(self, start: int = 0) -> Iterator[WalRecord]:
+        """Records at positions >= ``start``, in order; positions must be contiguous from ``start``."""
+        segments = self.segments()
+        first = max((i for i, (base, _) in enumerate(segments) if base <= start), default=0)
+        expected = start
+        for i in range(first, len(segments)):
+            base, path = segments[i]
+            records, _ = _read_segment(path, base, is_last=i == len(segments) - 1)
+            for record in records:
+                if record.position < start:
+                    continue
+                if record.position != expected:
+                    raise WalCorruption(
+                        f"{self.directory}: positions {expected}..{record.position - 1} are missing "
+                        "(segments deleted before delivery?)"
+                    )
+                expected += 1
+                yield record
+
+
+# --- the acknowledged-up-to marker --------------------------------------------------------
+
+
+class WalMarker(BaseModel):
+    """Durable record of what Kafka holds: ``ack.json`` in the WAL directory."""
+
+    format: int = FORMAT_VERSION
+    wal_id: str = Field(description="The WAL this marker belongs to (wal.json).")
+    topic: str = Field(description="The topic the records were delivered to.")
+    next_position: int = Field(
+        0, ge=0, description="Acknowledged up to: every record below this position is in Kafka."
+    )
+    sources: dict[str, int] = Field(
+        default_factory=dict, description="Highest acknowledged sequence number per source."
+    )
+    scan_from: dict[int, int] = Field(
+        default_factory=dict,
+        description="Per partition, the offset from which records of this WAL not yet covered "
+        "by next_position may be in the topic (read on every drain start).",
+    )
+    updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+def read_marker(directory: Path) -> WalMarker | None:
+    path = directory / MARKER_FILE
+    return WalMarker.model_validate_json(path.read_text()) if path.exists() else None
+
+
+def write_marker(directory: Path, marker: WalMarker) -> None:
+    marker.updated_at = datetime.now(UTC)
+    _write_json_atomic(directory / MARKER_FILE, marker.model_dump_json(indent=2))
+
+
+# --- pure decisions -----------------------------------------------------------------------
+
+
+class WalAction(StrEnum):
+    NOTHING_PENDING = "NOTHING_PENDING"
+    DRAIN = "DRAIN"
+    WAIT_FOR_NETWORK = "WAIT_FOR_NETWORK"
+    INVESTIGATE = "INVESTIGATE"
+
+
+def decide(pending: int, threshold: int, kafka_reachable: bool) -> WalAction:
+    """Seed 000, Stadium Network Flap: what to do about a WAL backlog.
+
+    Kafka reachable means the network is back: drain, whatever the size. Unreachable and at most
+    ``threshold`` pending is a blip the WAL absorbs (wait); above it, a human looks at the uplink.
+    """
+    if pending <= 0:
+        return WalAction.NOTHING_PENDING
+    if kafka_reachable:
+        return WalAction.DRAIN
+    return WalAction.INVESTIGATE if pending > threshold else WalAction.WAIT_FOR_NETWORK
+
+
+def advance_marker(next_position: int, confirmed: Iterable[int]) -> int:
+    """New acknowledged-up-to position: past every confirmed record with nothing unconfirmed below.
+
+    Delivery reports arrive out of order across partitions; a confirmed record above an
+    unconfirmed one cannot be acknowledged yet, or a crash would lose the unconfirmed one.
+    """
+    done = set(confirmed)
+    while next_position in done:
+        next_position += 1
+    return next_position
+
+
+def deletable_segments(bases: list[int], next_position: int) -> list[int]:
+    """Bases of segments whose every record is below the marker; never the newest (being written)."""
+    return [base for base, nxt in zip(bases, bases[1:], strict=False) if nxt <= next_position]
+
+
+class SeqRange(BaseModel):
+    first: int
+    last: int
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+def to_ranges(numbers: Iterable[int]) -> list[SeqRange]:
+    """Collapse integers into sorted inclusive ranges: 1,2,3,7 -> 1-3, 7."""
+    out: list[SeqRange] = []
+    for n in sorted(set(numbers)):
+        if out and n == out[-1].last + 1:
+            out[-1].last = n
+        else:
+            out.append(SeqRange(first=n, last=n))
+    return out
+
+
+class SourceSequences(BaseModel):
+    source: str
+    count: int
+    first: int
+    last: int
+    gaps: list[SeqRange] = Field(default_factory=list, description="Sequence numbers never seen.")
+    duplicates: list[int] = Field(
+        default_factory=list, description="Seen more than once, or already acknowledged earlier."
+    )
+    reordered: list[int] = Field(
+        default_factory=list, description="Arrived after a higher sequence number of the source."
+    )
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.gaps:
+            missing = sum(g.last - g.first + 1 for g in self.gaps)
+            out.append(
+                f"source {self.source}: gap, missing seq {', '.join(map(str, self.gaps))} "
+                f"({missing} event(s))"
+            )
+        if self.duplicates:
+            out.append(f"source {self.source}: duplicate seq {', '.join(map(str, to_ranges(self.duplicates)))}")
+        if self.reordered:
+            out.append(f"source {self.source}: out of order seq {', '.join(map(str, to_ranges(self.reordered)))}")
+        return out
+
+
+class SequenceReport(BaseModel):
+    """Gaps, duplicates and reordering of per-source sequence numbers."""
+
+    sources: dict[str, SourceSequences] = Field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems()
+
+    def problems(self) -> list[str]:
+        return [p for s in self.sources.values() for p in s.problems()]
+
+
+def check_sequences(
+    events: Iterable[tuple[str, int]], baseline: Mapping[str, int] | None = None
+) -> SequenceReport:
+    """Check (source, seq) pairs in delivery order.
+
+    ``baseline`` holds the last sequence number already acknowledged per source (from the
+    marker), so a gap right after the previous drain is seen too.
+    """
+    baseline = baseline or {}
+    seen: dict[str, Counter[int]] = defaultdict(Counter)
+    high: dict[str, int] = {}
+    reordered: dict[str, list[int]] = defaultdict(list)
+    order: list[str] = []
+    for source, seq in events:
+        if source not in seen:
+            order.append(source)
+        prior = baseline.get(source)
+        top = high.get(source)
+        if top is not None and seq < top and not seen[source][seq] and (prior is None or seq > prior):
+            reordered[source].append(seq)
+        seen[source][seq] += 1
+        high[source] = seq if top is None else max(top, seq)
+    report = SequenceReport()
+    for source in order:
+        counts = seen[source]
+        prior = baseline.get(source)
+        start = prior + 1 if prior is not None else min(counts)
+        present = {s for s in counts if s >= start}
+        gaps = to_ranges(set(range(start, high[source] + 1)) - present) if present else []
+        dups = sorted(s for s, n in counts.items() if n > 1 or (prior is not None and s <= prior))
+        report.sources[source] = SourceSequences(
+            source=source, count=sum(counts.values()), first=min(counts), last=high[source],
+            gaps=gaps, duplicates=dups, reordered=reordered[source],
+        )
+    return report
+
+
+# --- measuring ----------------------------------------------------------------------------
+
+
+class SourcePending(BaseModel):
+    count: int
+    first_seq: int
+    last_seq: int
+
+
+class WalStatus(BaseModel):
+    """What the gateway's WAL holds that Kafka does not (`gateway_wal_pending_events`)."""
+
+    gateway: str
+    directory: str
+    pending_events: int
+    pending_bytes: int
+    oldest_pending_at: datetime | None
+    oldest_pending_age_s: float | None
+    per_source: dict[str, SourcePending]
+    acked_up_to: int = Field(description="The marker: every record below this position is in Kafka.")
+    end_position: int = Field(description="Position the next appended record will get.")
+    segments: int
+    wal_bytes: int
+    capacity_events: int
+    capacity_bytes: int
+    capacity_used: float = Field(description="Fraction of capacity the backlog uses (events or bytes).")
+
+    def describe(self) -> str:
+        """One line for reports: the backlog against the gateway's capacity."""
+        age = f", oldest {self.oldest_pending_age_s:.0f}s old" if self.oldest_pending_age_s is not None else ""
+        return (
+            f"{self.pending_events} events / {self.pending_bytes} bytes pending ({self.capacity_used:.0%} "
+            f"of {self.capacity_events} events / {self.capacity_bytes} bytes){age}"
+        )
+
+
+@task(cache_policy=NO_CACHE)  # a measurement must never be served from a cache
+def measure_wal(gateway: EdgeGateway) -> WalStatus:
+    """Pending events (after the marker), their bytes, age and per-source counts."""
+    reader = WalReader(gateway.wal_path())
+    marker = read_marker(reader.directory)
+    acked = marker.next_position if marker else 0
+    count = size = 0
+    oldest: int | None = None
+    per_source: dict[str, SourcePending] = {}
+    for r in reader.records(acked):
+        count += 1
+        size += r.size
+        oldest = r.timestamp_ms if oldest is None else min(oldest, r.timestamp_ms)
+        s = per_source.get(r.source)
+        if s is None:
+            per_source[r.source] = SourcePending(count=1, first_seq=r.seq, last_seq=r.seq)
+        else:
+            s.count += 1
+            s.last_seq = r.seq
+    segments = reader.segments()
+    oldest_at = datetime.fromtimestamp(oldest / 1000, UTC) if oldest is not None else None
+    return WalStatus(
+        gateway=gateway.gateway_name,
+        directory=str(reader.directory),
+        pending_events=count,
+        pending_bytes=size,
+        oldest_pending_at=oldest_at,
+        oldest_pending_age_s=(datetime.now(UTC) - oldest_at).total_seconds() if oldest_at else None,
+        per_source=per_source,
+        acked_up_to=acked,
+        end_position=acked + count,
+        segments=len(segments),
+        wal_bytes=sum(p.stat().st_size for _, p in segments),
+        capacity_events=gateway.capacity_events,
+        capacity_bytes=gateway.capacity_bytes,
+        capacity_used=max(count / gateway.capacity_events, size / gateway.capacity_bytes),
+    )
+
+
+class KafkaReachability(BaseModel):
+    reachable: bool
+    topic_exists: bool
+    partitions: int
+    detail: str
+
+
+@task(cache_policy=NO_CACHE)
+def check_kafka_reachable(cluster: KafkaCluster, topic: str) -> KafkaReachability:
+    """Can the gateway's topic be reached now (metadata answered within the cluster's timeout)?"""
+    try:
+        md = cluster.get_admin_client().list_topics(topic=topic, timeout=cluster.request_timeout_s)
+    except KafkaException as exc:
+        return KafkaReachability(reachable=False, topic_exists=False, partitions=0, detail=str(exc))
+    topic_md = md.topics.get(topic)
+    if topic_md is None or topic_md.error is not None:
+        err = topic_md.error if topic_md else "missing"
+        return KafkaReachability(
+            reachable=True, topic_exists=False, partitions=0, detail=f"topic {topic} not found: {err}"
+        )
+    n = len(topic_md.partitions)
+    return KafkaReachability(
+        reachable=True, topic_exists=True, partitions=n,
+        detail=f"{len(md.brokers)} broker(s) answered; {topic} has {n} partition(s)",
+    )
+
+
+# --- reading the topic back -----------------------------------------------------------------
+
+
+class TopicRecord(BaseModel):
+    """A record of this WAL found in the topic, by its headers."""
+
+    partition: int
+    offset: int
+    position: int
+    source: str
+    seq: int
+
+
+def kafka_failure(exc: KafkaException, doing: str) -> Exception:
+    """Map a client error to a domain error: transient ones can be retried from the marker."""
+    err: KafkaError = exc.args[0]
+    if err.code() == KafkaError._FENCED or err.code() == KafkaError.PRODUCER_FENCED:
+        return DrainConflict(f"{doing}: a newer drainer of this WAL fenced this one ({err.str()})")
+    transient = {
+        KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._MSG_TIMED_OUT, KafkaError.REQUEST_TIMED_OUT, KafkaError.NETWORK_EXCEPTION,
+    }
+    if err.retriable() or err.txn_requires_abort() or err.code() in transient:
+        return KafkaUnavailable(f"{doing}: Kafka did not confirm ({err.str()}); marker unchanged, safe to retry")
+    return RuntimeError(f"{doing}: {err.str()}")
+
+
+def _topic_partitions(cluster: KafkaCluster, topic: str) -> list[int]:
+    try:
+        md = cluster.get_admin_client().list_topics(topic=topic, timeout=cluster.request_timeout_s)
+    except KafkaException as exc:
+        raise kafka_failure(exc, f"reading metadata of {topic}") from exc
+    topic_md = md.topics.get(topic)
+    if topic_md is None or topic_md.error is not None:
+        raise RuntimeError(f"topic {topic} not found: {topic_md.error if topic_md else 'missing'}")
+    return sorted(topic_md.partitions)
+
+
+def _end_offsets(cluster: KafkaCluster, topic: str, partitions: list[int]) -> dict[int, int]:
+    """High watermarks. tansu may under-report them, which only makes later reads start earlier."""
+    consumer = cluster.get_consumer(f"wal-drain-{uuid.uuid4().hex}", **{"enable.auto.commit": False})
+    try:
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=cluster.request_timeout_s)[1]
+            for p in partitions
+        }
+    except KafkaException as exc:
+        raise kafka_failure(exc, f"reading end offsets of {topic}") from exc
+    finally:
+        consumer.close()
+
+
+def read_wal_records_in_topic(
+    cluster: KafkaCluster, topic: str, wal_id: str, start: Mapping[int, int]
+) -> tuple[list[TopicRecord], dict[int, int]]:
+    """Records of this WAL in ``topic`` from ``start`` offsets to each partition's end.
+
+    Returns them in (partition, offset) order and the offsets where each partition ended.
+    Reads committed records only, so on a broker that honours transactions an aborted
+    drain's records count as not delivered. The end is where the broker reported
+    end-of-partition; a read that makes no progress for the cluster's request timeout fails.
+    """
+    consumer = cluster.get_consumer(
+        f"wal-drain-{wal_id}",
+        **{
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "isolation.level": "read_committed",
+            "auto.offset.reset": "error",
+        },
+    )
+    found: list[TopicRecord] = []
+    ends: dict[int, int] = {}
+    idle_limit = cluster.request_timeout_s
+    try:
+        consumer.assign([TopicPartition(topic, p, o) for p, o in start.items()])
+        last_progress = time.monotonic()
+        while len(ends) < len(start):
+            messages = consumer.consume(500, timeout=min(1.0, idle_limit))
+            if messages:
+                last_progress = time.monotonic()
+            elif time.monotonic() - last_progress > idle_limit:
+                waiting = sorted(set(start) - set(ends))
+                raise KafkaUnavailable(
+                    f"reading {topic} partitions {waiting}: no progress in {idle_limit}s"
+                )
+            for m in messages:
+                if m.partition() in ends:
+                    continue  # appended after we reached the end: not from a drain of ours
+                err = m.error()
+                if err is not None:
+                    if err.code() != KafkaError._PARTITION_EOF:
+                        raise kafka_failure(KafkaException(err), f"reading {topic}")
+                    ends[m.partition()] = m.offset()
+                    continue
+                record = _wal_record_of(m, wal_id)
+                if record is not None:
+                    found.append(record)
+    except KafkaException as exc:
+        raise kafka_failure(exc, f"reading {topic}") from exc
+    finally:
+        consumer.close()
+    found.sort(key=lambda r: (r.partition, r.offset))
+    return found, ends
+
+
+def _wal_record_of(m: Message, wal_id: str) -> TopicRecord | None:
+    headers = {k: v for k, v in (m.headers() or []) if v is not None}
+    if headers.get(H_WAL_ID) != wal_id.encode():
+        return None
+    return TopicRecord(
+        partition=m.partition(), offset=m.offset(), position=int(headers[H_POSITION]),
+        source=headers[H_SOURCE].decode(), seq=int(headers[H_SEQ]),
+    )
+
+
+# --- draining -------------------------------------------------------------------------------
+
+
+class DrainResult(ChangeSet):
+    """What a drain sent, skipped and acknowledged."""
+
+    gateway: str
+    topic: str
+    acked_before: int = Field(description="Marker position when the drain started.")
+    acked_after: int = Field(description="Marker position when it ended (unchanged in dry-run).")
+    backlog_end: int = Field(description="End of the WAL when the drain read it.")
+    sent: int = Field(0, description="Records produced and confirmed by this drain.")
+    already_in_kafka: int = Field(
+        0, description="Records an interrupted earlier drain had delivered: found and skipped."
+    )
+    elapsed_s: float = 0.0
+    rate_eps: float | None = Field(None, description="Drain rate, events per second.")
+    sequences: SequenceReport = Field(
+        default_factory=SequenceReport, description="Sequence check of the drained WAL records."
+    )
+
+
+@contextlib.contextmanager
+def _drain_lock(directory: Path) -> Iterator[None]:
+    """One drainer per WAL on this host; the kernel releases the lock if the drainer dies."""
+    with open(directory / LOCK_FILE, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise DrainConflict(f"another drain of {directory} is running") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _producer(gateway: EdgeGateway, cluster: KafkaCluster, wal_id: str) -> Producer:
+    timeout_ms = int(gateway.delivery_timeout_s * 1000)
+    return cluster.get_producer(
+        **{
+            # one transactional.id per WAL: a new drainer's init_transactions fences an old one,
+            # so nothing a crashed or hung drainer still had in flight can land after our read
+            "transactional.id": f"wal-drain-{wal_id}",
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "message.timeout.ms": timeout_ms,
+            "transaction.timeout.ms": max(timeout_ms, 60_000),
+            # same partition for a key as the Java client's default partitioner
+            "partitioner": "murmur2_random",
+        }
+    )
+
+
+def _on_delivery(reports: dict[int, tuple[int, int] | KafkaError], position: int, err: KafkaError | None, msg: Message) -> None:
+    reports[position] = err if err is not None else (msg.partition(), msg.offset())
+
+
+def _send_batch(
+    producer: Producer, gateway: EdgeGateway, wal_id: str, batch: list[WalRecord]
+) -> dict[int, tuple[int, int]]:
+    """Produce a batch in one transaction; returns position -> (partition, offset) once committed."""
+    timeout = gateway.delivery_timeout_s
+    reports: dict[int, tuple[int, int] | KafkaError] = {}
+    producer.begin_transaction()
+    try:
+        for r in batch:
+            producer.produce(
+                gateway.topic,
+                key=r.source.encode(),
+                value=r.value,
+                timestamp=r.timestamp_ms,
+                headers=[
+                    (H_WAL_ID, wal_id), (H_GATEWAY, gateway.gateway_name), (H_SOURCE, r.source),
+                    (H_SEQ, str(r.seq)), (H_POSITION, str(r.position)),
+                ],
+                on_delivery=partial(_on_delivery, reports, r.position),
+            )
+            producer.poll(0)
+        unconfirmed = producer.flush(timeout)
+        failed = {p: e for p, e in reports.items() if isinstance(e, KafkaError)}
+        if unconfirmed or failed:
+            first = next(iter(failed.values()), None)
+            raise KafkaUnavailable(
+                f"{unconfirmed + len(failed)} of {len(batch)} records not confirmed within "
+                f"{timeout}s ({first.str() if first else 'timed out'}); marker unchanged, safe to retry"
+            )
+        producer.commit_transaction(timeout)
+    except BaseException:
+        with contextlib.suppress(KafkaException):
+            # releases the partitions at once on brokers that honour aborts; the next drain's
+            # read of the topic decides what counts as delivered either way
+            producer.abort_transaction(timeout)
+        raise
+    return {p: r for p, r in reports.items() if not isinstance(r, KafkaError)}
+
+
+@task(**transient_retries(KafkaUnavailable, backoff_seconds=2.0), cache_policy=NO_CACHE)
+def drain_wal(
+    gateway: EdgeGateway, cluster: KafkaCluster, dry_run: bool, batch_size: int = 500
+) -> DrainResult:
+    """Send every record after the marker to the gateway's topic exactly once; advance the marker.
+
+    Kafka key = source id (one partition per source keeps its order), headers carry WAL id,
+    source, sequence and position. Each batch is one transaction; the marker advances after
+    the commit to the highest position with everything below it confirmed. In dry-run only
+    the plan is returned: no Kafka write, marker untouched.
+    """
+    reader = WalReader(gateway.wal_path())
+    directory = reader.directory
+    with contextlib.nullcontext() if dry_run else _drain_lock(directory):
+        marker = read_marker(directory)
+        _check_marker(marker, reader, gateway)
+        if not dry_run:
+            # never send a record the gateway has not made durable: after a power loss it could
+            # reuse that position for another event
+            _fsync_newest_segment(reader)
+        acked = marker.next_position if marker else 0
+        pending = list(reader.records(acked))
+        end = acked + len(pending)
+        result = DrainResult(
+            dry_run=dry_run, gateway=gateway.gateway_name, topic=gateway.topic, acked_before=acked,
+            acked_after=acked, backlog_end=end,
+            sequences=check_sequences(((r.source, r.seq) for r in pending), marker.sources if marker else None),
+        )
+        if not pending:
+            result.notes.append("nothing pending after the marker")
+            return result
+        result.planned = _plan(gateway, reader, pending, acked, end)
+        if dry_run:
+            result.notes.append(
+                "records an interrupted earlier drain already delivered are found in the topic "
+                "and skipped when applied"
+            )
+            return result
+        _deliver(gateway, cluster, reader, marker, pending, batch_size, result)
+    return result
+
+
+def _check_marker(marker: WalMarker | None, reader: WalReader, gateway: EdgeGateway) -> None:
+    if marker is None:
+        return
+    if marker.wal_id != reader.wal_id:
+        raise WalCorruption(
+            f"{reader.directory / MARKER_FILE} belongs to WAL {marker.wal_id}, not {reader.wal_id}"
+        )
+    if marker.topic != gateway.topic:
+        raise RuntimeError(
+            f"{reader.directory} was drained to topic {marker.topic}, the gateway now feeds "
+            f"{gateway.topic}: records may be in either; a human must reconcile"
+        )
+
+
+def _fsync_newest_segment(reader: WalReader) -> None:
+    segments = reader.segments()
+    if segments:
+        fd = os.open(segments[-1][1], os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _plan(gateway: EdgeGateway, reader: WalReader, pending: list[WalRecord], acked: int, end: int) -> list[Change]:
+    per_source = Counter(r.source for r in pending)
+    plan = [
+        Change(
+            action="produce_wal_records",
+            target=f"topic {gateway.topic} (key = source id)",
+            detail={"positions": f"{acked}-{end - 1}", "records": len(pending), "per_source": dict(per_source)},
+        ),
+        Change(
+            action="advance_wal_marker",
+            target=str(reader.directory / MARKER_FILE),
+            detail={"from": acked, "to": end},
+        ),
+    ]
+    if gateway.delete_delivered_segments:
+        segments = dict(reader.segments())
+        plan += [
+            Change(action="delete_wal_segment", target=str(segments[base]), detail={"base_position": base})
+            for base in deletable_segments(sorted(segments), end)
+        ]
+    return plan
+
+
+def _deliver(
+    gateway: EdgeGateway,
+    cluster: KafkaCluster,
+    reader: WalReader,
+    marker: WalMarker | None,
+    pending: list[WalRecord],
+    batch_size: int,
+    result: DrainResult,
+) -> None:
+    """Fence earlier drainers, skip what they delivered, send the rest batch by batch."""
+    directory, wal_id, topic = reader.directory, reader.wal_id or "", gateway.topic
+    by_position = {r.position: r for r in pending}
+    producer = _producer(gateway, cluster, wal_id)
+    try:
+        producer.init_transactions(cluster.request_timeout_s)
+    except KafkaException as exc:
+        raise kafka_failure(exc, f"starting the drain of {directory}") from exc
+    partitions = _topic_partitions(cluster, topic)
+    if marker is None:
+        # no marker: no drain ever produced (each writes one first), so nothing to look for
+        found: list[TopicRecord] = []
+        ends = _end_offsets(cluster, topic, partitions)
+    else:
+        start = {p: marker.scan_from.get(p, 0) for p in partitions}
+        found, ends = read_wal_records_in_topic(cluster, topic, wal_id, start)
+    state = marker or WalMarker(wal_id=wal_id, topic=topic)
+    ahead = {r.position for r in found if r.position in by_position}
+    result.already_in_kafka = len(ahead)
+    last_offsets: dict[int, int] = {}
+
+    def acknowledge(confirmed: set[int]) -> None:
+        """Persist the marker: a crash from here on is recovered by reading from scan_from."""
+        new = advance_marker(state.next_position, confirmed | ahead)
+        for pos in range(state.next_position, new):
+            r = by_position[pos]
+            state.sources[r.source] = max(state.sources.get(r.source, r.seq), r.seq)
+        state.next_position = new
+        if not any(p >= new for p in ahead):
+            # everything of this WAL in the topic is now covered by next_position
+            for p in partitions:
+                state.scan_from[p] = max(state.scan_from.get(p, 0), ends[p], last_offsets.get(p, -1) + 1)
+        write_marker(directory, state)
+
+    acknowledge(set())
+    to_send = [r for r in pending if r.position not in ahead]
+    started = time.monotonic()
+    try:
+        for i in range(0, len(to_send), batch_size):
+            batch = to_send[i : i + batch_size]
+            delivered = _send_batch(producer, gateway, wal_id, batch)
+            for partition, offset in delivered.values():
+                last_offsets[partition] = max(last_offsets.get(partition, -1), offset)
+            result.sent += len(delivered)
+            acknowledge(set(delivered))
+    except KafkaException as exc:
+        raise kafka_failure(exc, f"draining {directory} to {topic}") from exc
+    finally:
+        result.elapsed_s = time.monotonic() - started
+        result.acked_after = state.next_position
+    result.rate_eps = result.sent / result.elapsed_s if result.elapsed_s > 0 else None
+    result.applied = [c for c in result.planned if c.action != "delete_wal_segment"]
+    if gateway.delete_delivered_segments:
+        result.applied += _delete_segments(reader, state.next_position, result.planned)
+
+
+def _delete_segments(reader: WalReader, next_position: int, planned: list[Change]) -> list[Change]:
+    segments = dict(reader.segments())
+    deletable = set(deletable_segments(sorted(segments), next_position))
+    done = []
+    for change in planned:
+        base = change.detail.get("base_position")
+        if change.action == "delete_wal_segment" and base in deletable:
+            segments[base].unlink()
+            done.append(change)
+    if done:
+        _fsync_dir(reader.directory)
+    return done
+
+
+# --- verifying --------------------------------------------------------------------------
+
+
+class DeliveryReport(BaseModel):
+    """Did every drained record land in the topic exactly once, in order per source?"""
+
+    topic: str
+    positions_from: int
+    positions_to: int
+    expected: int
+    delivered: int = Field(description="Distinct expected positions found in the topic.")
+    missing: list[SeqRange] = Field(default_factory=list, description="Positions not in the topic.")
+    duplicated: list[int] = Field(default_factory=list, description="Positions in the topic more than once.")
+    reordered: list[int] = Field(
+        default_factory=list, description="Positions that landed after a later record of the same source."
+    )
+    sequences: SequenceReport = Field(description="Sequence check of what landed, in topic order.")
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.duplicated or self.reordered)
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"all {self.expected} records in {self.topic} exactly once, in order per source"
+        return (
+            f"{self.delivered}/{self.expected} delivered; missing positions "
+            f"{', '.join(map(str, self.missing)) or 'none'}; duplicated {self.duplicated or 'none'}; "
+            f"out of order {self.reordered or 'none'}"
+        )
+
+
+def compare_delivery(
+    topic: str, found: list[TopicRecord], positions_from: int, positions_to: int,
+    baseline: Mapping[str, int] | None = None,
+) -> DeliveryReport:
+    """Compare records found in the topic (in partition/offset order) with the WAL range drained."""
+    in_range = [r for r in found if positions_from <= r.position < positions_to]
+    counts = Counter(r.position for r in in_range)
+    last_seen: dict[str, int] = {}
+    reordered = []
+    for r in in_range:
+        if r.position < last_seen.get(r.source, -1):
+            reordered.append(r.position)
+        last_seen[r.source] = max(last_seen.get(r.source, -1), r.position)
+    return DeliveryReport(
+        topic=topic,
+        positions_from=positions_from,
+        positions_to=positions_to,
+        expected=positions_to - positions_from,
+        delivered=len(counts),
+        missing=to_ranges(set(range(positions_from, positions_to)) - set(counts)),
+        duplicated=sorted(p for p, n in counts.items() if n > 1),
+        reordered=reordered,
+        sequences=check_sequences(((r.source, r.seq) for r in in_range), baseline),
+    )
+
+
+class DeliveryCheckpoint(BaseModel):
+    """Where a drain's records can land, taken before it: what the verification reads back."""
+
+    acked: int = Field(description="Marker position before the drain.")
+    sources: dict[str, int] = Field(description="Last acknowledged sequence per source before the drain.")
+    kafka_from: dict[int, int] = Field(description="Per partition, the offset to read from.")
+
+
+@task(**transient_retries(KafkaUnavailable), cache_policy=NO_CACHE)
+def checkpoint_delivery(gateway: EdgeGateway, cluster: KafkaCluster) -> DeliveryCheckpoint:
+    """Record the marker and topic offsets before a drain (and its retries) so it can be verified."""
+    marker = read_marker(gateway.wal_path())
+    partitions = _topic_partitions(cluster, gateway.topic)
+    if marker is None:
+        # no drain ever produced: whatever comes is after today's end offsets
+        return DeliveryCheckpoint(acked=0, sources={}, kafka_from=_end_offsets(cluster, gateway.topic, partitions))
+    return DeliveryCheckpoint(
+        acked=marker.next_position,
+        sources=dict(marker.sources),
+        kafka_from={p: marker.scan_from.get(p, 0) for p in partitions},
+    )
+
+
+@task(**transient_retries(KafkaUnavailable), cache_policy=NO_CACHE)
+def verify_delivery(
+    gateway: EdgeGateway, cluster: KafkaCluster, since: DeliveryCheckpoint, acked_to: int
+) -> DeliveryReport:
+    """Read the drained range back from the topic and check it record by record."""
+    wal_id = WalReader(gateway.wal_path()).wal_id or ""
+    found, _ = read_wal_records_in_topic(cluster, gateway.topic, wal_id, since.kafka_from)
+    return compare_delivery(gateway.topic, found, since.acked, acked_to, since.sources)

@@ -1,0 +1,351 @@
+"""stadium-network-flap against a real broker: drain exactly once, dry-run, crash, wait, escalate."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+from prefect import flow
+
+from blocks.edge_gateway import EdgeGateway
+from blocks.kafka import KafkaCluster
+from flows.edge_gateway import StadiumNetworkFlapParams, stadium_network_flap
+from runbooks.report import Outcome
+from tasks.wal import (
+    H_POSITION,
+    H_SEQ,
+    H_SOURCE,
+    MARKER_FILE,
+    KafkaUnavailable,
+    WalReader,
+    WalWriter,
+    drain_wal,
+    list_segments,
+    read_marker,
+)
+from tests.conftest import create_topic, unique
+from tests.servers import KafkaBroker
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+SOURCES = ("opta-feed", "var-cam", "scoreboard")
+
+
+def write_events(
+    directory: Path,
+    n: int,
+    first_seq: dict[str, int] | None = None,
+    skip: dict[str, set[int]] | None = None,
+    pause_s: float = 0,
+    written: list[tuple[str, int, bytes]] | None = None,
+) -> list[tuple[str, int, bytes]]:
+    """Append n events round-robin from three sources with small segments; (source, seq, value) in order."""
+    next_seq = dict(first_seq or dict.fromkeys(SOURCES, 1))
+    written = [] if written is None else written
+    with WalWriter(directory, segment_max_bytes=16 * 1024) as wal:
+        for i in range(n):
+            source = SOURCES[i % 3]
+            while next_seq[source] in (skip or {}).get(source, set()):
+                next_seq[source] += 1
+            value = json.dumps({"source": source, "seq": next_seq[source], "minute": i % 90}).encode()
+            wal.append(source, next_seq[source], value, sync=pause_s > 0)
+            written.append((source, next_seq[source], value))
+            next_seq[source] += 1
+            time.sleep(pause_s)
+    return written
+
+
+@dataclass
+class Landed:
+    partition: int
+    offset: int
+    key: bytes
+    value: bytes
+    source: str
+    seq: int
+    position: int
+
+
+def consume_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30) -> list[Landed]:
+    """Every record in the topic: read until ``expected`` arrived and every partition is at its end.
+
+    Counting (not watermarks, which tansu under-reports) decides when enough arrived; reading on
+    to the end of each partition then catches any record beyond the expected count. Reads
+    uncommitted records too: everything physically in the topic counts, open transactions included.
+    """
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": unique("check"), "enable.auto.commit": False,
+         "enable.partition.eof": True, "isolation.level": "read_uncommitted", "log_level": 3}
+    )
+    partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+    got: list[Landed] = []
+    at_end: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and (len(got) < expected or len(at_end) < len(partitions)):
+            m = consumer.poll(0.5)
+            if m is None:
+                continue
+            if m.error():
+                assert m.error().code() == KafkaError._PARTITION_EOF, m.error()
+                at_end.add(m.partition())
+                continue
+            at_end.discard(m.partition())
+            h = dict(m.headers())
+            got.append(
+                Landed(m.partition(), m.offset(), m.key(), m.value(), h[H_SOURCE].decode(),
+                       int(h[H_SEQ]), int(h[H_POSITION]))
+            )
+    finally:
+        consumer.close()
+    return got
+
+
+def assert_exactly_once_in_order(landed: list[Landed], written: list[tuple[str, int, bytes]]) -> None:
+    assert len(landed) == len(written), f"{len(landed)} records in the topic, {len(written)} in the WAL"
+    assert sorted((r.source, r.seq, r.value) for r in landed) == sorted(written)
+    assert sorted(r.position for r in landed) == list(range(len(written)))
+    by_source: dict[str, list[Landed]] = {}
+    for r in sorted(landed, key=lambda r: (r.partition, r.offset)):
+        assert r.key == r.source.encode()
+        by_source.setdefault(r.source, []).append(r)
+    for source, records in by_source.items():
+        assert len({r.partition for r in records}) == 1, f"{source} spread over partitions"
+        assert [r.seq for r in records] == sorted(r.seq for r in records), f"{source} out of order"
+
+
+def save_blocks(wal_dir: Path, bootstrap: str, topic: str, request_timeout_s: float = 5, **gateway: object) -> str:
+    name = unique("gw")
+    KafkaCluster(bootstrap_servers=bootstrap, request_timeout_s=request_timeout_s).save(name, overwrite=True)
+    EdgeGateway(
+        gateway_name=name, wal_directory=str(wal_dir), topic=topic, kafka_block=name, delivery_timeout_s=15,
+        **gateway,
+    ).save(name, overwrite=True)
+    return name
+
+
+def run_flow(block: str, **params: object):
+    p = StadiumNetworkFlapParams(gateway_block=block, **{"batch_size": 200, "probe_interval_s": 0.5, **params})
+    return stadium_network_flap(params=p, return_state=True)
+
+
+def test_flow_drains_every_record_exactly_once_in_order(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+    topic = create_topic(kafka_broker.bootstrap, unique("raw"))
+    written = write_events(tmp_path, 1500)
+    assert len(list_segments(tmp_path)) >= 5
+    block = save_blocks(tmp_path, kafka_broker.bootstrap, topic, delete_delivered_segments=True)
+
+    state = run_flow(block)
+
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary.outcome == Outcome.RESOLVED.value
+    assert (summary.pending_before, summary.pending_after, summary.drained) == (1500, 0, 1500)
+    assert summary.drain_rate_eps and summary.drain_rate_eps > 0
+    assert_exactly_once_in_order(consume_topic(kafka_broker.bootstrap, topic, 1500), written)
+    marker = read_marker(tmp_path)
+    assert marker.next_position == 1500
+    assert marker.sources == {s: 500 for s in SOURCES}
+    # delivered segments were deleted, the newest (the gateway writes into it) kept
+    remaining = list_segments(tmp_path)
+    assert len(remaining) == 1 and list(WalReader(tmp_path).records(marker.next_position)) == []
+
+    # a second run finds nothing to do
+    again = run_flow(block)
+    assert again.is_completed() and again.result().outcome == Outcome.NO_ACTION_NEEDED.value
+
+
+def test_gateway_keeps_writing_while_the_drain_runs(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+    """Half-written records at the tail are left for the next drain; nothing is lost or repeated."""
+    topic = create_topic(kafka_broker.bootstrap, unique("raw"))
+    written = write_events(tmp_path, 1200)
+    block = save_blocks(tmp_path, kafka_broker.bootstrap, topic)
+    gateway = threading.Thread(
+        target=write_events, args=(tmp_path, 600),
+        kwargs={"first_seq": dict.fromkeys(SOURCES, 401), "pause_s": 0.003, "written": written},
+    )
+    gateway.start()
+    try:
+        first = run_flow(block)
+    finally:
+        gateway.join(60)
+    assert first.is_completed(), first.message
+    assert first.result().outcome == Outcome.RESOLVED.value
+    assert 1200 <= read_marker(tmp_path).next_position <= 1800
+
+    second = run_flow(block)
+    assert second.is_completed(), second.message
+    assert_exactly_once_in_order(consume_topic(kafka_broker.bootstrap, topic, 1800), written)
+    assert read_marker(tmp_path).next_position == 1800
+
+
+def test_dry_run_changes_nothing(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+    topic = create_topic(kafka_broker.bootstrap, unique("raw"))
+    write_events(tmp_path, 300)
+    block = save_blocks(tmp_path, kafka_broker.bootstrap, topic)
+
+    state = run_flow(block, dry_run=True)
+
+    assert state.is_completed(), state.message
+    assert state.result().outcome == Outcome.PLANNED.value
+    assert consume_topic(kafka_broker.bootstrap, topic, 0, timeout_s=10) == []
+    assert not (tmp_path / MARKER_FILE).exists()
+
+    # with a marker from an earlier drain and new events behind it
+    assert run_flow(block).is_completed()
+    marker_bytes = (tmp_path / MARKER_FILE).read_bytes()
+    write_events(tmp_path, 90, first_seq=dict.fromkeys(SOURCES, 101))
+    state = run_flow(block, dry_run=True)
+    assert state.is_completed() and state.result().outcome == Outcome.PLANNED.value
+    assert (tmp_path / MARKER_FILE).read_bytes() == marker_bytes
+    assert len(consume_topic(kafka_broker.bootstrap, topic, 300, timeout_s=10)) == 300
+
+
+@pytest.mark.parametrize("kill", ["inside-delivery-report", "from-outside"])
+def test_drain_killed_halfway_then_rerun_loses_and_duplicates_nothing(
+    kafka_broker: KafkaBroker, tmp_path: Path, kill: str
+) -> None:
+    topic = create_topic(kafka_broker.bootstrap, unique("raw"))
+    written = write_events(tmp_path, 1200)
+    cmd = [sys.executable, "-m", "tests.wal_drain_victim", str(tmp_path), kafka_broker.bootstrap, topic, "100"]
+    if kill == "inside-delivery-report":
+        # dies at the 650th delivery report: its transaction is open, the marker stands at 600
+        victim = subprocess.run([*cmd, "650"], cwd=REPO, timeout=120, capture_output=True)
+        assert victim.returncode == -signal.SIGKILL, victim.stderr.decode()[-2000:]
+        assert read_marker(tmp_path).next_position == 600
+    else:
+        proc = subprocess.Popen([*cmd, "0"], cwd=REPO, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                marker = read_marker(tmp_path) if (tmp_path / MARKER_FILE).exists() else None
+                if marker and marker.next_position >= 500:
+                    break
+                time.sleep(0.002)
+            time.sleep(0.005)  # often lands inside the next batch's transaction
+            proc.kill()
+        finally:
+            proc.wait(10)
+        assert proc.returncode == -signal.SIGKILL
+        assert 500 <= read_marker(tmp_path).next_position < 1200
+    acked_at_crash = read_marker(tmp_path).next_position
+    at_crash = consume_topic(kafka_broker.bootstrap, topic, 0)
+    unacked_in_kafka = len(at_crash) - acked_at_crash
+    assert len({r.position for r in at_crash}) == len(at_crash)
+    if kill == "inside-delivery-report":
+        assert unacked_in_kafka >= 50  # delivered, not yet covered by the marker
+
+    block = save_blocks(tmp_path, kafka_broker.bootstrap, topic)
+    state = run_flow(block)
+
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary.outcome == Outcome.RESOLVED.value
+    assert summary.pending_before == 1200 - acked_at_crash
+    assert summary.already_in_kafka == unacked_in_kafka  # found in the topic and skipped
+    assert summary.drained == summary.pending_before - unacked_in_kafka
+    assert_exactly_once_in_order(consume_topic(kafka_broker.bootstrap, topic, 1200), written)
+    assert read_marker(tmp_path).next_position == 1200
+
+
+def test_waits_for_the_network_then_drains(own_kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+    topic = create_topic(own_kafka_broker.bootstrap, unique("raw"))
+    written = write_events(tmp_path, 300)
+    block = save_blocks(tmp_path, own_kafka_broker.bootstrap, topic, request_timeout_s=1)
+    own_kafka_broker.pause()
+    timer = threading.Timer(4.0, own_kafka_broker.resume)
+    timer.start()
+    try:
+        state = run_flow(block, pending_threshold=5000, network_wait_s=60)
+    finally:
+        timer.cancel()
+        own_kafka_broker.resume()
+
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary.outcome == Outcome.RESOLVED.value
+    assert summary.waited_s >= 2
+    assert_exactly_once_in_order(consume_topic(own_kafka_broker.bootstrap, topic, 300), written)
+
+
+def test_waits_at_most_the_deadline_when_the_network_stays_down(
+    own_kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
+    topic = create_topic(own_kafka_broker.bootstrap, unique("raw"))
+    write_events(tmp_path, 30)
+    block = save_blocks(tmp_path, own_kafka_broker.bootstrap, topic, request_timeout_s=1)
+    own_kafka_broker.pause()
+    try:
+        started = time.monotonic()
+        state = run_flow(block, network_wait_s=3)
+        elapsed = time.monotonic() - started
+    finally:
+        own_kafka_broker.resume()
+    assert state.is_completed(), state.message
+    assert state.result().outcome == Outcome.WAITING.value
+    assert elapsed < 30
+    assert not (tmp_path / MARKER_FILE).exists()
+
+
+def test_over_threshold_and_unreachable_escalates(own_kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+    topic = create_topic(own_kafka_broker.bootstrap, unique("raw"))
+    write_events(tmp_path, 150)
+    block = save_blocks(tmp_path, own_kafka_broker.bootstrap, topic, request_timeout_s=1)
+    own_kafka_broker.pause()
+    try:
+        state = run_flow(block, pending_threshold=100)
+    finally:
+        own_kafka_broker.resume()
+
+    assert state.is_failed()
+    assert "150 events" in state.message and "4G" in state.message and "threshold of 100" in state.message
+    assert not (tmp_path / MARKER_FILE).exists()
+    assert consume_topic(own_kafka_broker.bootstrap, topic, 0, timeout_s=10) == []
+
+
+def test_gap_in_a_source_sequence_is_named(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+    topic = create_topic(kafka_broker.bootstrap, unique("raw"))
+    written = write_events(tmp_path, 300, skip={"var-cam": {41, 42, 43}})
+    block = save_blocks(tmp_path, kafka_broker.bootstrap, topic)
+
+    state = run_flow(block)
+
+    assert state.is_failed()
+    assert "source var-cam: gap, missing seq 41-43 (3 event(s))" in state.message
+    # everything the WAL holds was still delivered, exactly once
+    assert_exactly_once_in_order(consume_topic(kafka_broker.bootstrap, topic, 300), written)
+    assert read_marker(tmp_path).next_position == 300
+
+
+def test_unreachable_broker_fails_transiently_and_leaves_the_marker(
+    own_kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
+    topic = create_topic(own_kafka_broker.bootstrap, unique("raw"))
+    write_events(tmp_path, 100)
+    gateway = EdgeGateway(gateway_name="gw", wal_directory=str(tmp_path), topic=topic, delivery_timeout_s=2)
+    cluster = KafkaCluster(bootstrap_servers=own_kafka_broker.bootstrap, request_timeout_s=1)
+
+    @flow
+    def drain_once():
+        return drain_wal.with_options(retries=0)(gateway, cluster, dry_run=False, batch_size=50)
+
+    assert drain_once().acked_after == 100
+    marker_bytes = (tmp_path / MARKER_FILE).read_bytes()
+    write_events(tmp_path, 60, first_seq=dict.fromkeys(SOURCES, 35))
+    own_kafka_broker.pause()
+    try:
+        with pytest.raises(KafkaUnavailable, match="safe to retry"):
+            drain_once()
+    finally:
+        own_kafka_broker.resume()
+    assert (tmp_path / MARKER_FILE).read_bytes() == marker_bytes
+    assert len(consume_topic(own_kafka_broker.bootstrap, topic, 100, timeout_s=10)) == 100

@@ -1,0 +1,208 @@
+"""WAL on-disk format: segments, CRC-checked records, torn tails, the atomic marker file."""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tasks.wal import (
+    MARKER_FILE,
+    META_FILE,
+    WalCorruption,
+    WalMarker,
+    WalReader,
+    WalWriter,
+    encode_record,
+    list_segments,
+    read_marker,
+    segment_name,
+    write_marker,
+)
+
+HEADER = 12  # magic 2 + version 1 + reserved 1 + length 4 + crc 4
+
+
+def fill(directory: Path, n: int, segment_max_bytes: int = 1024) -> list[tuple[str, int, bytes]]:
+    """Append n events from three sources; returns (source, seq, value) in position order."""
+    written = []
+    with WalWriter(directory, segment_max_bytes=segment_max_bytes) as wal:
+        for i in range(n):
+            source, seq = f"src-{i % 3}", i // 3 + 1
+            value = json.dumps({"i": i, "pad": "x" * (i % 50)}).encode()
+            assert wal.append(source, seq, value, timestamp_ms=1_700_000_000_000 + i, sync=False) == i
+            written.append((source, seq, value))
+    return written
+
+
+def read_all(directory: Path, start: int = 0) -> list[tuple[str, int, bytes]]:
+    return [(r.source, r.seq, r.value) for r in WalReader(directory).records(start)]
+
+
+def test_records_round_trip_across_segments(tmp_path: Path) -> None:
+    written = fill(tmp_path, 200, segment_max_bytes=1024)
+    segments = list_segments(tmp_path)
+    assert len(segments) > 5
+    records = list(WalReader(tmp_path).records())
+    assert [(r.source, r.seq, r.value) for r in records] == written
+    assert [r.position for r in records] == list(range(200))
+    assert records[7].timestamp_ms == 1_700_000_000_007
+    # each segment is named by the position of its first record and stays under the size cap
+    firsts = {r.position for r in records if any(r.position == base for base, _ in segments)}
+    assert [base for base, _ in segments] == sorted(firsts)
+    assert all(path.name == segment_name(base) for base, path in segments)
+    assert all(path.stat().st_size <= 1024 for _, path in segments)
+    assert sum(r.size for r in records) == sum(p.stat().st_size for _, p in segments)
+
+
+def test_reading_from_a_position_inside_a_segment(tmp_path: Path) -> None:
+    written = fill(tmp_path, 120)
+    for start in (0, 1, 37, 119, 120, 500):
+        assert read_all(tmp_path, start) == written[start:]
+
+
+def test_writer_reopens_and_continues_positions(tmp_path: Path) -> None:
+    written = fill(tmp_path, 50)
+    wal_id = json.loads((tmp_path / META_FILE).read_text())["wal_id"]
+    with WalWriter(tmp_path, segment_max_bytes=1024) as wal:
+        assert wal.wal_id == wal_id
+        assert wal.next_position == 50
+        assert wal.append("src-9", 1, b"after restart") == 50
+    assert read_all(tmp_path) == [*written, ("src-9", 1, b"after restart")]
+
+
+def test_record_layout_is_as_documented() -> None:
+    data = encode_record(position=5, source="cam", seq=9, timestamp_ms=1234, value=b"v")
+    assert data[:2] == b"WR" and data[2] == 1 and data[3] == 0
+    length = int.from_bytes(data[4:8], "big")
+    assert length == len(data) - HEADER == 8 + 8 + 8 + 2 + 3 + 1
+    assert int.from_bytes(data[8:12], "big") == zlib.crc32(data[HEADER:])
+    assert int.from_bytes(data[12:20], "big") == 5
+    assert int.from_bytes(data[20:28], "big") == 9
+    assert int.from_bytes(data[28:36], "big") == 1234
+    assert int.from_bytes(data[36:38], "big") == 3
+    assert data[38:41] == b"cam" and data[41:] == b"v"
+
+
+@pytest.mark.parametrize("source", ["", "x" * 70_000])
+def test_source_id_must_fit(source: str) -> None:
+    with pytest.raises(ValueError, match="source id"):
+        encode_record(0, source, 1, 0, b"")
+
+
+def _last_segment(directory: Path) -> Path:
+    return list_segments(directory)[-1][1]
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [1, 5, HEADER - 1, HEADER, HEADER + 3, "all-but-one-byte"],
+    ids=["1-byte", "5-bytes", "header-minus-1", "header-only", "header+3", "payload-minus-1"],
+)
+def test_torn_last_record_is_ignored_and_repaired(tmp_path: Path, cut: int | str) -> None:
+    """The gateway crashed mid-write: the partial record is skipped, then truncated on reopen."""
+    written = fill(tmp_path, 40)
+    last = _last_segment(tmp_path)
+    good_size = last.stat().st_size
+    torn = encode_record(40, "src-1", 99, 0, b"half-written event")
+    keep = len(torn) - 1 if cut == "all-but-one-byte" else int(cut)
+    with open(last, "ab") as f:
+        f.write(torn[:keep])
+    assert read_all(tmp_path) == written
+    with WalWriter(tmp_path, segment_max_bytes=1024) as wal:
+        assert last.stat().st_size == good_size
+        assert wal.append("src-1", 99, b"rewritten") == 40
+    assert read_all(tmp_path) == [*written, ("src-1", 99, b"rewritten")]
+
+
+def test_zero_filled_tail_is_a_torn_write(tmp_path: Path) -> None:
+    written = fill(tmp_path, 10)
+    with open(_last_segment(tmp_path), "ab") as f:
+        f.write(b"\0" * 4096)
+    assert read_all(tmp_path) == written
+
+
+def test_crc_mismatch_in_final_record_is_a_torn_write(tmp_path: Path) -> None:
+    written = fill(tmp_path, 10, segment_max_bytes=1 << 20)
+    last = _last_segment(tmp_path)
+    data = bytearray(last.read_bytes())
+    data[-1] ^= 0xFF
+    last.write_bytes(bytes(data))
+    assert read_all(tmp_path) == written[:-1]
+
+
+def test_damage_before_the_tail_is_corruption(tmp_path: Path) -> None:
+    fill(tmp_path, 10, segment_max_bytes=1 << 20)
+    last = _last_segment(tmp_path)
+    data = bytearray(last.read_bytes())
+    data[HEADER + 30] ^= 0xFF  # inside the first record's payload; nine good records follow
+    last.write_bytes(bytes(data))
+    with pytest.raises(WalCorruption, match="crc mismatch at byte 0"):
+        list(WalReader(tmp_path).records())
+    with pytest.raises(WalCorruption):
+        WalWriter(tmp_path)  # the gateway must not append after damage
+
+
+def test_torn_record_in_an_older_segment_is_corruption(tmp_path: Path) -> None:
+    fill(tmp_path, 100)
+    first = list_segments(tmp_path)[0][1]
+    with open(first, "r+b") as f:
+        f.truncate(first.stat().st_size - 3)
+    with pytest.raises(WalCorruption, match="incomplete record"):
+        list(WalReader(tmp_path).records())
+
+
+def test_missing_segment_below_the_read_position_is_reported(tmp_path: Path) -> None:
+    fill(tmp_path, 100)
+    list_segments(tmp_path)[0][1].unlink()
+    with pytest.raises(WalCorruption, match=r"positions 0\.\.\d+ are missing"):
+        list(WalReader(tmp_path).records(0))
+
+
+def test_marker_is_written_atomically_and_read_back(tmp_path: Path) -> None:
+    assert read_marker(tmp_path) is None
+    marker = WalMarker(wal_id="w1", topic="t", next_position=42, sources={"a": 7}, scan_from={0: 3, 2: 9})
+    write_marker(tmp_path, marker)
+    assert read_marker(tmp_path) == marker
+    on_disk = json.loads((tmp_path / MARKER_FILE).read_text())
+    assert on_disk["next_position"] == 42 and on_disk["scan_from"] == {"0": 3, "2": 9}
+    marker.next_position = 50
+    write_marker(tmp_path, marker)
+    assert read_marker(tmp_path).next_position == 50
+    assert sorted(os.listdir(tmp_path)) == [MARKER_FILE]  # no temp file left behind
+
+
+def test_reader_of_a_missing_directory_says_so(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        WalReader(tmp_path / "nope")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    values=st.lists(st.binary(max_size=200), min_size=1, max_size=25),
+    cut_fraction=st.floats(min_value=0, max_value=1, exclude_max=True),
+)
+def test_any_crash_point_loses_only_the_record_being_written(
+    tmp_path_factory: pytest.TempPathFactory, values: list[bytes], cut_fraction: float
+) -> None:
+    """Cut the last segment anywhere: every record wholly before the cut survives, nothing else."""
+    directory = tmp_path_factory.mktemp("wal")
+    with WalWriter(directory, segment_max_bytes=1 << 20) as wal:
+        for i, v in enumerate(values):
+            wal.append("s", i + 1, v, timestamp_ms=0, sync=False)
+    last = _last_segment(directory)
+    size = last.stat().st_size
+    cut = int(size * cut_fraction)
+    with open(last, "r+b") as f:
+        f.truncate(cut)
+    survivors = [r.value for r in WalReader(directory).records()]
+    ends, total = [], 0
+    for v in values:
+        total += len(encode_record(0, "s", 0, 0, v))
+        ends.append(total)
+    assert survivors == [v for v, end in zip(values, ends, strict=True) if end <= cut]
