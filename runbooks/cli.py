@@ -8,6 +8,7 @@ deployment of prefect.yaml served with its schedules and triggers. Ctrl-C stops 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -94,10 +95,14 @@ def _up(host: str, port: int, api_url: str | None) -> int:
     try:
         if own_server:
             print(f"starting Prefect server on {ui_url} (SQLite in {os.environ['PREFECT_HOME']})")
+            # Own session: Ctrl-C reaches only us, so the runner stops before the server it
+            # talks to; the server still dies with us (parent-death signal) if we are killed.
             server = subprocess.Popen(
                 [sys.executable, "-m", "prefect", "server", "start", "--host", host,
                  "--port", str(port)],
                 cwd=PROJECT_ROOT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         _wait_healthy(api_url, server)
         slugs = register_block_types()
@@ -111,7 +116,8 @@ def _up(host: str, port: int, api_url: str | None) -> int:
         deployments = to_runner_deployments(specs)
         print(f"\nPrefect UI: {os.environ['PREFECT_UI_URL']}\nrunbooks:")
         _print_runbooks()
-        serve(*deployments)
+        # Schedules stay as declared across restarts: no pausing them on the way out.
+        serve(*deployments, pause_on_shutdown=False)
     except KeyboardInterrupt:
         print("\nstopping")
     finally:
@@ -122,6 +128,15 @@ def _up(host: str, port: int, api_url: str | None) -> int:
             except subprocess.TimeoutExpired:
                 server.kill()
     return 0
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the parent dies (Linux prctl)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _wait_healthy(api_url: str, server: subprocess.Popen | None, timeout_s: float = 120) -> None:
