@@ -16,13 +16,12 @@ from urllib.parse import quote
 
 import httpx
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from blocks.flink import FlinkCluster
 from runbooks.errors import Escalation
 from runbooks.results import Change, ChangeSet
-from runbooks.retry import transient_retries
+from runbooks.retry import runbook_task_options
 
 # Flink's JobStatus values that end a job for good; every other state is a live copy of it.
 GLOBALLY_TERMINAL = frozenset({"FAILED", "CANCELED", "FINISHED"})
@@ -49,7 +48,7 @@ class FlinkRequestError(RuntimeError):
 
 # Reads are polled in verification loops: a cached result would freeze a loop on its first
 # answer (Prefect caches by inputs once result persistence is on).
-_READ = {"cache_policy": NO_CACHE, **transient_retries(FlinkUnavailable)}
+_READ = runbook_task_options(FlinkUnavailable)
 
 
 def _errors(response: httpx.Response) -> str:
@@ -423,7 +422,7 @@ def _started_copy(client: httpx.Client, job_name: str, job_id: str) -> FlinkJob 
     return None
 
 
-@task(cache_policy=NO_CACHE, **transient_retries(FlinkUnavailable))
+@task(**runbook_task_options(FlinkUnavailable))
 def resubmit_from_checkpoint(
     cluster: FlinkCluster,
     *,

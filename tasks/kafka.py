@@ -7,11 +7,10 @@ from enum import StrEnum
 from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import OffsetSpec
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, computed_field
 
 from blocks.kafka import KafkaCluster
-from runbooks.retry import transient_retries
+from runbooks.retry import runbook_task_options
 from tasks.kubernetes import PodState
 
 
@@ -36,7 +35,7 @@ class ConsumerLag(BaseModel):
     partitions: list[PartitionLag]
 
 
-@task(cache_policy=NO_CACHE, **transient_retries(KafkaException, when=is_retriable))
+@task(**runbook_task_options(KafkaException, when=is_retriable))
 def get_consumer_lag(cluster: KafkaCluster, group: str, topic: str) -> ConsumerLag:
     """Lag of a consumer group on a topic: end offset minus committed offset, per partition.
 
@@ -125,8 +124,7 @@ class ClusterHealth(BaseModel):
         )
 
 
-# NO_CACHE: a health check polled within one run must never be answered from a cached result
-@task(cache_policy=NO_CACHE, **transient_retries(KafkaException, when=is_retriable))
+@task(**runbook_task_options(KafkaException, when=is_retriable))
 def check_isr(cluster: KafkaCluster) -> ClusterHealth:
     """Brokers, controller and per-partition replication of the cluster, from its metadata.
 

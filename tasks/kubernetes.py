@@ -7,13 +7,12 @@ from datetime import UTC, datetime
 import urllib3
 from kubernetes.client import ApiException, CoreV1Api, V1DeleteOptions, V1Pod, V1Preconditions
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, computed_field
 
 from blocks.kubernetes import KubernetesCluster
 from runbooks.errors import Escalation
 from runbooks.results import Change, ChangeSet
-from runbooks.retry import transient_retries
+from runbooks.retry import runbook_task_options
 from runbooks.waiting import poll_until
 
 
@@ -24,10 +23,9 @@ def is_transient_api_error(exc: BaseException) -> bool:
     return isinstance(exc, urllib3.exceptions.HTTPError)
 
 
-_transient = transient_retries(ApiException, urllib3.exceptions.HTTPError, when=is_transient_api_error)
-# observations must be fresh: with result persistence on, Prefect's default cache policy would
-# answer a repeated read in the same run (e.g. while polling) from the first result
-_fresh = {"cache_policy": NO_CACHE}
+_transient = runbook_task_options(
+    ApiException, urllib3.exceptions.HTTPError, when=is_transient_api_error
+)
 
 
 class PodState(BaseModel):
@@ -71,7 +69,7 @@ class PodsReady(BaseModel):
     last_error: str | None = Field(None, description="Last transient API error seen while waiting.")
 
 
-@task(**_transient, **_fresh)
+@task(**_transient)
 def list_pods(cluster: KubernetesCluster, namespace: str, label_selector: str) -> list[PodState]:
     """States of the pods matching ``label_selector`` (``kubectl get pods -l ...``), by name."""
     with cluster.get_client("core") as core:
@@ -138,7 +136,7 @@ def restart_pod(
     return result
 
 
-@task(**_fresh)
+@task(**runbook_task_options())
 def wait_pods_ready(
     cluster: KubernetesCluster,
     namespace: str,

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, computed_field
 
 from blocks.postgres import PostgresDatabase
 from runbooks.results import Change, ChangeSet
-from runbooks.retry import transient_retries
+from runbooks.retry import runbook_task_options
 
 # Out of connection slots, or the server shutting down or starting up: the next try may work.
 _TRANSIENT_SQLSTATES = frozenset({"53300", "57P01", "57P02", "57P03"})
@@ -41,7 +41,7 @@ def is_transient(exc: BaseException) -> bool:
     return state[:2] in ("08", "40") or state in _TRANSIENT_SQLSTATES
 
 
-pg_retries = transient_retries(psycopg.OperationalError, when=is_transient)
+pg_retries = runbook_task_options(psycopg.OperationalError, when=is_transient)
 
 
 # --- connection usage ------------------------------------------------------------------

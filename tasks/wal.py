@@ -31,13 +31,12 @@ from pathlib import Path
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from blocks.edge_gateway import EdgeGateway
 from blocks.kafka import KafkaCluster
 from runbooks.results import Change, ChangeSet
-from runbooks.retry import transient_retries
+from runbooks.retry import runbook_task_options
 
 FORMAT_VERSION = 1
 SEGMENT_SUFFIX = ".wal"
@@ -511,7 +510,7 @@ class WalStatus(BaseModel):
         )
 
 
-@task(cache_policy=NO_CACHE)  # a measurement must never be served from a cache
+@task(**runbook_task_options())
 def measure_wal(gateway: EdgeGateway) -> WalStatus:
     """Pending events (after the marker), their bytes, age and per-source counts."""
     reader = WalReader(gateway.wal_path())
@@ -557,7 +556,7 @@ class KafkaReachability(BaseModel):
     detail: str
 
 
-@task(cache_policy=NO_CACHE)
+@task(**runbook_task_options())
 def check_kafka_reachable(cluster: KafkaCluster, topic: str) -> KafkaReachability:
     """Can the gateway's topic be reached now (metadata answered within the cluster's timeout)?"""
     try:
@@ -790,7 +789,7 @@ def _send_batch(
     return {p: r for p, r in reports.items() if not isinstance(r, KafkaError)}
 
 
-@task(**transient_retries(KafkaUnavailable, backoff_seconds=2.0), cache_policy=NO_CACHE)
+@task(**runbook_task_options(KafkaUnavailable, backoff_seconds=2.0))
 def drain_wal(
     gateway: EdgeGateway, cluster: KafkaCluster, dry_run: bool, batch_size: int = 500
 ) -> DrainResult:
@@ -1024,7 +1023,7 @@ class DeliveryCheckpoint(BaseModel):
     kafka_from: dict[int, int] = Field(description="Per partition, the offset to read from.")
 
 
-@task(**transient_retries(KafkaUnavailable), cache_policy=NO_CACHE)
+@task(**runbook_task_options(KafkaUnavailable))
 def checkpoint_delivery(gateway: EdgeGateway, cluster: KafkaCluster) -> DeliveryCheckpoint:
     """Record the marker and topic offsets before a drain (and its retries) so it can be verified."""
     marker = read_marker(gateway.wal_path())
@@ -1039,7 +1038,7 @@ def checkpoint_delivery(gateway: EdgeGateway, cluster: KafkaCluster) -> Delivery
     )
 
 
-@task(**transient_retries(KafkaUnavailable), cache_policy=NO_CACHE)
+@task(**runbook_task_options(KafkaUnavailable))
 def verify_delivery(
     gateway: EdgeGateway, cluster: KafkaCluster, since: DeliveryCheckpoint, acked_to: int
 ) -> DeliveryReport:
