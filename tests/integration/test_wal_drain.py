@@ -19,15 +19,14 @@ from blocks.edge_gateway import EdgeGateway
 from blocks.kafka import KafkaCluster
 from flows.edge_gateway import StadiumNetworkFlapParams, stadium_network_flap
 from runbooks.report import Outcome
-from tasks.wal import (
+from tasks.wal import KafkaUnavailable, drain_wal
+from tasks.wal_format import (
     H_POSITION,
     H_SEQ,
     H_SOURCE,
     MARKER_FILE,
-    KafkaUnavailable,
     WalReader,
     WalWriter,
-    drain_wal,
     list_segments,
     read_marker,
 )

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks.wal import (
+from tasks.wal_format import (
     MARKER_FILE,
     META_FILE,
     WalCorruption,
