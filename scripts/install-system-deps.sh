@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite needs, only those missing, only when root.
-# PostgreSQL's initdb/pg_ctl run throwaway servers; nothing here starts a system service.
+# The tests start their own throwaway servers (initdb/pg_ctl, prometheus-alertmanager); promtool
+# checks the example alerting rules. Nothing here starts a system service.
 set -euo pipefail
 
 missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
+command -v prometheus-alertmanager >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
