@@ -6,6 +6,7 @@ work pool; `runbooks up` (one laptop) reads the same entries here and serves the
 
 from __future__ import annotations
 
+import importlib
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -56,25 +57,45 @@ def load_catalog(path: Path = PREFECT_YAML) -> list[RunbookSpec]:
     return specs
 
 
-def to_runner_deployments(specs: list[RunbookSpec]) -> list[Any]:
-    """Build in-process (served) deployments from the specs, importing each flow."""
-    from prefect.flows import load_flow_from_entrypoint
+def flow_module(spec: RunbookSpec) -> str:
+    """The importable module of a spec's flow: `flows/kafka.py:x` -> `flows.kafka`."""
+    path = spec.entrypoint.split(":", 1)[0]
+    return path.removesuffix(".py").replace("/", ".")
 
-    deployments = []
+
+def load_flow(spec: RunbookSpec) -> Any:
+    """Import a spec's flow by module name (not file path), so it pickles by reference."""
+    module, name = spec.entrypoint.split(":", 1)
+    return getattr(importlib.import_module(flow_module(spec)), name)
+
+
+def deployment_options(spec: RunbookSpec) -> dict[str, Any]:
+    """The deployment settings of a spec, as `Flow.to_deployment` / `Runner.add_flow` take them."""
+    return {
+        "name": spec.name,
+        "description": spec.description,
+        "tags": spec.tags,
+        "parameters": spec.parameters,
+        "schedules": spec.schedule_objects(),
+        "triggers": spec.trigger_objects(),
+        "concurrency_limit": spec.concurrency_limit,
+    }
+
+
+def to_runner_deployments(specs: list[RunbookSpec]) -> list[Any]:
+    """Deployments to apply to a Prefect server (without serving them), e.g. in tests."""
+    return [load_flow(spec).to_deployment(**deployment_options(spec)) for spec in specs]
+
+
+def add_to_runner(runner: Any, specs: list[RunbookSpec]) -> None:
+    """Serve every spec from this runner, with its flow object registered.
+
+    `prefect.serve(*deployments)` registers no flow objects, so each run would start a cold
+    `python -m prefect.engine`; `Runner.add_flow` keeps the flow, and the runner starts runs
+    with `run_flow_in_subprocess`, which `runbooks.warm_start` makes a fork of a warm process.
+    """
     for spec in specs:
-        flow = load_flow_from_entrypoint(str(PROJECT_ROOT / spec.entrypoint))
-        deployments.append(
-            flow.to_deployment(
-                name=spec.name,
-                description=spec.description,
-                tags=spec.tags,
-                parameters=spec.parameters,
-                schedules=spec.schedule_objects(),
-                triggers=spec.trigger_objects(),
-                concurrency_limit=spec.concurrency_limit,
-            )
-        )
-    return deployments
+        runner.add_flow(load_flow(spec), **deployment_options(spec))
 
 
 def _schedule(deployment: str, index: int, config: dict[str, Any]) -> DeploymentScheduleCreate:

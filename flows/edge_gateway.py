@@ -1,6 +1,5 @@
 """Edge-gateway runbooks: seed 000 "P4 Stadium Network Flap"."""
 
-from __future__ import annotations
 
 from prefect import flow
 from pydantic import BaseModel, Field

@@ -1,6 +1,5 @@
 """Runbook: event processing stuck (seed 003, issue 5), on a PostgreSQL event store."""
 
-from __future__ import annotations
 
 from prefect import flow
 from pydantic import BaseModel, Field

@@ -7,7 +7,6 @@ then watch consumer lag until it is back to normal. Checkpoints carry all keyed 
 cards...), so a restore loses no data; match state accuracy is still left as a follow-up.
 """
 
-from __future__ import annotations
 
 from prefect import flow
 from pydantic import BaseModel, Field

@@ -5,7 +5,6 @@ seed 004 section 4.1 "Kafka is Down". Check broker and ISR state and the broker 
 a single down broker's pod and wait for the ISR to catch up; escalate a cluster-wide outage.
 """
 
-from __future__ import annotations
 
 import time
 from collections.abc import Callable

@@ -1,6 +1,5 @@
 """Runbook: database connection pool exhausted (seed 001; seed 002 scenario 2)."""
 
-from __future__ import annotations
 
 from collections import Counter
 

@@ -7,13 +7,17 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from blocks.postgres import PostgresDatabase
 from deployments.catalog import load_catalog
-from tests.servers import free_port
+from tests.servers import PostgresServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,7 +52,7 @@ def runbooks_up(tmp_path: Path):
         proc.wait(10)
 
 
-def test_up_serves_every_runbook_and_stops_cleanly(runbooks_up) -> None:
+def test_up_serves_every_runbook_and_stops_cleanly(runbooks_up, postgres: PostgresServer) -> None:
     port, proc = runbooks_up
     api = f"http://127.0.0.1:{port}/api"
     expected = {spec.name for spec in load_catalog()}
@@ -61,16 +65,45 @@ def test_up_serves_every_runbook_and_stops_cleanly(runbooks_up) -> None:
     served = _poll(deployments, 180, "every deployment of prefect.yaml registered")
     assert expected <= served
 
-    automations = httpx.post(f"{api}/automations/filter", json={}, timeout=5).json()
     triggered = {spec.name for spec in load_catalog() if spec.triggers}
-    assert len(automations) >= len(triggered)
-    assert all(a["enabled"] for a in automations)
+
+    def automations():
+        found = httpx.post(f"{api}/automations/filter", json={}, timeout=5).json()
+        return found if len(found) >= len(triggered) else None
+
+    assert all(a["enabled"] for a in _poll(automations, 60, "an automation per trigger"))
 
     block_types = {b["slug"] for b in httpx.post(f"{api}/block_types/filter", json={}, timeout=5).json()}
     assert "runbooks-kafka-cluster" in block_types
 
     ui = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
     assert ui.status_code == 200 and "<html" in ui.text.lower()
+
+    # an alert event runs the served runbook to completion, in a fork of the warm server
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        PostgresDatabase(
+            host="127.0.0.1", port=postgres.port, dbname="postgres", user=postgres.user,
+            password=postgres.password,
+        ).save("up-test-db", overwrite=True)
+    time.sleep(2)  # automations load shortly after the deployments are created
+    httpx.post(f"{api}/events", timeout=10, json=[{
+        "id": str(uuid.uuid4()), "occurred": datetime.now(UTC).isoformat(), "event": "alert.firing",
+        "resource": {"prefect.resource.id": "alert.up-test", "alertname": "PostgresTooManyConnections",
+                     "database": "up-test-db"},
+    }]).raise_for_status()
+
+    def finished_run():
+        runs = httpx.post(f"{api}/flow_runs/filter", timeout=5, json={
+            "flow_runs": {"state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED"]}}}}).json()
+        return runs[0] if runs else None
+
+    run = _poll(finished_run, 90, "the alert's runbook run finished")
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["parameters"]["params"]["db_block"] == "up-test-db"
+    report = httpx.post(f"{api}/artifacts/filter", timeout=5, json={
+        "artifacts": {"flow_run_id": {"any_": [run["id"]]}, "type": {"any_": ["markdown"]}}}).json()
+    assert "Database Connection Pool Exhausted" in report[0]["data"]
+    assert postgres.password not in report[0]["data"]
 
     # Ctrl-C in the terminal signals the whole foreground process group
     os.killpg(proc.pid, signal.SIGINT)
