@@ -1,8 +1,9 @@
 """The `runbooks` command: run the product (`up`), list runbooks, register block types.
 
 `runbooks up` is one process tree: a Prefect server on the embedded SQLite database (unless
-`--api-url` points at an existing server), the project's block types registered, and every
-deployment of prefect.yaml served with its schedules and triggers. Ctrl-C stops all of it.
+`--api-url` points at an existing server), the alert gateway (Alertmanager/Grafana webhooks to
+Prefect events), the project's block types registered, and every deployment of prefect.yaml
+served with its schedules and triggers. Ctrl-C stops all of it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -40,12 +42,23 @@ def main(argv: list[str] | None = None) -> int:
         help="how often the runner looks for new (alert-triggered or scheduled) runs; "
         "Prefect's default of 10 s would add up to 10 s to every alert",
     )
+    up.add_argument("--gateway-port", type=int, default=8700, help="port of the alert gateway")
+    up.add_argument("--no-gateway", action="store_true", help="do not start the alert gateway")
+    gateway = sub.add_parser("gateway", help="run the alert gateway on its own")
+    from alert_gateway.server import add_arguments as add_gateway_arguments
+
+    add_gateway_arguments(gateway)
     sub.add_parser("list", help="list the runbooks declared in prefect.yaml")
     sub.add_parser("register-blocks", help="register the project's block types with the Prefect API")
     args = parser.parse_args(argv)
 
     if args.command == "up":
-        return _up(args.host, args.port, args.api_url, args.poll_seconds)
+        gateway_port = None if args.no_gateway else args.gateway_port
+        return _up(args.host, args.port, args.api_url, args.poll_seconds, gateway_port)
+    if args.command == "gateway":
+        from alert_gateway.server import run_from_args
+
+        return run_from_args(args)
     if args.command == "list":
         _print_runbooks()
         return 0
@@ -83,7 +96,9 @@ def _print_runbooks() -> None:
         print(f"  - {spec.name:32} [{', '.join(spec.tags)}] ({' + '.join(when) or 'manual'})")
 
 
-def _up(host: str, port: int, api_url: str | None, poll_seconds: float) -> int:
+def _up(
+    host: str, port: int, api_url: str | None, poll_seconds: float, gateway_port: int | None
+) -> int:
     ui_url = f"http://{host}:{port}"
     own_server = api_url is None
     api_url = api_url or f"{ui_url}/api"
@@ -97,20 +112,19 @@ def _up(host: str, port: int, api_url: str | None, poll_seconds: float) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
+    children: list[subprocess.Popen] = []
     server: subprocess.Popen | None = None
     try:
         if own_server:
             print(f"starting Prefect server on {ui_url} (SQLite in {os.environ['PREFECT_HOME']})")
-            # Own session: Ctrl-C reaches only us, so the runner stops before the server it
-            # talks to; the server still dies with us (parent-death signal) if we are killed.
-            server = subprocess.Popen(
+            server = _start_child(
                 [sys.executable, "-m", "prefect", "server", "start", "--host", host,
-                 "--port", str(port)],
-                cwd=PROJECT_ROOT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
+                 "--port", str(port)]
             )
+            children.append(server)
         _wait_healthy(api_url, server)
+        if gateway_port is not None:
+            children.append(_start_gateway(host, gateway_port))
         slugs = register_block_types()
         print("registered block types:", ", ".join(slugs))
 
@@ -130,13 +144,40 @@ def _up(host: str, port: int, api_url: str | None, poll_seconds: float) -> int:
     except KeyboardInterrupt:
         print("\nstopping")
     finally:
-        if server is not None and server.poll() is None:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        for child in reversed(children):
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
+                try:
+                    child.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    child.kill()
     return 0
+
+
+def _start_child(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A child in its own session: Ctrl-C reaches only us, so the runner stops before the
+    servers it talks to; each child still dies with us (parent-death signal) if we are killed."""
+    return subprocess.Popen(
+        command, cwd=PROJECT_ROOT, env=env, start_new_session=True, preexec_fn=_die_with_parent
+    )
+
+
+def _start_gateway(host: str, port: int) -> subprocess.Popen:
+    """The alert gateway, with the token from RUNBOOKS_GATEWAY_TOKEN or a generated token file."""
+    env = dict(os.environ)
+    where = "RUNBOOKS_GATEWAY_TOKEN"
+    if not env.get("RUNBOOKS_GATEWAY_TOKEN"):
+        token_file = PROJECT_ROOT / ".runbooks" / "gateway-token"
+        if not token_file.exists():
+            token_file.parent.mkdir(parents=True, exist_ok=True)
+            token_file.touch(mode=0o600)
+            token_file.write_text(secrets.token_urlsafe(32))
+        env["RUNBOOKS_GATEWAY_TOKEN"] = token_file.read_text().strip()
+        where = str(token_file)
+    print(f"alert gateway: http://{host}:{port}/alerts/alertmanager (bearer token: {where})")
+    return _start_child(
+        [sys.executable, "-m", "alert_gateway", "--host", host, "--port", str(port)], env=env
+    )
 
 
 def _die_with_parent() -> None:

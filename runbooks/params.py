@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class AlertContext(BaseModel):
@@ -16,6 +18,14 @@ class AlertContext(BaseModel):
     severity: str | None = Field(None, description="The alert's `severity` label.")
     labels: dict[str, str] = Field(default_factory=dict, description="All labels of the alert.")
     starts_at: str | None = Field(None, description="When the alert started firing (RFC 3339).")
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _only_alert_labels(cls, labels: Any) -> Any:
+        # the trigger templates the event's whole resource; Prefect's own keys are not labels
+        if isinstance(labels, dict):
+            return {k: v for k, v in labels.items() if not str(k).startswith("prefect.")}
+        return labels
 
 
 class RunbookParams(BaseModel):

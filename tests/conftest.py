@@ -98,3 +98,31 @@ def read_incident_report(flow_run_id: object) -> str:
     reports = resp.json()
     assert len(reports) == 1, f"expected one incident report, got {len(reports)}"
     return reports[0]["data"]
+
+
+@pytest.fixture(scope="session")
+def deployment_ids(prefect_server: None) -> dict[str, str]:
+    """Every deployment of prefect.yaml applied (not served) to the test server, by name."""
+    import time
+
+    from deployments.catalog import load_catalog, to_runner_deployments
+
+    specs = load_catalog()
+    ids = {spec.name: str(d.apply()) for spec, d in zip(specs, to_runner_deployments(specs), strict=True)}
+    # automations are loaded by the server's trigger service shortly after creation
+    time.sleep(2)
+    return ids
+
+
+def runs_of(deployment_id: str) -> list[dict]:
+    """Flow runs of a deployment, from the test server's API."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    resp = httpx.post(
+        f"{PREFECT_API_URL.value()}/flow_runs/filter",
+        json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}},
+        timeout=10,
+    )
+    resp.raise_for_status()
+    return resp.json()

@@ -13,7 +13,8 @@ import pytest
 from prefect.flows import load_flow_from_entrypoint
 from prefect.settings import PREFECT_API_URL
 
-from deployments.catalog import PROJECT_ROOT, load_catalog, to_runner_deployments
+from deployments.catalog import PROJECT_ROOT, load_catalog
+from tests.conftest import runs_of
 
 # deployment -> (alert labels, parameters the run must get)
 CASES = {
@@ -40,17 +41,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def deployment_ids() -> dict[str, str]:
-    specs = load_catalog()
-    ids = {}
-    for spec, deployment in zip(specs, to_runner_deployments(specs), strict=True):
-        ids[spec.name] = str(deployment.apply())
-    # automations are loaded by the server's trigger service shortly after creation
-    time.sleep(2)
-    return ids
-
-
 def test_every_deployment_has_a_case() -> None:
     assert set(CASES) == {s.name for s in load_catalog() if s.triggers}
 
@@ -66,16 +56,6 @@ def post_alert_event(labels: dict[str, str], event: str = "alert.firing") -> str
     }]
     httpx.post(f"{PREFECT_API_URL.value()}/events", json=body, timeout=10).raise_for_status()
     return fingerprint
-
-
-def runs_of(deployment_id: str) -> list[dict]:
-    resp = httpx.post(
-        f"{PREFECT_API_URL.value()}/flow_runs/filter",
-        json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}},
-        timeout=10,
-    )
-    resp.raise_for_status()
-    return resp.json()
 
 
 def params_model(entrypoint: str) -> type:
@@ -108,6 +88,7 @@ def test_alert_starts_its_runbook_with_labels(name: str, deployment_ids: dict[st
     assert params.alert.severity == "critical"
     assert params.alert.starts_at == "2026-11-22T03:00:00Z"
     assert params.alert.labels["alertname"] == labels["alertname"]
+    assert not any(k.startswith("prefect.") for k in params.alert.labels)
     assert params.dry_run is False
 
 

@@ -1,4 +1,5 @@
-"""`runbooks up` (what `make up` runs): server, blocks, every deployment served; Ctrl-C stops it all."""
+"""`runbooks up` (what `make up` runs): server, gateway, blocks, every deployment served; an
+Alertmanager webhook runs a runbook end to end; Ctrl-C stops it all."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from deployments.catalog import load_catalog
 from tests.servers import PostgresServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+GATEWAY_TOKEN = "up-test-token-" + uuid.uuid4().hex
 
 
 def _poll(fn, timeout_s: float, what: str):
@@ -38,22 +40,27 @@ def _poll(fn, timeout_s: float, what: str):
 
 @pytest.fixture
 def runbooks_up(tmp_path: Path):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    port, gateway_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RUNBOOKS_"))}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        RUNBOOKS_GATEWAY_TOKEN=GATEWAY_TOKEN,
+        RUNBOOKS_GATEWAY_SPOOL_PATH=str(tmp_path / "spool.sqlite3"),
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runbooks.cli", "up", "--port", str(port)],
+        [sys.executable, "-m", "runbooks.cli", "up", "--port", str(port),
+         "--gateway-port", str(gateway_port)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )
-    yield port, proc
+    yield port, gateway_port, proc
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
 
 
 def test_up_serves_every_runbook_and_stops_cleanly(runbooks_up, postgres: PostgresServer) -> None:
-    port, proc = runbooks_up
+    port, gateway_port, proc = runbooks_up
     api = f"http://127.0.0.1:{port}/api"
     expected = {spec.name for spec in load_catalog()}
     assert expected, "prefect.yaml declares no deployment"
@@ -86,11 +93,24 @@ def test_up_serves_every_runbook_and_stops_cleanly(runbooks_up, postgres: Postgr
             password=postgres.password,
         ).save("up-test-db", overwrite=True)
     time.sleep(2)  # automations load shortly after the deployments are created
-    httpx.post(f"{api}/events", timeout=10, json=[{
-        "id": str(uuid.uuid4()), "occurred": datetime.now(UTC).isoformat(), "event": "alert.firing",
-        "resource": {"prefect.resource.id": "alert.up-test", "alertname": "PostgresTooManyConnections",
-                     "database": "up-test-db"},
-    }]).raise_for_status()
+    accepted = httpx.post(
+        f"http://127.0.0.1:{gateway_port}/alerts/alertmanager", timeout=10,
+        headers={"Authorization": f"Bearer {GATEWAY_TOKEN}"},
+        json={
+            "version": "4", "groupKey": "{}:{alertname=\"PostgresTooManyConnections\"}",
+            "status": "firing", "receiver": "runbooks", "groupLabels": {}, "commonLabels": {},
+            "commonAnnotations": {}, "externalURL": "http://alertmanager:9093", "truncatedAlerts": 0,
+            "alerts": [{
+                "status": "firing", "fingerprint": "0123456789abcdef",
+                "labels": {"alertname": "PostgresTooManyConnections", "database": "up-test-db",
+                           "severity": "critical"},
+                "annotations": {"summary": "connections near max_connections"},
+                "startsAt": datetime.now(UTC).isoformat(), "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "http://prometheus:9090/graph",
+            }],
+        },
+    )
+    assert accepted.status_code == 202, accepted.text
 
     def finished_run():
         runs = httpx.post(f"{api}/flow_runs/filter", timeout=5, json={
@@ -100,6 +120,7 @@ def test_up_serves_every_runbook_and_stops_cleanly(runbooks_up, postgres: Postgr
     run = _poll(finished_run, 90, "the alert's runbook run finished")
     assert run["state"]["type"] == "COMPLETED", run["state"]
     assert run["parameters"]["params"]["db_block"] == "up-test-db"
+    assert run["parameters"]["params"]["alert"]["fingerprint"] == "0123456789abcdef"
     report = httpx.post(f"{api}/artifacts/filter", timeout=5, json={
         "artifacts": {"flow_run_id": {"any_": [run["id"]]}, "type": {"any_": ["markdown"]}}}).json()
     assert "Database Connection Pool Exhausted" in report[0]["data"]
@@ -112,5 +133,9 @@ def test_up_serves_every_runbook_and_stops_cleanly(runbooks_up, postgres: Postgr
     assert f"Prefect UI: http://127.0.0.1:{port}" in out
     for name in expected:
         assert name in out
+    assert f"alert gateway: http://127.0.0.1:{gateway_port}/alerts/alertmanager" in out
+    assert GATEWAY_TOKEN not in out
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{gateway_port}/healthz", timeout=2)
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{api}/health", timeout=2)
