@@ -1,12 +1,12 @@
-"""Run a benchmark: `python -m bench trigger-latency [--alerts 50]`."""
+"""Run a benchmark: `python -m bench trigger-latency [--alerts 50]`, `python -m bench alert-storm`."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import trigger_latency
+from bench import alert_storm, trigger_latency
 
-BENCHMARKS = {"trigger-latency": trigger_latency.main}
+BENCHMARKS = {"trigger-latency": trigger_latency.main, "alert-storm": alert_storm.main}
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,5 @@
+import sys
+
+from alert_gateway.server import main
+
+sys.exit(main())

@@ -1,0 +1,71 @@
+"""Real processes for benchmarks: a Prefect server and the alert gateway, on free ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.servers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(fn: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            value = fn()
+            if value:
+                return value
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval_s)
+    raise TimeoutError(what)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+@contextlib.contextmanager
+def child(command: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """A child process in its own session, stopped with SIGINT (then SIGKILL) on exit."""
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def prefect_server() -> Iterator[tuple[str, dict[str, str], Path]]:
+    """A Prefect server on SQLite in a temp home; yields (api url, environment, work dir)."""
+    home = Path(tempfile.mkdtemp(prefix="bench-"))
+    api = f"http://127.0.0.1:{free_port()}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RUNBOOKS_"))}
+    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    port = api.rsplit(":", 1)[1].split("/")[0]
+    with child([sys.executable, "-m", "prefect", "server", "start", "--port", port], env,
+               home / "prefect-server.log"):
+        wait_for(lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200, 120, "prefect up")
+        print(f"logs in {home}")
+        yield api, env, home

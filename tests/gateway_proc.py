@@ -1,0 +1,173 @@
+"""Running the alert gateway in tests (uvicorn in a thread, or a subprocess to SIGKILL), building
+webhook payloads, and reading back what reached Prefect."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from alert_gateway import GatewaySettings, create_app
+from tests.servers import free_port
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "test-gateway-token-6f1d"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@contextlib.contextmanager
+def serving(settings: GatewaySettings) -> Iterator[str]:
+    """The gateway app served by real uvicorn on a free port, in a thread; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("gateway did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+@dataclass
+class GatewayProcess:
+    """``python -m alert_gateway`` as a child process that a test can kill and restart."""
+
+    spool_path: Path
+    prefect_api_url: str
+    port: int = field(default_factory=free_port)
+    token: str | None = TOKEN  # None: started with --insecure
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RUNBOOKS_GATEWAY_")}
+        env["RUNBOOKS_GATEWAY_SPOOL_PATH"] = str(self.spool_path)
+        env["RUNBOOKS_GATEWAY_PREFECT_API_URL"] = self.prefect_api_url
+        if self.token is not None:
+            env["RUNBOOKS_GATEWAY_TOKEN"] = self.token
+        insecure = ["--insecure"] if self.token is None else []
+        with open(self.spool_path.with_suffix(".log"), "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "alert_gateway", "--port", str(self.port), *insecure],
+                cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}: {self.log()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"gateway not healthy after {timeout_s}s: {self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a power cut or an OOM kill."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        path = self.spool_path.with_suffix(".log")
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def alert(
+    alertname: str = "GatewayTestAlert",
+    status: str = "firing",
+    starts_at: str = "2026-11-22T03:00:00Z",
+    annotations: dict[str, str] | None = None,
+    **labels: str,
+) -> dict[str, Any]:
+    """One Alertmanager alert; its labels are unique per call unless given a ``run`` label."""
+    labels.setdefault("run", uuid.uuid4().hex[:12])
+    return {
+        "status": status,
+        "labels": {"alertname": alertname, **labels},
+        "annotations": annotations or {"summary": f"{alertname} is {status}"},
+        "startsAt": starts_at,
+        "endsAt": "0001-01-01T00:00:00Z" if status == "firing" else "2026-11-22T03:10:00Z",
+        "generatorURL": "http://prometheus:9090/graph?g0.expr=up%3D%3D0",
+    }
+
+
+def alertmanager_notification(*alerts: dict[str, Any], receiver: str = "runbooks") -> dict[str, Any]:
+    """An Alertmanager v4 webhook notification carrying ``alerts``."""
+    status = "firing" if any(a["status"] == "firing" for a in alerts) else "resolved"
+    return {
+        "version": "4",
+        "groupKey": '{}:{alertname="GatewayTestAlert"}',
+        "truncatedAlerts": 0,
+        "status": status,
+        "receiver": receiver,
+        "groupLabels": {"alertname": alerts[0]["labels"]["alertname"]},
+        "commonLabels": {},
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093",
+        "alerts": list(alerts),
+    }
+
+
+def post_alerts(base_url: str, notification: dict[str, Any], path: str = "/alerts/alertmanager") -> httpx.Response:
+    return httpx.post(f"{base_url}{path}", json=notification, headers=AUTH, timeout=10)
+
+
+def prefect_events(api_url: str, event_ids: Collection[str]) -> list[dict[str, Any]]:
+    """The events Prefect stored with these ids (every page)."""
+    resp = httpx.post(
+        f"{api_url}/events/filter",
+        json={"filter": {"id": {"id": sorted(event_ids)}}, "limit": 50},
+        timeout=10,
+    )
+    resp.raise_for_status()
+    page = resp.json()
+    events = page["events"]
+    while page.get("next_page"):
+        resp = httpx.get(page["next_page"], timeout=10)
+        resp.raise_for_status()
+        page = resp.json()
+        events.extend(page["events"])
+    return events
+
+
+def wait_for_events(api_url: str, event_ids: Collection[str], timeout_s: float = 20) -> list[dict[str, Any]]:
+    """Poll until Prefect has every one of ``event_ids`` (its persister writes every few seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        events = prefect_events(api_url, event_ids)
+        if {e["id"] for e in events} >= set(event_ids) or time.monotonic() > deadline:
+            return events
+        time.sleep(0.25)
+
+
+def metric(base_url: str, sample: str) -> float:
+    """The value of one sample of the gateway's /metrics, e.g. ``..._total{reason="schema"}``; 0 if absent."""
+    text = httpx.get(f"{base_url}/metrics", timeout=5).text
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    return 0.0
