@@ -1,9 +1,10 @@
-"""Latency from an alert event to the runbook's first task starting, on the real stack.
+"""Latency from Alertmanager's webhook POST to the runbook's first task starting, on the real stack.
 
-A Prefect server (SQLite) and `runbooks up --api-url` serving every deployment of prefect.yaml run
-as subprocesses; a throwaway PostgreSQL backs the `db-connection-pool-exhausted` runbook (a healthy
-pool: the run checks and finishes without changing anything). Each sample posts one
-`alert.firing` event and waits for the first task run of the flow run it starts.
+A Prefect server (SQLite) and `runbooks up --api-url` (the alert gateway plus every deployment of
+prefect.yaml served) run as subprocesses; a throwaway PostgreSQL backs the
+`db-connection-pool-exhausted` runbook (a healthy pool: the run checks and finishes without
+changing anything). Each sample POSTs one Alertmanager v4 webhook, exactly as Alertmanager does,
+to the gateway and waits for the first task run of the flow run it starts.
 
     python -m bench trigger-latency --alerts 50
 """
@@ -21,7 +22,9 @@ from datetime import UTC, datetime
 import httpx
 
 from bench.stack import child, percentile, prefect_server, wait_for
-from tests.servers import start_postgres
+from tests.servers import free_port, start_postgres
+
+TOKEN = uuid.uuid4().hex
 
 
 def main(argv: list[str]) -> int:
@@ -40,19 +43,23 @@ def main(argv: list[str]) -> int:
                 host="127.0.0.1", port=pg.port, dbname="postgres", user=pg.user,
                 password=pg.password,
             ).save("bench-db", overwrite=True)
-            up = [sys.executable, "-m", "runbooks.cli", "up", "--api-url", api, "--no-gateway",
-                  "--poll-seconds", str(args.poll_seconds)]
+            gateway_port = free_port()
+            gateway = f"http://127.0.0.1:{gateway_port}/alerts/alertmanager"
+            env = {**env, "RUNBOOKS_GATEWAY_TOKEN": TOKEN,
+                   "RUNBOOKS_GATEWAY_SPOOL_PATH": str(home / "spool.sqlite3")}
+            up = [sys.executable, "-m", "runbooks.cli", "up", "--api-url", api,
+                  "--gateway-port", str(gateway_port), "--poll-seconds", str(args.poll_seconds)]
             with child(up, env, home / "runbooks-up.log"):
                 dep_id = wait_for(lambda: _deployment_id(api), 180, "deployment served")
                 time.sleep(3)  # automations load shortly after creation
                 # the first sample warms caches and is dropped
-                samples = [_one_alert(api, dep_id) for _ in range(args.alerts + 1)][1:]
+                samples = [_one_alert(api, gateway, dep_id) for _ in range(args.alerts + 1)][1:]
     finally:
         pg.stop()
 
     created, running, first_task = (list(column) for column in zip(*samples, strict=True))
     print(f"\ntrigger latency, {len(samples)} alerts (runbooks up, runner polling every {args.poll_seconds}s)")
-    print(f"{'event posted ->':44} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7}")
+    print(f"{'webhook POST to the gateway ->':44} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7}")
     for name, values in [("flow run created (automation)", created),
                          ("flow run RUNNING (runner + process start)", running),
                          ("first task running", first_task)]:
@@ -68,15 +75,19 @@ def _deployment_id(api: str) -> str | None:
     return found[0]["id"] if found else None
 
 
-def _one_alert(api: str, deployment_id: str) -> tuple[float, float, float]:
+def _one_alert(api: str, gateway: str, deployment_id: str) -> tuple[float, float, float]:
     before = {r["id"] for r in _runs(api, deployment_id)}
     fingerprint = uuid.uuid4().hex[:16]
+    labels = {"alertname": "PostgresTooManyConnections", "database": "bench-db", "severity": "critical"}
     t0 = time.time()
-    httpx.post(f"{api}/events", timeout=10, json=[{
-        "id": str(uuid.uuid4()), "occurred": datetime.now(UTC).isoformat(), "event": "alert.firing",
-        "resource": {"prefect.resource.id": f"alert.{fingerprint}",
-                     "alertname": "PostgresTooManyConnections", "database": "bench-db"},
-    }]).raise_for_status()
+    httpx.post(gateway, timeout=10, headers={"Authorization": f"Bearer {TOKEN}"}, json={
+        "version": "4", "groupKey": f"{{}}:{{fp={fingerprint}}}", "status": "firing",
+        "receiver": "runbooks", "groupLabels": {}, "commonLabels": labels,
+        "commonAnnotations": {}, "externalURL": "http://alertmanager:9093",
+        "alerts": [{"status": "firing", "labels": labels, "annotations": {},
+                    "startsAt": datetime.now(UTC).isoformat(), "endsAt": "0001-01-01T00:00:00Z",
+                    "generatorURL": "", "fingerprint": fingerprint}],
+    }).raise_for_status()
     run = wait_for(lambda: next((r for r in _runs(api, deployment_id) if r["id"] not in before), None), 60, "run created")
     created = datetime.fromisoformat(run["created"]).timestamp() - t0
 

@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +57,15 @@ def firing(labels: dict[str, str], annotations: dict[str, str] | None = None) ->
 
 
 def resolved(alert: dict[str, Any]) -> dict[str, Any]:
-    """The same alert, ended a second ago: Alertmanager marks it resolved and notifies."""
-    return {**alert, "endsAt": _rfc3339(datetime.now(UTC) - timedelta(seconds=1))}
+    """The same alert, ended now: Alertmanager marks it resolved and notifies.
+
+    The end must be after the start (Alertmanager answers 400 otherwise), also when the alert
+    is resolved within moments of firing.
+    """
+    started = datetime.fromisoformat(alert["startsAt"])
+    while (now := datetime.now(UTC)) <= started:
+        time.sleep((started - now).total_seconds() + 0.01)
+    return {**alert, "endsAt": _rfc3339(now)}
 
 
 @dataclass
