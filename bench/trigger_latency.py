@@ -30,7 +30,7 @@ TOKEN = uuid.uuid4().hex
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench trigger-latency")
     parser.add_argument("--alerts", type=int, default=50)
-    parser.add_argument("--poll-seconds", type=float, default=0.25, help="runbooks up --poll-seconds")
+    parser.add_argument("--poll-seconds", type=float, default=1.0, help="runbooks up --poll-seconds")
     args = parser.parse_args(argv)
 
     pg = start_postgres()

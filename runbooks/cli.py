@@ -38,9 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument(
         "--poll-seconds",
         type=float,
-        default=0.25,
-        help="how often the runner looks for new (alert-triggered or scheduled) runs; "
-        "Prefect's default of 10 s would add up to 10 s to every alert",
+        default=1.0,
+        help="how often the runner looks for new (alert-triggered or scheduled) runs; Prefect's "
+        "default of 10 s adds up to 10 s to every alert, and polling much faster than 1 s slows "
+        "the SQLite server's automations down (python -m bench trigger-latency)",
     )
     up.add_argument("--gateway-port", type=int, default=8700, help="port of the alert gateway")
     up.add_argument("--no-gateway", action="store_true", help="do not start the alert gateway")
