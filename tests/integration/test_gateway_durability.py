@@ -16,14 +16,11 @@ import os
 import shutil
 import signal
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -46,61 +43,25 @@ from tests.gateway_proc import (
     serving,
     wait_for_events,
 )
-from tests.servers import free_port, wait_for_port
+from tests.servers import PrefectServer, free_port, wait_for_port
 
 PREFECT_AUTH = "gateway:prefect-pw-77"
 
 
-@dataclass
-class OwnPrefect:
-    """A Prefect server of this module's own, stoppable and restartable on the same port."""
+class OwnPrefect(PrefectServer):
+    """A Prefect server of this module's own, with basic auth and a small label limit."""
 
-    home: Path
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
-
-    def start(self) -> None:
-        env = {
-            **os.environ,
-            "PREFECT_HOME": str(self.home),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    def __init__(self, home: Path) -> None:
+        super().__init__(home=home, extra_env={
             "PREFECT_SERVER_UI_ENABLED": "false",
             "PREFECT_SERVER_API_AUTH_STRING": PREFECT_AUTH,
             "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
             # small enough to make Prefect itself refuse an event (see the rejection test)
             "PREFECT_SERVER_EVENTS_MAXIMUM_LABELS_PER_RESOURCE": "12",
             "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.3",
-            **{f"PREFECT_SERVER_SERVICES_{s}_ENABLED": "false" for s in ("SCHEDULER", "LATE_RUNS", "FOREMAN", "TRIGGERS")},
-        }
-        env.pop("PREFECT_API_URL", None)
-        with open(self.home / "server.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.home,
-            )
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.home / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("own Prefect server not healthy")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+            **{f"PREFECT_SERVER_SERVICES_{s}_ENABLED": "false"
+               for s in ("SCHEDULER", "LATE_RUNS", "FOREMAN", "TRIGGERS")},
+        })
 
     def events(self, ids: list[str], timeout_s: float = 20) -> list[dict[str, Any]]:
         headers = {"Authorization": "Basic " + base64.b64encode(PREFECT_AUTH.encode()).decode()}
