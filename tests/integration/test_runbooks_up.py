@@ -80,6 +80,18 @@ def test_up_serves_every_runbook_and_stops_cleanly(runbooks_up, postgres: Postgr
 
     assert all(a["enabled"] for a in _poll(automations, 60, "an automation per trigger"))
 
+    # maintenance schedules: Prefect's scheduler creates the upcoming runs of scheduled deployments
+    scheduled = {spec.name for spec in load_catalog() if spec.schedules}
+
+    def scheduled_runs():
+        runs = httpx.post(f"{api}/flow_runs/filter", timeout=5, json={
+            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}).json()
+        ids = {d["id"]: d["name"] for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=5).json()}
+        names = {ids.get(r["deployment_id"]) for r in runs}
+        return names if scheduled <= names else None
+
+    assert scheduled <= _poll(scheduled_runs, 90, "the scheduler created the scheduled runs")
+
     block_types = {b["slug"] for b in httpx.post(f"{api}/block_types/filter", json={}, timeout=5).json()}
     assert "runbooks-kafka-cluster" in block_types
 
