@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 import httpx
 
 from bench.stack import child, percentile, prefect_server, wait_for
+from tests.alertmanager import scrape_metric
 from tests.servers import free_port
 
 
@@ -46,14 +47,14 @@ def main(argv: list[str]) -> int:
             latencies, statuses, elapsed = _storm(gateway, token, run_id, started_at, args)
             expected = args.fingerprints
             drained_at = time.monotonic()
-            forwarded = wait_for(lambda: _metric(gateway, "runbooks_gateway_events_forwarded_total") >= expected
+            forwarded = wait_for(lambda: _metric(gateway, "runbooks_gateway_events_forwarded") >= expected
                                  and _metric(gateway, "runbooks_gateway_spool_depth") == 0
-                                 and _metric(gateway, "runbooks_gateway_events_forwarded_total"),
+                                 and _metric(gateway, "runbooks_gateway_events_forwarded"),
                                  300, "spool drained")
             drain_s = time.monotonic() - drained_at
             in_prefect = wait_for(lambda: (n := _events_in_prefect(api, run_id)) >= expected and n, 120,
                                   "events in Prefect")
-            deduplicated = _metric(gateway, "runbooks_gateway_alerts_deduplicated_total")
+            deduplicated = _metric(gateway, "runbooks_gateway_alerts_deduplicated")
 
     accepted = sum(1 for s in statuses if s == 202)
     print(f"\nalert storm: {args.alerts} alerts, {args.fingerprints} fingerprints, {args.clients} clients")
@@ -114,10 +115,7 @@ def _payload(fingerprint: str, starts_at: str, run_id: str) -> dict:
 
 
 def _metric(gateway: str, name: str) -> float:
-    for line in httpx.get(f"{gateway}/metrics", timeout=5).text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return scrape_metric(f"{gateway}/metrics", name)
 
 
 def _events_in_prefect(api: str, run_id: str) -> int:

@@ -65,8 +65,7 @@ def flow_module(spec: RunbookSpec) -> str:
 
 def load_flow(spec: RunbookSpec) -> Any:
     """Import a spec's flow by module name (not file path), so it pickles by reference."""
-    module, name = spec.entrypoint.split(":", 1)
-    return getattr(importlib.import_module(flow_module(spec)), name)
+    return getattr(importlib.import_module(flow_module(spec)), spec.entrypoint.rsplit(":", 1)[1])
 
 
 def deployment_options(spec: RunbookSpec) -> dict[str, Any]:
