@@ -1,6 +1,7 @@
 """Prefect Blocks: configuration of the systems runbooks act on. Configuration only; each builds its client."""
 
 from blocks.edge_gateway import EdgeGateway
+from blocks.escalation import EscalationPolicy
 from blocks.event_store import EventStore
 from blocks.flink import FlinkCluster
 from blocks.kafka import KafkaCluster
@@ -9,6 +10,7 @@ from blocks.postgres import PostgresDatabase
 
 __all__ = [
     "EdgeGateway",
+    "EscalationPolicy",
     "EventStore",
     "FlinkCluster",
     "KafkaCluster",

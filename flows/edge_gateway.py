@@ -1,6 +1,5 @@
 """Edge-gateway runbooks: seed 000 "P4 Stadium Network Flap"."""
 
-
 from prefect import flow
 from pydantic import BaseModel, Field
 
@@ -9,9 +8,11 @@ from blocks.kafka import KafkaCluster
 from runbooks.errors import Escalation, VerificationFailed
 from runbooks.params import RunbookParams
 from runbooks.report import IncidentReport, Outcome, incident_report
+from runbooks.safety import Budget, Target
 from runbooks.waiting import poll_until
 from tasks.wal import (
     DeliveryCheckpoint,
+    DrainResult,
     WalAction,
     WalStatus,
     check_kafka_reachable,
@@ -24,6 +25,10 @@ from tasks.wal import (
 
 RUNBOOK = "stadium-network-flap"
 
+# Draining is idempotent (exactly once, resumes from the marker), so re-running it is safe; but
+# a WAL that needs draining this often means the stadium link keeps flapping: a human looks.
+DRAIN_BUDGET = Budget(max_actions=10, window_s=3600)
+
 
 class StadiumNetworkFlapParams(RunbookParams):
     """Run form of the stadium-network-flap runbook."""
@@ -33,19 +38,25 @@ class StadiumNetworkFlapParams(RunbookParams):
         None, description="Runbooks Kafka Cluster block; leave empty for the one the gateway names."
     )
     pending_threshold: int = Field(
-        5_000, ge=0,
+        5_000,
+        ge=0,
         description="Backlog the WAL absorbs on its own: at most this many pending events and Kafka "
         "unreachable means wait; more means a human investigates the network (seed: 5,000).",
     )
     network_wait_s: float = Field(
-        600.0, ge=0, le=3600,
+        600.0,
+        ge=0,
+        le=3600,
         description="Below the threshold, how long to wait for Kafka to become reachable.",
     )
     probe_interval_s: float = Field(
         10.0, gt=0, le=300, description="Seconds between reachability probes while waiting."
     )
     batch_size: int = Field(
-        500, ge=1, le=10_000, description="Records per Kafka transaction (the marker moves per batch)."
+        500,
+        ge=1,
+        le=10_000,
+        description="Records per Kafka transaction (the marker moves per batch).",
     )
 
 
@@ -64,106 +75,172 @@ class StadiumNetworkFlapSummary(BaseModel):
 def stadium_network_flap(params: StadiumNetworkFlapParams) -> StadiumNetworkFlapSummary:
     """Measure the WAL backlog; wait for the network or escalate; drain it to Kafka; verify nothing was lost."""
     with incident_report(
-        runbook=RUNBOOK, title=f"Stadium network flap: gateway {params.gateway_block}", severity="P4",
+        runbook=RUNBOOK,
+        title=f"Stadium network flap: gateway {params.gateway_block}",
+        severity="P4",
         params=params,
     ) as report:
         gateway = EdgeGateway.load(params.gateway_block)
         cluster = KafkaCluster.load(params.kafka_block or gateway.kafka_block)
-        before = measure_wal(gateway)
-        report.evidence("WAL before (gateway_wal_pending_events)", before)
-        summary = StadiumNetworkFlapSummary(
-            outcome="", gateway=gateway.gateway_name, pending_before=before.pending_events
-        )
-        report.check(
-            "gateway_wal_pending_events within threshold",
-            before.pending_events <= params.pending_threshold,
-            f"{before.describe()}; threshold {params.pending_threshold}",
-        )
-        reach = check_kafka_reachable(cluster, gateway.topic)
-        report.check(f"Kafka topic {gateway.topic} reachable", reach.reachable, reach.detail)
-        action = decide(before.pending_events, params.pending_threshold, reach.reachable)
-        report.step(f"decision: {action.value}")
+        # the WAL directory is what a drain acts on: one lock and budget per gateway and WAL
+        with report.guard(Target("edge-gateway", _gateway_id(gateway))) as guard:
+            before = measure_wal(gateway)
+            report.evidence("WAL before (gateway_wal_pending_events)", before)
+            summary = StadiumNetworkFlapSummary(
+                outcome="", gateway=gateway.gateway_name, pending_before=before.pending_events
+            )
+            report.check(
+                "gateway_wal_pending_events within threshold",
+                before.pending_events <= params.pending_threshold,
+                f"{before.describe()}; threshold {params.pending_threshold}",
+            )
+            reach = check_kafka_reachable(cluster, gateway.topic)
+            report.check(f"Kafka topic {gateway.topic} reachable", reach.reachable, reach.detail)
+            action = decide(before.pending_events, params.pending_threshold, reach.reachable)
+            report.step(f"decision: {action.value}")
 
-        if action is WalAction.NOTHING_PENDING:
-            return _finish(report, summary, Outcome.NO_ACTION_NEEDED, "The WAL holds no pending events.")
-        if action is WalAction.INVESTIGATE:
-            raise Escalation(_network_advice(before, params.pending_threshold))
-        if action is WalAction.WAIT_FOR_NETWORK:
-            if params.dry_run:
+            if action is WalAction.NOTHING_PENDING:
                 return _finish(
-                    report, summary, Outcome.PLANNED,
-                    f"Would wait up to {params.network_wait_s:.0f}s for Kafka, then drain "
-                    f"{before.pending_events} events.",
+                    report, summary, Outcome.NO_ACTION_NEEDED, "The WAL holds no pending events."
                 )
-            report.step(f"below threshold: waiting up to {params.network_wait_s:.0f}s for the network (self-healing)")
-            waited = poll_until(
-                lambda: check_kafka_reachable(cluster, gateway.topic),
-                lambda r: r.reachable,
-                timeout_s=params.network_wait_s,
-                interval_s=params.probe_interval_s,
-            )
-            summary.waited_s = waited.elapsed_s
-            if not waited.ok or waited.last is None:
-                return _still_down(report, summary, gateway, params)
-            reach = waited.last
-            report.check(f"Kafka topic {gateway.topic} reachable", True, f"after {waited.elapsed_s:.0f}s")
-        if before.pending_events > params.pending_threshold:
-            report.follow_ups.append(
-                f"Backlog reached {before.pending_events} events (threshold {params.pending_threshold}): "
-                "review the stadium uplink and the 4G failover."
-            )
-        if not reach.topic_exists:
-            raise Escalation(f"Kafka answers but {reach.detail}: create the topic or fix the gateway block")
+            if action is WalAction.INVESTIGATE:
+                raise Escalation(_network_advice(before, params.pending_threshold))
+            if action is WalAction.WAIT_FOR_NETWORK:
+                if params.dry_run:
+                    return _finish(
+                        report,
+                        summary,
+                        Outcome.PLANNED,
+                        f"Would wait up to {params.network_wait_s:.0f}s for Kafka, then drain "
+                        f"{before.pending_events} events.",
+                    )
+                report.step(
+                    f"below threshold: waiting up to {params.network_wait_s:.0f}s for the "
+                    "network (self-healing)"
+                )
+                # waiting for the network to heal itself, not verifying a fix: plain polling
+                waited = poll_until(
+                    lambda: check_kafka_reachable(cluster, gateway.topic),
+                    lambda r: r.reachable,
+                    timeout_s=params.network_wait_s,
+                    interval_s=params.probe_interval_s,
+                )
+                summary.waited_s = waited.elapsed_s
+                if not waited.ok or waited.last is None:
+                    return _still_down(report, summary, gateway, params)
+                reach = waited.last
+                report.check(
+                    f"Kafka topic {gateway.topic} reachable", True, f"after {waited.elapsed_s:.0f}s"
+                )
+            if before.pending_events > params.pending_threshold:
+                report.follow_ups.append(
+                    f"Backlog reached {before.pending_events} events (threshold "
+                    f"{params.pending_threshold}): review the stadium uplink and the 4G failover."
+                )
+            if not reach.topic_exists:
+                raise Escalation(
+                    f"Kafka answers but {reach.detail}: create the topic or fix the gateway block"
+                )
 
-        if params.dry_run:
-            report.record("drain WAL", drain_wal(gateway, cluster, dry_run=True, batch_size=params.batch_size))
-            return _finish(
-                report, summary, Outcome.PLANNED,
-                f"Kafka is reachable: would drain {before.pending_events} events to {gateway.topic}.",
+            # where the drain's records can land, read before it: what verification reads back
+            checkpoint = None if params.dry_run else checkpoint_delivery(gateway, cluster)
+            drain = guard.act(
+                "drain WAL",
+                lambda dry_run: drain_wal(
+                    gateway, cluster, dry_run=dry_run, batch_size=params.batch_size
+                ),
+                budget=DRAIN_BUDGET,
+                approval=_needs_approval,
             )
-        checkpoint = checkpoint_delivery(gateway, cluster)
-        drain = drain_wal(gateway, cluster, dry_run=False, batch_size=params.batch_size)
-        report.record("drain WAL", drain)
-        summary.drained, summary.already_in_kafka = drain.sent, drain.already_in_kafka
-        summary.drain_rate_eps = drain.rate_eps
-        report.evidence(
-            "drain",
-            {"sent": drain.sent, "already_in_kafka": drain.already_in_kafka,
-             "elapsed_s": round(drain.elapsed_s, 3), "drain_rate_events_per_s": drain.rate_eps,
-             "marker": f"{drain.acked_before} -> {drain.acked_after}"},
+            if params.dry_run or checkpoint is None:
+                return _finish(
+                    report,
+                    summary,
+                    Outcome.PLANNED,
+                    f"Kafka is reachable: would drain {before.pending_events} events to "
+                    f"{gateway.topic}.",
+                )
+            summary.drained, summary.already_in_kafka = drain.sent, drain.already_in_kafka
+            summary.drain_rate_eps = drain.rate_eps
+            report.evidence(
+                "drain",
+                {
+                    "sent": drain.sent,
+                    "already_in_kafka": drain.already_in_kafka,
+                    "elapsed_s": round(drain.elapsed_s, 3),
+                    "drain_rate_events_per_s": drain.rate_eps,
+                    "marker": f"{drain.acked_before} -> {drain.acked_after}",
+                },
+            )
+            _verify(
+                report, summary, gateway, cluster, checkpoint, drain.acked_after, drain.backlog_end
+            )
+            return _finish(
+                report,
+                summary,
+                Outcome.RESOLVED,
+                f"Drained {drain.acked_after - checkpoint.acked} events to {gateway.topic} "
+                f"({drain.already_in_kafka} already there from an interrupted drain) at "
+                f"{drain.rate_eps or 0:.0f} events/s; every one is in the topic exactly once, "
+                "sequence numbers are continuous.",
+            )
+
+
+def _gateway_id(gateway: EdgeGateway) -> str:
+    """The gateway and the WAL directory it buffers in (two blocks naming one WAL share a lock)."""
+    return f"{gateway.gateway_name}:{gateway.wal_path().expanduser().absolute()}"
+
+
+def _needs_approval(plan: DrainResult) -> str | None:
+    """Sending to Kafka is idempotent; deleting WAL segment files throws the gateway's copy away."""
+    deletes = [c.target for c in plan.planned if c.action == "delete_wal_segment"]
+    if deletes:
+        return (
+            f"the drain deletes {len(deletes)} WAL segment file(s) once their records are in "
+            f"Kafka ({', '.join(deletes[:3])}{', ...' if len(deletes) > 3 else ''}); the gateway "
+            "keeps no copy of those events afterwards"
         )
-        _verify(report, summary, gateway, cluster, checkpoint, drain.acked_after, drain.backlog_end)
-        return _finish(
-            report, summary, Outcome.RESOLVED,
-            f"Drained {drain.acked_after - checkpoint.acked} events to {gateway.topic} "
-            f"({drain.already_in_kafka} already there from an interrupted drain) at "
-            f"{drain.rate_eps or 0:.0f} events/s; every one is in the topic exactly once, "
-            "sequence numbers are continuous.",
-        )
+    return None
 
 
 def _verify(
-    report: IncidentReport, summary: StadiumNetworkFlapSummary, gateway: EdgeGateway,
-    cluster: KafkaCluster, checkpoint: DeliveryCheckpoint, acked_to: int, backlog_end: int,
+    report: IncidentReport,
+    summary: StadiumNetworkFlapSummary,
+    gateway: EdgeGateway,
+    cluster: KafkaCluster,
+    checkpoint: DeliveryCheckpoint,
+    acked_to: int,
+    backlog_end: int,
 ) -> None:
     """Backlog gone, every record in Kafka exactly once and in order, no sequence gaps."""
     after = measure_wal(gateway)
     summary.pending_after = after.pending_events
     report.evidence("WAL after", after)
     drained = report.check(
-        "backlog drained", after.acked_up_to >= backlog_end,
+        "backlog drained",
+        after.acked_up_to >= backlog_end,
         f"marker at {after.acked_up_to}, backlog ended at {backlog_end}; {after.pending_events} "
         "newer event(s) pending",
     )
     delivery = verify_delivery(gateway, cluster, checkpoint, acked_to)
     report.evidence("delivery check", delivery)
-    delivered = report.check("every record in Kafka exactly once, in order per source", delivery.ok, delivery.summary())
+    delivered = report.check(
+        "every record in Kafka exactly once, in order per source", delivery.ok, delivery.summary()
+    )
     if not (drained and delivered):
-        raise VerificationFailed(delivery.summary() if drained else f"backlog not drained: {after.describe()}")
+        raise VerificationFailed(
+            delivery.summary() if drained else f"backlog not drained: {after.describe()}"
+        )
     problems = delivery.sequences.problems()
-    report.check("sequence numbers continuous per source", not problems, "; ".join(problems) or "no gaps or duplicates")
+    report.check(
+        "sequence numbers continuous per source",
+        not problems,
+        "; ".join(problems) or "no gaps or duplicates",
+    )
     if problems:
-        report.follow_ups.append("Find where the missing or repeated events went (source feed, gateway).")
+        report.follow_ups.append(
+            "Find where the missing or repeated events went (source feed, gateway)."
+        )
         raise Escalation(
             "events lost or repeated before reaching the WAL (everything in the WAL was delivered): "
             + "; ".join(problems)
@@ -171,7 +248,9 @@ def _verify(
 
 
 def _still_down(
-    report: IncidentReport, summary: StadiumNetworkFlapSummary, gateway: EdgeGateway,
+    report: IncidentReport,
+    summary: StadiumNetworkFlapSummary,
+    gateway: EdgeGateway,
     params: StadiumNetworkFlapParams,
 ) -> StadiumNetworkFlapSummary:
     now = measure_wal(gateway)
@@ -181,7 +260,9 @@ def _still_down(
         raise Escalation(_network_advice(now, params.pending_threshold))
     report.follow_ups.append("Re-run this runbook if the alert keeps firing.")
     return _finish(
-        report, summary, Outcome.WAITING,
+        report,
+        summary,
+        Outcome.WAITING,
         f"Kafka still unreachable after {summary.waited_s:.0f}s; {now.describe()}, below the threshold "
         f"of {params.pending_threshold}: the WAL keeps buffering and drains on recovery.",
     )

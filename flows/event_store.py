@@ -1,6 +1,5 @@
 """Runbook: event processing stuck (seed 003, issue 5), on a PostgreSQL event store."""
 
-
 from prefect import flow
 from pydantic import BaseModel, Field
 
@@ -8,6 +7,7 @@ from blocks.event_store import EventStore
 from runbooks.errors import VerificationFailed
 from runbooks.params import RunbookParams
 from runbooks.report import IncidentReport, Outcome, incident_report
+from runbooks.safety import Budget, Target
 from tasks.event_store import (
     ResetResult,
     ResetVerdict,
@@ -18,6 +18,10 @@ from tasks.event_store import (
 )
 
 RUNBOOK = "event-processing-stuck"
+
+# Events that keep getting stuck after a reset mean the consumer is broken: after this many
+# resets of one table in an hour, a human looks at the consumer instead.
+RESET_BUDGET = Budget(max_actions=3, window_s=3600)
 
 
 class StuckEventsParams(RunbookParams):
@@ -34,6 +38,13 @@ class StuckEventsParams(RunbookParams):
     )
     max_batches: int | None = Field(
         None, ge=1, le=10_000, description="Override: at most this many batches in this run."
+    )
+    approve_over: int = Field(
+        1000,
+        ge=0,
+        le=100_000_000,
+        description="Resetting more than this many events in one run needs a human's approval "
+        "(consumers reprocess every one of them).",
     )
 
 
@@ -57,59 +68,81 @@ def event_processing_stuck(params: StuckEventsParams) -> StuckEventsSummary:
         runbook=RUNBOOK, title="Event Processing Stuck", severity="P2", params=params
     ) as report:
         store = _with_overrides(EventStore.load(params.event_store_block), params)
-        before = count_stuck_events(store)
-        report.evidence("stuck events before", before)
-        if report.check("events stuck in PROCESSING", before.count == 0, before.describe()):
-            report.finish(Outcome.NO_ACTION_NEEDED, f"No stuck events: {before.describe()}.")
-            return _summary(report, before)
-        _add_follow_ups(report, before)
-
-        reset = reset_stuck_events(store, params.dry_run)
-        report.record("reset stuck events to PENDING", reset)
-        if params.dry_run:
-            report.finish(
-                Outcome.PLANNED,
-                f"Would reset up to {sum(reset.batch_sizes)} event(s) in "
-                f"{len(reset.batch_sizes)} batch(es); rows a consumer holds locked would be skipped.",
-            )
-            return _summary(report, before, reset)
-
-        after = count_stuck_events(store, check_locks=True)
-        report.evidence("stuck events after", after)
-        verdict = judge_reset(reset.reset_count, after)
-        report.check(
-            "no resettable stuck events left",
-            verdict is not ResetVerdict.INCOMPLETE,
-            after.describe(),
+        db = store.database
+        target = Target(
+            "event-store", f"{db.host}:{db.port}/{db.dbname}/{store.schema_name}.{store.table}"
         )
-        if after.locked:
-            report.follow_ups.append(
-                f"{after.locked} stuck event(s) are locked by open transactions (skipped): find the "
-                "consumer session in pg_stat_activity ('idle in transaction') and check it for "
-                "deadlocks; restart it if it hangs."
+        with report.guard(target) as guard:
+            before = count_stuck_events(store)
+            report.evidence("stuck events before", before)
+            if report.check("events stuck in PROCESSING", before.count == 0, before.describe()):
+                report.finish(Outcome.NO_ACTION_NEEDED, f"No stuck events: {before.describe()}.")
+                return _summary(report, before)
+            _add_follow_ups(report, before)
+
+            reset = guard.act(
+                "reset stuck events to PENDING",
+                lambda dry_run: reset_stuck_events(store, dry_run),
+                budget=RESET_BUDGET,
+                approval=lambda plan: _needs_approval(plan, params.approve_over),
             )
-        if verdict is ResetVerdict.INCOMPLETE:
-            why = (
-                "the per-run batch limit was reached; run again"
-                if reset.hit_batch_limit
-                else "more events got stuck meanwhile: the consumer is still failing"
+            if params.dry_run:
+                report.finish(
+                    Outcome.PLANNED,
+                    f"Would reset up to {sum(reset.batch_sizes)} event(s) in "
+                    f"{len(reset.batch_sizes)} batch(es); rows a consumer holds locked would be "
+                    "skipped.",
+                )
+                return _summary(report, before, reset)
+
+            after = count_stuck_events(store, check_locks=True)
+            report.evidence("stuck events after", after)
+            verdict = judge_reset(reset.reset_count, after)
+            report.check(
+                "no resettable stuck events left",
+                verdict is not ResetVerdict.INCOMPLETE,
+                after.describe(),
             )
-            raise VerificationFailed(
-                f"{after.resettable} stuck event(s) remain after the reset: {why}"
-            )
-        if verdict is ResetVerdict.NOTHING_RESET:
-            report.finish(
-                Outcome.NO_ACTION_NEEDED,
-                "Nothing reset: the stuck events are held by live transactions or were finished "
-                f"meanwhile ({after.describe()}).",
-            )
-        else:
-            report.finish(
-                Outcome.RESOLVED,
-                f"Reset {reset.reset_count} event(s) to PENDING in {len(reset.batch_sizes)} "
-                f"batch(es); {after.describe()}.",
-            )
-        return _summary(report, before, reset, after)
+            if after.locked:
+                report.follow_ups.append(
+                    f"{after.locked} stuck event(s) are locked by open transactions (skipped): "
+                    "find the consumer session in pg_stat_activity ('idle in transaction') and "
+                    "check it for deadlocks; restart it if it hangs."
+                )
+            if verdict is ResetVerdict.INCOMPLETE:
+                why = (
+                    "the per-run batch limit was reached; run again"
+                    if reset.hit_batch_limit
+                    else "more events got stuck meanwhile: the consumer is still failing"
+                )
+                raise VerificationFailed(
+                    f"{after.resettable} stuck event(s) remain after the reset: {why}"
+                )
+            if verdict is ResetVerdict.NOTHING_RESET:
+                report.finish(
+                    Outcome.NO_ACTION_NEEDED,
+                    "Nothing reset: the stuck events are held by live transactions or were "
+                    f"finished meanwhile ({after.describe()}).",
+                )
+            else:
+                report.finish(
+                    Outcome.RESOLVED,
+                    f"Reset {reset.reset_count} event(s) to PENDING in {len(reset.batch_sizes)} "
+                    f"batch(es); {after.describe()}.",
+                )
+            return _summary(report, before, reset, after)
+
+
+def _needs_approval(plan: ResetResult, approve_over: int) -> str | None:
+    """Many events back to PENDING at once: every consumer reprocesses them, maybe twice."""
+    planned = sum(plan.batch_sizes)
+    if planned > approve_over:
+        return (
+            f"{planned} events would go back to PENDING at once (more than approve_over="
+            f"{approve_over}): consumers reprocess all of them, and any a consumer actually "
+            "finished without updating its status would be processed twice"
+        )
+    return None
 
 
 def _with_overrides(store: EventStore, params: StuckEventsParams) -> EventStore:

@@ -7,7 +7,6 @@ then watch consumer lag until it is back to normal. Checkpoints carry all keyed 
 cards...), so a restore loses no data; match state accuracy is still left as a follow-up.
 """
 
-
 from prefect import flow
 from pydantic import BaseModel, Field
 
@@ -16,6 +15,7 @@ from blocks.kafka import KafkaCluster
 from runbooks.errors import Escalation, VerificationFailed
 from runbooks.params import RunbookParams
 from runbooks.report import IncidentReport, Outcome, incident_report
+from runbooks.safety import Budget, Guard, Target
 from runbooks.waiting import poll_until
 from tasks.flink import (
     GLOBALLY_TERMINAL,
@@ -26,6 +26,7 @@ from tasks.flink import (
     Decision,
     FlinkJob,
     LagTrend,
+    Resubmission,
     assess_lag,
     decide_action,
     find_job,
@@ -37,6 +38,10 @@ from tasks.flink import (
 from tasks.kafka import get_consumer_lag
 
 RUNBOOK = "flink-job-crashed"
+
+# A job that crashes again after every restore has a bug a restore won't fix: after this many
+# resubmissions of one job, a human looks.
+RESUBMIT_BUDGET = Budget(max_actions=3, window_s=3600)
 
 
 class FlinkJobCrashedParams(RunbookParams):
@@ -89,6 +94,12 @@ class FlinkJobCrashedParams(RunbookParams):
         description="At the lag deadline, count lag that is still above the threshold but fell "
         "steadily across every sample as recovered (a big backlog that is draining).",
     )
+    offer_start_without_state: bool = Field(
+        False,
+        description="When a dead job has no checkpoint or savepoint to restore: pause and ask a "
+        "human (in the run's resume form) whether to start it again WITHOUT its state, instead "
+        "of escalating right away. Its keyed state (scores, cards...) is lost.",
+    )
 
 
 class FlinkRecovery(BaseModel):
@@ -113,99 +124,145 @@ def flink_job_crashed(params: FlinkJobCrashedParams) -> FlinkRecovery:
     flink = FlinkCluster.load(params.flink_block)
     kafka = KafkaCluster.load(params.kafka_block)
     group = params.consumer_group or params.job_name
+    summary = FlinkRecovery(outcome=Outcome.FAILED, job_name=params.job_name)
     with incident_report(
         runbook=RUNBOOK, title="Flink Job Crashed", severity="P2", params=params
     ) as report:
-        job = find_job(flink, params.job_name)
-        report.check(
-            "flink job running",
-            job is not None and job.state == "RUNNING",
-            f"{job.name} {job.jid}: {job.state}" if job else f"no job named {params.job_name!r}",
-        )
-        if job is not None:
-            report.evidence("flink job", job)
-        lag = get_consumer_lag(kafka, group, params.topic)
-        report.check(
-            "consumer lag",
-            lag.total_lag <= params.lag_threshold,
-            f"group {group} on {params.topic}: {lag.total_lag} (threshold {params.lag_threshold})",
-        )
-        report.evidence("consumer lag before", lag)
-        summary = FlinkRecovery(
-            outcome=Outcome.FAILED, job_name=params.job_name, lag_before=lag.total_lag
-        )
+        target = Target("flink-job", f"{flink.rest_url.rstrip('/')}/{params.job_name}")
+        with report.guard(target) as guard:
+            return _run(flink, kafka, group, params, report, guard, summary)
+    # another run held the job: the report says so, nothing was changed
+    return _summarize(summary, report)
 
+
+def _run(
+    flink: FlinkCluster,
+    kafka: KafkaCluster,
+    group: str,
+    params: FlinkJobCrashedParams,
+    report: IncidentReport,
+    guard: Guard,
+    summary: FlinkRecovery,
+) -> FlinkRecovery:
+    job = find_job(flink, params.job_name)
+    report.check(
+        "flink job running",
+        job is not None and job.state == "RUNNING",
+        f"{job.name} {job.jid}: {job.state}" if job else f"no job named {params.job_name!r}",
+    )
+    if job is not None:
+        report.evidence("flink job", job)
+    lag = get_consumer_lag(kafka, group, params.topic)
+    report.check(
+        "consumer lag",
+        lag.total_lag <= params.lag_threshold,
+        f"group {group} on {params.topic}: {lag.total_lag} (threshold {params.lag_threshold})",
+    )
+    report.evidence("consumer lag before", lag)
+    summary.lag_before = lag.total_lag
+
+    decision, checkpoint = _decide(flink, job, report)
+    observed = decision.action is Action.OBSERVE
+    if observed:
+        assert job is not None  # OBSERVE is only decided for an existing job
+        job = _wait_until_settled(flink, job, params, report)
         decision, checkpoint = _decide(flink, job, report)
-        observed = decision.action is Action.OBSERVE
-        if observed:
-            assert job is not None  # OBSERVE is only decided for an existing job
-            job = _wait_until_settled(flink, job, params, report)
-            decision, checkpoint = _decide(flink, job, report)
-        if decision.action is Action.ESCALATE:
-            raise Escalation(f"{params.job_name}: {decision.reason}")
+    without_state = (
+        decision.action is Action.ESCALATE
+        and params.offer_start_without_state
+        and job is not None
+        and job.state in RESTORABLE
+        and checkpoint is None
+    )
+    if decision.action is Action.ESCALATE and not without_state:
+        raise Escalation(f"{params.job_name}: {decision.reason}")
 
-        if decision.action is Action.NOTHING and not observed:
-            report.finish(
-                Outcome.NO_ACTION_NEEDED,
-                f"{params.job_name} is RUNNING ({decision.reason}): nothing to restore. If lag keeps "
-                "growing, the job is slow rather than crashed (see the high-latency runbook).",
-            )
-            return _summarize(summary, report)
-        if decision.action is Action.NOTHING:
-            # Flink's own restart strategy brought the job back: confirm it is consuming again
-            summary.lag_samples = _watch_lag(kafka, flink, group, job.jid, params, report)
-            report.follow_ups.append(f"Find out why {params.job_name} ({job.jid}) restarted.")
-            report.finish(
-                Outcome.NO_ACTION_NEEDED,
-                f"Flink restarted {params.job_name} itself ({job.jid} RUNNING) and consumer lag is "
-                "back to normal.",
-            )
-            return _summarize(summary, report)
-
-        assert job is not None and checkpoint is not None  # RESTORE needs both
-        summary.failed_job_id, summary.checkpoint = job.jid, checkpoint
-        resubmission = report.record(
-            "restore from checkpoint",
-            resubmit_from_checkpoint(
-                flink,
-                job_name=params.job_name,
-                failed_job_id=job.jid,
-                checkpoint=checkpoint,
-                jar=params.jar,
-                entry_class=params.entry_class,
-                program_args=params.program_args,
-                parallelism=params.parallelism,
-                dry_run=params.dry_run,
-            ),
-        )
-        summary.restored_job_id = resubmission.job_id
-        if params.dry_run and not resubmission.planned:
-            report.finish(Outcome.NO_ACTION_NEEDED, "; ".join(resubmission.notes))
-            return _summarize(summary, report)
-        if params.dry_run:
-            report.finish(
-                Outcome.PLANNED,
-                f"Would run {params.jar} as job {resubmission.job_id} from {checkpoint.kind} "
-                f"{checkpoint.id} ({checkpoint.external_path}), then watch lag.",
-            )
-            return _summarize(summary, report)
-
-        new_jid = resubmission.job_id
-        assert new_jid is not None  # a live submission always knows its job id
-        _verify_running(flink, new_jid, params, report)
-        summary.lag_samples = _watch_lag(kafka, flink, group, new_jid, params, report)
-        report.follow_ups += [
-            "Verify match state accuracy after recovery (scores, cards) against the source feed.",
-            f"Find the root cause of the crash of {job.jid} in the TaskManager logs.",
-        ]
-        started = "restored" if resubmission.changed else "found already restored"
+    if decision.action is Action.NOTHING and not observed:
         report.finish(
-            Outcome.RESOLVED if resubmission.changed else Outcome.NO_ACTION_NEEDED,
-            f"{params.job_name} {started} as {new_jid} from {checkpoint.kind} {checkpoint.id} "
-            f"({checkpoint.external_path}); it is RUNNING and consumer lag on {params.topic} is "
+            Outcome.NO_ACTION_NEEDED,
+            f"{params.job_name} is RUNNING ({decision.reason}): nothing to restore. If lag keeps "
+            "growing, the job is slow rather than crashed (see the high-latency runbook).",
+        )
+        return _summarize(summary, report)
+    if decision.action is Action.NOTHING:
+        assert job is not None
+        # Flink's own restart strategy brought the job back: confirm it is consuming again
+        summary.lag_samples = _watch_lag(kafka, flink, group, job.jid, params, report, guard)
+        report.follow_ups.append(f"Find out why {params.job_name} ({job.jid}) restarted.")
+        report.finish(
+            Outcome.NO_ACTION_NEEDED,
+            f"Flink restarted {params.job_name} itself ({job.jid} RUNNING) and consumer lag is "
             "back to normal.",
         )
         return _summarize(summary, report)
+
+    assert job is not None and (checkpoint is not None or without_state)
+    summary.failed_job_id, summary.checkpoint = job.jid, checkpoint
+    failed_jid = job.jid
+    resubmission: Resubmission = guard.act(
+        "restore from checkpoint" if checkpoint else "start without state",
+        lambda dry_run: resubmit_from_checkpoint(
+            flink,
+            job_name=params.job_name,
+            failed_job_id=failed_jid,
+            checkpoint=checkpoint,
+            jar=params.jar,
+            entry_class=params.entry_class,
+            program_args=params.program_args,
+            parallelism=params.parallelism,
+            dry_run=dry_run,
+        ),
+        budget=RESUBMIT_BUDGET,
+        approval=_needs_approval,
+    )
+    summary.restored_job_id = resubmission.job_id
+    source = (
+        f"{checkpoint.kind} {checkpoint.id} ({checkpoint.external_path})"
+        if checkpoint
+        else "no checkpoint (state lost)"
+    )
+    if params.dry_run and not resubmission.planned:
+        report.finish(Outcome.NO_ACTION_NEEDED, "; ".join(resubmission.notes))
+        return _summarize(summary, report)
+    if params.dry_run:
+        report.finish(
+            Outcome.PLANNED,
+            f"Would run {params.jar} as job {resubmission.job_id} from {source}, then watch lag.",
+        )
+        return _summarize(summary, report)
+
+    new_jid = resubmission.job_id
+    assert new_jid is not None  # a live submission always knows its job id
+    _verify_running(flink, new_jid, params, guard)
+    summary.lag_samples = _watch_lag(kafka, flink, group, new_jid, params, report, guard)
+    report.follow_ups += [
+        "Verify match state accuracy after recovery (scores, cards) against the source feed.",
+        f"Find the root cause of the crash of {job.jid} in the TaskManager logs.",
+    ]
+    if checkpoint is None:
+        report.follow_ups.append(
+            f"{params.job_name} started without state: rebuild or correct its state (scores, "
+            "cards), and retain checkpoints externally (execution.checkpointing.externalized-"
+            "checkpoint-retention: RETAIN_ON_CANCELLATION)."
+        )
+    started = "restored" if resubmission.changed else "found already restored"
+    report.finish(
+        Outcome.RESOLVED if resubmission.changed else Outcome.NO_ACTION_NEEDED,
+        f"{params.job_name} {started} as {new_jid} from {source}; it is RUNNING and consumer lag "
+        f"on {params.topic} is back to normal.",
+    )
+    return _summarize(summary, report)
+
+
+def _needs_approval(plan: Resubmission) -> str | None:
+    """Starting the job without a checkpoint or savepoint throws its keyed state away."""
+    stateless = [c.target for c in plan.planned if c.detail.get("checkpoint_id") is None]
+    if stateless:
+        return (
+            f"{', '.join(stateless)}: no checkpoint or savepoint to restore from, so the job "
+            "starts with empty state (scores, cards and every other keyed state are lost)"
+        )
+    return None
 
 
 def _summarize(summary: FlinkRecovery, report: IncidentReport) -> FlinkRecovery:
@@ -255,22 +312,31 @@ def _wait_until_settled(
 
 
 def _verify_running(
-    flink: FlinkCluster, job_id: str, params: FlinkJobCrashedParams, report: IncidentReport
+    flink: FlinkCluster, job_id: str, params: FlinkJobCrashedParams, guard: Guard
 ) -> None:
-    outcome = poll_until(
-        lambda: get_job_state(flink, job_id),
-        lambda state: state == "RUNNING" or state in GLOBALLY_TERMINAL,
+    def probe() -> str:
+        state = get_job_state(flink, job_id)
+        if state in GLOBALLY_TERMINAL:
+            # it will not come back by waiting: fail now rather than at the deadline
+            guard.report.check("restored job running", False, f"{job_id}: {state}")
+            raise VerificationFailed(
+                f"restored job {job_id} is {state}, not RUNNING, after submission "
+                f"(deadline {params.running_deadline_s:.0f}s)"
+            )
+        return state
+
+    running = guard.verify(
+        "restored job running",
+        probe,
+        lambda state: state == "RUNNING",
         timeout_s=params.running_deadline_s,
         interval_s=params.poll_interval_s,
+        describe=lambda state: f"{job_id}: {state}",
     )
-    running = outcome.last == "RUNNING"
-    report.check(
-        "restored job running", running, f"{job_id}: {outcome.last} after {outcome.elapsed_s:.1f}s"
-    )
-    if not running:
+    if not running.ok:
         raise VerificationFailed(
-            f"restored job {job_id} is {outcome.last}, not RUNNING, {outcome.elapsed_s:.0f}s after "
-            f"submission (deadline {params.running_deadline_s:.0f}s)"
+            f"restored job {job_id} is {running.last}, not RUNNING, {running.elapsed_s:.0f}s "
+            f"after submission (deadline {params.running_deadline_s:.0f}s)"
         )
 
 
@@ -281,6 +347,7 @@ def _watch_lag(
     job_id: str,
     params: FlinkJobCrashedParams,
     report: IncidentReport,
+    guard: Guard,
 ) -> list[int]:
     """Poll consumer lag until it is at or under the threshold; VerificationFailed at the deadline.
 
@@ -292,26 +359,26 @@ def _watch_lag(
         samples.append(get_consumer_lag(kafka, group, params.topic).total_lag)
         return samples[-1]
 
-    poll_until(
+    normal = guard.verify(
+        "consumer lag back to normal",
         probe,
         lambda lag: lag <= params.lag_threshold,
         timeout_s=params.lag_deadline_s,
         interval_s=params.poll_interval_s,
+        describe=lambda lag: f"lag {lag} (threshold {params.lag_threshold})",
     )
     verdict = assess_lag(samples, params.lag_threshold)
     report.evidence(
         "consumer lag samples", {"group": group, "topic": params.topic, "samples": samples}
     )
-    draining = (
-        not verdict.recovered and params.accept_falling_lag and verdict.trend is LagTrend.FALLING
-    )
-    report.check("consumer lag back to normal", verdict.recovered or draining, verdict.reason)
-    if draining:
+    if normal.ok:
+        return samples
+    if params.accept_falling_lag and verdict.trend is LagTrend.FALLING:
+        report.check("consumer lag falling (accepted)", True, verdict.reason)
         report.follow_ups.append(
             f"Lag on {params.topic} was still {verdict.latest} (falling) at the deadline: "
             "confirm it reaches the threshold."
         )
-    if verdict.recovered or draining:
         return samples
     state = get_job_state(flink, job_id)
     raise VerificationFailed(

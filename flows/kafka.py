@@ -5,7 +5,6 @@ seed 004 section 4.1 "Kafka is Down". Check broker and ISR state and the broker 
 a single down broker's pod and wait for the ISR to catch up; escalate a cluster-wide outage.
 """
 
-
 import time
 from collections.abc import Callable
 
@@ -17,9 +16,14 @@ from blocks.kubernetes import KubernetesCluster
 from runbooks.errors import Escalation, VerificationFailed
 from runbooks.params import RunbookParams
 from runbooks.report import IncidentReport, Outcome, incident_report
-from runbooks.waiting import poll_until
+from runbooks.results import ChangeSet
+from runbooks.safety import Budget, Guard, Target
 from tasks.kafka import ClusterHealth, Diagnosis, DiagnosisKind, check_isr, diagnose
-from tasks.kubernetes import PodState, list_pods, restart_pod, wait_pods_ready
+from tasks.kubernetes import PodsReady, PodState, list_pods, read_pods, restart_pod
+
+# A broker pod that needs restarting again and again has a cause a restart won't fix
+# (issue #4: "3 restarts of the same broker pod per hour").
+RESTART_BUDGET = Budget(max_actions=3, window_s=3600)
 
 
 class KafkaClusterDownParams(RunbookParams):
@@ -83,7 +87,9 @@ class KafkaClusterDownResult(BaseModel):
     """What a kafka-cluster-down run found and did."""
 
     outcome: Outcome
-    diagnosis: Diagnosis = Field(description="The diagnosis that decided the action.")
+    diagnosis: Diagnosis | None = Field(
+        description="The diagnosis that decided the action (none when another run held the cluster)."
+    )
     restarted_pods: list[str] = Field(description="Pods this run deleted (none in dry-run).")
     verified: bool = Field(description="Pods Ready and ISR caught up after the restart.")
     report: str = Field(description="The incident report, as markdown.")
@@ -95,6 +101,9 @@ class KafkaClusterDownResult(BaseModel):
     "verify ISR catch-up; escalate a cluster-wide outage.",
 )
 def kafka_cluster_down(params: KafkaClusterDownParams) -> KafkaClusterDownResult:
+    diagnosis: Diagnosis | None = None
+    restarted: list[str] = []
+    verified = False
     with incident_report(
         runbook="kafka-cluster-down", title="Kafka cluster down", severity="P1", params=params
     ) as report:
@@ -107,32 +116,33 @@ def kafka_cluster_down(params: KafkaClusterDownParams) -> KafkaClusterDownResult
             pods = list_pods(k8s, namespace, params.broker_selector) if k8s else None
             return health, pods
 
-        health, pods = observe()
-        _record_symptoms(report, health, pods, namespace, params.broker_selector)
-        diagnosis = diagnose(health, pods, params.broker_pod_name)
-        report.evidence("diagnosis", diagnosis)
-        report.step(f"diagnosis {diagnosis.kind}: {diagnosis.reason}")
+        # which pod is down is only known after the checks: lock the whole cluster, so that two
+        # runs never restart two brokers of it at once (or the same one twice)
+        with report.guard(Target("kafka-cluster", _cluster_identity(kafka))) as guard:
+            health, pods = observe()
+            _record_symptoms(report, health, pods, namespace, params.broker_selector)
+            diagnosis = diagnose(health, pods, params.broker_pod_name)
+            report.evidence("diagnosis", diagnosis)
+            report.step(f"diagnosis {diagnosis.kind}: {diagnosis.reason}")
 
-        restarted: list[str] = []
-        verified = False
-        if diagnosis.kind == DiagnosisKind.HEALTHY:
-            report.finish(Outcome.NO_ACTION_NEEDED, f"Kafka is healthy: {diagnosis.reason}.")
-        elif diagnosis.kind == DiagnosisKind.DEGRADED:
-            report.follow_ups.append(
-                "Watch kafka_under_replicated_partitions until it is back to 0; re-run this "
-                "runbook if a broker goes down"
-            )
-            report.finish(
-                Outcome.WAITING,
-                f"{diagnosis.reason}: followers are catching up, so nothing was restarted.",
-            )
-        else:
-            report.follow_ups += _follow_ups(namespace, diagnosis)
-            _escalate_unless_one_pod_fix(diagnosis, k8s, params)
-            assert k8s is not None and pods is not None
-            restarted, verified = _restart_and_verify(
-                report, k8s, namespace, params, diagnosis, pods, observe
-            )
+            if diagnosis.kind == DiagnosisKind.HEALTHY:
+                report.finish(Outcome.NO_ACTION_NEEDED, f"Kafka is healthy: {diagnosis.reason}.")
+            elif diagnosis.kind == DiagnosisKind.DEGRADED:
+                report.follow_ups.append(
+                    "Watch kafka_under_replicated_partitions until it is back to 0; re-run this "
+                    "runbook if a broker goes down"
+                )
+                report.finish(
+                    Outcome.WAITING,
+                    f"{diagnosis.reason}: followers are catching up, so nothing was restarted.",
+                )
+            else:
+                report.follow_ups += _follow_ups(namespace, diagnosis)
+                _escalate_unless_one_pod_fix(diagnosis, k8s, params)
+                assert k8s is not None and pods is not None
+                restarted, verified = _restart_and_verify(
+                    report, guard, k8s, namespace, params, diagnosis, pods, observe
+                )
     return KafkaClusterDownResult(
         outcome=report.outcome or Outcome.FAILED,
         diagnosis=diagnosis,
@@ -140,6 +150,11 @@ def kafka_cluster_down(params: KafkaClusterDownParams) -> KafkaClusterDownResult
         verified=verified,
         report=report.to_markdown(),
     )
+
+
+def _cluster_identity(kafka: KafkaCluster) -> str:
+    """The cluster's bootstrap addresses, in a stable order: blocks listing them differently agree."""
+    return ",".join(sorted({s.strip() for s in kafka.bootstrap_servers.split(",") if s.strip()}))
 
 
 def _record_symptoms(
@@ -168,7 +183,9 @@ def _record_symptoms(
             f"{len(health.under_replicated)} of {health.partitions}",
         )
         report.check(
-            "offline partitions", not health.offline, f"{len(health.offline)} of {health.partitions}"
+            "offline partitions",
+            not health.offline,
+            f"{len(health.offline)} of {health.partitions}",
         )
     if pods is None:
         report.step("no Kubernetes block: broker pods not checked, nothing will be restarted")
@@ -217,6 +234,7 @@ def _escalate_unless_one_pod_fix(
 
 def _restart_and_verify(
     report: IncidentReport,
+    guard: Guard,
     k8s: KubernetesCluster,
     namespace: str,
     params: KafkaClusterDownParams,
@@ -227,18 +245,32 @@ def _restart_and_verify(
     """Restart the down broker pods, then wait for them to be Ready and the ISR to catch up."""
     uids = {p.name: p.uid for p in pods}
     names = diagnosis.down_pods
-    changes = [
-        report.record(
-            f"restart broker pod {name}",
+
+    def restart(dry_run: bool) -> ChangeSet:
+        # every pod re-read and re-checked (uid, age, terminating) at the moment of deleting it
+        results = [
             restart_pod(
-                k8s, namespace, name, uid=uids[name], min_age_s=params.restart_cooldown_s,
-                dry_run=params.dry_run,
-            ),
+                k8s,
+                namespace,
+                name,
+                uid=uids[name],
+                min_age_s=params.restart_cooldown_s,
+                dry_run=dry_run,
+            )
+            for name in names
+        ]
+        return ChangeSet(
+            dry_run=dry_run,
+            planned=[c for r in results for c in r.planned],
+            applied=[c for r in results for c in r.applied],
+            notes=[n for r in results for n in r.notes],
         )
-        for name in names
-    ]
+
+    # one budget per pod (the usual single-pod restart); several pods at once need a human anyway
+    label = "restart broker pod " + ", ".join(f"{namespace}/{n}" for n in names)
+    changes = guard.act(label, restart, budget=RESTART_BUDGET, approval=_needs_approval)
     if params.dry_run:
-        planned = [c.target for cs in changes for c in cs.planned]
+        planned = [c.target for c in changes.planned]
         if planned:
             report.finish(
                 Outcome.PLANNED,
@@ -248,43 +280,70 @@ def _restart_and_verify(
         else:
             report.finish(Outcome.NO_ACTION_NEEDED, "No pod to restart now (see notes).")
         return [], False
-    restarted = [name for name, cs in zip(names, changes, strict=True) if cs.changed]
+    applied = {c.target for c in changes.applied}
+    restarted = [name for name in names if f"{namespace}/{name}" in applied]
 
     started = time.monotonic()
-    ready = wait_pods_ready(
-        k8s, namespace, names, timeout_s=params.isr_catchup_deadline_s,
+    ready = guard.verify(
+        "restarted pods ready",
+        lambda: read_pods(k8s, namespace, names),
+        lambda seen: seen.ready,
+        timeout_s=params.isr_catchup_deadline_s,
         interval_s=params.poll_interval_s,
+        describe=_describe_pods,
     )
-    report.evidence("pods after restart", ready)
-    states = ", ".join(f"{p.name} {'Ready' if p.up else p.reason or p.phase}" for p in ready.pods)
-    missing = f"; missing: {', '.join(ready.missing)}" if ready.missing else ""
-    if not report.check("restarted pods ready", ready.ready, f"{states}{missing}"):
+    assert ready.last is not None
+    report.evidence("pods after restart", ready.last)
+    if not ready.ok:
         raise VerificationFailed(
-            f"{', '.join(names)} not Ready {ready.waited_s:.0f}s after the restart "
-            f"({states}{missing})"
+            f"{', '.join(names)} not Ready {ready.elapsed_s:.0f}s after the restart "
+            f"({_describe_pods(ready.last)})"
         )
     remaining = params.isr_catchup_deadline_s - (time.monotonic() - started)
-    caught_up = poll_until(
+    caught_up = guard.verify(
+        "ISR caught up",
         lambda: diagnose(*observe(), params.broker_pod_name),
         lambda d: d.kind == DiagnosisKind.HEALTHY,
         timeout_s=max(remaining, 0.0),
         interval_s=params.poll_interval_s,
+        describe=lambda d: d.reason,
     )
     last = caught_up.last
     assert last is not None
     report.evidence("diagnosis after restart", last)
-    if not report.check("ISR caught up", caught_up.ok, last.reason):
+    if not caught_up.ok:
         raise VerificationFailed(
             f"Kafka not healthy {params.isr_catchup_deadline_s:.0f}s after restarting "
             f"{', '.join(names)}: {last.reason}"
         )
     did = f"Restarted {', '.join(restarted)}" if restarted else "Restarted nothing (see notes)"
+    how = (
+        "the alert resolved"
+        if "alert.resolved" in (ready.by, caught_up.by)
+        else "broker pods Ready, every expected broker back and every partition in sync"
+    )
     report.finish(
-        Outcome.RESOLVED,
-        f"{did}; verified {time.monotonic() - started:.1f}s later: broker pods Ready, every "
-        "expected broker back and every partition in sync.",
+        Outcome.RESOLVED, f"{did}; verified {time.monotonic() - started:.1f}s later: {how}."
     )
     return restarted, True
+
+
+def _needs_approval(plan: ChangeSet) -> str | None:
+    """Restarting more than one broker at once takes their replicas offline together."""
+    if len(plan.planned) > 1:
+        pods = ", ".join(c.target for c in plan.planned)
+        return (
+            f"restarts {len(plan.planned)} broker pods at once ({pods}): partitions whose "
+            "replicas all sit on them go offline until they are back"
+        )
+    return None
+
+
+def _describe_pods(seen: PodsReady) -> str:
+    states = ", ".join(f"{p.name} {'Ready' if p.up else p.reason or p.phase}" for p in seen.pods)
+    missing = f"; missing: {', '.join(seen.missing)}" if seen.missing else ""
+    error = f"; last API error: {seen.last_error}" if seen.last_error else ""
+    return f"{states}{missing}{error}" or "no reading"
 
 
 def _follow_ups(namespace: str, diagnosis: Diagnosis) -> list[str]:

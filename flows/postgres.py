@@ -1,6 +1,5 @@
 """Runbook: database connection pool exhausted (seed 001; seed 002 scenario 2)."""
 
-
 from collections import Counter
 
 from prefect import flow
@@ -10,7 +9,7 @@ from blocks.postgres import PostgresDatabase
 from runbooks.errors import Escalation, VerificationFailed
 from runbooks.params import RunbookParams
 from runbooks.report import IncidentReport, Outcome, incident_report
-from runbooks.waiting import poll_until
+from runbooks.safety import Budget, Target
 from tasks.postgres import (
     Backend,
     ConnectionUsage,
@@ -26,6 +25,9 @@ from tasks.postgres import (
 )
 
 RUNBOOK = "db-connection-pool-exhausted"
+
+# Terminating idle sessions again and again means a pool leaks; after this many, a human looks.
+TERMINATE_BUDGET = Budget(max_actions=3, window_s=3600)
 
 # Seed 001: "Scale up database if needed; Increase connection pool size in services".
 _SCALE_ADVICE = "scale up the database or resize the services' connection pools"
@@ -106,56 +108,76 @@ def db_connection_pool_exhausted(params: ConnectionPoolParams) -> ConnectionPool
             exclude_applications=params.exclude_applications,
             databases=params.databases,
         )
-        before = get_connection_usage(db)
-        report.evidence("connections before", before)
-        report.check("free connections", has_headroom(before, targets), before.describe())
-        candidates = find_idle_connections(db, criteria)
-        report.evidence("idle connections by role/application", _by_client(candidates))
-        report.check(
-            "idle connections",
-            not candidates,
-            f"{len(candidates)} idle for over {params.idle_threshold_s:g}s",
-        )
+        # max_connections is per server: every block pointing at it shares one lock and budget
+        with report.guard(Target("postgres", f"{db.host}:{db.port}")) as guard:
+            before = get_connection_usage(db)
+            report.evidence("connections before", before)
+            report.check("free connections", has_headroom(before, targets), before.describe())
+            candidates = find_idle_connections(db, criteria)
+            report.evidence("idle connections by role/application", _by_client(candidates))
+            report.check(
+                "idle connections",
+                not candidates,
+                f"{len(candidates)} idle for over {params.idle_threshold_s:g}s",
+            )
 
-        decision = decide_pool_relief(before, len(candidates), targets)
-        report.step(f"decision: {decision.action.value} ({decision.reason})")
-        if decision.action is PoolAction.NONE:
-            report.finish(Outcome.NO_ACTION_NEEDED, f"Pool not exhausted: {before.describe()}.")
-            return _summary(report, before, candidates)
-        if decision.action is PoolAction.ESCALATE:
-            report.follow_ups.append(_SCALE_FOLLOW_UP)
-            raise Escalation(f"{decision.reason} ({before.describe()}): {_SCALE_ADVICE}")
+            decision = decide_pool_relief(before, len(candidates), targets)
+            report.step(f"decision: {decision.action.value} ({decision.reason})")
+            if decision.action is PoolAction.NONE:
+                report.finish(Outcome.NO_ACTION_NEEDED, f"Pool not exhausted: {before.describe()}.")
+                return _summary(report, before, candidates)
+            if decision.action is PoolAction.ESCALATE:
+                report.follow_ups.append(_SCALE_FOLLOW_UP)
+                raise Escalation(f"{decision.reason} ({before.describe()}): {_SCALE_ADVICE}")
 
-        terminated = terminate_idle_connections(db, candidates, criteria, params.dry_run)
-        report.record("terminate idle connections", terminated)
-        if params.dry_run:
+            terminated = guard.act(
+                "terminate idle connections",
+                lambda dry_run: terminate_idle_connections(db, candidates, criteria, dry_run),
+                budget=TERMINATE_BUDGET,
+                approval=_needs_approval,
+            )
+            if params.dry_run:
+                report.finish(
+                    Outcome.PLANNED,
+                    f"Would terminate {len(candidates)} idle connection(s); {decision.reason}.",
+                )
+                return _summary(report, before, candidates, terminate=terminated)
+
+            verified = guard.verify(
+                "free connections restored",
+                lambda: get_connection_usage(db),
+                lambda usage: has_headroom(usage, targets),
+                timeout_s=params.verify_timeout_s,
+                describe=lambda usage: usage.describe(),
+            )
+            after = verified.last
+            report.evidence("connections after", after)
+            _add_follow_ups(report, candidates)
+            if not verified.ok:
+                report.follow_ups.append(_SCALE_FOLLOW_UP)
+                raise VerificationFailed(
+                    f"after terminating {len(terminated.terminated)} idle connection(s), "
+                    f"{after.describe()} within {params.verify_timeout_s:g}s: busy connections "
+                    f"exhaust the pool; {_SCALE_ADVICE}"
+                )
             report.finish(
-                Outcome.PLANNED,
-                f"Would terminate {len(candidates)} idle connection(s); {decision.reason}.",
+                Outcome.RESOLVED,
+                f"Terminated {len(terminated.terminated)} idle connection(s); "
+                f"{after.describe()}"
+                + (" (alert resolved)." if verified.by == "alert.resolved" else "."),
             )
-            return _summary(report, before, candidates, terminate=terminated)
+            return _summary(report, before, candidates, terminate=terminated, after=after)
 
-        verified = poll_until(
-            lambda: get_connection_usage(db),
-            lambda usage: has_headroom(usage, targets),
-            timeout_s=params.verify_timeout_s,
-            interval_s=1.0,
+
+def _needs_approval(plan: TerminateResult) -> str | None:
+    """Terminating a session inside a transaction throws its uncommitted work away."""
+    in_tx = [c.target for c in plan.planned if c.detail.get("state") != "idle"]
+    if in_tx:
+        return (
+            f"{len(in_tx)} session(s) are inside a transaction; terminating them rolls back "
+            "their uncommitted work"
         )
-        after = verified.last
-        report.evidence("connections after", after)
-        _add_follow_ups(report, candidates)
-        if not report.check("free connections restored", verified.ok, after.describe()):
-            report.follow_ups.append(_SCALE_FOLLOW_UP)
-            raise VerificationFailed(
-                f"after terminating {len(terminated.terminated)} idle connection(s), "
-                f"{after.describe()} within {params.verify_timeout_s:g}s: busy connections "
-                f"exhaust the pool; {_SCALE_ADVICE}"
-            )
-        report.finish(
-            Outcome.RESOLVED,
-            f"Terminated {len(terminated.terminated)} idle connection(s); {after.describe()}.",
-        )
-        return _summary(report, before, candidates, terminate=terminated, after=after)
+    return None
 
 
 def _summary(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -28,6 +29,56 @@ class AlertContext(BaseModel):
         return labels
 
 
+class OnBusyTarget(StrEnum):
+    """What a run does when another run holds the lock on its target."""
+
+    WAIT = "wait"
+    SKIP = "skip"
+
+
+class SafetyParams(BaseModel):
+    """Guard rails every runbook shares (see runbooks.safety); defaults suit an alert-driven run."""
+
+    on_busy_target: OnBusyTarget = Field(
+        OnBusyTarget.WAIT,
+        description="Another run is acting on the same target: wait for it (then re-check) or "
+        "stop without acting.",
+    )
+    busy_wait_s: float = Field(
+        300.0, gt=0, le=3600, description="How long to wait for a busy target before stopping."
+    )
+    approval_timeout_s: int = Field(
+        900,
+        ge=1,
+        le=86400,
+        description="How long a destructive step waits for approval; no answer rejects and "
+        "escalates.",
+    )
+    approval_poll_s: int = Field(
+        5, ge=1, le=60, description="How often a paused run checks whether it was answered."
+    )
+    escalation_block: str | None = Field(
+        "default",
+        description="Name of the 'Runbooks Escalation Policy' block to notify on failure, spent "
+        "budget, rejection or approval timeout; empty: no notification.",
+    )
+    budget_max_actions: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="Override the runbook's remediation budget: at most this many executions of "
+        "an action per target per window; empty: the runbook's default.",
+    )
+    budget_window_s: float | None = Field(
+        None, gt=0, le=30 * 86400, description="Override the budget's window, in seconds."
+    )
+    alert_resolved_verifies: bool = Field(
+        True,
+        description="When an alert started the run, its alert.resolved event also counts as "
+        "verification of the fix.",
+    )
+
+
 class RunbookParams(BaseModel):
     """Fields every runbook takes. Runbooks subclass this with their own, documented fields."""
 
@@ -37,4 +88,8 @@ class RunbookParams(BaseModel):
     )
     alert: AlertContext | None = Field(
         None, description="Set by alert triggers; leave empty for manual or scheduled runs."
+    )
+    safety: SafetyParams = Field(
+        default_factory=SafetyParams,
+        description="Locks, approvals, escalation and verification settings.",
     )

@@ -210,13 +210,15 @@ def choose_jar(files: Sequence[JarFile], name_or_id: str) -> JarFile | None:
     return max(by_name, key=lambda f: f.uploaded) if by_name else None
 
 
-def restore_job_id(failed_job_id: str, checkpoint_id: int) -> str:
+def restore_job_id(failed_job_id: str, checkpoint_id: int | None) -> str:
     """Deterministic Flink job id for 'restore this job from this checkpoint'.
 
-    Flink's dispatcher rejects a job id it already knows, so a retried or repeated submission
-    of the same restore cannot start a second copy.
+    ``checkpoint_id`` None: start it again without state. Flink's dispatcher rejects a job id it
+    already knows, so a retried or repeated submission of the same restore cannot start a
+    second copy.
     """
-    return hashlib.sha256(f"{failed_job_id}/{checkpoint_id}".encode()).hexdigest()[:32]
+    which = "no-state" if checkpoint_id is None else checkpoint_id
+    return hashlib.sha256(f"{failed_job_id}/{which}".encode()).hexdigest()[:32]
 
 
 def decide_action(job: FlinkJob | None, checkpoint: Checkpoint | None) -> Decision:
@@ -428,7 +430,7 @@ def resubmit_from_checkpoint(
     *,
     job_name: str,
     failed_job_id: str,
-    checkpoint: Checkpoint,
+    checkpoint: Checkpoint | None,
     jar: str,
     entry_class: str | None,
     program_args: list[str],
@@ -437,12 +439,15 @@ def resubmit_from_checkpoint(
 ) -> Resubmission:
     """Run the job's uploaded jar again, restoring from ``checkpoint`` (``flink run -s <path>``).
 
+    ``checkpoint`` None starts the job without state (``flink run``): its keyed state is lost,
+    so the runbook only does that with a human's approval.
+
     Idempotent: nothing is submitted while a live job of that name exists, and the new job gets
     a deterministic id (``restore_job_id``), so a retry after a lost response finds the job its
     first attempt started instead of starting another. State that no longer maps to an operator
     fails the submission (allowNonRestoredState is false): silently dropping state is a human call.
     """
-    if not checkpoint.usable:
+    if checkpoint is not None and not checkpoint.usable:
         raise ValueError(f"{checkpoint.kind} {checkpoint.id} has no usable external path")
     with cluster.get_client() as client:
         jars = _list_jars(client)
@@ -452,25 +457,28 @@ def resubmit_from_checkpoint(
                 f"jar {jar!r} is not uploaded to the Flink cluster (it has: "
                 f"{', '.join(sorted(j.name for j in jars)) or 'none'}): upload it, then run again"
             )
-        job_id = restore_job_id(failed_job_id, checkpoint.id)
-        body: dict[str, Any] = {
-            "savepointPath": checkpoint.external_path,
-            "allowNonRestoredState": False,
-            "programArgsList": program_args,
-            "jobId": job_id,
-        }
+        job_id = restore_job_id(failed_job_id, checkpoint.id if checkpoint else None)
+        body: dict[str, Any] = {"programArgsList": program_args, "jobId": job_id}
+        if checkpoint is not None:
+            body = {
+                "savepointPath": checkpoint.external_path,
+                "allowNonRestoredState": False,
+                **body,
+            }
         if entry_class:
             body["entryClass"] = entry_class
         if parallelism:
             body["parallelism"] = parallelism
         change = Change(
-            action="run_jar_from_checkpoint",
-            target=f"{job_name} from {checkpoint.external_path}",
+            action="run_jar_from_checkpoint" if checkpoint else "run_jar_without_state",
+            target=f"{job_name} from {checkpoint.external_path}"
+            if checkpoint
+            else f"{job_name} without state",
             detail={
                 "jar_id": jar_file.id,
                 "job_id": job_id,
-                "checkpoint_id": checkpoint.id,
-                "checkpoint_kind": checkpoint.kind,
+                "checkpoint_id": checkpoint.id if checkpoint else None,
+                "checkpoint_kind": checkpoint.kind if checkpoint else None,
                 "replaces_job_id": failed_job_id,
                 "entry_class": entry_class,
                 "parallelism": parallelism,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import urllib3
@@ -40,7 +41,8 @@ class PodState(BaseModel):
         None, description="Why it is not running well, e.g. CrashLoopBackOff, OOMKilled, Evicted."
     )
     owner: str | None = Field(
-        None, description="Controller that recreates it, e.g. 'StatefulSet/kafka'; None for a bare pod."
+        None,
+        description="Controller that recreates it, e.g. 'StatefulSet/kafka'; None for a bare pod.",
     )
     created_at: datetime | None = None
     terminating: bool = Field(False, description="Deletion requested; the pod is shutting down.")
@@ -114,15 +116,23 @@ def restart_pod(
         change = Change(
             action="delete_pod",
             target=target,
-            detail={"uid": uid, "phase": state.phase, "ready": state.ready, "reason": state.reason,
-                    "restarts": state.restarts, "owner": state.owner},
+            detail={
+                "uid": uid,
+                "phase": state.phase,
+                "ready": state.ready,
+                "reason": state.reason,
+                "restarts": state.restarts,
+                "owner": state.owner,
+            },
         )
         result.planned.append(change)
         if dry_run:
             return result
         try:
             core.delete_namespaced_pod(
-                name, namespace, body=V1DeleteOptions(preconditions=V1Preconditions(uid=uid)),
+                name,
+                namespace,
+                body=V1DeleteOptions(preconditions=V1Preconditions(uid=uid)),
                 _request_timeout=timeout,
             )
         except ApiException as exc:
@@ -134,6 +144,18 @@ def restart_pod(
             return result
         result.applied.append(change)
     return result
+
+
+@task(**runbook_task_options())
+def read_pods(cluster: KubernetesCluster, namespace: str, names: list[str]) -> PodsReady:
+    """One look at the named pods: are they all there, not terminating and Ready?
+
+    The probe of a verification loop: a transient API error counts as "not yet" (``ready`` is
+    False and ``last_error`` says why) so that one blip does not end the wait; other errors raise.
+    """
+    started = time.monotonic()
+    seen, error = _look(cluster, namespace, names)
+    return _pods_ready(names, seen, time.monotonic() - started, error)
 
 
 @task(**runbook_task_options())
@@ -154,28 +176,50 @@ def wait_pods_ready(
     last_error: list[str] = []
 
     def look() -> dict[str, PodState | None]:
-        with cluster.get_client("core") as core:
-            try:
-                return {n: _read_pod(core, namespace, n, cluster.request_timeout_s) for n in names}
-            except (ApiException, urllib3.exceptions.HTTPError) as exc:
-                if not is_transient_api_error(exc):
-                    raise
-                last_error.append(f"{type(exc).__name__}: {exc}")
-                return {}
+        seen, error = _look(cluster, namespace, names)
+        if error:
+            last_error.append(error)
+        return seen
 
     outcome = poll_until(
         look,
-        lambda seen: len(seen) == len(names) and all(p is not None and p.up for p in seen.values()),
+        lambda seen: _all_up(names, seen),
         timeout_s=timeout_s,
         interval_s=interval_s,
     )
-    seen = outcome.last or {}
+    return _pods_ready(
+        names, outcome.last or {}, outcome.elapsed_s, last_error[-1] if last_error else None
+    )
+
+
+def _look(
+    cluster: KubernetesCluster, namespace: str, names: list[str]
+) -> tuple[dict[str, PodState | None], str | None]:
+    """Each named pod's state (None: absent); empty with the error on a transient API error."""
+    with cluster.get_client("core") as core:
+        try:
+            return {
+                n: _read_pod(core, namespace, n, cluster.request_timeout_s) for n in names
+            }, None
+        except (ApiException, urllib3.exceptions.HTTPError) as exc:
+            if not is_transient_api_error(exc):
+                raise
+            return {}, f"{type(exc).__name__}: {exc}"
+
+
+def _all_up(names: list[str], seen: dict[str, PodState | None]) -> bool:
+    return len(seen) == len(names) and all(p is not None and p.up for p in seen.values())
+
+
+def _pods_ready(
+    names: list[str], seen: dict[str, PodState | None], waited_s: float, error: str | None
+) -> PodsReady:
     return PodsReady(
-        ready=outcome.ok,
+        ready=_all_up(names, seen),
         pods=[p for p in seen.values() if p is not None],
         missing=[n for n, p in seen.items() if p is None],
-        waited_s=round(outcome.elapsed_s, 3),
-        last_error=last_error[-1] if last_error else None,
+        waited_s=round(waited_s, 3),
+        last_error=error,
     )
 
 
@@ -189,7 +233,9 @@ def _read_pod(core: CoreV1Api, namespace: str, name: str, timeout: float) -> Pod
         raise
 
 
-def _reason_to_leave(state: PodState | None, uid: str, min_age_s: float, now: datetime) -> str | None:
+def _reason_to_leave(
+    state: PodState | None, uid: str, min_age_s: float, now: datetime
+) -> str | None:
     """Why this pod must not be deleted now, or None when deleting it is the restart asked for."""
     if state is None:
         return "pod is gone already (its controller recreates it)"
@@ -213,9 +259,7 @@ def _pod_state(pod: V1Pod) -> PodState:
         for cs in containers
         if cs.state and (cs.state.waiting or cs.state.terminated)
     ]
-    owner = next(
-        (f"{o.kind}/{o.name}" for o in meta.owner_references or [] if o.controller), None
-    )
+    owner = next((f"{o.kind}/{o.name}" for o in meta.owner_references or [] if o.controller), None)
     return PodState(
         name=meta.name,
         uid=meta.uid,

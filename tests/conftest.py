@@ -16,6 +16,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from prefect.testing.utilities import prefect_test_harness
 
 from blocks.kafka import KafkaCluster
+from tests.moto_server import MotoServer
+from tests.receivers import HttpReceiver
 from tests.servers import KafkaBroker, PostgresServer, start_kafka, start_postgres
 
 
@@ -84,7 +86,8 @@ def produce_one_per_batch(bootstrap: str, topic: str, values: list[bytes], parti
 
 
 def read_incident_report(flow_run_id: object) -> str:
-    """The markdown incident report artifact a flow run published (exactly one)."""
+    """The latest markdown incident report a flow run published (a run waiting for approval
+    publishes an interim version first: same key, newer version)."""
     import httpx
     from prefect.settings import PREFECT_API_URL
 
@@ -96,8 +99,9 @@ def read_incident_report(flow_run_id: object) -> str:
     )
     resp.raise_for_status()
     reports = resp.json()
-    assert len(reports) == 1, f"expected one incident report, got {len(reports)}"
-    return reports[0]["data"]
+    assert reports, "no incident report"
+    assert len({r["key"] for r in reports}) == 1, "one report per run, under one key"
+    return max(reports, key=lambda r: r["created"])["data"]
 
 
 @pytest.fixture(scope="session")
@@ -126,3 +130,17 @@ def runs_of(deployment_id: str) -> list[dict]:
     )
     resp.raise_for_status()
     return resp.json()
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[MotoServer]:
+    """A moto server (AWS stand-in: SNS, SQS) for the session."""
+    with MotoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def slack() -> Iterator[HttpReceiver]:
+    """A local HTTP receiver standing in for Slack's incoming webhook."""
+    with HttpReceiver() as receiver:
+        yield receiver

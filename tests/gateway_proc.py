@@ -72,7 +72,10 @@ class GatewayProcess:
         with open(self.spool_path.with_suffix(".log"), "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "alert_gateway", "--port", str(self.port), *insecure],
-                cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=PROJECT_ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -114,7 +117,9 @@ def alert(
     }
 
 
-def alertmanager_notification(*alerts: dict[str, Any], receiver: str = "runbooks") -> dict[str, Any]:
+def alertmanager_notification(
+    *alerts: dict[str, Any], receiver: str = "runbooks"
+) -> dict[str, Any]:
     """An Alertmanager v4 webhook notification carrying ``alerts``."""
     status = "firing" if any(a["status"] == "firing" for a in alerts) else "resolved"
     return {
@@ -131,16 +136,21 @@ def alertmanager_notification(*alerts: dict[str, Any], receiver: str = "runbooks
     }
 
 
-def post_alerts(base_url: str, notification: dict[str, Any], path: str = "/alerts/alertmanager") -> httpx.Response:
+def post_alerts(
+    base_url: str, notification: dict[str, Any], path: str = "/alerts/alertmanager"
+) -> httpx.Response:
     return httpx.post(f"{base_url}{path}", json=notification, headers=AUTH, timeout=10)
 
 
 def prefect_events(api_url: str, event_ids: Collection[str]) -> list[dict[str, Any]]:
     """The events Prefect stored with these ids (every page)."""
+    return read_events(api_url, {"id": {"id": sorted(event_ids)}})
+
+
+def read_events(api_url: str, event_filter: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every event matching a Prefect event filter, following the API's pages of 50."""
     resp = httpx.post(
-        f"{api_url}/events/filter",
-        json={"filter": {"id": {"id": sorted(event_ids)}}, "limit": 50},
-        timeout=10,
+        f"{api_url}/events/filter", json={"filter": event_filter, "limit": 50}, timeout=10
     )
     resp.raise_for_status()
     page = resp.json()
@@ -153,7 +163,9 @@ def prefect_events(api_url: str, event_ids: Collection[str]) -> list[dict[str, A
     return events
 
 
-def wait_for_events(api_url: str, event_ids: Collection[str], timeout_s: float = 20) -> list[dict[str, Any]]:
+def wait_for_events(
+    api_url: str, event_ids: Collection[str], timeout_s: float = 20
+) -> list[dict[str, Any]]:
     """Poll until Prefect has every one of ``event_ids`` (its persister writes every few seconds)."""
     deadline = time.monotonic() + timeout_s
     while True:

@@ -84,8 +84,14 @@ class FakePod:
         if self.owner:
             kind, name = self.owner
             meta["ownerReferences"] = [
-                {"apiVersion": "apps/v1", "kind": kind, "name": name, "uid": _owner_uid(name),
-                 "controller": True, "blockOwnerDeletion": True}
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": kind,
+                    "name": name,
+                    "uid": _owner_uid(name),
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
             ]
         creating = not ready and self.waiting_reason is None
         return {
@@ -96,12 +102,22 @@ class FakePod:
             "status": {
                 "phase": "Pending" if creating else "Running",
                 "conditions": [
-                    {"type": "Ready", "status": "True" if ready else "False",
-                     "lastTransitionTime": started}
+                    {
+                        "type": "Ready",
+                        "status": "True" if ready else "False",
+                        "lastTransitionTime": started,
+                    }
                 ],
                 "containerStatuses": [
-                    {"name": "kafka", "image": "apache/kafka:3.9.0", "imageID": "", "ready": ready,
-                     "started": not creating, "restartCount": self.restarts, "state": state}
+                    {
+                        "name": "kafka",
+                        "image": "apache/kafka:3.9.0",
+                        "imageID": "",
+                        "ready": ready,
+                        "started": not creating,
+                        "restartCount": self.restarts,
+                        "state": state,
+                    }
                 ],
             },
         }
@@ -154,7 +170,10 @@ class FakeKubernetesApi:
             "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
             "users": [{"name": "runbooks", "user": {"token": token or self.token}}],
             "contexts": [
-                {"name": "fake", "context": {"cluster": "fake", "user": "runbooks", "namespace": namespace}}
+                {
+                    "name": "fake",
+                    "context": {"cluster": "fake", "user": "runbooks", "namespace": namespace},
+                }
             ],
         }
 
@@ -174,9 +193,13 @@ class FakeKubernetesApi:
     ) -> FakePod:
         """Add a pod that has existed for ``age_s`` seconds (a crash loop rarely starts just now)."""
         pod = FakePod(
-            namespace=namespace, name=name, labels=labels or {"app": "kafka"},
+            namespace=namespace,
+            name=name,
+            labels=labels or {"app": "kafka"},
             created_at=datetime.now(UTC) - timedelta(seconds=age_s),
-            ready_at=0.0 if ready else None, waiting_reason=waiting_reason, restarts=restarts,
+            ready_at=0.0 if ready else None,
+            waiting_reason=waiting_reason,
+            restarts=restarts,
             owner=owner,
         )
         with self._lock:
@@ -194,6 +217,14 @@ class FakeKubernetesApi:
             pod = self._pods[(namespace, name)]
             pod.ready_at, pod.waiting_reason = 0.0, None
 
+    def crash_loop(self, namespace: str, name: str) -> None:
+        """The pod's container starts crashing again: not Ready, CrashLoopBackOff."""
+        with self._lock:
+            self._settle()
+            pod = self._pods[(namespace, name)]
+            pod.ready_at, pod.waiting_reason = None, "CrashLoopBackOff"
+            pod.restarts += 1
+
     def fail_next(self, method: str, status: int, times: int = 1) -> None:
         """Answer the next ``times`` requests with this method with an error Status."""
         with self._lock:
@@ -204,7 +235,9 @@ class FakeKubernetesApi:
 
     # request handling (called from server threads) ----------------------------------------
 
-    def _handle(self, method: str, raw_path: str, headers: Any, body: Any) -> tuple[int, dict[str, Any]]:
+    def _handle(
+        self, method: str, raw_path: str, headers: Any, body: Any
+    ) -> tuple[int, dict[str, Any]]:
         parts = urlsplit(raw_path)
         query = parse_qs(parts.query)
         newly_deleted: FakePod | None = None
@@ -238,10 +271,16 @@ class FakeKubernetesApi:
         except ValueError as exc:
             return _status(HTTPStatus.BAD_REQUEST, str(exc))
         items = [
-            p.to_json() for (ns, _), p in sorted(self._pods.items()) if ns == namespace and match(p.labels)
+            p.to_json()
+            for (ns, _), p in sorted(self._pods.items())
+            if ns == namespace and match(p.labels)
         ]
-        return HTTPStatus.OK, {"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"},
-                               "items": items}
+        return HTTPStatus.OK, {
+            "apiVersion": "v1",
+            "kind": "PodList",
+            "metadata": {"resourceVersion": "1"},
+            "items": items,
+        }
 
     def _get(self, namespace: str, name: str) -> tuple[int, dict[str, Any]]:
         pod = self._pods.get((namespace, name))
@@ -283,7 +322,10 @@ class FakeKubernetesApi:
                 # same name, new uid, starting up: what a StatefulSet controller does
                 delay = self.recreated_ready_after_s
                 self._pods[key] = FakePod(
-                    namespace=pod.namespace, name=pod.name, labels=pod.labels, owner=pod.owner,
+                    namespace=pod.namespace,
+                    name=pod.name,
+                    labels=pod.labels,
+                    owner=pod.owner,
                     ready_at=None if delay is None else now + delay,
                 )
 
@@ -330,8 +372,13 @@ def _selector(text: str) -> Callable[[dict[str, str]], bool]:
 def _status(code: HTTPStatus, message: str, name: str | None = None) -> tuple[int, dict[str, Any]]:
     """A v1 Status, the body Kubernetes returns with every error."""
     body: dict[str, Any] = {
-        "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
-        "message": message, "reason": code.phrase.replace(" ", ""), "code": int(code),
+        "apiVersion": "v1",
+        "kind": "Status",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": code.phrase.replace(" ", ""),
+        "code": int(code),
     }
     if name:
         body["details"] = {"name": name, "kind": "pods"}

@@ -11,105 +11,26 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import psycopg
 import pytest
 from prefect import flow
-from psycopg import sql
 
 from blocks.postgres import PostgresDatabase
 from flows.postgres import ConnectionPoolParams, ConnectionPoolSummary, db_connection_pool_exhausted
+from runbooks.params import SafetyParams
 from runbooks.report import Outcome
 from tasks.postgres import IdleCriteria, find_idle_connections, terminate_idle_connections
-from tests.conftest import unique
-from tests.servers import PostgresServer
+from tests.approvals import Approver
+from tests.pg_env import Env, env, wait_until  # noqa: F401 - env: a fixture
 
 pytestmark = pytest.mark.integration
 
 IDLE_S = 1.0
 LOCK_KEY = 4711
 EXCLUDED_APP = "ops-console"
-
-
-@dataclass
-class Env:
-    server: PostgresServer
-    admin: psycopg.Connection
-    db: str
-    app_role: str
-    batch_role: str
-    ops_role: str
-    password: str = field(default_factory=lambda: f"pw-{uuid.uuid4().hex}")
-
-    def connect(self, role: str, app: str, autocommit: bool = True) -> psycopg.Connection:
-        password = self.server.password if role == self.server.user else self.password
-        return psycopg.connect(
-            self.server.conninfo(dbname=self.db, user=role, password=password),
-            application_name=app,
-            autocommit=autocommit,
-        )
-
-    def block(self, **overrides) -> str:
-        name = unique("pool-db")
-        fields = {
-            "host": self.server.host,
-            "port": self.server.port,
-            "dbname": self.db,
-            "user": self.ops_role,
-            "password": self.password,
-            "connect_timeout_s": 5,
-            "statement_timeout_s": 10,
-        }
-        PostgresDatabase(**(fields | overrides)).save(name, overwrite=True)
-        return name
-
-    def live_pids(self) -> set[int]:
-        rows = self.admin.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = %s", (self.db,)
-        ).fetchall()
-        return {pid for (pid,) in rows}
-
-    def headroom(self) -> int:
-        (free,) = self.admin.execute(
-            "SELECT current_setting('max_connections')::int"
-            " - current_setting('superuser_reserved_connections')::int"
-            " - count(*) FILTER (WHERE backend_type = 'client backend')::int FROM pg_stat_activity"
-        ).fetchone()
-        return free
-
-
-@pytest.fixture(scope="module")
-def env(postgres: PostgresServer) -> Iterator[Env]:
-    admin = psycopg.connect(postgres.conninfo(), application_name="test-admin", autocommit=True)
-    suffix = uuid.uuid4().hex[:8]
-    e = Env(
-        postgres,
-        admin,
-        f"rbpool_{suffix}",
-        f"rbapp_{suffix}",
-        f"rbbatch_{suffix}",
-        f"rbops_{suffix}",
-    )
-    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(e.db)))
-    for role in (e.app_role, e.batch_role, e.ops_role):
-        admin.execute(
-            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                sql.Identifier(role), sql.Literal(e.password)
-            )
-        )
-    admin.execute(
-        sql.SQL("GRANT pg_signal_backend, pg_read_all_stats TO {}").format(
-            sql.Identifier(e.ops_role)
-        )
-    )
-    yield e
-    admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(e.db)))
-    for role in (e.app_role, e.batch_role, e.ops_role):
-        admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
-    admin.close()
 
 
 @dataclass
@@ -140,15 +61,6 @@ class Crowd:
         self.excluded_role.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
         self.busy_thread.join(timeout=15)
         assert not self.busy_thread.is_alive()
-
-
-def wait_until(check, timeout_s: float = 15.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -209,6 +121,8 @@ def params(env: Env, min_free: int, **overrides) -> ConnectionPoolParams:
         "target_headroom_percent": 0,
         "min_free_connections": min_free,
         "verify_timeout_s": 10,
+        # every test acts on the same server: the budget has its own test
+        "safety": SafetyParams(budget_max_actions=1000, approval_poll_s=1),
     }
     return ConnectionPoolParams(**(fields | overrides))
 
@@ -230,10 +144,22 @@ def test_terminates_long_idle_sessions_only(
     # the flow's own session takes one slot: demand just more than is free now, so the pool
     # counts as exhausted until the victims are gone
     p = params(env, env.headroom() + 1, include_idle_in_transaction=include_idle_in_transaction)
+    # a session inside a transaction loses its work: that needs a human's approval
+    approver = Approver(
+        "db-connection-pool-exhausted",
+        {"approve": True, "approver": "alice", "reason": "batch job is hung"},
+    )
+    if include_idle_in_transaction:
+        approver.start()
 
     state = db_connection_pool_exhausted(params=p, return_state=True)
 
     assert state.is_completed(), state.message
+    if include_idle_in_transaction:
+        approver.join(5)
+        assert approver.error is None and approver.paused_run is not None
+        assert "inside a transaction" in approver.description
+        assert str(crowd.pid(crowd.idle_in_transaction)) in approver.description
     summary: ConnectionPoolSummary = state.result()
     assert summary.outcome is Outcome.RESOLVED
     assert set(summary.terminate.terminated) == victims

@@ -24,7 +24,9 @@ from psycopg import sql
 from blocks.event_store import EventStore
 from blocks.postgres import PostgresDatabase
 from flows.event_store import StuckEventsParams, StuckEventsSummary, event_processing_stuck
+from runbooks.params import SafetyParams
 from runbooks.report import Outcome
+from tests.approvals import Approver
 from tests.conftest import unique
 from tests.servers import PostgresServer
 
@@ -37,6 +39,8 @@ FRESH = list(range(101, 106))
 DONE = list(range(201, 206))
 PENDING = list(range(301, 304))
 NOT_STUCK = FRESH + DONE + PENDING
+# every test acts on the same table: the budget has its own test (on its own table)
+SAFETY = SafetyParams(budget_max_actions=1000, approval_poll_s=1)
 
 
 @dataclass
@@ -50,6 +54,19 @@ class Env:
     @property
     def table(self) -> sql.Composed:
         return sql.Identifier(SCHEMA, TABLE)
+
+    def copy_table(self) -> str:
+        """A fresh copy of the seeded table (a target of its own); returns its name."""
+        name = unique("Event Log")
+        copy = sql.Identifier(SCHEMA, name)
+        self.admin.execute(
+            sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(copy, self.table)
+        )
+        self.admin.execute(sql.SQL("INSERT INTO {} SELECT * FROM {}").format(copy, self.table))
+        self.admin.execute(
+            sql.SQL("GRANT SELECT, UPDATE ON {} TO {}").format(copy, sql.Identifier(self.role))
+        )
+        return name
 
     def block(self, **overrides) -> str:
         name = unique("events")
@@ -75,18 +92,18 @@ class Env:
         EventStore(**(fields | overrides)).save(name, overwrite=True)
         return name
 
-    def rows(self) -> dict[int, tuple]:
+    def rows(self, table: str = TABLE) -> dict[int, tuple]:
         """Every row with its system columns: a row written or locked would differ."""
         cur = self.admin.execute(
             sql.SQL(
                 "SELECT event_id, state, touched_at, payload, xmin::text, xmax::text, ctid::text"
                 " FROM {} ORDER BY event_id"
-            ).format(self.table)
+            ).format(sql.Identifier(SCHEMA, table))
         )
         return {r[0]: r[1:] for r in cur.fetchall()}
 
-    def state(self, ids: list[int]) -> set[str]:
-        rows = self.rows()
+    def state(self, ids: list[int], table: str = TABLE) -> set[str]:
+        rows = self.rows(table)
         return {rows[i][0] for i in ids}
 
 
@@ -145,10 +162,12 @@ def seeded(env: Env) -> Iterator[psycopg.Connection]:
     consumer.close()
 
 
+def params(block: str, **overrides) -> StuckEventsParams:
+    return StuckEventsParams(**({"event_store_block": block, "safety": SAFETY} | overrides))
+
+
 def run(env: Env, block: str, **overrides) -> StuckEventsSummary:
-    state = event_processing_stuck(
-        params=StuckEventsParams(event_store_block=block, **overrides), return_state=True
-    )
+    state = event_processing_stuck(params=params(block, **overrides), return_state=True)
     assert state.is_completed(), state.message
     return state.result()
 
@@ -217,6 +236,13 @@ def test_dry_run_changes_nothing(env: Env, seeded: psycopg.Connection) -> None:
     # without locking it cannot tell the consumer's row apart: it plans all 36
     assert summary.reset.batch_sizes == [10, 10, 10, 6]
     assert [c.detail["first_id"] for c in summary.reset.planned] == ["1", "11", "21", "31"]
+    # every row, with its system columns (xmin/xmax/ctid): not written, not even locked
+    assert env.rows() == before
+
+    # a plan above the approval limit is only reported in dry-run: no pause, no change
+    big = run(env, block, dry_run=True, approve_over=1)
+    assert big.outcome is Outcome.PLANNED and big.reset.applied == []
+    assert "Approvals" not in big.report
     assert env.rows() == before
 
 
@@ -231,9 +257,7 @@ def test_threshold_override_and_batch_limit(env: Env, seeded: psycopg.Connection
 
     # a run stops after max_batches and says so; the next run finishes the job
     started = time.monotonic()
-    state = event_processing_stuck(
-        params=StuckEventsParams(event_store_block=block, max_batches=2), return_state=True
-    )
+    state = event_processing_stuck(params=params(block, max_batches=2), return_state=True)
     assert state.is_failed()
     assert "15 stuck event(s) remain" in state.message and "batch limit" in state.message
     assert env.state(STUCK[:20]) == {"PENDING"} and env.state(STUCK[20:]) == {"PROCESSING"}
@@ -242,3 +266,66 @@ def test_threshold_override_and_batch_limit(env: Env, seeded: psycopg.Connection
     rest = run(env, block, max_batches=2)
     assert rest.outcome is Outcome.RESOLVED and rest.reset.batch_sizes == [10, 5]
     assert env.state(STUCK) == {"PENDING"} and env.state([LOCKED]) == {"PROCESSING"}
+
+
+@pytest.mark.parametrize("approve", [False, True])
+def test_resetting_more_than_approve_over_needs_approval(
+    env: Env, seeded: psycopg.Connection, approve: bool
+) -> None:
+    block = env.block()
+    before = env.rows()
+    answer = {"approve": approve, "approver": "bob", "reason": "consumer redeployed"}
+    approver = Approver("event-processing-stuck", answer)
+    approver.start()
+
+    state = event_processing_stuck(params=params(block, approve_over=20), return_state=True)
+
+    approver.join(10)
+    assert approver.error is None and approver.paused_run is not None
+    # the form shows how many and why: 36 planned (the locked one can't be told apart unlocked)
+    assert "36 events would go back to PENDING" in approver.description
+    assert "approve_over=20" in approver.description
+    if not approve:
+        assert state.is_failed()
+        assert "rejected by bob: consumer redeployed" in state.message
+        assert env.rows() == before
+        return
+    assert state.is_completed(), state.message
+    summary: StuckEventsSummary = state.result()
+    assert summary.outcome is Outcome.RESOLVED and summary.reset.reset_count == 35
+    assert env.state(STUCK) == {"PENDING"}
+    assert "| reset stuck events to PENDING | approved | bob | consumer redeployed |" in (
+        summary.report
+    )
+
+
+def test_reset_budget_stops_the_second_reset(env: Env, seeded: psycopg.Connection) -> None:
+    # a table of its own: a target no other test has spent budget on
+    table = env.copy_table()
+    block = env.block(table=table)
+    one_per_hour = SafetyParams(budget_max_actions=1, approval_poll_s=1)
+
+    first = run(env, block, safety=one_per_hour)
+    assert first.outcome is Outcome.RESOLVED
+    assert first.reset.reset_count == 36  # the copy's row 36 is not locked by anyone
+    after_first = env.rows(table)
+    assert env.state([*STUCK, LOCKED], table) == {"PENDING"}
+
+    # the consumer leaves more events stuck: the next reset is over budget
+    env.admin.execute(
+        sql.SQL(
+            "UPDATE {} SET touched_at = now() - interval '3 hours' WHERE event_id = ANY(%s)"
+        ).format(sql.Identifier(SCHEMA, table)),
+        (FRESH,),
+    )
+    stuck_again = env.rows(table)
+
+    state = event_processing_stuck(params=params(block, safety=one_per_hour), return_state=True)
+
+    assert state.is_failed()
+    assert "budget" in state.message and "1 per 1h" in state.message
+    # exactly one reset happened: the newly stuck rows are untouched
+    assert env.rows(table) == stuck_again
+    assert env.state(FRESH, table) == {"PROCESSING"}
+    for i in [*STUCK, LOCKED]:
+        assert stuck_again[i] == after_first[i]

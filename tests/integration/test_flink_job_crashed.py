@@ -25,7 +25,9 @@ from blocks.flink import FlinkCluster
 from blocks.kafka import KafkaCluster
 from flows.flink import FlinkJobCrashedParams, FlinkRecovery, flink_job_crashed
 from runbooks.errors import Escalation, VerificationFailed
+from runbooks.params import SafetyParams
 from runbooks.report import Outcome
+from runbooks.safety import BudgetSpent
 from tasks.flink import (
     NOT_ADDRESSABLE,
     Checkpoint,
@@ -35,6 +37,7 @@ from tasks.flink import (
     resubmit_from_checkpoint,
 )
 from tasks.kafka import get_consumer_lag
+from tests.approvals import Approver
 from tests.conftest import create_topic, produce_one_per_batch, unique
 from tests.fakes.flink_rest import (
     FakeFlink,
@@ -176,6 +179,8 @@ def params_for(fake: FakeFlink, backlog: Backlog, **overrides: object) -> FlinkJ
         "running_deadline_s": 10,
         "lag_deadline_s": 30,
         "poll_interval_s": 0.3,
+        # a fake's URL can come back in a later test: the budget has its own test
+        "safety": SafetyParams(budget_max_actions=1000, approval_poll_s=1),
     }
     fields.update(overrides)
     return FlinkJobCrashedParams(**fields)
@@ -190,12 +195,14 @@ def published_report(state: State) -> str:
             "artifacts": {
                 "flow_run_id": {"any_": [str(state.state_details.flow_run_id)]},
                 "key": {"any_": ["incident-flink-job-crashed"]},
-            }
+            },
+            # a run that paused for approval published it before pausing, too
+            "sort": "CREATED_DESC",
         },
         timeout=10,
     )
     response.raise_for_status()
-    [artifact] = response.json()
+    artifact, *_earlier = response.json()
     return artifact["data"]
 
 
@@ -290,7 +297,7 @@ def test_dry_run_plans_the_restore_and_changes_nothing(
     assert backlog.lag() == UNPROCESSED
     report = published_report(state)
     assert "Actions planned (dry-run)" in report
-    assert "| run_jar_from_checkpoint |" in report and "planned only" in report
+    assert "| run_jar_from_checkpoint |" in report and "planned (dry-run)" in report
     assert CHECKPOINT_41 in report
 
 
@@ -317,6 +324,79 @@ def test_no_restorable_checkpoint_escalates(
     assert fake_flink.runs() == []
     report = published_report(state)
     assert "**ESCALATED**" in report and "| last successful checkpoint | FAILING |" in report
+
+
+@pytest.mark.parametrize("approve", [False, True], ids=["rejected", "approved"])
+def test_start_without_state_needs_approval(
+    fake_flink: FakeFlink, backlog: Backlog, approve: bool
+) -> None:
+    failed = add_crashed_job(fake_flink, checkpoints=None)  # checkpointing was off
+    fake_flink.on_job_start = Drainer(backlog).start
+    answer = {"approve": approve, "approver": "bob", "reason": "state rebuilt from the feed"}
+    approver = Approver("flink-job-crashed", answer)
+    approver.start()
+
+    state = flink_job_crashed(
+        params=params_for(fake_flink, backlog, offer_start_without_state=True), return_state=True
+    )
+
+    approver.join(5)
+    assert approver.error is None and approver.paused_run == state.state_details.flow_run_id
+    assert f"{JOB} without state" in approver.description
+    assert "starts with empty state" in approver.description
+    report = published_report(state)
+    if not approve:
+        assert state.is_failed()
+        assert "rejected by bob: state rebuilt from the feed" in state.message
+        # nothing was submitted: the failed job is the newest, nothing else runs
+        assert fake_flink.runs() == []
+        assert fake_flink.jobs[failed.jid].state == "FAILED"
+        assert [j.state for j in fake_flink.jobs_named(JOB)] == ["CANCELED", "FAILED"]
+        assert "**ESCALATED**" in report and "| rejected | bob |" in report
+        return
+    assert state.is_completed(), state.message
+    assert state.result().outcome is Outcome.RESOLVED
+    [run] = fake_flink.runs()
+    assert "savepointPath" not in run.body and run.body["jobId"] == restore_job_id(failed.jid, None)
+    assert fake_flink.jobs[run.body["jobId"]].state == "RUNNING"
+    assert "| approved | bob |" in report and "started without state" in report
+
+
+def test_budget_stops_restoring_a_job_that_keeps_crashing(
+    fake_flink: FakeFlink, backlog: Backlog
+) -> None:
+    # a job of its own name: a target no other test acted on, so a fresh budget
+    name = unique("scoring-job")
+    jar = fake_flink.add_jar("scoring-job.jar", job_name=name, entry_class=ENTRY)
+    failed = fake_flink.add_job(
+        name,
+        "FAILED",
+        checkpoints=checkpoint_stats(completed=completed_checkpoint(41, CHECKPOINT_41, now_ms())),
+    )
+    params = params_for(
+        fake_flink,
+        backlog,
+        job_name=name,
+        jar=jar,
+        lag_threshold=BACKLOG,  # lag is not what this test is about
+        safety=SafetyParams(budget_max_actions=1, approval_poll_s=1),
+    )
+
+    first = flink_job_crashed(params=params, return_state=True)
+
+    assert first.is_completed(), first.message
+    restored = restore_job_id(failed.jid, 41)
+    assert first.result().restored_job_id == restored
+    fake_flink.jobs[restored].state = "FAILED"  # it crashes again right away
+
+    again = flink_job_crashed(params=params, return_state=True)
+
+    assert again.is_failed()
+    with pytest.raises(BudgetSpent, match="budget of 1 per 1h spent"):
+        again.result()
+    assert len(fake_flink.runs()) == 1
+    assert [j.state for j in fake_flink.jobs_named(name)] == ["FAILED", "FAILED"]
+    assert "remediation budget spent" in published_report(again)
 
 
 def test_restored_job_that_fails_is_not_verified(fake_flink: FakeFlink, backlog: Backlog) -> None:

@@ -47,7 +47,7 @@ def test_report_of_a_dry_run_says_nothing_changed() -> None:
     state = sample_runbook(RunbookParams(dry_run=True), fail=False, return_state=True)
     md = read_report(state.state_details.flow_run_id)
     assert "| Mode | DRY-RUN (nothing changed) |" in md
-    assert "### Actions planned (dry-run)" in md and "| planned only |" in md
+    assert "### Actions planned (dry-run)" in md and "| planned (dry-run) |" in md
     assert "| Reported by | direct call |" in md
 
 

@@ -26,8 +26,10 @@ from prefect.settings import PREFECT_RESULTS_PERSIST_BY_DEFAULT, temporary_setti
 from blocks.kafka import KafkaCluster
 from blocks.kubernetes import KubernetesCluster
 from flows.kafka import KafkaClusterDownParams, kafka_cluster_down
+from runbooks.params import SafetyParams
 from runbooks.report import Outcome
 from tasks.kafka import check_isr
+from tests.approvals import Approver
 from tests.conftest import create_topic, unique
 from tests.fakes.kubernetes_api import FakeKubernetesApi
 from tests.servers import KafkaBroker
@@ -68,7 +70,12 @@ def save_blocks(
 
 def params(blocks: tuple[str, str | None], **overrides) -> KafkaClusterDownParams:
     kafka, k8s = blocks
-    short = {"isr_catchup_deadline_s": 10, "poll_interval_s": 0.2}
+    short = {
+        "isr_catchup_deadline_s": 10,
+        "poll_interval_s": 0.2,
+        # the tests share one broker, so one cluster target: the budget has its own test
+        "safety": SafetyParams(budget_max_actions=1000, approval_poll_s=1),
+    }
     return KafkaClusterDownParams(kafka_block=kafka, kubernetes_block=k8s, **{**short, **overrides})
 
 
@@ -84,26 +91,36 @@ def report_of(state) -> str:
                 "artifacts": {
                     "flow_run_id": {"any_": [str(state.state_details.flow_run_id)]},
                     "key": {"any_": ["incident-kafka-cluster-down"]},
-                }
+                },
+                # a run that paused for approval published it before pausing, too
+                "sort": "CREATED_DESC",
             },
         )
-    (artifact,) = response.json()
+    artifact, *_earlier = response.json()
     return artifact["data"]
 
 
-def add_broker_pods(api: FakeKubernetesApi, first_id: int, *crashing: int, count: int = 3) -> None:
+def add_broker_pods(
+    api: FakeKubernetesApi, first_id: int, *crashing: int, count: int = 3, ns: str = NS
+) -> None:
     """Broker pods kafka-<id>; the given ids crash-loop."""
     for broker in range(first_id, first_id + count):
         down = broker in crashing
-        api.add_pod(NS, f"kafka-{broker}", ready=not down,
-                    waiting_reason="CrashLoopBackOff" if down else None, restarts=9 if down else 0)
+        api.add_pod(
+            ns,
+            f"kafka-{broker}",
+            ready=not down,
+            waiting_reason="CrashLoopBackOff" if down else None,
+            restarts=9 if down else 0,
+        )
 
 
 def test_check_isr_reads_the_broker_each_time(own_kafka_broker: KafkaBroker) -> None:
     create_topic(own_kafka_broker.bootstrap, unique("orders"), partitions=3)
     the_broker = broker_id(own_kafka_broker)
-    cluster = KafkaCluster(bootstrap_servers=own_kafka_broker.bootstrap, request_timeout_s=1,
-                           expected_brokers=1)
+    cluster = KafkaCluster(
+        bootstrap_servers=own_kafka_broker.bootstrap, request_timeout_s=1, expected_brokers=1
+    )
 
     @flow
     def check_before_and_after_hang():
@@ -176,14 +193,16 @@ def test_dry_run_plans_the_restart_only(kafka_broker: KafkaBroker, api: FakeKube
     crashing = f"kafka-{first + 1}"
     old_uid = api.pod(NS, crashing).uid
 
-    state = kafka_cluster_down(params(save_blocks(kafka_broker, api), dry_run=True), return_state=True)
+    state = kafka_cluster_down(
+        params(save_blocks(kafka_broker, api), dry_run=True), return_state=True
+    )
 
     assert state.is_completed()
     result = state.result()
     assert result.outcome == Outcome.PLANNED and result.restarted_pods == [] and not result.verified
     assert api.calls_of("DELETE") == []
     assert api.pod(NS, crashing).uid == old_uid
-    assert f"delete_pod | {NS}/{crashing} | planned only" in result.report
+    assert f"delete_pod | {NS}/{crashing} | planned (dry-run)" in result.report
     assert "DRY-RUN (nothing changed)" in result.report
 
 
@@ -263,6 +282,79 @@ def test_more_pods_down_than_allowed_is_escalated(
     assert state.is_failed()
     assert f"2 broker pods down at once (kafka-{first + 1}, kafka-{first + 2})" in state.message
     assert api.calls_of("DELETE") == []
+
+
+@pytest.mark.parametrize("approve", [False, True], ids=["rejected", "approved"])
+def test_restarting_several_pods_needs_approval(
+    kafka_broker: KafkaBroker, api: FakeKubernetesApi, approve: bool
+) -> None:
+    create_topic(kafka_broker.bootstrap, unique("orders"), partitions=3)
+    first = broker_id(kafka_broker)
+    add_broker_pods(api, first, first + 1, first + 2)
+    down = [f"kafka-{first + 1}", f"kafka-{first + 2}"]
+    uids = {name: api.pod(NS, name).uid for name in down}
+    answer = {"approve": approve, "approver": "alice", "reason": "both nodes were drained"}
+    approver = Approver("kafka-cluster-down", answer)
+    approver.start()
+
+    state = kafka_cluster_down(
+        params(save_blocks(kafka_broker, api), max_pod_restarts=2), return_state=True
+    )
+
+    approver.join(5)
+    assert approver.error is None and approver.paused_run == state.state_details.flow_run_id
+    assert "restarts 2 broker pods at once" in approver.description
+    assert all(f"{NS}/{name}" in approver.description for name in down)
+    report = report_of(state)
+    if not approve:
+        assert state.is_failed()
+        assert "rejected by alice: both nodes were drained" in state.message
+        # nothing was touched: no DELETE reached the API, the same pods are still there
+        assert api.calls_of("DELETE") == []
+        assert {name: api.pod(NS, name).uid for name in down} == uids
+        assert "**ESCALATED**" in report and "| rejected | alice |" in report
+        return
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result.outcome == Outcome.RESOLVED and sorted(result.restarted_pods) == down
+    assert sorted(c.path for c in api.calls_of("DELETE")) == [f"{PODS}/{name}" for name in down]
+    assert all(api.pod(NS, name).uid != uids[name] and api.pod(NS, name).ready for name in down)
+    assert "| approved | alice |" in report
+
+
+def test_budget_stops_restarting_the_same_pod(
+    kafka_broker: KafkaBroker, api: FakeKubernetesApi
+) -> None:
+    create_topic(kafka_broker.bootstrap, unique("orders"), partitions=3)
+    # a namespace of its own: a broker pod no other test restarted, so a fresh budget
+    ns = unique("kafka-budget")
+    first = broker_id(kafka_broker)
+    add_broker_pods(api, first, first + 1, count=2, ns=ns)
+    crashing = f"kafka-{first + 1}"
+    p = params(
+        save_blocks(kafka_broker, api),
+        namespace=ns,
+        restart_cooldown_s=0,
+        safety=SafetyParams(budget_max_actions=1, approval_poll_s=1),
+    )
+
+    state = kafka_cluster_down(p, return_state=True)
+
+    assert state.is_completed(), state.message
+    assert state.result().restarted_pods == [crashing]
+    restarted_uid = api.pod(ns, crashing).uid
+    # the recreated pod crash-loops too: restarting it again is over the budget
+    api.crash_loop(ns, crashing)
+
+    again = kafka_cluster_down(p, return_state=True)
+
+    assert again.is_failed()
+    assert "budget of 1 per 1h spent" in again.message
+    assert len(api.calls_of("DELETE")) == 1
+    assert api.pod(ns, crashing).uid == restarted_uid
+    report = report_of(again)
+    assert "**ESCALATED**" in report
+    assert f"delete_pod | {ns}/{crashing} | remediation budget spent" in report
 
 
 def test_without_kubernetes_brokers_down_are_escalated(kafka_broker: KafkaBroker) -> None:

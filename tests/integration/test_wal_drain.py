@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from prefect import flow
 from blocks.edge_gateway import EdgeGateway
 from blocks.kafka import KafkaCluster
 from flows.edge_gateway import StadiumNetworkFlapParams, stadium_network_flap
+from runbooks.params import SafetyParams
 from runbooks.report import Outcome
 from tasks.wal import KafkaUnavailable, drain_wal
 from tasks.wal_format import (
@@ -30,12 +32,16 @@ from tasks.wal_format import (
     list_segments,
     read_marker,
 )
+from tests.approvals import Approver
 from tests.conftest import create_topic, unique
 from tests.servers import KafkaBroker
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = ("opta-feed", "var-cam", "scoreboard")
+RUNBOOK = "stadium-network-flap"
+# each test has its own gateway; the budget has its own test
+SAFETY = SafetyParams(budget_max_actions=1000, approval_poll_s=1)
 
 
 def write_events(
@@ -54,7 +60,9 @@ def write_events(
             source = SOURCES[i % 3]
             while next_seq[source] in (skip or {}).get(source, set()):
                 next_seq[source] += 1
-            value = json.dumps({"source": source, "seq": next_seq[source], "minute": i % 90}).encode()
+            value = json.dumps(
+                {"source": source, "seq": next_seq[source], "minute": i % 90}
+            ).encode()
             wal.append(source, next_seq[source], value, sync=pause_s > 0)
             written.append((source, next_seq[source], value))
             next_seq[source] += 1
@@ -81,8 +89,14 @@ def consume_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 
     uncommitted records too: everything physically in the topic counts, open transactions included.
     """
     consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": unique("check"), "enable.auto.commit": False,
-         "enable.partition.eof": True, "isolation.level": "read_uncommitted", "log_level": 3}
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": unique("check"),
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "isolation.level": "read_uncommitted",
+            "log_level": 3,
+        }
     )
     partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
     consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
@@ -90,7 +104,9 @@ def consume_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 
     at_end: set[int] = set()
     deadline = time.monotonic() + timeout_s
     try:
-        while time.monotonic() < deadline and (len(got) < expected or len(at_end) < len(partitions)):
+        while time.monotonic() < deadline and (
+            len(got) < expected or len(at_end) < len(partitions)
+        ):
             m = consumer.poll(0.5)
             if m is None:
                 continue
@@ -101,16 +117,27 @@ def consume_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 
             at_end.discard(m.partition())
             h = dict(m.headers())
             got.append(
-                Landed(m.partition(), m.offset(), m.key(), m.value(), h[H_SOURCE].decode(),
-                       int(h[H_SEQ]), int(h[H_POSITION]))
+                Landed(
+                    m.partition(),
+                    m.offset(),
+                    m.key(),
+                    m.value(),
+                    h[H_SOURCE].decode(),
+                    int(h[H_SEQ]),
+                    int(h[H_POSITION]),
+                )
             )
     finally:
         consumer.close()
     return got
 
 
-def assert_exactly_once_in_order(landed: list[Landed], written: list[tuple[str, int, bytes]]) -> None:
-    assert len(landed) == len(written), f"{len(landed)} records in the topic, {len(written)} in the WAL"
+def assert_exactly_once_in_order(
+    landed: list[Landed], written: list[tuple[str, int, bytes]]
+) -> None:
+    assert len(landed) == len(written), (
+        f"{len(landed)} records in the topic, {len(written)} in the WAL"
+    )
     assert sorted((r.source, r.seq, r.value) for r in landed) == sorted(written)
     assert sorted(r.position for r in landed) == list(range(len(written)))
     by_source: dict[str, list[Landed]] = {}
@@ -122,30 +149,74 @@ def assert_exactly_once_in_order(landed: list[Landed], written: list[tuple[str, 
         assert [r.seq for r in records] == sorted(r.seq for r in records), f"{source} out of order"
 
 
-def save_blocks(wal_dir: Path, bootstrap: str, topic: str, request_timeout_s: float = 5, **gateway: object) -> str:
+def save_blocks(
+    wal_dir: Path, bootstrap: str, topic: str, request_timeout_s: float = 5, **gateway: object
+) -> str:
     name = unique("gw")
-    KafkaCluster(bootstrap_servers=bootstrap, request_timeout_s=request_timeout_s).save(name, overwrite=True)
+    KafkaCluster(bootstrap_servers=bootstrap, request_timeout_s=request_timeout_s).save(
+        name, overwrite=True
+    )
     EdgeGateway(
-        gateway_name=name, wal_directory=str(wal_dir), topic=topic, kafka_block=name, delivery_timeout_s=15,
+        gateway_name=name,
+        wal_directory=str(wal_dir),
+        topic=topic,
+        kafka_block=name,
+        delivery_timeout_s=15,
         **gateway,
     ).save(name, overwrite=True)
     return name
 
 
 def run_flow(block: str, **params: object):
-    p = StadiumNetworkFlapParams(gateway_block=block, **{"batch_size": 200, "probe_interval_s": 0.5, **params})
+    defaults = {"batch_size": 200, "probe_interval_s": 0.5, "safety": SAFETY}
+    p = StadiumNetworkFlapParams(gateway_block=block, **(defaults | params))
     return stadium_network_flap(params=p, return_state=True)
 
 
-def test_flow_drains_every_record_exactly_once_in_order(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+def kafka_state(bootstrap: str, topic: str, expected: int) -> tuple[dict[int, int], list[tuple]]:
+    """The topic's end offset per partition and every record in it (partition, offset, position)."""
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": unique("ends"), "log_level": 3}
+    )
+    try:
+        partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in partitions
+        }
+    finally:
+        consumer.close()
+    landed = consume_topic(bootstrap, topic, expected, timeout_s=10)
+    return ends, sorted((r.partition, r.offset, r.position) for r in landed)
+
+
+def wal_files(directory: Path) -> dict[str, tuple[int, int, str]]:
+    """Every file of the WAL directory: size, modification time and content hash."""
+    return {
+        f.name: (f.stat().st_size, f.stat().st_mtime_ns, hashlib.sha256(f.read_bytes()).hexdigest())
+        for f in sorted(directory.iterdir())
+        if f.is_file()
+    }
+
+
+def test_flow_drains_every_record_exactly_once_in_order(
+    kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
     topic = create_topic(kafka_broker.bootstrap, unique("raw"))
     written = write_events(tmp_path, 1500)
     assert len(list_segments(tmp_path)) >= 5
+    segments = len(list_segments(tmp_path))
     block = save_blocks(tmp_path, kafka_broker.bootstrap, topic, delete_delivered_segments=True)
+    # deleting WAL segments throws the gateway's copy away: a human approves
+    approver = Approver(RUNBOOK, {"approve": True, "approver": "alice", "reason": "in Kafka"})
+    approver.start()
 
     state = run_flow(block)
 
     assert state.is_completed(), state.message
+    approver.join(10)
+    assert approver.error is None and approver.paused_run is not None
+    assert f"deletes {segments - 1} WAL segment file(s)" in approver.description
     summary = state.result()
     assert summary.outcome == Outcome.RESOLVED.value
     assert (summary.pending_before, summary.pending_after, summary.drained) == (1500, 0, 1500)
@@ -163,13 +234,16 @@ def test_flow_drains_every_record_exactly_once_in_order(kafka_broker: KafkaBroke
     assert again.is_completed() and again.result().outcome == Outcome.NO_ACTION_NEEDED.value
 
 
-def test_gateway_keeps_writing_while_the_drain_runs(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+def test_gateway_keeps_writing_while_the_drain_runs(
+    kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
     """Half-written records at the tail are left for the next drain; nothing is lost or repeated."""
     topic = create_topic(kafka_broker.bootstrap, unique("raw"))
     written = write_events(tmp_path, 1200)
     block = save_blocks(tmp_path, kafka_broker.bootstrap, topic)
     gateway = threading.Thread(
-        target=write_events, args=(tmp_path, 600),
+        target=write_events,
+        args=(tmp_path, 600),
         kwargs={"first_seq": dict.fromkeys(SOURCES, 401), "pause_s": 0.003, "written": written},
     )
     gateway.start()
@@ -189,24 +263,31 @@ def test_gateway_keeps_writing_while_the_drain_runs(kafka_broker: KafkaBroker, t
 
 def test_dry_run_changes_nothing(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
     topic = create_topic(kafka_broker.bootstrap, unique("raw"))
-    write_events(tmp_path, 300)
-    block = save_blocks(tmp_path, kafka_broker.bootstrap, topic)
+    write_events(tmp_path, 1500)
+    # the plan includes deleting delivered segments: dry-run neither asks nor deletes
+    block = save_blocks(tmp_path, kafka_broker.bootstrap, topic, delete_delivered_segments=True)
+    kafka_before, wal_before = kafka_state(kafka_broker.bootstrap, topic, 0), wal_files(tmp_path)
+    assert kafka_before[1] == [] and MARKER_FILE not in wal_before
 
     state = run_flow(block, dry_run=True)
 
     assert state.is_completed(), state.message
     assert state.result().outcome == Outcome.PLANNED.value
-    assert consume_topic(kafka_broker.bootstrap, topic, 0, timeout_s=10) == []
-    assert not (tmp_path / MARKER_FILE).exists()
+    assert kafka_state(kafka_broker.bootstrap, topic, 0) == kafka_before
+    assert wal_files(tmp_path) == wal_before
 
-    # with a marker from an earlier drain and new events behind it
-    assert run_flow(block).is_completed()
-    marker_bytes = (tmp_path / MARKER_FILE).read_bytes()
-    write_events(tmp_path, 90, first_seq=dict.fromkeys(SOURCES, 101))
+    # with a marker from an earlier drain (by a block that keeps segments) and new events after it
+    assert run_flow(save_blocks(tmp_path, kafka_broker.bootstrap, topic)).is_completed()
+    write_events(tmp_path, 90, first_seq=dict.fromkeys(SOURCES, 501))
+    kafka_before, wal_before = kafka_state(kafka_broker.bootstrap, topic, 1500), wal_files(tmp_path)
+    assert len(kafka_before[1]) == 1500 and sum(kafka_before[0].values()) >= 1500
+    assert MARKER_FILE in wal_before
+
     state = run_flow(block, dry_run=True)
+
     assert state.is_completed() and state.result().outcome == Outcome.PLANNED.value
-    assert (tmp_path / MARKER_FILE).read_bytes() == marker_bytes
-    assert len(consume_topic(kafka_broker.bootstrap, topic, 300, timeout_s=10)) == 300
+    assert kafka_state(kafka_broker.bootstrap, topic, 1500) == kafka_before
+    assert wal_files(tmp_path) == wal_before
 
 
 @pytest.mark.parametrize("kill", ["inside-delivery-report", "from-outside"])
@@ -215,7 +296,15 @@ def test_drain_killed_halfway_then_rerun_loses_and_duplicates_nothing(
 ) -> None:
     topic = create_topic(kafka_broker.bootstrap, unique("raw"))
     written = write_events(tmp_path, 1200)
-    cmd = [sys.executable, "-m", "tests.wal_drain_victim", str(tmp_path), kafka_broker.bootstrap, topic, "100"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tests.wal_drain_victim",
+        str(tmp_path),
+        kafka_broker.bootstrap,
+        topic,
+        "100",
+    ]
     if kill == "inside-delivery-report":
         # dies at the 650th delivery report: its transaction is open, the marker stands at 600
         victim = subprocess.run([*cmd, "650"], cwd=REPO, timeout=120, capture_output=True)
@@ -295,7 +384,9 @@ def test_waits_at_most_the_deadline_when_the_network_stays_down(
     assert not (tmp_path / MARKER_FILE).exists()
 
 
-def test_over_threshold_and_unreachable_escalates(own_kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+def test_over_threshold_and_unreachable_escalates(
+    own_kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
     topic = create_topic(own_kafka_broker.bootstrap, unique("raw"))
     write_events(tmp_path, 150)
     block = save_blocks(tmp_path, own_kafka_broker.bootstrap, topic, request_timeout_s=1)
@@ -306,7 +397,11 @@ def test_over_threshold_and_unreachable_escalates(own_kafka_broker: KafkaBroker,
         own_kafka_broker.resume()
 
     assert state.is_failed()
-    assert "150 events" in state.message and "4G" in state.message and "threshold of 100" in state.message
+    assert (
+        "150 events" in state.message
+        and "4G" in state.message
+        and "threshold of 100" in state.message
+    )
     assert not (tmp_path / MARKER_FILE).exists()
     assert consume_topic(own_kafka_broker.bootstrap, topic, 0, timeout_s=10) == []
 
@@ -330,7 +425,9 @@ def test_unreachable_broker_fails_transiently_and_leaves_the_marker(
 ) -> None:
     topic = create_topic(own_kafka_broker.bootstrap, unique("raw"))
     write_events(tmp_path, 100)
-    gateway = EdgeGateway(gateway_name="gw", wal_directory=str(tmp_path), topic=topic, delivery_timeout_s=2)
+    gateway = EdgeGateway(
+        gateway_name="gw", wal_directory=str(tmp_path), topic=topic, delivery_timeout_s=2
+    )
     cluster = KafkaCluster(bootstrap_servers=own_kafka_broker.bootstrap, request_timeout_s=1)
 
     @flow
@@ -348,3 +445,50 @@ def test_unreachable_broker_fails_transiently_and_leaves_the_marker(
         own_kafka_broker.resume()
     assert (tmp_path / MARKER_FILE).read_bytes() == marker_bytes
     assert len(consume_topic(own_kafka_broker.bootstrap, topic, 100, timeout_s=10)) == 100
+
+
+def test_rejected_segment_deletion_leaves_wal_and_kafka_untouched(
+    kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
+    topic = create_topic(kafka_broker.bootstrap, unique("raw"))
+    write_events(tmp_path, 1500)
+    block = save_blocks(tmp_path, kafka_broker.bootstrap, topic, delete_delivered_segments=True)
+    kafka_before, wal_before = kafka_state(kafka_broker.bootstrap, topic, 0), wal_files(tmp_path)
+    approver = Approver(RUNBOOK, {"approve": False, "approver": "bob", "reason": "keep a copy"})
+    approver.start()
+
+    state = run_flow(block)
+
+    approver.join(10)
+    assert approver.error is None and approver.paused_run is not None
+    assert "WAL segment file(s)" in approver.description
+    assert state.is_failed()
+    assert "rejected by bob: keep a copy" in state.message
+    # nothing sent, no marker, every segment still there byte for byte
+    assert kafka_state(kafka_broker.bootstrap, topic, 0) == kafka_before
+    assert kafka_before[1] == []
+    assert wal_files(tmp_path) == wal_before
+
+
+def test_drain_budget_stops_the_second_drain(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+    topic = create_topic(kafka_broker.bootstrap, unique("raw"))
+    written = write_events(tmp_path, 300)
+    block = save_blocks(tmp_path, kafka_broker.bootstrap, topic)  # a fresh gateway
+    one_per_hour = SafetyParams(budget_max_actions=1, approval_poll_s=1)
+
+    first = run_flow(block, safety=one_per_hour)
+    assert first.is_completed(), first.message
+    assert first.result().outcome == Outcome.RESOLVED.value
+
+    write_events(tmp_path, 90, first_seq=dict.fromkeys(SOURCES, 101))
+    kafka_before, wal_before = kafka_state(kafka_broker.bootstrap, topic, 300), wal_files(tmp_path)
+
+    second = run_flow(block, safety=one_per_hour)
+
+    assert second.is_failed()
+    assert "budget" in second.message and "1 per 1h" in second.message
+    # exactly one drain reached Kafka and the marker
+    assert kafka_state(kafka_broker.bootstrap, topic, 300) == kafka_before
+    assert_exactly_once_in_order(consume_topic(kafka_broker.bootstrap, topic, 300), written)
+    assert wal_files(tmp_path) == wal_before
+    assert read_marker(tmp_path).next_position == 300

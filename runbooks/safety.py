@@ -1,0 +1,569 @@
+"""Guard rails every runbook opts into with two lines: a per-target lock and guarded actions.
+
+```python
+with report.guard(Target("postgres", params.db_block)) as guard:      # lock the target
+    ...checks...
+    guard.act("terminate idle connections",
+              lambda dry_run: terminate_idle_connections(db, idle, criteria, dry_run),
+              budget=Budget(max_actions=3, window_s=3600),
+              approval=lambda plan: "sessions inside a transaction lose their work" if ... else None)
+    guard.verify("free connections restored", probe, ok, timeout_s=30)
+```
+
+What the guard does, in order, for each action:
+
+1. **Lock** (``report.guard``): a Prefect global concurrency limit of 1 slot per target, held with a
+   lease that Prefect renews while the run lives and expires if the run dies. A second run on the same
+   target waits (then re-checks from scratch) or stops, per ``params.safety.on_busy_target``.
+2. **Plan**: the mutating task runs with ``dry_run=True``; every planned change becomes a
+   ``runbook.action.planned`` event. In dry-run (or observe mode) the guard stops here.
+3. **Budget**: at most N executions per target and action in any sliding window, counted in a ledger
+   kept in a Prefect Variable (``runbooks_budget_<target>``), so it survives flow and server restarts and
+   is visible in the UI. Read and written under the target lock, so two runs cannot both spend the last
+   slot. Prefect's rate limits were the first choice but their decay is ``floor(rate * seconds since last
+   update)`` and a *denied* attempt updates the row, so alerts re-firing every few minutes would keep a
+   spent budget from ever refilling; a ledger gives the exact rule an SRE states ("3 per hour").
+   Spent: nothing happens, ``runbook.action.skipped``, and the run escalates once per spent budget.
+4. **Approval**: when ``approval(plan)`` names a danger, the run pauses with ``wait_for_input`` and shows
+   the plan in the UI's resume form; approve/reject with a reason goes into the report; no answer
+   before ``approval_timeout_s`` rejects and escalates.
+5. **Execute**: the task runs again for real (it re-plans against the live state, so a stale plan never
+   applies); ``runbook.action.executed`` / ``.skipped`` / ``.failed`` events, one per change, with the
+   target as the event's resource.
+6. **Verify** (``guard.verify``): re-check the symptom until a deadline; the alert's own
+   ``alert.resolved`` event also counts. Failure raises ``VerificationFailed`` (run FAILED, escalated).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import httpx
+from prefect import get_client
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.concurrency.sync import concurrency
+from prefect.context import FlowRunContext
+from prefect.events import emit_event
+from prefect.events.filters import (
+    EventFilter,
+    EventNameFilter,
+    EventOccurredFilter,
+    EventResourceFilter,
+)
+from prefect.exceptions import PrefectException
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from prefect.variables import Variable
+from pydantic import BaseModel, Field, SecretStr
+
+from runbooks.errors import Escalation
+from runbooks.params import OnBusyTarget, SafetyParams
+from runbooks.results import Change, ChangeSet
+from runbooks.waiting import poll_until
+
+if TYPE_CHECKING:
+    from runbooks.report import IncidentReport
+
+T = TypeVar("T")
+
+LOCK_LEASE_S = 120.0
+SKIP_PATIENCE_S = 3.0
+
+
+# --- targets -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a runbook acts on: one broker, database, job, pod, gateway or event store."""
+
+    kind: str
+    name: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.name}"
+
+    @property
+    def resource_id(self) -> str:
+        """The Prefect event resource id of this target (events: ``runbook.action.*``)."""
+        return f"runbook.target.{self.kind}.{self.name}"
+
+    @property
+    def slug(self) -> str:
+        """A name Prefect accepts for limits and variables: [a-z0-9_-], unique per target."""
+        readable = re.sub(r"[^a-z0-9]+", "-", f"{self.kind}-{self.name}".lower()).strip("-")[:80]
+        digest = hashlib.sha256(f"{self.kind}\0{self.name}".encode()).hexdigest()[:10]
+        return f"{readable}-{digest}"
+
+    @property
+    def lock_name(self) -> str:
+        return f"runbooks-lock-{self.slug}"
+
+
+# --- errors that end a run -------------------------------------------------------------------
+
+
+class TargetBusy(RuntimeError):
+    """Another run holds the target's lock and this run was told not to wait (or waited enough)."""
+
+
+class BudgetSpent(Escalation):
+    """The remediation budget for this target is spent; a human must look."""
+
+    def __init__(self, message: str, *, notify: bool):
+        super().__init__(message)
+        self.notify = notify
+
+
+class ApprovalRejected(Escalation):
+    """A human rejected a destructive step."""
+
+
+class ApprovalTimedOut(Escalation):
+    """Nobody answered the approval request in time; treated as a rejection."""
+
+
+# --- budget ------------------------------------------------------------------------------------
+
+
+class Budget(BaseModel):
+    """At most ``max_actions`` executions of one action on one target in any ``window_s`` seconds."""
+
+    max_actions: int = Field(ge=1, le=1000)
+    window_s: float = Field(gt=0, le=30 * 86400)
+
+    def describe(self) -> str:
+        return f"{self.max_actions} per {_duration(self.window_s)}"
+
+
+class BudgetLedger(BaseModel):
+    """When an action was executed on a target; kept in a Prefect Variable between runs."""
+
+    target: str
+    action: str
+    executed: list[datetime] = Field(default_factory=list)
+    escalated_at: datetime | None = None
+
+    def within(self, budget: Budget, now: datetime) -> list[datetime]:
+        start = now - timedelta(seconds=budget.window_s)
+        return sorted(t for t in self.executed if t > start)
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    allowed: bool
+    used: int
+    next_free_at: datetime | None
+    notify: bool
+
+
+def check_budget(ledger: BudgetLedger, budget: Budget, now: datetime) -> BudgetCheck:
+    """Whether one more execution fits; when not, whether this is the first refusal to report."""
+    recent = ledger.within(budget, now)
+    if len(recent) < budget.max_actions:
+        return BudgetCheck(True, len(recent), None, notify=False)
+    # the oldest execution still in the window frees a slot when it leaves the window
+    free_at = recent[-budget.max_actions] + timedelta(seconds=budget.window_s)
+    # escalate once per spent budget: again only after a new execution happened since
+    notify = ledger.escalated_at is None or ledger.escalated_at < recent[-1]
+    return BudgetCheck(False, len(recent), free_at, notify=notify)
+
+
+def effective_budget(budget: Budget | None, safety: SafetyParams) -> Budget | None:
+    """The runbook's budget with the run's overrides applied (a run can't turn budgets off)."""
+    if budget is None:
+        return None
+    return Budget(
+        max_actions=safety.budget_max_actions or budget.max_actions,
+        window_s=safety.budget_window_s or budget.window_s,
+    )
+
+
+def record_execution(ledger: BudgetLedger, budget: Budget, now: datetime) -> BudgetLedger:
+    """The ledger after one more execution; entries older than the window are dropped."""
+    return ledger.model_copy(update={"executed": [*ledger.within(budget, now), now]})
+
+
+def budget_variable(target: Target, action: str) -> str:
+    digest = hashlib.sha256(action.encode()).hexdigest()[:6]
+    return f"runbooks_budget_{target.slug}_{digest}"
+
+
+def _load_ledger(target: Target, action: str) -> BudgetLedger:
+    raw = Variable.get(budget_variable(target, action), default=None)
+    if not raw:
+        return BudgetLedger(target=target.label, action=action)
+    return BudgetLedger.model_validate(raw)
+
+
+def _save_ledger(target: Target, ledger: BudgetLedger) -> None:
+    Variable.set(
+        budget_variable(target, ledger.action),
+        ledger.model_dump(mode="json"),
+        tags=["runbooks", "remediation-budget"],
+        overwrite=True,
+    )
+
+
+# --- approval ----------------------------------------------------------------------------------
+
+
+class Approval(RunInput):
+    """The resume form of a run waiting for approval of a destructive step."""
+
+    approve: bool = Field(False, description="Tick to let the run apply the plan shown above.")
+    approver: str = Field("", description="Who decides (name or handle), for the report.")
+    reason: str = Field("", description="Why; goes into the incident report.")
+
+
+def approval_request(label: str, target: Target, danger: str, plan: ChangeSet) -> str:
+    """The markdown shown above the resume form: what would happen and why it needs a human."""
+    lines = [
+        f"### Approval needed: {label} on {target.label}",
+        f"**Why a human must decide:** {danger}",
+        "",
+        "| Action | Target |",
+        "|---|---|",
+    ]
+    lines += [f"| {c.action} | {_cell(c.target)} |" for c in plan.planned]
+    lines += ["", "Approve to apply exactly this plan (re-checked against live state first)."]
+    return "\n".join(lines)
+
+
+# --- audit events ------------------------------------------------------------------------------
+
+_SECRET_KEY = re.compile(r"pass(word)?|secret|token|api[_-]?key|credential|private", re.I)
+
+
+def scrub(value: Any) -> Any:
+    """A copy safe for events and artifacts: secret-looking keys and SecretStr values masked."""
+    if isinstance(value, SecretStr):
+        return "**********"
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {
+            k: "**********" if _SECRET_KEY.search(str(k)) else scrub(v) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [scrub(v) for v in value]
+    return value
+
+
+def emit_action(
+    status: str,
+    target: Target,
+    report: IncidentReport,
+    step: str,
+    change: Change | None,
+    reason: str = "",
+) -> None:
+    """One ``runbook.action.<status>`` event, the target as resource (the UI's event feed is the log)."""
+    emit_event(
+        event=f"runbook.action.{status}",
+        resource={
+            "prefect.resource.id": target.resource_id,
+            "prefect.resource.name": target.label,
+            "runbook.target.kind": target.kind,
+            "runbook.target.name": target.name,
+            "runbook.name": report.runbook,
+        },
+        payload=scrub(
+            {
+                "runbook": report.runbook,
+                "step": step,
+                "action": change.action if change else step,
+                "change_target": change.target if change else target.label,
+                "detail": change.detail if change else {},
+                "dry_run": report.params.dry_run,
+                "reason": reason,
+                "trigger": report.trigger,
+            }
+        ),
+    )
+
+
+# --- verification ------------------------------------------------------------------------------
+
+
+@dataclass
+class Verification(Generic[T]):
+    ok: bool
+    last: T | None
+    by: str  # "check" or "alert.resolved" or "" when not verified
+    elapsed_s: float
+
+
+def alert_resolved_since(fingerprint: str, since: datetime) -> bool:
+    """Whether Prefect holds an ``alert.resolved`` event for this alert that occurred after ``since``."""
+    with get_client(sync_client=True) as client:
+        page = client.read_events(
+            EventFilter(
+                occurred=EventOccurredFilter(since=since, until=datetime.now(UTC) + timedelta(1)),
+                event=EventNameFilter(name=["alert.resolved"]),
+                resource=EventResourceFilter(id=[f"alert.{fingerprint}"]),
+            ),
+            limit=1,
+        )
+    return bool(page.events)
+
+
+# --- the guard ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ActionRow:
+    """One row of the actions table artifact."""
+
+    step: str
+    action: str
+    target: str
+    status: str
+    before: Any = None
+    after: Any = None
+    note: str = ""
+
+
+@dataclass
+class Guard:
+    """Acts on one locked target for one run; see the module docstring."""
+
+    report: IncidentReport
+    target: Target
+    acted_at: datetime | None = None
+    _approvals: int = field(default=0, repr=False)
+
+    def act(
+        self,
+        label: str,
+        change: Callable[[bool], ChangeSet],
+        *,
+        budget: Budget | None = None,
+        approval: Callable[[ChangeSet], str | None] | None = None,
+    ) -> ChangeSet:
+        """Plan, check budget and approval, execute; returns what was applied (or planned)."""
+        report = self.report
+        budget = effective_budget(budget, report.params.safety)
+        plan = change(True)
+        for c in plan.planned:
+            emit_action("planned", self.target, report, label, c)
+        if not plan.planned:
+            report.record(label, plan)
+            return plan
+        if report.params.dry_run:
+            report.record(label, plan)
+            return plan
+
+        ledger = _load_ledger(self.target, label) if budget else None
+        if budget and ledger is not None:
+            verdict = check_budget(ledger, budget, datetime.now(UTC))
+            if not verdict.allowed:
+                self._refuse(label, plan, f"remediation budget spent ({budget.describe()})")
+                if verdict.notify:
+                    _save_ledger(
+                        self.target, ledger.model_copy(update={"escalated_at": datetime.now(UTC)})
+                    )
+                free = f"{verdict.next_free_at:%Y-%m-%d %H:%M:%S} UTC"
+                raise BudgetSpent(
+                    f"{label} on {self.target.label}: budget of {budget.describe()} spent "
+                    f"({verdict.used} already); not acting until {free}"
+                    + ("" if verdict.notify else "; already escalated, not notifying again"),
+                    notify=verdict.notify,
+                )
+
+        danger = approval(plan) if approval else None
+        if danger:
+            self._ask_approval(label, plan, danger)
+
+        if budget and ledger is not None:
+            # spent before acting: a run that dies halfway still counts its attempt
+            _save_ledger(self.target, record_execution(ledger, budget, datetime.now(UTC)))
+        self.acted_at = datetime.now(UTC)
+        try:
+            result = change(False)
+        except BaseException as exc:
+            for c in plan.planned:
+                emit_action("failed", self.target, report, label, c, f"{type(exc).__name__}: {exc}")
+            report.rows += [
+                ActionRow(label, c.action, c.target, "failed", c.detail, None, str(exc)[:200])
+                for c in plan.planned
+            ]
+            raise
+        applied = {(c.action, c.target) for c in result.applied}
+        for c in result.applied:
+            emit_action("executed", self.target, report, label, c)
+        for c in result.planned:
+            if (c.action, c.target) not in applied:
+                note = "; ".join(result.notes) or "not applied"
+                emit_action("skipped", self.target, report, label, c, note)
+        report.record(label, result, before=plan)
+        return result
+
+    def verify(
+        self,
+        name: str,
+        probe: Callable[[], T],
+        ok: Callable[[T], bool],
+        *,
+        timeout_s: float,
+        interval_s: float = 1.0,
+        describe: Callable[[T], str] = str,
+    ) -> Verification[T]:
+        """Re-check the symptom until ``ok`` or the deadline; the alert's resolution also counts.
+
+        Records the check in the report; the caller decides what a failure means (raise
+        ``VerificationFailed`` with a clear message, which escalates).
+        """
+        report = self.report
+        alert = report.params.alert
+        fingerprint = alert.fingerprint if alert and alert.status != "resolved" else None
+        watch_alert = bool(fingerprint) and report.params.safety.alert_resolved_verifies
+        since = self.acted_at or report.started_at
+        resolved = False
+
+        def done(value: T) -> bool:
+            nonlocal resolved
+            if ok(value):
+                return True
+            if watch_alert:
+                resolved = _safe_alert_resolved(fingerprint, since)
+            return resolved
+
+        outcome = poll_until(probe, done, timeout_s=timeout_s, interval_s=interval_s)
+        last = outcome.last
+        observed = describe(last) if last is not None else "no reading"
+        if outcome.ok and not ok(last):
+            by = "alert.resolved"
+            observed = f"alert {alert.alertname or fingerprint} resolved; last check: {observed}"
+        else:
+            by = "check" if outcome.ok else ""
+        report.check(name, outcome.ok, observed)
+        return Verification(outcome.ok, last, by, outcome.elapsed_s)
+
+    # internals ---------------------------------------------------------------------------
+
+    def _refuse(self, label: str, plan: ChangeSet, reason: str) -> None:
+        for c in plan.planned:
+            emit_action("skipped", self.target, self.report, label, c, reason)
+        skipped = plan.model_copy(update={"notes": [*plan.notes, f"not applied: {reason}"]})
+        self.report.record(label, skipped, status=reason)
+
+    def _ask_approval(self, label: str, plan: ChangeSet, danger: str) -> None:
+        report = self.report
+        safety = report.params.safety
+        description = approval_request(label, self.target, danger, plan)
+        report.step(f"{label}: waiting up to {safety.approval_timeout_s}s for approval ({danger})")
+        report.publish()  # the plan is in the UI while the run waits
+        self._approvals += 1
+        try:
+            answer = pause_flow_run(
+                wait_for_input=Approval.with_initial_data(description=description),
+                timeout=safety.approval_timeout_s,
+                poll_interval=safety.approval_poll_s,
+                key=f"approval-{self._approvals}-{_artifact_safe(label)}",
+            )
+        except PrefectException as exc:  # FlowPauseTimeout
+            reason = f"approval timed out after {safety.approval_timeout_s}s"
+            report.approvals.append((label, "timed out", "", reason))
+            self._refuse(label, plan, reason)
+            raise ApprovalTimedOut(
+                f"{label} on {self.target.label} needs approval ({danger}); nobody answered "
+                f"within {safety.approval_timeout_s}s: {type(exc).__name__}"
+            ) from None
+        who = answer.approver or "someone"
+        if not answer.approve:
+            report.approvals.append((label, "rejected", who, answer.reason))
+            self._refuse(label, plan, f"rejected by {who}: {answer.reason or 'no reason given'}")
+            raise ApprovalRejected(
+                f"{label} on {self.target.label} rejected by {who}: "
+                f"{answer.reason or 'no reason given'}"
+            )
+        report.approvals.append((label, "approved", who, answer.reason))
+        report.step(f"{label}: approved by {who} ({answer.reason or 'no reason given'})")
+
+
+@contextmanager
+def guard(report: IncidentReport, target: Target) -> Iterator[Guard]:
+    """Hold the target's lock for the block; wait or stop per ``params.safety`` when it is busy."""
+    safety = report.params.safety
+    ensure_lock(target)
+    ctx = FlowRunContext.get()
+    holder = (
+        ConcurrencyLeaseHolder(type="flow_run", id=ctx.flow_run.id)
+        if ctx and ctx.flow_run
+        else None
+    )
+    wait = safety.on_busy_target is OnBusyTarget.WAIT
+    # "skip" still allows a moment for the API round trip and a lock being released right now
+    patience = safety.busy_wait_s if wait else min(SKIP_PATIENCE_S, safety.busy_wait_s)
+    started = time.monotonic()
+    stack = ExitStack()
+    try:
+        stack.enter_context(
+            concurrency(
+                target.lock_name,
+                occupy=1,
+                timeout_seconds=patience,
+                lease_duration=LOCK_LEASE_S,
+                strict=True,
+                holder=holder,
+                # a lost renewal must not abort a half-applied change; the lease is long
+                raise_on_lease_renewal_failure=False,
+            )
+        )
+    except TimeoutError:
+        how = f"waited {patience:g}s" if wait else "configured not to wait"
+        report.busy = f"{target.label} busy: another run is acting on it ({how})"
+        raise TargetBusy(
+            f"{target.label} is being acted on by another run ({how}); this run changed nothing"
+        ) from None
+    waited = time.monotonic() - started
+    report.target = target
+    report.step(
+        f"lock on {target.label} acquired"
+        + (f" after waiting {waited:.1f}s for another run to finish" if waited >= 1 else "")
+    )
+    with stack:
+        yield Guard(report, target)
+
+
+def ensure_lock(target: Target) -> None:
+    """Create the target's one-slot limit (idempotent; it shows on the UI's Concurrency page)."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.upsert_global_concurrency_limit_by_name(target.lock_name, 1)
+        except PrefectException:
+            # created by a concurrent run between the read and the create
+            client.read_global_concurrency_limit_by_name(target.lock_name)
+
+
+def _safe_alert_resolved(fingerprint: str | None, since: datetime) -> bool:
+    if not fingerprint:
+        return False
+    try:
+        return alert_resolved_since(fingerprint, since)
+    except (httpx.HTTPError, PrefectException):
+        return False  # the symptom check still decides
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _artifact_safe(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
