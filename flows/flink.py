@@ -314,24 +314,15 @@ def _wait_until_settled(
 def _verify_running(
     flink: FlinkCluster, job_id: str, params: FlinkJobCrashedParams, guard: Guard
 ) -> None:
-    def probe() -> str:
-        state = get_job_state(flink, job_id)
-        if state in GLOBALLY_TERMINAL:
-            # it will not come back by waiting: fail now rather than at the deadline
-            guard.report.check("restored job running", False, f"{job_id}: {state}")
-            raise VerificationFailed(
-                f"restored job {job_id} is {state}, not RUNNING, after submission "
-                f"(deadline {params.running_deadline_s:.0f}s)"
-            )
-        return state
-
     running = guard.verify(
         "restored job running",
-        probe,
+        lambda: get_job_state(flink, job_id),
         lambda state: state == "RUNNING",
         timeout_s=params.running_deadline_s,
         interval_s=params.poll_interval_s,
         describe=lambda state: f"{job_id}: {state}",
+        # a job that failed again will not come back by waiting: fail now, not at the deadline
+        give_up=lambda state: state in GLOBALLY_TERMINAL,
     )
     if not running.ok:
         raise VerificationFailed(

@@ -416,10 +416,12 @@ class Guard:
         timeout_s: float,
         interval_s: float = 1.0,
         describe: Callable[[T], str] = str,
+        give_up: Callable[[T], bool] | None = None,
     ) -> Verification[T]:
         """Re-check the symptom until ``ok`` or the deadline; the alert's resolution also counts.
 
-        Records the check in the report; the caller decides what a failure means (raise
+        ``give_up(value)`` ends the wait early as failed (e.g. the job went FAILED: waiting won't
+        help). Records the check in the report; the caller decides what a failure means (raise
         ``VerificationFailed`` with a clear message, which escalates).
         """
         report = self.report
@@ -431,7 +433,7 @@ class Guard:
 
         def done(value: T) -> bool:
             nonlocal resolved
-            if ok(value):
+            if ok(value) or (give_up is not None and give_up(value)):
                 return True
             if watch_alert:
                 resolved = _safe_alert_resolved(fingerprint, since)
@@ -440,13 +442,15 @@ class Guard:
         outcome = poll_until(probe, done, timeout_s=timeout_s, interval_s=interval_s)
         last = outcome.last
         observed = describe(last) if last is not None else "no reading"
-        if outcome.ok and not ok(last):
+        if outcome.ok and ok(last):
+            by = "check"
+        elif outcome.ok and resolved:
             by = "alert.resolved"
             observed = f"alert {alert.alertname or fingerprint} resolved; last check: {observed}"
         else:
-            by = "check" if outcome.ok else ""
-        report.check(name, outcome.ok, observed)
-        return Verification(outcome.ok, last, by, outcome.elapsed_s)
+            by = ""
+        report.check(name, bool(by), observed)
+        return Verification(bool(by), last, by, outcome.elapsed_s)
 
     # internals ---------------------------------------------------------------------------
 
