@@ -22,6 +22,9 @@ from pathlib import Path
 import httpx
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The runner's poll: the fallback for runs whose Scheduled event was missed, and what starts
+# scheduled runs (up to Prefect's 10 s prefetch ahead of their time).
+POLL_SECONDS = 5.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,10 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument(
         "--poll-seconds",
         type=float,
-        default=1.0,
-        help="how often the runner looks for new (alert-triggered or scheduled) runs; Prefect's "
-        "default of 10 s adds up to 10 s to every alert, and polling much faster than 1 s slows "
-        "the SQLite server's automations down (python -m bench trigger-latency)",
+        default=POLL_SECONDS,
+        help="how often the runner also polls for due runs; alert-triggered runs start on their "
+        "Scheduled event (runbooks/pickup.py), the poll is the fallback and starts scheduled "
+        "runs (python -m bench trigger-latency)",
+    )
+    up.add_argument(
+        "--no-event-pickup",
+        action="store_true",
+        help="start runs only from the poll, not on their Scheduled event",
     )
     up.add_argument("--gateway-port", type=int, default=8700, help="port of the alert gateway")
     up.add_argument("--no-gateway", action="store_true", help="do not start the alert gateway")
@@ -50,12 +58,21 @@ def main(argv: list[str] | None = None) -> int:
 
     add_gateway_arguments(gateway)
     sub.add_parser("list", help="list the runbooks declared in prefect.yaml")
-    sub.add_parser("register-blocks", help="register the project's block types with the Prefect API")
+    sub.add_parser(
+        "register-blocks", help="register the project's block types with the Prefect API"
+    )
     args = parser.parse_args(argv)
 
     if args.command == "up":
         gateway_port = None if args.no_gateway else args.gateway_port
-        return _up(args.host, args.port, args.api_url, args.poll_seconds, gateway_port)
+        return _up(
+            args.host,
+            args.port,
+            args.api_url,
+            args.poll_seconds,
+            gateway_port,
+            event_pickup=not args.no_event_pickup,
+        )
     if args.command == "gateway":
         from alert_gateway.server import run_from_args
 
@@ -98,7 +115,12 @@ def _print_runbooks() -> None:
 
 
 def _up(
-    host: str, port: int, api_url: str | None, poll_seconds: float, gateway_port: int | None
+    host: str,
+    port: int,
+    api_url: str | None,
+    poll_seconds: float,
+    gateway_port: int | None,
+    event_pickup: bool = True,
 ) -> int:
     ui_url = f"http://{host}:{port}"
     own_server = api_url is None
@@ -118,9 +140,17 @@ def _up(
     try:
         if own_server:
             print(f"starting Prefect server on {ui_url} (SQLite in {os.environ['PREFECT_HOME']})")
+            # `prefect server start`, with one SQLite fix for alert-triggered runs (see module)
             server = _start_child(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", host,
-                 "--port", str(port)]
+                [
+                    sys.executable,
+                    "-m",
+                    "runbooks.sqlite_server",
+                    "--host",
+                    host,
+                    "--port",
+                    str(port),
+                ]
             )
             children.append(server)
         _wait_healthy(api_url, server)
@@ -129,15 +159,19 @@ def _up(
         slugs = register_block_types()
         print("registered block types:", ", ".join(slugs))
 
-        from prefect.runner import Runner
-
         from deployments.catalog import add_to_runner, flow_module, load_catalog
         from runbooks import warm_start
+        from runbooks.pickup import EventDrivenRunner
 
         specs = load_catalog()
         warm_start.enable(sorted({flow_module(spec) for spec in specs}))
         # Schedules stay as declared across restarts: no pausing them on the way out.
-        runner = Runner(name="runbooks", query_seconds=poll_seconds, pause_on_shutdown=False)
+        runner = EventDrivenRunner(
+            name="runbooks",
+            query_seconds=poll_seconds,
+            pause_on_shutdown=False,
+            event_pickup=event_pickup,
+        )
         add_to_runner(runner, specs)
         print(f"\nPrefect UI: {os.environ['PREFECT_UI_URL']}\nrunbooks:")
         _print_runbooks()
