@@ -47,6 +47,10 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import httpx
 from prefect import get_client
+from prefect.client.schemas.actions import (
+    GlobalConcurrencyLimitCreate,
+    GlobalConcurrencyLimitUpdate,
+)
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.concurrency.sync import concurrency
 from prefect.context import FlowRunContext
@@ -57,7 +61,7 @@ from prefect.events.filters import (
     EventOccurredFilter,
     EventResourceFilter,
 )
-from prefect.exceptions import PrefectException
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, PrefectException
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from prefect.variables import Variable
@@ -498,7 +502,7 @@ class Guard:
 def guard(report: IncidentReport, target: Target) -> Iterator[Guard]:
     """Hold the target's lock for the block; wait or stop per ``params.safety`` when it is busy."""
     safety = report.params.safety
-    ensure_lock(target)
+    held = ensure_lock(target)
     ctx = FlowRunContext.get()
     holder = (
         ConcurrencyLeaseHolder(type="flow_run", id=ctx.flow_run.id)
@@ -533,20 +537,34 @@ def guard(report: IncidentReport, target: Target) -> Iterator[Guard]:
     report.target = target
     report.step(
         f"lock on {target.label} acquired"
-        + (f" after waiting {waited:.1f}s for another run to finish" if waited >= 1 else "")
+        + (f" after waiting {waited:.1f}s for another run to finish" if held else "")
+        + (f" after {waited:.1f}s (server slow to answer)" if waited >= 1 and not held else "")
     )
     with stack:
         yield Guard(report, target)
 
 
-def ensure_lock(target: Target) -> None:
-    """Create the target's one-slot limit (idempotent; it shows on the UI's Concurrency page)."""
+def ensure_lock(target: Target) -> bool:
+    """Create the target's one-slot limit if missing (it shows on the UI's Concurrency page).
+
+    Returns whether another run holds it right now.
+    """
     with get_client(sync_client=True) as client:
         try:
-            client.upsert_global_concurrency_limit_by_name(target.lock_name, 1)
-        except PrefectException:
-            # created by a concurrent run between the read and the create
-            client.read_global_concurrency_limit_by_name(target.lock_name)
+            limit = client.read_global_concurrency_limit_by_name(target.lock_name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=target.lock_name, limit=1)
+                )
+            except ObjectAlreadyExists:
+                pass  # created by a concurrent run between the read and the create
+            return False
+        if limit.limit != 1:
+            client.update_global_concurrency_limit(
+                target.lock_name, GlobalConcurrencyLimitUpdate(limit=1)
+            )
+        return limit.active_slots > 0
 
 
 def _safe_alert_resolved(fingerprint: str | None, since: datetime) -> bool:
