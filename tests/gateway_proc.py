@@ -20,6 +20,7 @@ import httpx
 import uvicorn
 
 from alert_gateway import GatewaySettings, create_app
+from tests.alertmanager import scrape_metric
 from tests.servers import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -175,11 +176,6 @@ def wait_for_events(
         time.sleep(0.25)
 
 
-def metric(base_url: str, sample: str) -> float:
-    """The value of one sample of the gateway's /metrics, e.g. ``..._total{reason="schema"}``; 0 if absent."""
-    text = httpx.get(f"{base_url}/metrics", timeout=5).text
-    for line in text.splitlines():
-        name, _, value = line.rpartition(" ")
-        if name == sample:
-            return float(value)
-    return 0.0
+def metric(base_url: str, name: str, **labels: str) -> float:
+    """The gateway's /metrics sample ``name`` (``_total`` optional) with these labels; 0 if absent."""
+    return scrape_metric(f"{base_url}/metrics", name, **labels)

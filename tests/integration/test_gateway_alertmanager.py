@@ -23,10 +23,9 @@ from tests.alertmanager import (
     gateway_config,
     resolved,
     running_alertmanager,
-    scrape_metric,
 )
 from tests.conftest import runs_of, unique
-from tests.gateway_proc import TOKEN, GatewayProcess
+from tests.gateway_proc import TOKEN, GatewayProcess, metric
 
 pytestmark = pytest.mark.integration
 
@@ -61,12 +60,21 @@ def test_alerts_start_their_runbooks_and_resolution_reaches_prefect(
     alertmanager: Alertmanager, gateway: str, deployment_ids: dict[str, str]
 ) -> None:
     tag = unique("am")  # fresh fingerprints: the session's Prefect server outlives this test
-    pool = {"alertname": "PostgresTooManyConnections", "database": "orders-db", "severity": "warning",
-            "test": tag}
-    broker = {"alertname": "KafkaBrokerDown", "kafka_cluster": "prod-kafka", "namespace": "streaming",
-              "severity": "critical", "test": tag}
+    pool = {
+        "alertname": "PostgresTooManyConnections",
+        "database": "orders-db",
+        "severity": "warning",
+        "test": tag,
+    }
+    broker = {
+        "alertname": "KafkaBrokerDown",
+        "kafka_cluster": "prod-kafka",
+        "namespace": "streaming",
+        "severity": "critical",
+        "test": tag,
+    }
     no_runbook = {"alertname": "DiskAlmostFull", "severity": "warning", "test": tag}
-    received_before = _gateway_metric(gateway, "runbooks_gateway_alerts_received")
+    received_before = metric(gateway, "runbooks_gateway_alerts_received")
 
     pool_alert = firing(pool, {"summary": "orders-db uses 83% of max_connections"})
     broker_alert = firing(broker)
@@ -85,13 +93,15 @@ def test_alerts_start_their_runbooks_and_resolution_reaches_prefect(
     assert_alert_context(params, alertmanager, broker_alert)
 
     # the alert without a runbook went to the root `null` receiver, not to the gateway
-    assert _gateway_metric(gateway, "runbooks_gateway_alerts_received") - received_before == 2
+    assert metric(gateway, "runbooks_gateway_alerts_received") - received_before == 2
 
     resource_id = f"alert.{alertmanager.fingerprint(pool)}"
     pool_resolved = resolved(pool_alert)
     alertmanager.post_alerts([pool_resolved])
     arrived = poll_until(
-        lambda: _prefect_events("alert.resolved", resource_id), bool, timeout_s=RUN_TIMEOUT_S,
+        lambda: _prefect_events("alert.resolved", resource_id),
+        bool,
+        timeout_s=RUN_TIMEOUT_S,
         interval_s=0.3,
     )
     assert arrived.ok, f"no alert.resolved event for {resource_id} reached Prefect"
@@ -110,9 +120,13 @@ def test_wrong_token_starts_nothing_until_the_token_file_is_fixed(
 ) -> None:
     token_file = tmp_path / "gateway.token"
     token_file.write_text("not-the-gateway-token\n")
-    labels = {"alertname": "GatewayWalBacklog", "gateway": "wembley-gw-1", "severity": "warning",
-              "test": unique("am")}
-    rejected_before = _gateway_metric(gateway, "runbooks_gateway_requests_rejected", reason="unauthorized")
+    labels = {
+        "alertname": "GatewayWalBacklog",
+        "gateway": "wembley-gw-1",
+        "severity": "warning",
+        "test": unique("am"),
+    }
+    rejected_before = metric(gateway, "runbooks_gateway_requests_rejected", reason="unauthorized")
 
     with running_alertmanager(gateway_config(f"{gateway}/alerts/alertmanager", token_file)) as am:
         alert = firing(labels)
@@ -120,8 +134,10 @@ def test_wrong_token_starts_nothing_until_the_token_file_is_fixed(
         # Alertmanager retries every group_interval (1 s): by the second refusal, an alert the
         # gateway had let through would have started its run already
         rejected = poll_until(
-            lambda: _gateway_metric(gateway, "runbooks_gateway_requests_rejected", reason="unauthorized"),
-            lambda n: n >= rejected_before + 2, timeout_s=15, interval_s=0.2,
+            lambda: metric(gateway, "runbooks_gateway_requests_rejected", reason="unauthorized"),
+            lambda n: n >= rejected_before + 2,
+            timeout_s=15,
+            interval_s=0.2,
         )
         assert rejected.ok, f"the gateway did not reject Alertmanager's notifications:\n{am.log()}"
         assert am.metric("alertmanager_notifications_failed", integration="webhook") >= 1
@@ -167,20 +183,21 @@ def _runs_for(deployment_id: str, resource_id: str) -> list[dict[str, Any]]:
     """Runs of the deployment started by the alert with this resource id."""
     fingerprint = resource_id.removeprefix("alert.")
     return [
-        r for r in runs_of(deployment_id)
-        if ((r["parameters"].get("params") or {}).get("alert") or {}).get("fingerprint") == fingerprint
+        r
+        for r in runs_of(deployment_id)
+        if ((r["parameters"].get("params") or {}).get("alert") or {}).get("fingerprint")
+        == fingerprint
     ]
 
 
 def _prefect_events(name: str, resource_id: str) -> list[dict[str, Any]]:
     resp = httpx.post(
         f"{PREFECT_API_URL.value()}/events/filter",
-        json={"filter": {"event": {"name": [name]}, "resource": {"id": [resource_id]}}, "limit": 50},
+        json={
+            "filter": {"event": {"name": [name]}, "resource": {"id": [resource_id]}},
+            "limit": 50,
+        },
         timeout=10,
     )
     resp.raise_for_status()
     return resp.json()["events"]
-
-
-def _gateway_metric(gateway: str, name: str, **labels: str) -> float:
-    return scrape_metric(f"{gateway}/metrics", name, **labels)

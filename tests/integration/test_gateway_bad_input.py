@@ -100,44 +100,145 @@ _valid = alertmanager_notification(alert("BadInput"))
 # 800 kB alertname: within the body limit, but its event carries it twice (label and name)
 _huge_label = {
     "version": "4",
-    "alerts": [{"status": "firing", "labels": {"alertname": "X" * 800_000}, "startsAt": "2026-11-22T03:00:00Z"}],
+    "alerts": [
+        {
+            "status": "firing",
+            "labels": {"alertname": "X" * 800_000},
+            "startsAt": "2026-11-22T03:00:00Z",
+        }
+    ],
 }
 
 # (name, body, content type, status, reason label, words the error must contain)
 BAD_INPUT = [
-    ("truncated JSON", b'{"version": "4", "alerts": [', "application/json", 400, "bad_json", "not valid JSON"),
+    (
+        "truncated JSON",
+        b'{"version": "4", "alerts": [',
+        "application/json",
+        400,
+        "bad_json",
+        "not valid JSON",
+    ),
     ("empty body", b"", "application/json", 400, "bad_json", "not valid JSON"),
-    ("not JSON at all", b"alertname=KafkaBrokerDown", "application/json", 400, "bad_json", "not valid JSON"),
-    ("invalid UTF-8", b'{"version":"4","receiver":"\xff\xfe"}', "application/json", 400, "bad_json", "not valid JSON"),
-    ("lone surrogate", b'{"version":"4","receiver":"\\ud800"}', "application/json", 400, "bad_json", "not valid JSON"),
+    (
+        "not JSON at all",
+        b"alertname=KafkaBrokerDown",
+        "application/json",
+        400,
+        "bad_json",
+        "not valid JSON",
+    ),
+    (
+        "invalid UTF-8",
+        b'{"version":"4","receiver":"\xff\xfe"}',
+        "application/json",
+        400,
+        "bad_json",
+        "not valid JSON",
+    ),
+    (
+        "lone surrogate",
+        b'{"version":"4","receiver":"\\ud800"}',
+        "application/json",
+        400,
+        "bad_json",
+        "not valid JSON",
+    ),
     ("nesting bomb", _deep(100_000), "application/json", 400, "bad_json", "recursion"),
-    ("NaN", b'{"version":"4","truncatedAlerts":NaN}', "application/json", 422, "schema", "truncatedAlerts"),
+    (
+        "NaN",
+        b'{"version":"4","truncatedAlerts":NaN}',
+        "application/json",
+        422,
+        "schema",
+        "truncatedAlerts",
+    ),
     ("a list", b"[]", "application/json", 422, "schema", "body"),
     ("a string", b'"alert"', "application/json", 422, "schema", "body"),
-    ("no alerts", json.dumps({"version": "4"}).encode(), "application/json", 422, "schema", "alerts"),
-    ("wrong version", json.dumps({**_valid, "version": "3"}).encode(), "application/json", 422, "schema", "version"),
+    (
+        "no alerts",
+        json.dumps({"version": "4"}).encode(),
+        "application/json",
+        422,
+        "schema",
+        "alerts",
+    ),
+    (
+        "wrong version",
+        json.dumps({**_valid, "version": "3"}).encode(),
+        "application/json",
+        422,
+        "schema",
+        "version",
+    ),
     (
         "alert without startsAt",
         json.dumps({**_valid, "alerts": [{"status": "firing", "labels": {"a": "b"}}]}).encode(),
-        "application/json", 422, "schema", "alerts.0.startsAt",
+        "application/json",
+        422,
+        "schema",
+        "alerts.0.startsAt",
     ),
     (
         "numeric label",
-        json.dumps({**_valid, "alerts": [{**_valid["alerts"][0], "labels": {"port": 9092}}]}).encode(),
-        "application/json", 422, "schema", "alerts.0.labels.port",
+        json.dumps(
+            {**_valid, "alerts": [{**_valid["alerts"][0], "labels": {"port": 9092}}]}
+        ).encode(),
+        "application/json",
+        422,
+        "schema",
+        "alerts.0.labels.port",
     ),
     (
         "unknown status",
         json.dumps({**_valid, "alerts": [{**_valid["alerts"][0], "status": "pending"}]}).encode(),
-        "application/json", 422, "schema", "alerts.0.status",
+        "application/json",
+        422,
+        "schema",
+        "alerts.0.status",
     ),
-    ("text/plain", json.dumps(_valid).encode(), "text/plain", 415, "content_type", "application/json"),
-    ("form", json.dumps(_valid).encode(), "application/x-www-form-urlencoded", 415, "content_type", "application/json"),
+    (
+        "text/plain",
+        json.dumps(_valid).encode(),
+        "text/plain",
+        415,
+        "content_type",
+        "application/json",
+    ),
+    (
+        "form",
+        json.dumps(_valid).encode(),
+        "application/x-www-form-urlencoded",
+        415,
+        "content_type",
+        "application/json",
+    ),
     ("no content type", json.dumps(_valid).encode(), None, 415, "content_type", "application/json"),
-    ("latin-1 JSON", json.dumps(_valid).encode(), "application/json; charset=latin-1", 415, "content_type", "UTF-8"),
+    (
+        "latin-1 JSON",
+        json.dumps(_valid).encode(),
+        "application/json; charset=latin-1",
+        415,
+        "content_type",
+        "UTF-8",
+    ),
     ("over 1 MiB", b" " * (MIB + 1), "application/json", 413, "too_large", "larger than 1048576"),
-    ("over 1 MiB, streamed", _streamed(2 * MIB), "application/json", 413, "too_large", "larger than 1048576"),
-    ("event too large for Prefect", json.dumps(_huge_label).encode(), "application/json", 413, "too_large", "alerts[0]"),
+    (
+        "over 1 MiB, streamed",
+        _streamed(2 * MIB),
+        "application/json",
+        413,
+        "too_large",
+        "larger than 1048576",
+    ),
+    (
+        "event too large for Prefect",
+        json.dumps(_huge_label).encode(),
+        "application/json",
+        413,
+        "too_large",
+        "alerts[0]",
+    ),
 ]
 # JSON with a charset, vendor +json types and exactly 1 MiB are fine
 GOOD_VARIANTS = [
@@ -154,18 +255,23 @@ GOOD_VARIANTS = [
     ids=[case[0] for case in BAD_INPUT],
 )
 def test_bad_input_is_a_4xx_saying_what_is_wrong(
-    gateway: str, body: bytes | Iterator[bytes], content_type: str | None, status: int, reason: str, words: str
+    gateway: str,
+    body: bytes | Iterator[bytes],
+    content_type: str | None,
+    status: int,
+    reason: str,
+    words: str,
 ) -> None:
     headers = dict(AUTH)
     if content_type:
         headers["Content-Type"] = content_type
-    before = metric(gateway, f'runbooks_gateway_requests_rejected_total{{reason="{reason}"}}')
+    before = metric(gateway, "runbooks_gateway_requests_rejected", reason=reason)
     reply = httpx.post(f"{gateway}/alerts/alertmanager", content=body, headers=headers, timeout=30)
     assert reply.status_code == status, reply.text[:500]
     error = reply.json()
     assert set(error) == {"error", "detail"}
     assert words in error["error"] or words in json.dumps(error["detail"]), error
-    assert metric(gateway, f'runbooks_gateway_requests_rejected_total{{reason="{reason}"}}') == before + 1
+    assert metric(gateway, "runbooks_gateway_requests_rejected", reason=reason) == before + 1
     # the gateway is unharmed: the next valid alert goes through
     assert post_alerts(gateway, json.loads(valid_body())).status_code == 202
 
@@ -184,14 +290,18 @@ def test_valid_variants_are_accepted(gateway: str, content_type: str, padding: b
     body = valid_body() + padding
     assert len(body) <= MIB
     reply = httpx.post(
-        f"{gateway}/alerts/alertmanager", content=body, headers={**AUTH, "Content-Type": content_type}, timeout=10
+        f"{gateway}/alerts/alertmanager",
+        content=body,
+        headers={**AUTH, "Content-Type": content_type},
+        timeout=10,
     )
     assert reply.status_code == 202, reply.text
 
 
 def test_unknown_routes_and_methods_answer_json(gateway: str) -> None:
     assert httpx.get(f"{gateway}/alerts/alertmanager", timeout=5).json() == {
-        "error": "Method Not Allowed", "detail": None,
+        "error": "Method Not Allowed",
+        "detail": None,
     }
     missing = httpx.post(f"{gateway}/alerts/nagios", headers=AUTH, timeout=5)
     assert missing.status_code == 404 and missing.json()["error"] == "Not Found"
@@ -207,15 +317,21 @@ def test_alerts_accepted_between_bad_requests_all_reach_prefect(gateway: str) ->
 
 def test_insecure_mode_needs_no_token(tmp_path: Path) -> None:
     with serving(settings_for(tmp_path, token=None, insecure=True)) as url:
-        reply = httpx.post(f"{url}/alerts/alertmanager", content=valid_body(), headers=JSON, timeout=10)
+        reply = httpx.post(
+            f"{url}/alerts/alertmanager", content=valid_body(), headers=JSON, timeout=10
+        )
         assert reply.status_code == 202
 
 
 def test_cli_insecure_flag_accepts_unauthenticated_alerts(tmp_path: Path) -> None:
-    gateway = GatewayProcess(spool_path=tmp_path / "spool.sqlite3", prefect_api_url=PREFECT_API_URL.value(), token=None)
+    gateway = GatewayProcess(
+        spool_path=tmp_path / "spool.sqlite3", prefect_api_url=PREFECT_API_URL.value(), token=None
+    )
     try:
         gateway.start()
-        reply = httpx.post(f"{gateway.url}/alerts/alertmanager", content=valid_body(), headers=JSON, timeout=10)
+        reply = httpx.post(
+            f"{gateway.url}/alerts/alertmanager", content=valid_body(), headers=JSON, timeout=10
+        )
         assert reply.status_code == 202
     finally:
         gateway.kill()
@@ -230,7 +346,11 @@ def test_no_token_refuses_to_start(tmp_path: Path) -> None:
     env["PREFECT_API_URL"] = "http://127.0.0.1:9/api"
     done = subprocess.run(
         [sys.executable, "-m", "alert_gateway", "--port", "1"],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60,
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 2
     assert "RUNBOOKS_GATEWAY_TOKEN" in done.stderr and "--insecure" in done.stderr
@@ -243,9 +363,19 @@ def test_token_from_a_prefect_secret_block(tmp_path: Path) -> None:
     with serving(settings_for(tmp_path, token=None, token_secret_block=name)) as url:
         body = valid_body()
         good = {"Authorization": "Bearer token-from-block-91c2", **JSON}
-        assert httpx.post(f"{url}/alerts/alertmanager", content=body, headers=good, timeout=10).status_code == 202
+        assert (
+            httpx.post(
+                f"{url}/alerts/alertmanager", content=body, headers=good, timeout=10
+            ).status_code
+            == 202
+        )
         bad = {"Authorization": f"Bearer {TOKEN}", **JSON}
-        assert httpx.post(f"{url}/alerts/alertmanager", content=body, headers=bad, timeout=10).status_code == 401
+        assert (
+            httpx.post(
+                f"{url}/alerts/alertmanager", content=body, headers=bad, timeout=10
+            ).status_code
+            == 401
+        )
     with pytest.raises(GatewayConfigError, match="not found"):
         create_app(settings_for(tmp_path, token=None, token_secret_block=unique("missing")))
 
@@ -257,11 +387,20 @@ def test_token_never_appears_in_logs_metrics_spool_or_events(
     with serving(settings_for(tmp_path)) as url:
         ids = post_alerts(url, json.loads(valid_body())).json()["event_ids"]
         httpx.post(f"{url}/alerts/alertmanager", content=b"{", headers={**AUTH, **JSON}, timeout=10)
-        httpx.post(f"{url}/alerts/alertmanager", content=valid_body(), headers={"Authorization": f"Bearer {TOKEN}x", **JSON}, timeout=10)
+        httpx.post(
+            f"{url}/alerts/alertmanager",
+            content=valid_body(),
+            headers={"Authorization": f"Bearer {TOKEN}x", **JSON},
+            timeout=10,
+        )
         metrics_text = httpx.get(f"{url}/metrics", timeout=5).text
         events = wait_for_events(PREFECT_API_URL.value(), ids)
     assert len(events) == 1
     spool_bytes = b"".join(p.read_bytes() for p in tmp_path.glob("spool.sqlite3*"))
-    for where, text in (("logs", caplog.text), ("metrics", metrics_text), ("events", json.dumps(events))):
+    for where, text in (
+        ("logs", caplog.text),
+        ("metrics", metrics_text),
+        ("events", json.dumps(events)),
+    ):
         assert TOKEN not in text, where
     assert TOKEN.encode() not in spool_bytes

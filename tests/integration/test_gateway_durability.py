@@ -52,16 +52,21 @@ class OwnPrefect(PrefectServer):
     """A Prefect server of this module's own, with basic auth and a small label limit."""
 
     def __init__(self, home: Path) -> None:
-        super().__init__(home=home, extra_env={
-            "PREFECT_SERVER_UI_ENABLED": "false",
-            "PREFECT_SERVER_API_AUTH_STRING": PREFECT_AUTH,
-            "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
-            # small enough to make Prefect itself refuse an event (see the rejection test)
-            "PREFECT_SERVER_EVENTS_MAXIMUM_LABELS_PER_RESOURCE": "12",
-            "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.3",
-            **{f"PREFECT_SERVER_SERVICES_{s}_ENABLED": "false"
-               for s in ("SCHEDULER", "LATE_RUNS", "FOREMAN", "TRIGGERS")},
-        })
+        super().__init__(
+            home=home,
+            extra_env={
+                "PREFECT_SERVER_UI_ENABLED": "false",
+                "PREFECT_SERVER_API_AUTH_STRING": PREFECT_AUTH,
+                "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
+                # small enough to make Prefect itself refuse an event (see the rejection test)
+                "PREFECT_SERVER_EVENTS_MAXIMUM_LABELS_PER_RESOURCE": "12",
+                "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.3",
+                **{
+                    f"PREFECT_SERVER_SERVICES_{s}_ENABLED": "false"
+                    for s in ("SCHEDULER", "LATE_RUNS", "FOREMAN", "TRIGGERS")
+                },
+            },
+        )
 
     def events(self, ids: list[str], timeout_s: float = 20) -> list[dict[str, Any]]:
         headers = {"Authorization": "Basic " + base64.b64encode(PREFECT_AUTH.encode()).decode()}
@@ -106,7 +111,9 @@ class PrefectRelay:
                 time.sleep(relay.delay_s)
                 upstream = httpx.post(
                     relay.target + self.path.removeprefix("/api"),
-                    content=body, headers={"Content-Type": "application/json"}, timeout=10,
+                    content=body,
+                    headers={"Content-Type": "application/json"},
+                    timeout=10,
                 )
                 if upstream.is_success:
                     relay.deliveries.append([e["id"] for e in json.loads(body)])
@@ -144,7 +151,9 @@ def spool_states(path: Path) -> dict[str, str]:
         return dict(db.execute("SELECT id, state FROM events").fetchall())
 
 
-def test_prefect_down_then_up_delivers_everything_once(own_prefect: OwnPrefect, tmp_path: Path) -> None:
+def test_prefect_down_then_up_delivers_everything_once(
+    own_prefect: OwnPrefect, tmp_path: Path
+) -> None:
     settings = GatewaySettings(
         token=SecretStr(TOKEN),
         spool_path=tmp_path / "spool.sqlite3",
@@ -153,7 +162,9 @@ def test_prefect_down_then_up_delivers_everything_once(own_prefect: OwnPrefect, 
         backoff_max_s=1.0,
     )
     with serving(settings) as gateway:
-        before = post_alerts(gateway, alertmanager_notification(alert("PrefectOutage", phase="before")))
+        before = post_alerts(
+            gateway, alertmanager_notification(alert("PrefectOutage", phase="before"))
+        )
         [before_id] = before.json()["event_ids"]
         assert len(own_prefect.events([before_id])) == 1
 
@@ -162,13 +173,16 @@ def test_prefect_down_then_up_delivers_everything_once(own_prefect: OwnPrefect, 
         for i in range(10):
             reply = post_alerts(
                 gateway,
-                alertmanager_notification(alert("PrefectOutage", phase=f"during-{i}"), alert("PrefectOutage", status="resolved")),
+                alertmanager_notification(
+                    alert("PrefectOutage", phase=f"during-{i}"),
+                    alert("PrefectOutage", status="resolved"),
+                ),
             )
             assert reply.status_code == 202  # accepted: it is in the spool
             during += reply.json()["event_ids"]
         time.sleep(1.5)
         assert httpx.get(f"{gateway}/healthz", timeout=5).json()["spool_depth"] == 20
-        assert metric(gateway, 'runbooks_gateway_forward_failures_total{reason="unreachable"}') >= 2
+        assert metric(gateway, "runbooks_gateway_forward_failures", reason="unreachable") >= 2
 
         own_prefect.start()
         events = own_prefect.events(during, timeout_s=30)
@@ -176,7 +190,7 @@ def test_prefect_down_then_up_delivers_everything_once(own_prefect: OwnPrefect, 
         deadline = time.monotonic() + 10
         while metric(gateway, "runbooks_gateway_spool_depth") and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert metric(gateway, "runbooks_gateway_events_forwarded_total") == 21
+        assert metric(gateway, "runbooks_gateway_events_forwarded") == 21
         assert metric(gateway, "runbooks_gateway_spool_depth") == 0
 
     # Prefect's event store keeps one event per id, across its own restarts: a re-delivery of an
@@ -188,13 +202,17 @@ def test_prefect_down_then_up_delivers_everything_once(own_prefect: OwnPrefect, 
         "event": "alert.firing",
         "resource": {"prefect.resource.id": "alert.re-delivered"},
     }
-    httpx.post(f"{own_prefect.api_url}/events", json=[again], headers=headers, timeout=10).raise_for_status()
+    httpx.post(
+        f"{own_prefect.api_url}/events", json=[again], headers=headers, timeout=10
+    ).raise_for_status()
     time.sleep(1.5)  # > the persister's flush interval
     [stored] = own_prefect.events([before_id], timeout_s=0)
     assert stored["resource"]["prefect.resource.id"] != "alert.re-delivered"
 
 
-def test_event_prefect_refuses_is_set_aside_and_others_pass(own_prefect: OwnPrefect, tmp_path: Path) -> None:
+def test_event_prefect_refuses_is_set_aside_and_others_pass(
+    own_prefect: OwnPrefect, tmp_path: Path
+) -> None:
     settings = GatewaySettings(
         token=SecretStr(TOKEN),
         spool_path=tmp_path / "spool.sqlite3",
@@ -205,22 +223,34 @@ def test_event_prefect_refuses_is_set_aside_and_others_pass(own_prefect: OwnPref
     with serving(settings) as gateway:
         reply = post_alerts(
             gateway,
-            alertmanager_notification(alert("Refused", n="1"), alert("Refused", **many_labels), alert("Refused", n="3")),
+            alertmanager_notification(
+                alert("Refused", n="1"), alert("Refused", **many_labels), alert("Refused", n="3")
+            ),
         )
         good_1, refused, good_3 = reply.json()["event_ids"]
-        assert sorted(e["id"] for e in own_prefect.events([good_1, good_3])) == sorted([good_1, good_3])
+        assert sorted(e["id"] for e in own_prefect.events([good_1, good_3])) == sorted(
+            [good_1, good_3]
+        )
         deadline = time.monotonic() + 10
-        while spool_states(settings.spool_path)[refused] == "pending" and time.monotonic() < deadline:
+        while (
+            spool_states(settings.spool_path)[refused] == "pending" and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
-        assert spool_states(settings.spool_path) == {good_1: "delivered", refused: "rejected", good_3: "delivered"}
-        assert metric(gateway, 'runbooks_gateway_forward_failures_total{reason="rejected"}') == 1
+        assert spool_states(settings.spool_path) == {
+            good_1: "delivered",
+            refused: "rejected",
+            good_3: "delivered",
+        }
+        assert metric(gateway, "runbooks_gateway_forward_failures", reason="rejected") == 1
         assert metric(gateway, "runbooks_gateway_spool_depth") == 0
     with sqlite3.connect(settings.spool_path) as db:
         [error] = db.execute("SELECT last_error FROM events WHERE id = ?", (refused,)).fetchone()
     assert "maximum number of labels" in error
 
 
-def test_wrong_prefect_credentials_keep_alerts_until_fixed(own_prefect: OwnPrefect, tmp_path: Path) -> None:
+def test_wrong_prefect_credentials_keep_alerts_until_fixed(
+    own_prefect: OwnPrefect, tmp_path: Path
+) -> None:
     def settings(auth: str) -> GatewaySettings:
         return GatewaySettings(
             token=SecretStr(TOKEN),
@@ -231,9 +261,11 @@ def test_wrong_prefect_credentials_keep_alerts_until_fixed(own_prefect: OwnPrefe
         )
 
     with serving(settings("gateway:wrong-password")) as gateway:
-        [event_id] = post_alerts(gateway, alertmanager_notification(alert("Misconfigured"))).json()["event_ids"]
+        [event_id] = post_alerts(gateway, alertmanager_notification(alert("Misconfigured"))).json()[
+            "event_ids"
+        ]
         deadline = time.monotonic() + 10
-        while metric(gateway, 'runbooks_gateway_forward_failures_total{reason="http_401"}') < 2:
+        while metric(gateway, "runbooks_gateway_forward_failures", reason="http_401") < 2:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert spool_states(tmp_path / "spool.sqlite3") == {event_id: "pending"}
@@ -247,7 +279,9 @@ def test_gateway_killed_mid_stream_delivers_every_acknowledged_alert_once(tmp_pa
     gateway = GatewayProcess(spool_path=tmp_path / "spool.sqlite3", prefect_api_url=relay.api_url)
     run = uuid.uuid4().hex[:8]
     notifications = [
-        alertmanager_notification(*(alert("StreamTest", run=run, seq=str(i), part=str(j)) for j in range(1 + i % 3)))
+        alertmanager_notification(
+            *(alert("StreamTest", run=run, seq=str(i), part=str(j)) for j in range(1 + i % 3))
+        )
         for i in range(80)
     ]
     acked: dict[int, list[str]] = {}
@@ -257,8 +291,10 @@ def test_gateway_killed_mid_stream_delivers_every_acknowledged_alert_once(tmp_pa
         def send(i: int) -> None:
             try:
                 reply = httpx.post(
-                    f"{gateway.url}/alerts/alertmanager", json=notifications[i],
-                    headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5,
+                    f"{gateway.url}/alerts/alertmanager",
+                    json=notifications[i],
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                    timeout=5,
                 )
             except httpx.TransportError:
                 return  # not acknowledged: Alertmanager would send it again
@@ -295,7 +331,9 @@ def test_gateway_killed_mid_stream_delivers_every_acknowledged_alert_once(tmp_pa
         relay.close()
 
 
-def test_crash_after_prefect_took_the_event_resends_the_same_event_and_runs_once(tmp_path: Path) -> None:
+def test_crash_after_prefect_took_the_event_resends_the_same_event_and_runs_once(
+    tmp_path: Path,
+) -> None:
     """The one window at-least-once delivery cannot close: Prefect has the event, the gateway
     dies before noting it. The restarted gateway sends the same event id again; Prefect keeps it
     once and its trigger starts the runbook once."""
@@ -307,7 +345,10 @@ def test_crash_after_prefect_took_the_event_resends_the_same_event_and_runs_once
     relay = PrefectRelay(api)
     gateway = GatewayProcess(spool_path=tmp_path / "spool.sqlite3", prefect_api_url=relay.api_url)
     fingerprint = uuid.uuid4().hex[:16]
-    crashed = {**alert("FlinkJobFailed", job_name="enrichment-job", flink_cluster="flink-eu"), "fingerprint": fingerprint}
+    crashed = {
+        **alert("FlinkJobFailed", job_name="enrichment-job", flink_cluster="flink-eu"),
+        "fingerprint": fingerprint,
+    }
     try:
         gateway.start()
         assert gateway.proc is not None
@@ -333,7 +374,11 @@ def test_crash_after_prefect_took_the_event_resends_the_same_event_and_runs_once
                 timeout=10,
             )
             resp.raise_for_status()
-            return [r for r in resp.json() if (r["parameters"]["params"].get("alert") or {}).get("fingerprint") == fingerprint]
+            return [
+                r
+                for r in resp.json()
+                if (r["parameters"]["params"].get("alert") or {}).get("fingerprint") == fingerprint
+            ]
 
         deadline = time.monotonic() + 30
         while not runs() and time.monotonic() < deadline:
@@ -347,7 +392,9 @@ def test_crash_after_prefect_took_the_event_resends_the_same_event_and_runs_once
 
 
 def test_second_gateway_on_the_same_spool_refuses_to_start(tmp_path: Path) -> None:
-    first = GatewayProcess(spool_path=tmp_path / "spool.sqlite3", prefect_api_url=PREFECT_API_URL.value())
+    first = GatewayProcess(
+        spool_path=tmp_path / "spool.sqlite3", prefect_api_url=PREFECT_API_URL.value()
+    )
     second = GatewayProcess(spool_path=first.spool_path, prefect_api_url=PREFECT_API_URL.value())
     try:
         first.start()

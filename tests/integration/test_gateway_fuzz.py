@@ -29,7 +29,9 @@ FUZZ = settings(
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -42,10 +44,14 @@ def mostly(valid: st.SearchStrategy) -> st.SearchStrategy:
 string_maps = st.dictionaries(st.text(max_size=30), st.text(max_size=80), max_size=8)
 valid_timestamps = st.one_of(
     st.datetimes(timezones=st.just(UTC)).map(lambda d: d.isoformat().replace("+00:00", "Z")),
-    st.sampled_from(["0001-01-01T00:00:00Z", "2026-11-22T03:00:00.123456789Z", "2021-10-12T09:51:03+02:00"]),
+    st.sampled_from(
+        ["0001-01-01T00:00:00Z", "2026-11-22T03:00:00.123456789Z", "2021-10-12T09:51:03+02:00"]
+    ),
 )
 timestamps = valid_timestamps | st.text(max_size=30)
-fingerprints = st.one_of(st.text("0123456789abcdef", min_size=16, max_size=16), st.text(max_size=20))
+fingerprints = st.one_of(
+    st.text("0123456789abcdef", min_size=16, max_size=16), st.text(max_size=20)
+)
 alerts = st.fixed_dictionaries(
     {
         "status": mostly(st.sampled_from(["firing", "resolved"])),
@@ -78,7 +84,10 @@ notifications = st.fixed_dictionaries(
 # printable ASCII without edge whitespace: what an HTTP client can send at all
 # valid in every field, adversarial in content: any unicode (NUL included), Prefect's own label
 # names, empty strings, long values
-label_names = st.one_of(st.text(max_size=40), st.sampled_from(["prefect.resource.id", "prefect.resource.name", "alertname"]))
+label_names = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from(["prefect.resource.id", "prefect.resource.name", "alertname"]),
+)
 valid_alerts = st.fixed_dictionaries(
     {
         "status": st.sampled_from(["firing", "resolved"]),
@@ -96,9 +105,13 @@ valid_notifications = st.fixed_dictionaries(
     {"version": st.just("4"), "alerts": st.lists(valid_alerts, min_size=1, max_size=8)},
     optional={"groupKey": st.text(max_size=100), "receiver": st.text(max_size=40)},
 )
-header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60).map(str.strip)
+header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60).map(
+    str.strip
+)
 content_types = st.one_of(
-    st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain", "application/xml"]),
+    st.sampled_from(
+        ["application/json", "application/json; charset=utf-8", "text/plain", "application/xml"]
+    ),
     header_text,
 )
 
@@ -106,12 +119,17 @@ content_types = st.one_of(
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     spool: Path = tmp_path_factory.mktemp("fuzz") / "spool.sqlite3"
-    settings_ = GatewaySettings(token=SecretStr(TOKEN), spool_path=spool, prefect_api_url=PREFECT_API_URL.value())
+    settings_ = GatewaySettings(
+        token=SecretStr(TOKEN), spool_path=spool, prefect_api_url=PREFECT_API_URL.value()
+    )
     with serving(settings_) as url:
         yield url
         # everything accepted during fuzzing was also accepted by Prefect: nothing set aside
         deadline = time.monotonic() + 30
-        while httpx.get(f"{url}/healthz", timeout=5).json()["spool_depth"] and time.monotonic() < deadline:
+        while (
+            httpx.get(f"{url}/healthz", timeout=5).json()["spool_depth"]
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
         assert httpx.get(f"{url}/healthz", timeout=5).json()["spool_depth"] == 0
         assert metric(url, 'runbooks_gateway_forward_failures_total{reason="rejected"}') == 0
@@ -140,7 +158,11 @@ def check_reply(reply: httpx.Response) -> None:
 def test_valid_payloads_with_any_content_are_accepted(
     gateway: str, client: httpx.Client, path: str, notification: dict
 ) -> None:
-    reply = client.post(f"{gateway}{path}", content=json.dumps(notification), headers={**AUTH, "Content-Type": "application/json"})
+    reply = client.post(
+        f"{gateway}{path}",
+        content=json.dumps(notification),
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
     check_reply(reply)
     assert reply.status_code == 202, reply.text[:500]
 
@@ -148,26 +170,43 @@ def test_valid_payloads_with_any_content_are_accepted(
 @pytest.mark.parametrize("path", ENDPOINTS)
 @FUZZ
 @given(notification=notifications)
-def test_schema_shaped_payloads_never_5xx(gateway: str, client: httpx.Client, path: str, notification: dict) -> None:
-    reply = client.post(f"{gateway}{path}", content=json.dumps(notification), headers={**AUTH, "Content-Type": "application/json"})
+def test_schema_shaped_payloads_never_5xx(
+    gateway: str, client: httpx.Client, path: str, notification: dict
+) -> None:
+    reply = client.post(
+        f"{gateway}{path}",
+        content=json.dumps(notification),
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
     check_reply(reply)
 
 
 @pytest.mark.parametrize("path", ENDPOINTS)
 @FUZZ
-@given(body=st.one_of(st.binary(max_size=3000), json_values.map(lambda v: json.dumps(v).encode())), content_type=content_types)
-def test_arbitrary_bodies_never_5xx(gateway: str, client: httpx.Client, path: str, body: bytes, content_type: str) -> None:
-    reply = client.post(f"{gateway}{path}", content=body, headers={**AUTH, "Content-Type": content_type})
+@given(
+    body=st.one_of(st.binary(max_size=3000), json_values.map(lambda v: json.dumps(v).encode())),
+    content_type=content_types,
+)
+def test_arbitrary_bodies_never_5xx(
+    gateway: str, client: httpx.Client, path: str, body: bytes, content_type: str
+) -> None:
+    reply = client.post(
+        f"{gateway}{path}", content=body, headers={**AUTH, "Content-Type": content_type}
+    )
     check_reply(reply)
 
 
 @pytest.mark.parametrize("path", ENDPOINTS)
 @FUZZ
 @given(authorization=header_text)
-def test_arbitrary_authorization_is_401(gateway: str, client: httpx.Client, path: str, authorization: str) -> None:
+def test_arbitrary_authorization_is_401(
+    gateway: str, client: httpx.Client, path: str, authorization: str
+) -> None:
     body = json.dumps({"version": "4", "alerts": []})
     reply = client.post(
-        f"{gateway}{path}", content=body, headers={"Authorization": authorization, "Content-Type": "application/json"}
+        f"{gateway}{path}",
+        content=body,
+        headers={"Authorization": authorization, "Content-Type": "application/json"},
     )
     check_reply(reply)
     if authorization.strip() != f"Bearer {TOKEN}":
