@@ -13,8 +13,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from psycopg import sql
 
 from blocks.postgres import PostgresDatabase
 from deployments.catalog import load_catalog
@@ -138,6 +140,10 @@ def test_up_serves_every_runbook_and_stops_cleanly(runbooks_up, postgres: Postgr
     assert "Database Connection Pool Exhausted" in report[0]["data"]
     assert postgres.password not in report[0]["data"]
 
+    # a manual run (the UI's run form) that needs approval pauses in the served process; the
+    # answer given through the API the UI's resume form uses lets it act
+    _approve_a_manual_run(api, postgres)
+
     # Ctrl-C in the terminal signals the whole foreground process group
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
@@ -151,3 +157,63 @@ def test_up_serves_every_runbook_and_stops_cleanly(runbooks_up, postgres: Postgr
         httpx.get(f"http://127.0.0.1:{gateway_port}/healthz", timeout=2)
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{api}/health", timeout=2)
+
+
+def _approve_a_manual_run(api: str, postgres: PostgresServer) -> None:
+    db = f"up_approval_{uuid.uuid4().hex[:8]}"
+    admin = psycopg.connect(postgres.conninfo(), autocommit=True)
+    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+    victim = psycopg.connect(postgres.conninfo(dbname=db), application_name="up-victim")
+    victim.execute("SELECT 1")  # left idle inside its transaction
+    try:
+        pid = victim.info.backend_pid
+        (free,) = admin.execute(
+            "SELECT current_setting('max_connections')::int"
+            " - current_setting('superuser_reserved_connections')::int"
+            " - count(*) FILTER (WHERE backend_type = 'client backend')::int FROM pg_stat_activity"
+        ).fetchone()
+        time.sleep(1.2)
+        [deployment] = httpx.post(f"{api}/deployments/filter", timeout=5, json={
+            "deployments": {"name": {"any_": ["db-connection-pool-exhausted"]}}}).json()
+        created = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", timeout=10, json={
+            "parameters": {"params": {
+                "db_block": "up-test-db", "idle_threshold_s": 1, "databases": [db],
+                "include_idle_in_transaction": True, "target_headroom_percent": 0,
+                # the run's own session takes the slot the victim frees: exhausted until it is gone
+                "min_free_connections": free, "verify_timeout_s": 20,
+                "safety": {"approval_poll_s": 1, "escalation_block": None},
+            }},
+        })
+        created.raise_for_status()
+        run_id = created.json()["id"]
+
+        def state() -> str:
+            return httpx.get(f"{api}/flow_runs/{run_id}", timeout=5).json()["state"]["type"]
+
+        _poll(lambda: state() == "PAUSED", 90, "the run paused for approval")
+        keyset = httpx.get(f"{api}/flow_runs/{run_id}", timeout=5).json()["state"]["state_details"][
+            "run_input_keyset"]
+
+        def form_saved() -> bool:  # the run saves its resume form (schema, then plan) after pausing
+            return httpx.get(f"{api}/flow_runs/{run_id}/input/{keyset['description']}", timeout=5).is_success
+
+        _poll(form_saved, 30, "the resume form with the plan")
+        plan = httpx.get(f"{api}/flow_runs/{run_id}/input/{keyset['description']}", timeout=5).json()
+        assert f"pid={pid}" in plan and "inside a transaction" in plan
+        assert pid in {p for (p,) in admin.execute("SELECT pid FROM pg_stat_activity").fetchall()}
+        resumed = httpx.post(f"{api}/flow_runs/{run_id}/resume", timeout=10, json={
+            "run_input": {"approve": True, "approver": "carol", "reason": "hung migration"}})
+        assert resumed.json().get("status") == "ACCEPT", resumed.text
+        _poll(lambda: state() in ("COMPLETED", "FAILED", "CRASHED"), 60, "the approved run finished")
+        final = httpx.get(f"{api}/flow_runs/{run_id}", timeout=5).json()["state"]
+        assert final["type"] == "COMPLETED", final["message"]
+        live = {p for (p,) in admin.execute("SELECT pid FROM pg_stat_activity").fetchall()}
+        assert pid not in live
+        reports = httpx.post(f"{api}/artifacts/filter", timeout=5, json={
+            "artifacts": {"flow_run_id": {"any_": [run_id]}, "type": {"any_": ["markdown"]}}}).json()
+        latest = max(reports, key=lambda r: r["created"])["data"]
+        assert "| terminate idle connections | approved | carol | hung migration |" in latest
+    finally:
+        victim.close()
+        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
+        admin.close()
