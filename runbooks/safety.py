@@ -37,6 +37,7 @@ What the guard does, in order, for each action:
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -62,8 +63,9 @@ from prefect.events.filters import (
     EventResourceFilter,
 )
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, PrefectException
-from prefect.flow_runs import pause_flow_run
-from prefect.input import RunInput
+from prefect.input import RunInput, keyset_from_paused_state
+from prefect.states import Paused
+from prefect.utilities.engine import propose_state_sync
 from prefect.variables import Variable
 from pydantic import BaseModel, Field, SecretStr
 
@@ -79,6 +81,8 @@ T = TypeVar("T")
 
 LOCK_LEASE_S = 120.0
 SKIP_PATIENCE_S = 3.0
+# Prefect's own pause outlives the approval deadline by this much (see pause_for_approval)
+PAUSE_GRACE_S = 60
 
 
 # --- targets -----------------------------------------------------------------------------
@@ -471,21 +475,20 @@ class Guard:
         report.step(f"{label}: waiting up to {safety.approval_timeout_s}s for approval ({danger})")
         report.publish()  # the plan is in the UI while the run waits
         self._approvals += 1
-        try:
-            answer = pause_flow_run(
-                wait_for_input=Approval.with_initial_data(description=description),
-                timeout=safety.approval_timeout_s,
-                poll_interval=safety.approval_poll_s,
-                key=f"approval-{self._approvals}-{_artifact_safe(label)}",
-            )
-        except PrefectException as exc:  # FlowPauseTimeout
+        answer = pause_for_approval(
+            Approval.with_initial_data(description=description),
+            key=f"approval-{self._approvals}-{_artifact_safe(label)}",
+            timeout_s=safety.approval_timeout_s,
+            poll_s=safety.approval_poll_s,
+        )
+        if answer is None:
             reason = f"approval timed out after {safety.approval_timeout_s}s"
             report.approvals.append((label, "timed out", "", reason))
             self._refuse(label, plan, reason)
             raise ApprovalTimedOut(
                 f"{label} on {self.target.label} needs approval ({danger}); nobody answered "
-                f"within {safety.approval_timeout_s}s: {type(exc).__name__}"
-            ) from None
+                f"within {safety.approval_timeout_s}s"
+            )
         who = answer.approver or "someone"
         if not answer.approve:
             report.approvals.append((label, "rejected", who, answer.reason))
@@ -496,6 +499,55 @@ class Guard:
             )
         report.approvals.append((label, "approved", who, answer.reason))
         report.step(f"{label}: approved by {who} ({answer.reason or 'no reason given'})")
+
+
+def pause_for_approval(
+    form: type[Approval], *, key: str, timeout_s: int, poll_s: int
+) -> Approval | None:
+    """Pause this run with a resume form; the answer, or None when nobody answered in time.
+
+    What ``prefect.flow_runs.pause_flow_run(wait_for_input=...)`` does, with two differences an
+    approval needs: saving the form tolerates "already exists" (a client retry of a save the
+    server had stored; seen on a busy SQLite server), and the deadline is ours while Prefect's
+    pause expires ``PAUSE_GRACE_S`` later, so the run can still end with the real reason rather
+    than Prefect's "paused and never resumed".
+    """
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        raise RuntimeError("approval needs a flow run to pause")
+    run_id = ctx.flow_run.id
+    proposed = Paused(timeout_seconds=timeout_s + PAUSE_GRACE_S, reschedule=False, pause_key=key)
+    keyset = keyset_from_paused_state(proposed)
+    proposed.state_details.run_input_keyset = keyset
+    with get_client(sync_client=True) as client:
+        state = propose_state_sync(client, proposed, flow_run_id=run_id)
+        if state.is_running():  # this very pause was answered before (the run was re-run)
+            return form.load(keyset)
+        if not state.is_paused():
+            raise RuntimeError(f"the run cannot pause for approval (state {state.type.value})")
+        try:
+            form.save(keyset)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 409:
+                raise
+            _save_input(client, run_id, keyset["description"], form._description)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            run = client.read_flow_run(run_id)
+            if run.state is not None and run.state.is_running():
+                return form.load(keyset)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            time.sleep(min(poll_s, left))
+
+
+def _save_input(client: Any, run_id: Any, key: str, value: Any) -> None:
+    try:
+        client.create_flow_run_input(flow_run_id=run_id, key=key, value=json.dumps(value))
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code != 409:
+            raise
 
 
 @contextmanager

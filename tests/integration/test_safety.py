@@ -327,8 +327,8 @@ def test_approval_timeout_rejects_and_escalates(
 
     state = db_connection_pool_exhausted(params=p, return_state=True)
 
-    # Prefect fails an expired pause itself ("never resumed"); the report says why
     assert state.is_failed()
+    assert "nobody answered within 2s" in state.message
     report = read_incident_report(state.state_details.flow_run_id)
     assert "nobody answered within 2s" in report and "ESCALATED" in report
     assert "| terminate idle connections | timed out | - |" in report
