@@ -401,7 +401,9 @@ class Guard:
             for c in plan.planned:
                 emit_action("failed", self.target, report, label, c, f"{type(exc).__name__}: {exc}")
             report.rows += [
-                ActionRow(label, c.action, c.target, "failed", c.detail, None, str(exc)[:200])
+                ActionRow(
+                    label, c.action, c.target, "failed", scrub(c.detail), None, str(exc)[:200]
+                )
                 for c in plan.planned
             ]
             raise
