@@ -20,6 +20,7 @@ import httpx
 from alert_gateway.metrics import GatewayMetrics
 from alert_gateway.settings import GatewaySettings, prefect_auth_headers
 from alert_gateway.spool import Spool, SpooledEvent
+from runbooks.backoff import backoff_delay
 
 logger = logging.getLogger("alert_gateway.forwarder")
 
@@ -37,16 +38,6 @@ class DeliveryFailed(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
-
-
-def backoff_delay(failures: int, initial_s: float, max_s: float, rand: float) -> float:
-    """Wait after the ``failures``-th consecutive failure: exponential, capped, jittered.
-
-    The ceiling doubles from ``initial_s`` up to ``max_s``; ``rand`` in [0, 1) picks a delay
-    between half the ceiling and the ceiling, so gateways restarted together do not retry in step.
-    """
-    ceiling = min(max_s, initial_s * 2 ** min(failures - 1, 32))
-    return ceiling * (0.5 + 0.5 * rand)
 
 
 def within_size(events: Sequence[SpooledEvent], max_chars: int) -> list[SpooledEvent]:

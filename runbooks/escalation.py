@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import math
 import random
 import re
 import time
@@ -33,6 +34,8 @@ import httpx
 import prefect.blocks.notifications  # noqa: F401  registers Prefect's notification block types
 from prefect.blocks.abstract import NotificationError
 from pydantic import BaseModel, Field
+
+from runbooks.backoff import backoff_delay
 
 if TYPE_CHECKING:
     from blocks.escalation import EscalationPolicy
@@ -216,12 +219,6 @@ def is_transient_http_error(exc: BaseException) -> bool:
     return isinstance(exc, httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError)
 
 
-def backoff_delay(attempt: int, base_s: float, rng: random.Random | None = None) -> float:
-    """Delay after failed attempt ``attempt`` (1-based): base * 2^(attempt-1), jittered into [d/2, d]."""
-    delay = base_s * 2 ** (attempt - 1)
-    return (rng or random).uniform(delay / 2, delay)
-
-
 def _retry_after_s(exc: BaseException) -> float | None:
     if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 429:
         value = exc.response.headers.get("retry-after", "")
@@ -244,7 +241,7 @@ def _with_retries(
                 raise
             delay = _retry_after_s(exc)
             if delay is None:
-                delay = backoff_delay(attempt, backoff_s)
+                delay = backoff_delay(attempt, backoff_s, math.inf, random.random())
             _logger().warning(
                 "escalation via %s: attempt %d/%d failed (%s); retrying in %.1fs",
                 channel,

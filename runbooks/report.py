@@ -165,26 +165,26 @@ class IncidentReport:
             f"| Runbook | `{self.runbook}` |",
             f"| Severity | {self.severity} |",
             f"| Date/Time | {self.started_at:%Y-%m-%d %H:%M:%S} UTC |",
-            f"| Reported by | {_escape(self.trigger or describe_trigger(self.params))} |",
+            f"| Reported by | {escape_cell(self.trigger or describe_trigger(self.params))} |",
             f"| Mode | {mode} |",
             f"| Outcome | **{self.outcome.value if self.outcome else 'IN PROGRESS'}** |",
         ]
         if self.target:
-            lines.append(f"| Target | {_escape(self.target.label)} |")
+            lines.append(f"| Target | {escape_cell(self.target.label)} |")
         alert = self.params.alert
         if alert and alert.labels:
             labels = ", ".join(f"{k}={v}" for k, v in sorted(alert.labels.items()))
-            lines.append(f"| Alert labels | {_escape(labels)} |")
+            lines.append(f"| Alert labels | {escape_cell(labels)} |")
         if run_link:
             lines.append(f"| Flow run | [{run_link}]({run_link}) |")
         lines += ["", "### Summary", self.conclusion or "Run did not finish.", ""]
         lines += ["### Timeline"]
-        lines += [f"- {e.at:%H:%M:%S}Z - {_escape(e.text)}" for e in self.timeline]
+        lines += [f"- {e.at:%H:%M:%S}Z - {escape_cell(e.text)}" for e in self.timeline]
         lines += ["", "### Symptoms checked"]
         if self.checks:
             lines += ["| Check | Result | Observed |", "|---|---|---|"]
             lines += [
-                f"| {c.name} | {'OK' if c.ok else 'FAILING'} | {_escape(c.observed)} |"
+                f"| {c.name} | {'OK' if c.ok else 'FAILING'} | {escape_cell(c.observed)} |"
                 for c in self.checks
             ]
         else:
@@ -194,21 +194,21 @@ class IncidentReport:
         if self.rows:
             lines += ["| Step | Action | Target | Status |", "|---|---|---|---|"]
             lines += [
-                f"| {r.step} | {r.action} | {_escape(r.target)} | {_escape(r.status)} |"
+                f"| {r.step} | {r.action} | {escape_cell(r.target)} | {escape_cell(r.status)} |"
                 for r in self.rows
             ]
         else:
             lines.append("No change was needed or made.")
         if self.busy:
-            lines.append(f"- {_escape(self.busy)}")
+            lines.append(f"- {escape_cell(self.busy)}")
         if self.approvals:
             lines += ["", "### Approvals", "| Step | Decision | By | Reason |", "|---|---|---|---|"]
             lines += [
-                f"| {step} | {decision} | {_escape(who or '-')} | {_escape(reason or '-')} |"
+                f"| {step} | {decision} | {escape_cell(who or '-')} | {escape_cell(reason or '-')} |"
                 for step, decision, who, reason in self.approvals
             ]
         notes = [n for _, cs in self.changes for n in cs.notes]
-        lines += [f"- note: {_escape(n)}" for n in notes]
+        lines += [f"- note: {escape_cell(n)}" for n in notes]
         lines += ["", "### Evidence"]
         for label, data in self.evidence_items:
             lines += [f"**{label}**", "```json", json.dumps(data, indent=2, default=str), "```"]
@@ -217,14 +217,14 @@ class IncidentReport:
         if self.follow_ups:
             lines += ["", "### Action Items"] + [f"1. [ ] {f}" for f in self.follow_ups]
         if self.notified:
-            lines += ["", "### Escalation"] + [f"- {_escape(n)}" for n in self.notified]
+            lines += ["", "### Escalation"] + [f"- {escape_cell(n)}" for n in self.notified]
         return "\n".join(lines) + "\n"
 
     def publish(self) -> None:
         status = self.outcome.value if self.outcome else "in progress"
         create_markdown_artifact(
             markdown=self.to_markdown(),
-            key=_artifact_key(f"incident-{self.runbook}"),
+            key=artifact_key(f"incident-{self.runbook}"),
             description=f"{self.title}: {status}",
         )
         if self.rows and self.outcome is not None:
@@ -243,7 +243,7 @@ class IncidentReport:
                     }
                     for r in self.rows
                 ],
-                key=_artifact_key(f"actions-{self.runbook}"),
+                key=artifact_key(f"actions-{self.runbook}"),
                 description=f"{self.title}: actions and their before/after state ({status})",
             )
 
@@ -382,9 +382,11 @@ def _run_link() -> str | None:
     return f"{base.rstrip('/')}/runs/flow-run/{ctx.flow_run.id}"
 
 
-def _artifact_key(text: str) -> str:
+def artifact_key(text: str) -> str:
+    """Only lowercase letters, digits and dashes (artifact keys, pause keys)."""
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
 
 
-def _escape(text: str) -> str:
+def escape_cell(text: str) -> str:
+    """Text safe inside a markdown table cell: no pipe, no line break."""
     return str(text).replace("|", "\\|").replace("\n", " ")

@@ -71,6 +71,7 @@ from pydantic import BaseModel, Field, SecretStr
 
 from runbooks.errors import Escalation
 from runbooks.params import OnBusyTarget, SafetyParams
+from runbooks.report import artifact_key, escape_cell
 from runbooks.results import Change, ChangeSet
 from runbooks.waiting import poll_until
 
@@ -241,7 +242,7 @@ def approval_request(label: str, target: Target, danger: str, plan: ChangeSet) -
         "| Action | Target |",
         "|---|---|",
     ]
-    lines += [f"| {c.action} | {_cell(c.target)} |" for c in plan.planned]
+    lines += [f"| {c.action} | {escape_cell(c.target)} |" for c in plan.planned]
     lines += ["", "Approve to apply exactly this plan (re-checked against live state first)."]
     return "\n".join(lines)
 
@@ -363,10 +364,7 @@ class Guard:
         plan = change(True)
         for c in plan.planned:
             emit_action("planned", self.target, report, label, c)
-        if not plan.planned:
-            report.record(label, plan)
-            return plan
-        if report.params.dry_run:
+        if not plan.planned or report.params.dry_run:
             report.record(label, plan)
             return plan
 
@@ -479,7 +477,7 @@ class Guard:
         self._approvals += 1
         answer = pause_for_approval(
             Approval.with_initial_data(description=description),
-            key=f"approval-{self._approvals}-{_artifact_safe(label)}",
+            key=f"approval-{self._approvals}-{artifact_key(label)}",
             timeout_s=safety.approval_timeout_s,
             poll_s=safety.approval_poll_s,
         )
@@ -635,11 +633,3 @@ def _duration(seconds: float) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     return f"{seconds:g}s"
-
-
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _artifact_safe(text: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")

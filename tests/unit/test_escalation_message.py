@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import httpx
@@ -9,11 +10,11 @@ import pytest
 from pydantic import ValidationError
 
 from blocks.escalation import EscalationPolicy
+from runbooks.backoff import backoff_delay
 from runbooks.escalation import (
     SNS_SUBJECT_MAX,
     EscalationKind,
     EscalationMessage,
-    backoff_delay,
     is_transient_http_error,
     redact_url,
     sns_body,
@@ -204,7 +205,7 @@ def test_backoff_is_exponential_with_jitter(
     attempt: int, base: float, low: float, high: float
 ) -> None:
     rng = random.Random(7)
-    delays = [backoff_delay(attempt, base, rng) for _ in range(200)]
+    delays = [backoff_delay(attempt, base, math.inf, rng.random()) for _ in range(200)]
     assert all(low <= d <= high for d in delays)
     if base:
         assert len(set(delays)) > 100, "jittered"

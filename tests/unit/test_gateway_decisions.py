@@ -6,8 +6,9 @@ import pytest
 from pydantic import SecretStr
 
 from alert_gateway.auth import bearer_matches
-from alert_gateway.forwarder import backoff_delay, within_size
+from alert_gateway.forwarder import within_size
 from alert_gateway.spool import Decision, SpooledEvent, decide
+from runbooks.backoff import backoff_delay
 
 F, D, C = Decision.FORWARD, Decision.DUPLICATE, Decision.COOLDOWN
 
