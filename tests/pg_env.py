@@ -57,12 +57,7 @@ class Env:
         return {pid for (pid,) in rows}
 
     def headroom(self) -> int:
-        (free,) = self.admin.execute(
-            "SELECT current_setting('max_connections')::int"
-            " - current_setting('superuser_reserved_connections')::int"
-            " - count(*) FILTER (WHERE backend_type = 'client backend')::int FROM pg_stat_activity"
-        ).fetchone()
-        return free
+        return free_connections(self.admin)
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +98,13 @@ def wait_until(check, timeout_s: float = 15.0):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(0.1)
+
+
+def free_connections(conn: psycopg.Connection) -> int:
+    """Connection slots an ordinary role can still take on the server, as the server counts them."""
+    (free,) = conn.execute(
+        "SELECT current_setting('max_connections')::int"
+        " - current_setting('superuser_reserved_connections')::int"
+        " - count(*) FILTER (WHERE backend_type = 'client backend')::int FROM pg_stat_activity"
+    ).fetchone()
+    return free

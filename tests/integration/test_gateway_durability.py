@@ -151,16 +151,23 @@ def spool_states(path: Path) -> dict[str, str]:
         return dict(db.execute("SELECT id, state FROM events").fetchall())
 
 
-def test_prefect_down_then_up_delivers_everything_once(
-    own_prefect: OwnPrefect, tmp_path: Path
-) -> None:
-    settings = GatewaySettings(
+def gateway_settings(
+    own_prefect: OwnPrefect, tmp_path: Path, auth: str = PREFECT_AUTH, **overrides: float
+) -> GatewaySettings:
+    """A gateway spooling in ``tmp_path`` and forwarding to ``own_prefect`` with ``auth``."""
+    return GatewaySettings(
         token=SecretStr(TOKEN),
         spool_path=tmp_path / "spool.sqlite3",
         prefect_api_url=own_prefect.api_url,
-        prefect_api_auth_string=SecretStr(PREFECT_AUTH),
-        backoff_max_s=1.0,
+        prefect_api_auth_string=SecretStr(auth),
+        **overrides,
     )
+
+
+def test_prefect_down_then_up_delivers_everything_once(
+    own_prefect: OwnPrefect, tmp_path: Path
+) -> None:
+    settings = gateway_settings(own_prefect, tmp_path, backoff_max_s=1.0)
     with serving(settings) as gateway:
         before = post_alerts(
             gateway, alertmanager_notification(alert("PrefectOutage", phase="before"))
@@ -213,12 +220,7 @@ def test_prefect_down_then_up_delivers_everything_once(
 def test_event_prefect_refuses_is_set_aside_and_others_pass(
     own_prefect: OwnPrefect, tmp_path: Path
 ) -> None:
-    settings = GatewaySettings(
-        token=SecretStr(TOKEN),
-        spool_path=tmp_path / "spool.sqlite3",
-        prefect_api_url=own_prefect.api_url,
-        prefect_api_auth_string=SecretStr(PREFECT_AUTH),
-    )
+    settings = gateway_settings(own_prefect, tmp_path)
     many_labels = {f"label_{i}": str(i) for i in range(20)}  # this Prefect allows 12 per resource
     with serving(settings) as gateway:
         reply = post_alerts(
@@ -252,13 +254,7 @@ def test_wrong_prefect_credentials_keep_alerts_until_fixed(
     own_prefect: OwnPrefect, tmp_path: Path
 ) -> None:
     def settings(auth: str) -> GatewaySettings:
-        return GatewaySettings(
-            token=SecretStr(TOKEN),
-            spool_path=tmp_path / "spool.sqlite3",
-            prefect_api_url=own_prefect.api_url,
-            prefect_api_auth_string=SecretStr(auth),
-            backoff_max_s=0.5,
-        )
+        return gateway_settings(own_prefect, tmp_path, auth=auth, backoff_max_s=0.5)
 
     with serving(settings("gateway:wrong-password")) as gateway:
         [event_id] = post_alerts(gateway, alertmanager_notification(alert("Misconfigured"))).json()[

@@ -152,17 +152,21 @@ def check_reply(reply: httpx.Response) -> None:
         assert isinstance(body["error"], str) and body["error"]
 
 
+def post_json(client: httpx.Client, url: str, notification: dict) -> httpx.Response:
+    return client.post(
+        url,
+        content=json.dumps(notification),
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
+
+
 @pytest.mark.parametrize("path", ENDPOINTS)
 @FUZZ
 @given(notification=valid_notifications)
 def test_valid_payloads_with_any_content_are_accepted(
     gateway: str, client: httpx.Client, path: str, notification: dict
 ) -> None:
-    reply = client.post(
-        f"{gateway}{path}",
-        content=json.dumps(notification),
-        headers={**AUTH, "Content-Type": "application/json"},
-    )
+    reply = post_json(client, f"{gateway}{path}", notification)
     check_reply(reply)
     assert reply.status_code == 202, reply.text[:500]
 
@@ -173,11 +177,7 @@ def test_valid_payloads_with_any_content_are_accepted(
 def test_schema_shaped_payloads_never_5xx(
     gateway: str, client: httpx.Client, path: str, notification: dict
 ) -> None:
-    reply = client.post(
-        f"{gateway}{path}",
-        content=json.dumps(notification),
-        headers={**AUTH, "Content-Type": "application/json"},
-    )
+    reply = post_json(client, f"{gateway}{path}", notification)
     check_reply(reply)
 
 

@@ -20,6 +20,8 @@ from psycopg import sql
 
 from blocks.postgres import PostgresDatabase
 from deployments.catalog import load_catalog
+from tests.conftest import read_incident_report
+from tests.pg_env import free_connections
 from tests.servers import PostgresServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,11 +169,7 @@ def _approve_a_manual_run(api: str, postgres: PostgresServer) -> None:
     victim.execute("SELECT 1")  # left idle inside its transaction
     try:
         pid = victim.info.backend_pid
-        (free,) = admin.execute(
-            "SELECT current_setting('max_connections')::int"
-            " - current_setting('superuser_reserved_connections')::int"
-            " - count(*) FILTER (WHERE backend_type = 'client backend')::int FROM pg_stat_activity"
-        ).fetchone()
+        free = free_connections(admin)
         time.sleep(1.2)
         [deployment] = httpx.post(f"{api}/deployments/filter", timeout=5, json={
             "deployments": {"name": {"any_": ["db-connection-pool-exhausted"]}}}).json()
@@ -209,9 +207,8 @@ def _approve_a_manual_run(api: str, postgres: PostgresServer) -> None:
         assert final["type"] == "COMPLETED", final["message"]
         live = {p for (p,) in admin.execute("SELECT pid FROM pg_stat_activity").fetchall()}
         assert pid not in live
-        reports = httpx.post(f"{api}/artifacts/filter", timeout=5, json={
-            "artifacts": {"flow_run_id": {"any_": [run_id]}, "type": {"any_": ["markdown"]}}}).json()
-        latest = max(reports, key=lambda r: r["created"])["data"]
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            latest = read_incident_report(run_id)
         assert "| terminate idle connections | approved | carol | hung migration |" in latest
     finally:
         victim.close()
