@@ -29,7 +29,7 @@ test: venv system-deps
 	$(BIN)/python -m pytest
 
 lint: venv
-	$(BIN)/ruff check runbooks flows tasks blocks deployments alert_gateway tests bench
+	$(BIN)/ruff check runbooks serving flows tasks blocks deployments alert_gateway tests bench
 
 bench: venv system-deps
 	$(BIN)/python -m bench

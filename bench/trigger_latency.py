@@ -86,7 +86,7 @@ def main(argv: list[str]) -> int:
     up = [
         sys.executable,
         "-m",
-        "runbooks.cli",
+        "serving.cli",
         "up",
         "--port",
         str(port),

@@ -58,7 +58,10 @@ def load_catalog(path: Path = PREFECT_YAML) -> list[RunbookSpec]:
 
 
 def flow_module(spec: RunbookSpec) -> str:
-    """The importable module of a spec's flow: `flows/kafka.py:x` -> `flows.kafka`."""
+    """The importable module of a spec's flow.
+
+    `flows/kafka/kafka_cluster_down.py:x` -> `flows.kafka.kafka_cluster_down`.
+    """
     path = spec.entrypoint.split(":", 1)[0]
     return path.removesuffix(".py").replace("/", ".")
 
@@ -91,7 +94,7 @@ def add_to_runner(runner: Any, specs: list[RunbookSpec]) -> None:
 
     `prefect.serve(*deployments)` registers no flow objects, so each run would start a cold
     `python -m prefect.engine`; `Runner.add_flow` keeps the flow, and the runner starts runs
-    with `run_flow_in_subprocess`, which `runbooks.warm_start` makes a fork of a warm process.
+    with `run_flow_in_subprocess`, which `serving.warm_start` makes a fork of a warm process.
     """
     for spec in specs:
         runner.add_flow(load_flow(spec), **deployment_options(spec))

@@ -1,6 +1,7 @@
-"""Shared machinery for runbook flows.
+"""The toolkit a runbook author uses.
 
-Kept import-free on purpose: `runbooks.cli` must set Prefect's environment (API URL, home)
-before anything imports prefect. Import from the submodules: `runbooks.report`,
-`runbooks.results`, `runbooks.retry`, `runbooks.waiting`, `runbooks.params`, `runbooks.errors`.
+Guard rails (`runbooks.safety`), the incident report (`runbooks.report`), the audit trail
+(`runbooks.audit`), escalation, parameters, change sets, task options, bounded polling, errors.
+The machinery that serves runs (CLI, warm start, event pickup, SQLite server) is in `serving`.
+Kept import-free: import from the submodules, e.g. `runbooks.report`, `runbooks.safety`.
 """

@@ -1,4 +1,4 @@
-"""Domain errors that end a runbook run in a clear FAILED state."""
+"""Domain errors that end a runbook run: an escalation, a failed verification, a busy target."""
 
 
 class Escalation(RuntimeError):
@@ -7,3 +7,23 @@ class Escalation(RuntimeError):
 
 class VerificationFailed(RuntimeError):
     """The fix was applied but the symptom did not clear before the deadline."""
+
+
+class TargetBusy(RuntimeError):
+    """Another run holds the target's lock and this run was told not to wait (or waited enough)."""
+
+
+class BudgetSpent(Escalation):
+    """The remediation budget for this target is spent; a human must look."""
+
+    def __init__(self, message: str, *, notify: bool):
+        super().__init__(message)
+        self.notify = notify
+
+
+class ApprovalRejected(Escalation):
+    """A human rejected a destructive step."""
+
+
+class ApprovalTimedOut(Escalation):
+    """Nobody answered the approval request in time; treated as a rejection."""

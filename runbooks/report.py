@@ -8,13 +8,12 @@ actions taken or planned, evidence, outcome and follow-ups.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -22,12 +21,19 @@ from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_UI_URL
 from pydantic import BaseModel
 
-from runbooks.errors import Escalation, VerificationFailed
+from runbooks.audit import ActionRow, scrub
+from runbooks.errors import (
+    ApprovalRejected,
+    ApprovalTimedOut,
+    BudgetSpent,
+    Escalation,
+    TargetBusy,
+    VerificationFailed,
+)
 from runbooks.params import RunbookParams
 from runbooks.results import ChangeSet
-
-if TYPE_CHECKING:
-    from runbooks.safety import ActionRow, Guard, Target
+from runbooks.safety import Guard, Target, guard
+from runbooks.text import artifact_key, escape_cell
 
 # A deployment (or run) tagged `observe` only plans: a runbook new to production runs like this first.
 OBSERVE_TAG = "observe"
@@ -82,8 +88,6 @@ class IncidentReport:
 
     def guard(self, target: Target) -> AbstractContextManager[Guard]:
         """Lock ``target`` for this run and act on it through the shared guard rails."""
-        from runbooks.safety import guard
-
         return guard(self, target)
 
     def step(self, text: str) -> None:
@@ -110,8 +114,6 @@ class IncidentReport:
         ``before`` is the plan made before acting (its details are the "before" state of each
         target); ``status`` overrides the per-change status (e.g. why nothing was applied).
         """
-        from runbooks.safety import ActionRow, scrub
-
         self.changes.append((label, changes))
         self.step(f"{label}: {changes.summary()}" + (f" ({status})" if status else ""))
         planned_detail = {(c.action, c.target): c.detail for c in (before or changes).planned}
@@ -258,8 +260,6 @@ def incident_report(
     escalation policy was notified. A run that stopped because another run holds its target ends
     normally: the report says so and nothing was changed.
     """
-    from runbooks.safety import BudgetSpent, TargetBusy
-
     report = IncidentReport(runbook=runbook, title=title, severity=severity, params=params)
     report.trigger = describe_trigger(params)
     if OBSERVE_TAG in _run_tags() and not params.dry_run:
@@ -295,8 +295,6 @@ def incident_report(
 
 
 def _escalation_kind(exc: Escalation) -> str:
-    from runbooks.safety import ApprovalRejected, ApprovalTimedOut
-
     if isinstance(exc, ApprovalRejected):
         return "rejected"
     if isinstance(exc, ApprovalTimedOut):
@@ -380,13 +378,3 @@ def _run_link() -> str | None:
     if ctx is None or ctx.flow_run is None or not base:
         return None
     return f"{base.rstrip('/')}/runs/flow-run/{ctx.flow_run.id}"
-
-
-def artifact_key(text: str) -> str:
-    """Only lowercase letters, digits and dashes (artifact keys, pause keys)."""
-    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
-
-
-def escape_cell(text: str) -> str:
-    """Text safe inside a markdown table cell: no pipe, no line break."""
-    return str(text).replace("|", "\\|").replace("\n", " ")

@@ -55,7 +55,6 @@ from prefect.client.schemas.actions import (
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.concurrency.sync import concurrency
 from prefect.context import FlowRunContext
-from prefect.events import emit_event
 from prefect.events.filters import (
     EventFilter,
     EventNameFilter,
@@ -67,12 +66,13 @@ from prefect.input import RunInput, keyset_from_paused_state
 from prefect.states import Paused
 from prefect.utilities.engine import propose_state_sync
 from prefect.variables import Variable
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field
 
-from runbooks.errors import Escalation
+from runbooks.audit import ActionRow, emit_action, scrub
+from runbooks.errors import ApprovalRejected, ApprovalTimedOut, BudgetSpent, TargetBusy
 from runbooks.params import OnBusyTarget, SafetyParams
-from runbooks.report import artifact_key, escape_cell
-from runbooks.results import Change, ChangeSet
+from runbooks.results import ChangeSet
+from runbooks.text import artifact_key, escape_cell
 from runbooks.waiting import poll_until
 
 if TYPE_CHECKING:
@@ -115,29 +115,6 @@ class Target:
     @property
     def lock_name(self) -> str:
         return f"runbooks-lock-{self.slug}"
-
-
-# --- errors that end a run -------------------------------------------------------------------
-
-
-class TargetBusy(RuntimeError):
-    """Another run holds the target's lock and this run was told not to wait (or waited enough)."""
-
-
-class BudgetSpent(Escalation):
-    """The remediation budget for this target is spent; a human must look."""
-
-    def __init__(self, message: str, *, notify: bool):
-        super().__init__(message)
-        self.notify = notify
-
-
-class ApprovalRejected(Escalation):
-    """A human rejected a destructive step."""
-
-
-class ApprovalTimedOut(Escalation):
-    """Nobody answered the approval request in time; treated as a rejection."""
 
 
 # --- budget ------------------------------------------------------------------------------------
@@ -247,59 +224,6 @@ def approval_request(label: str, target: Target, danger: str, plan: ChangeSet) -
     return "\n".join(lines)
 
 
-# --- audit events ------------------------------------------------------------------------------
-
-_SECRET_KEY = re.compile(r"pass(word)?|secret|token|api[_-]?key|credential|private", re.I)
-
-
-def scrub(value: Any) -> Any:
-    """A copy safe for events and artifacts: secret-looking keys and SecretStr values masked."""
-    if isinstance(value, SecretStr):
-        return "**********"
-    if isinstance(value, BaseModel):
-        value = value.model_dump(mode="json")
-    if isinstance(value, dict):
-        return {
-            k: "**********" if _SECRET_KEY.search(str(k)) else scrub(v) for k, v in value.items()
-        }
-    if isinstance(value, list | tuple):
-        return [scrub(v) for v in value]
-    return value
-
-
-def emit_action(
-    status: str,
-    target: Target,
-    report: IncidentReport,
-    step: str,
-    change: Change | None,
-    reason: str = "",
-) -> None:
-    """One ``runbook.action.<status>`` event, the target as resource (the UI's event feed is the log)."""
-    emit_event(
-        event=f"runbook.action.{status}",
-        resource={
-            "prefect.resource.id": target.resource_id,
-            "prefect.resource.name": target.label,
-            "runbook.target.kind": target.kind,
-            "runbook.target.name": target.name,
-            "runbook.name": report.runbook,
-        },
-        payload=scrub(
-            {
-                "runbook": report.runbook,
-                "step": step,
-                "action": change.action if change else step,
-                "change_target": change.target if change else target.label,
-                "detail": change.detail if change else {},
-                "dry_run": report.params.dry_run,
-                "reason": reason,
-                "trigger": report.trigger,
-            }
-        ),
-    )
-
-
 # --- verification ------------------------------------------------------------------------------
 
 
@@ -326,19 +250,6 @@ def alert_resolved_since(fingerprint: str, since: datetime) -> bool:
 
 
 # --- the guard ---------------------------------------------------------------------------------
-
-
-@dataclass
-class ActionRow:
-    """One row of the actions table artifact."""
-
-    step: str
-    action: str
-    target: str
-    status: str
-    before: Any = None
-    after: Any = None
-    note: str = ""
 
 
 @dataclass

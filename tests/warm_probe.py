@@ -10,4 +10,6 @@ from prefect import flow
 @flow
 def leave_mark(path: str) -> None:
     # what the child had already imported when it ran: proof it forked from a warm process
-    Path(path).write_text(f"{os.getpid()} {'flows.postgres' in sys.modules}")
+    Path(path).write_text(
+        f"{os.getpid()} {'flows.postgres.db_connection_pool_exhausted' in sys.modules}"
+    )

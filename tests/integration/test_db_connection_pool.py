@@ -19,7 +19,11 @@ import pytest
 from prefect import flow
 
 from blocks.postgres import PostgresDatabase
-from flows.postgres import ConnectionPoolParams, ConnectionPoolSummary, db_connection_pool_exhausted
+from flows.postgres.db_connection_pool_exhausted import (
+    ConnectionPoolParams,
+    ConnectionPoolSummary,
+    db_connection_pool_exhausted,
+)
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
 from tasks.postgres import IdleCriteria, find_idle_connections, terminate_idle_connections

@@ -1,4 +1,4 @@
-"""Runs start on their `prefect.flow-run.Scheduled` event (runbooks/pickup.py); the runner's poll
+"""Runs start on their `prefect.flow-run.Scheduled` event (serving/pickup.py); the runner's poll
 still starts the runs whose event was missed; no run is started twice. Real Prefect server (the
 session test harness), a real Runner serving a flow, runs created through Prefect's API."""
 
@@ -17,7 +17,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL
 
-from runbooks.pickup import EventDrivenRunner
+from serving.pickup import EventDrivenRunner
 from tests.pickup_probe import append_line
 
 # effectively "never again": the poll runs once when the runner starts, before any test run exists

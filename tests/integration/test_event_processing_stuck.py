@@ -23,7 +23,11 @@ from psycopg import sql
 
 from blocks.event_store import EventStore
 from blocks.postgres import PostgresDatabase
-from flows.event_store import StuckEventsParams, StuckEventsSummary, event_processing_stuck
+from flows.event_store.event_processing_stuck import (
+    StuckEventsParams,
+    StuckEventsSummary,
+    event_processing_stuck,
+)
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
 from tests.approvals import Approver

@@ -23,11 +23,10 @@ from pydantic import SecretStr
 
 from blocks.flink import FlinkCluster
 from blocks.kafka import KafkaCluster
-from flows.flink import FlinkJobCrashedParams, FlinkRecovery, flink_job_crashed
-from runbooks.errors import Escalation, VerificationFailed
+from flows.flink.flink_job_crashed import FlinkJobCrashedParams, FlinkRecovery, flink_job_crashed
+from runbooks.errors import BudgetSpent, Escalation, VerificationFailed
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
-from runbooks.safety import BudgetSpent
 from tasks.flink import (
     NOT_ADDRESSABLE,
     Checkpoint,

@@ -13,9 +13,9 @@ import httpx
 import pytest
 from prefect.settings import PREFECT_API_URL
 
-from flows.edge_gateway import StadiumNetworkFlapParams
-from flows.kafka import KafkaClusterDownParams
-from flows.postgres import ConnectionPoolParams
+from flows.edge_gateway.stadium_network_flap import StadiumNetworkFlapParams
+from flows.kafka.kafka_cluster_down import KafkaClusterDownParams
+from flows.postgres.db_connection_pool_exhausted import ConnectionPoolParams
 from runbooks.waiting import poll_until
 from tests.alertmanager import (
     Alertmanager,

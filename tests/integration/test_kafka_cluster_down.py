@@ -25,7 +25,7 @@ from prefect.settings import PREFECT_RESULTS_PERSIST_BY_DEFAULT, temporary_setti
 
 from blocks.kafka import KafkaCluster
 from blocks.kubernetes import KubernetesCluster
-from flows.kafka import KafkaClusterDownParams, kafka_cluster_down
+from flows.kafka.kafka_cluster_down import KafkaClusterDownParams, kafka_cluster_down
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
 from tasks.kafka import check_isr

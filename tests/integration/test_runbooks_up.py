@@ -52,7 +52,7 @@ def runbooks_up(tmp_path: Path):
         RUNBOOKS_GATEWAY_SPOOL_PATH=str(tmp_path / "spool.sqlite3"),
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runbooks.cli", "up", "--port", str(port),
+        [sys.executable, "-m", "serving.cli", "up", "--port", str(port),
          "--gateway-port", str(gateway_port)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,

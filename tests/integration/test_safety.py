@@ -25,7 +25,11 @@ from prefect.variables import Variable
 from prefect_aws import AwsCredentials
 
 from blocks.escalation import EscalationPolicy
-from flows.postgres import ConnectionPoolParams, ConnectionPoolSummary, db_connection_pool_exhausted
+from flows.postgres.db_connection_pool_exhausted import (
+    ConnectionPoolParams,
+    ConnectionPoolSummary,
+    db_connection_pool_exhausted,
+)
 from runbooks.params import AlertContext, OnBusyTarget, SafetyParams
 from runbooks.report import Outcome
 from runbooks.safety import Target, budget_variable

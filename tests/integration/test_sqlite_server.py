@@ -1,4 +1,4 @@
-"""`runbooks up`'s Prefect server (runbooks/sqlite_server.py) creates a deployment's flow run by
+"""`runbooks up`'s Prefect server (serving/sqlite_server.py) creates a deployment's flow run by
 waiting for SQLite's write lock, where stock `prefect server start` answers 503 (and its clients,
 such as an automation's run-deployment action, retry only 2 s later)."""
 
@@ -107,9 +107,9 @@ def _post_retrying(url: str, body: dict) -> dict:
 @pytest.mark.parametrize(
     ("module", "expected"),
     [
-        ("runbooks.sqlite_server", 201),
+        ("serving.sqlite_server", 201),
         # stock Prefect 3.8.8: the deferred transaction cannot write after the other commit.
-        # When this answers 201, Prefect fixed it and runbooks/sqlite_server.py can go.
+        # When this answers 201, Prefect fixed it and serving/sqlite_server.py can go.
         ("prefect", 503),
     ],
 )
@@ -142,6 +142,6 @@ def test_creating_a_run_waits_for_the_write_lock(
 
 def test_the_server_runs_what_runbooks_up_needs(tmp_path: Path) -> None:
     # the UI and an ordinary request still answer through the wrapped app
-    with _server("runbooks.sqlite_server", tmp_path) as api:
+    with _server("serving.sqlite_server", tmp_path) as api:
         assert "<html" in httpx.get(api.removesuffix("/api") + "/", timeout=10).text.lower()
         assert httpx.post(f"{api}/flow_runs/filter", json={}, timeout=10).status_code == 200

@@ -18,7 +18,7 @@ from prefect import flow
 
 from blocks.edge_gateway import EdgeGateway
 from blocks.kafka import KafkaCluster
-from flows.edge_gateway import StadiumNetworkFlapParams, stadium_network_flap
+from flows.edge_gateway.stadium_network_flap import StadiumNetworkFlapParams, stadium_network_flap
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
 from tasks.wal import KafkaUnavailable, drain_wal

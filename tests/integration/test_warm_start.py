@@ -1,4 +1,4 @@
-"""Served flow runs start as forks of a warm process (runbooks.warm_start), and still run."""
+"""Served flow runs start as forks of a warm process (serving.warm_start), and still run."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import prefect.flow_engine
 import pytest
 from prefect.flow_engine import run_flow_in_subprocess
 
-from runbooks import warm_start
+from serving import warm_start
 from tests.warm_probe import leave_mark
 
 
 @pytest.fixture
 def warm(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(prefect.flow_engine, "multiprocessing", prefect.flow_engine.multiprocessing)
-    return warm_start.enable(["flows.postgres", "tests.warm_probe"])
+    return warm_start.enable(["flows.postgres.db_connection_pool_exhausted", "tests.warm_probe"])
 
 
 def test_flow_run_subprocess_is_a_fork_of_the_warm_server(warm, tmp_path: Path) -> None:

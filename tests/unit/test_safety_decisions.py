@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import SecretStr
 
+from runbooks.audit import scrub
 from runbooks.params import SafetyParams
 from runbooks.results import Change, ChangeSet
 from runbooks.safety import (
@@ -19,7 +20,6 @@ from runbooks.safety import (
     check_budget,
     effective_budget,
     record_execution,
-    scrub,
 )
 
 T0 = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
     from prefect.events import Event
 
-logger = logging.getLogger("runbooks.pickup")
+logger = logging.getLogger("serving.pickup")
 
 SCHEDULED_EVENT = "prefect.flow-run.Scheduled"
 # The event is published while the API request that creates the run is still committing: read

@@ -17,7 +17,7 @@ transactions with ``BEGIN IMMEDIATE``: they wait for the write lock (SQLite's bu
 instead of failing. Nothing else changes. Pinned to prefect 3.8.8;
 tests/integration/test_sqlite_server.py fails if the pieces it relies on change.
 
-    python -m runbooks.sqlite_server --host 127.0.0.1 --port 4200   (= prefect server start ...)
+    python -m serving.sqlite_server --host 127.0.0.1 --port 4200   (= prefect server start ...)
 """
 
 from __future__ import annotations

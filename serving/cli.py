@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=POLL_SECONDS,
         help="how often the runner also polls for due runs; alert-triggered runs start on their "
-        "Scheduled event (runbooks/pickup.py), the poll is the fallback and starts scheduled "
+        "Scheduled event (serving/pickup.py), the poll is the fallback and starts scheduled "
         "runs (python -m bench trigger-latency)",
     )
     up.add_argument(
@@ -145,7 +145,7 @@ def _up(
                 [
                     sys.executable,
                     "-m",
-                    "runbooks.sqlite_server",
+                    "serving.sqlite_server",
                     "--host",
                     host,
                     "--port",
@@ -160,8 +160,8 @@ def _up(
         print("registered block types:", ", ".join(slugs))
 
         from deployments.catalog import add_to_runner, flow_module, load_catalog
-        from runbooks import warm_start
-        from runbooks.pickup import EventDrivenRunner
+        from serving import warm_start
+        from serving.pickup import EventDrivenRunner
 
         specs = load_catalog()
         warm_start.enable(sorted({flow_module(spec) for spec in specs}))

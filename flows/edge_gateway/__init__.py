@@ -1,0 +1,1 @@
+"""Edge gateway runbooks: one module per deployment, named for it."""

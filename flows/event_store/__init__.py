@@ -1,0 +1,1 @@
+"""Event store runbooks: one module per deployment, named for it."""

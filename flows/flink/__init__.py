@@ -1,0 +1,1 @@
+"""Flink runbooks: one module per deployment, named for it."""

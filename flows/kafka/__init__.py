@@ -1,0 +1,1 @@
+"""Kafka runbooks: one module per deployment, named for it."""

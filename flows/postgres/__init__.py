@@ -1,0 +1,1 @@
+"""PostgreSQL runbooks: one module per deployment, named for it."""
