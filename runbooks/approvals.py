@@ -1,0 +1,149 @@
+"""Waiting for a human's approval in a way that survives restarts of every process of ours.
+
+A run started from a deployment (every alert, schedule or UI run) **suspends**: Prefect's
+``suspend_flow_run`` pattern. The run's process ends with the run PAUSED ("Suspended") and its
+resume form saved; the answer, whenever it comes, makes Prefect reschedule the run, the runner
+starts it again from the top (every check re-reads the live system) and at the same approval step
+the saved answer is read instead of asking again. Nothing is held in memory while a human decides,
+so a Ctrl-C, SIGKILL or restart of ``runbooks up`` or of the Prefect server loses nothing
+(issue #9). A suspended run keeps its target's lock until the deadline (runbooks.locks).
+
+Nobody answering is handled by ``serving.approval_timeouts``: at the deadline it resumes the run
+without an answer, the run finds no answer, counts it as a timeout and escalates.
+
+A flow called directly (no deployment: tests, notebooks) cannot be rescheduled, so it pauses
+in-process as before.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+from prefect import get_client
+from prefect.context import FlowRunContext
+from prefect.exceptions import Pause
+from prefect.input import RunInput, keyset_from_paused_state
+from prefect.input.run_input import read_flow_run_input
+from prefect.states import Paused, Suspended
+from prefect.utilities.engine import propose_state_sync
+from pydantic import Field
+
+# Prefect's own pause expiry comes this long after our deadline: in that window the timeout
+# service (or the in-process wait) can still end the run with the real reason and escalate,
+# rather than Prefect failing it with "paused and never resumed".
+PAUSE_GRACE_S = 3600
+
+
+class Approval(RunInput):
+    """The resume form of a run waiting for approval of a destructive step."""
+
+    approve: bool = Field(False, description="Tick to let the run apply the plan shown above.")
+    approver: str = Field("", description="Who decides (name or handle), for the report.")
+    reason: str = Field("", description="Why; goes into the incident report.")
+
+
+def request_approval(
+    form: type[Approval],
+    *,
+    key: str,
+    timeout_s: int,
+    poll_s: int,
+    before_suspending: Callable[[datetime], None],
+) -> Approval | None:
+    """The human's answer to this approval step, or None when nobody answered in time.
+
+    From a deployment run the first call suspends the run (raises Prefect's ``Pause`` after
+    ``before_suspending(deadline)``, which hands the target's lock over and publishes the report);
+    the resumed run's call returns the saved answer.
+    """
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        raise RuntimeError("approval needs a flow run to pause")
+    run = ctx.flow_run
+    if run.deployment_id is None:
+        return _pause_in_process(form, key=key, timeout_s=timeout_s, poll_s=poll_s)
+
+    proposed = Suspended(timeout_seconds=timeout_s + PAUSE_GRACE_S, pause_key=key)
+    keyset = keyset_from_paused_state(proposed)
+    proposed.state_details.run_input_keyset = keyset
+    with get_client(sync_client=True) as client:
+        state = propose_state_sync(client, proposed, flow_run_id=run.id)
+        if state.is_running():  # this step suspended before: the run was resumed
+            return _answer(form, keyset, run.id)
+        if not state.is_paused():
+            raise RuntimeError(f"the run cannot suspend for approval (state {state.type.value})")
+        _save_form(client, form, keyset, run.id)
+    deadline = datetime.now(UTC) + timedelta(seconds=timeout_s)
+    _save_value(run.id, deadline_key(keyset), deadline.isoformat())
+    before_suspending(deadline)
+    raise Pause(state=state)
+
+
+def deadline_key(keyset: dict[str, str]) -> str:
+    """The run input where a suspended approval step keeps its deadline (serving reads it)."""
+    return keyset["response"].removesuffix("-response") + "-deadline"
+
+
+def _answer(form: type[Approval], keyset: dict[str, str], run_id: Any) -> Approval | None:
+    value = read_flow_run_input(keyset["response"], flow_run_id=run_id)
+    return form(**value) if value else None
+
+
+def _pause_in_process(
+    form: type[Approval], *, key: str, timeout_s: int, poll_s: int
+) -> Approval | None:
+    """Pause this run in its own process until answered or the deadline (no deployment to resume).
+
+    What ``prefect.flow_runs.pause_flow_run(wait_for_input=...)`` does, with two differences an
+    approval needs: saving the form tolerates "already exists" (a client retry of a save the
+    server had stored; seen on a busy SQLite server), and the deadline is ours while Prefect's
+    pause expires ``PAUSE_GRACE_S`` later, so the run ends with the real reason.
+    """
+    run_id = FlowRunContext.get().flow_run.id  # type: ignore[union-attr]
+    proposed = Paused(timeout_seconds=timeout_s + PAUSE_GRACE_S, reschedule=False, pause_key=key)
+    keyset = keyset_from_paused_state(proposed)
+    proposed.state_details.run_input_keyset = keyset
+    with get_client(sync_client=True) as client:
+        state = propose_state_sync(client, proposed, flow_run_id=run_id)
+        if state.is_running():  # this very pause was answered before (the run was re-run)
+            return _answer(form, keyset, run_id)
+        if not state.is_paused():
+            raise RuntimeError(f"the run cannot pause for approval (state {state.type.value})")
+        _save_form(client, form, keyset, run_id)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            run = client.read_flow_run(run_id)
+            if run.state is not None and run.state.is_running():
+                return _answer(form, keyset, run_id)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            time.sleep(min(poll_s, left))
+
+
+def _save_form(client: Any, form: type[Approval], keyset: dict[str, str], run_id: Any) -> None:
+    """The resume form's schema and description; a retried save that already landed is fine."""
+    try:
+        form.save(keyset, flow_run_id=run_id)
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code != 409:
+            raise
+        _save_input(client, run_id, keyset["description"], form._description)
+
+
+def _save_value(run_id: Any, key: str, value: Any) -> None:
+    with get_client(sync_client=True) as client:
+        _save_input(client, run_id, key, value)
+
+
+def _save_input(client: Any, run_id: Any, key: str, value: Any) -> None:
+    try:
+        client.create_flow_run_input(flow_run_id=run_id, key=key, value=json.dumps(value))
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code != 409:
+            raise
