@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -47,26 +48,37 @@ class Approval(RunInput):
     reason: str = Field("", description="Why; goes into the incident report.")
 
 
+@dataclass
+class Answer:
+    """What came back from an approval step."""
+
+    form: Approval | None  # None: nobody answered before the deadline
+    plan: list[str] | None  # the plan the human saw, when it was shown in an earlier process
+
+
 def request_approval(
     form: type[Approval],
     *,
     key: str,
     timeout_s: int,
     poll_s: int,
+    plan: list[str],
     before_suspending: Callable[[datetime], None],
-) -> Approval | None:
-    """The human's answer to this approval step, or None when nobody answered in time.
+) -> Answer:
+    """The human's answer to this approval step (and the plan they were shown).
 
     From a deployment run the first call suspends the run (raises Prefect's ``Pause`` after
-    ``before_suspending(deadline)``, which hands the target's lock over and publishes the report);
-    the resumed run's call returns the saved answer.
+    ``before_suspending(deadline)``, which hands the target's lock over); the resumed run's call
+    returns the saved answer with the plan saved beside it, for the caller to compare with its
+    fresh plan.
     """
     ctx = FlowRunContext.get()
     if ctx is None or ctx.flow_run is None:
         raise RuntimeError("approval needs a flow run to pause")
     run = ctx.flow_run
     if run.deployment_id is None:
-        return _pause_in_process(form, key=key, timeout_s=timeout_s, poll_s=poll_s)
+        answer = _pause_in_process(form, key=key, timeout_s=timeout_s, poll_s=poll_s)
+        return Answer(answer, None)
 
     proposed = Suspended(timeout_seconds=timeout_s + PAUSE_GRACE_S, pause_key=key)
     keyset = keyset_from_paused_state(proposed)
@@ -74,12 +86,14 @@ def request_approval(
     with get_client(sync_client=True) as client:
         state = propose_state_sync(client, proposed, flow_run_id=run.id)
         if state.is_running():  # this step suspended before: the run was resumed
-            return _answer(form, keyset, run.id)
+            shown = read_flow_run_input(_plan_key(keyset), flow_run_id=run.id)
+            return Answer(_answer(form, keyset, run.id), shown)
         if not state.is_paused():
             raise RuntimeError(f"the run cannot suspend for approval (state {state.type.value})")
         _save_form(client, form, keyset, run.id)
-    deadline = datetime.now(UTC) + timedelta(seconds=timeout_s)
-    _save_value(run.id, deadline_key(keyset), deadline.isoformat())
+        deadline = datetime.now(UTC) + timedelta(seconds=timeout_s)
+        _save_input(client, run.id, _plan_key(keyset), plan)
+        _save_input(client, run.id, deadline_key(keyset), deadline.isoformat())
     before_suspending(deadline)
     raise Pause(state=state)
 
@@ -87,6 +101,10 @@ def request_approval(
 def deadline_key(keyset: dict[str, str]) -> str:
     """The run input where a suspended approval step keeps its deadline (serving reads it)."""
     return keyset["response"].removesuffix("-response") + "-deadline"
+
+
+def _plan_key(keyset: dict[str, str]) -> str:
+    return keyset["response"].removesuffix("-response") + "-plan"
 
 
 def _answer(form: type[Approval], keyset: dict[str, str], run_id: Any) -> Approval | None:
@@ -134,11 +152,6 @@ def _save_form(client: Any, form: type[Approval], keyset: dict[str, str], run_id
         if exc.response.status_code != 409:
             raise
         _save_input(client, run_id, keyset["description"], form._description)
-
-
-def _save_value(run_id: Any, key: str, value: Any) -> None:
-    with get_client(sync_client=True) as client:
-        _save_input(client, run_id, key, value)
 
 
 def _save_input(client: Any, run_id: Any, key: str, value: Any) -> None:

@@ -10,7 +10,14 @@ class VerificationFailed(RuntimeError):
 
 
 class TargetBusy(RuntimeError):
-    """Another run holds the target's lock and this run was told not to wait (or waited enough)."""
+    """Another run holds the target's lock and this run was told not to wait (or waited enough).
+
+    ``escalate``: the run gave up waiting, so nobody may be fixing the symptom; a human is told.
+    """
+
+    def __init__(self, message: str, *, escalate: bool = False):
+        super().__init__(message)
+        self.escalate = escalate
 
 
 class BudgetSpent(Escalation):

@@ -55,6 +55,8 @@ class EscalationKind(StrEnum):
     BUDGET_SPENT = "budget_spent"
     REJECTED = "rejected"
     APPROVAL_TIMEOUT = "approval_timeout"
+    TARGET_BUSY = "target_busy"
+    INTERRUPTED = "interrupted"
 
 
 # what the subject line says happened
@@ -65,6 +67,8 @@ _KIND_PHRASE: dict[EscalationKind, str] = {
     EscalationKind.BUDGET_SPENT: "escalated: budget spent",
     EscalationKind.REJECTED: "escalated: action rejected",
     EscalationKind.APPROVAL_TIMEOUT: "escalated: approval timed out",
+    EscalationKind.TARGET_BUSY: "did not act: target held by another run",
+    EscalationKind.INTERRUPTED: "interrupted",
 }
 
 

@@ -155,8 +155,15 @@ class Acquired:
 class TargetLock:
     """One target's lock for one flow run."""
 
-    def __init__(self, name: str, variable: str, *, runbook: str, flow_run_id: UUID | None,
-                 flow_run_name: str | None):
+    def __init__(
+        self,
+        name: str,
+        variable: str,
+        *,
+        runbook: str,
+        flow_run_id: UUID | None,
+        flow_run_name: str | None,
+    ):
         self.name = name
         self.variable = variable
         self.runbook = runbook
@@ -203,7 +210,9 @@ class TargetLock:
     def renewed(self) -> Iterator[None]:
         """Renew the lease in the background while the block runs (Prefect's own renewal thread)."""
         assert self.lease_id is not None
-        with maintain_concurrency_lease(self.lease_id, LEASE_S, raise_on_lease_renewal_failure=False):
+        with maintain_concurrency_lease(
+            self.lease_id, LEASE_S, raise_on_lease_renewal_failure=False
+        ):
             yield
 
     def release(self) -> None:
@@ -254,7 +263,10 @@ class TargetLock:
         with get_client(sync_client=True) as client:
             try:
                 response = client.increment_concurrency_slots_with_lease(
-                    names=[self.name], slots=1, mode="concurrency", lease_duration=LEASE_S,
+                    names=[self.name],
+                    slots=1,
+                    mode="concurrency",
+                    lease_duration=LEASE_S,
                     holder=holder,
                 )
             except httpx.HTTPStatusError as exc:

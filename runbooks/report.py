@@ -18,6 +18,7 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
+from prefect.exceptions import Pause
 from prefect.settings import PREFECT_UI_URL
 from pydantic import BaseModel
 
@@ -45,6 +46,7 @@ class Outcome(StrEnum):
     PLANNED = "DRY-RUN: PLANNED ONLY"
     WAITING = "WAITING (SELF-HEALING)"
     TARGET_BUSY = "NOT ACTED: TARGET BUSY"
+    AWAITING_APPROVAL = "WAITING FOR APPROVAL"
     ESCALATED = "ESCALATED"
     FAILED = "FAILED"
 
@@ -268,10 +270,23 @@ def incident_report(
     report.step(f"runbook {runbook} started ({report.trigger})")
     if report.observe_mode:
         report.step("observe mode (tag 'observe'): every step plans only, nothing is changed")
+    if _resumed():
+        report.step(
+            "resumed after an approval request was answered (or timed out): every check runs "
+            "again against the live system before anything is changed"
+        )
     try:
         yield report
+    except Pause:
+        # suspended for approval: the run starts again once answered (runbooks.approvals)
+        report.outcome = Outcome.AWAITING_APPROVAL
+        report.conclusion = "Suspended until someone approves or rejects the plan below."
+        raise
     except TargetBusy as exc:
         report.finish(Outcome.TARGET_BUSY, f"Stopped without acting: {exc}.")
+        if exc.escalate:
+            _escalate(report, "target_busy", str(exc))
+            raise
     except BudgetSpent as exc:
         report.finish(Outcome.ESCALATED, f"Escalated to a human: {exc}")
         if exc.notify:
@@ -289,6 +304,10 @@ def incident_report(
         report.finish(Outcome.FAILED, f"Run failed: {type(exc).__name__}: {exc}")
         if isinstance(exc, Exception):
             _escalate(report, "failed", f"{type(exc).__name__}: {exc}")
+        else:
+            # Ctrl-C, SIGTERM of the serving process, cancellation: the run stops half way and
+            # nobody would know; best effort, the process is on its way out
+            _escalate(report, "interrupted", f"the run was interrupted ({type(exc).__name__})")
         raise
     finally:
         report.publish()
@@ -348,6 +367,12 @@ def _escalate(report: IncidentReport, kind: str, reason: str) -> None:
         report.step(
             f"escalated ({kind}) to {sum(d.ok for d in deliveries)}/{len(deliveries)} channel(s)"
         )
+
+
+def _resumed() -> bool:
+    """Whether this run was suspended for approval and started again (runbooks.approvals)."""
+    ctx = FlowRunContext.get()
+    return bool(ctx and ctx.flow_run and ctx.flow_run.empirical_policy.resuming)
 
 
 def _run_tags() -> set[str]:

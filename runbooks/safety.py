@@ -12,9 +12,11 @@ with report.guard(Target("postgres", params.db_block)) as guard:      # lock the
 
 What the guard does, in order, for each action:
 
-1. **Lock** (``report.guard``): a Prefect global concurrency limit of 1 slot per target, held with a
-   lease that Prefect renews while the run lives and expires if the run dies. A second run on the same
-   target waits (then re-checks from scratch) or stops, per ``params.safety.on_busy_target``.
+1. **Lock** (``report.guard``, runbooks.locks): a Prefect global concurrency limit of 1 slot per
+   target, held with a lease that the run renews and that expires if the run dies, plus a record of
+   the holder. A second run on the same target waits (then re-checks from scratch) or stops, per
+   ``params.safety.on_busy_target``; a holder whose run ended or whose process is gone is released at
+   once; a run that gives up waiting escalates and names the holder.
 2. **Plan**: the mutating task runs with ``dry_run=True``; every planned change becomes a
    ``runbook.action.planned`` event. In dry-run (or observe mode) the guard stops here.
 3. **Budget**: at most N executions per target and action in any sliding window, counted in a ledger
@@ -24,9 +26,11 @@ What the guard does, in order, for each action:
    update)`` and a *denied* attempt updates the row, so alerts re-firing every few minutes would keep a
    spent budget from ever refilling; a ledger gives the exact rule an SRE states ("3 per hour").
    Spent: nothing happens, ``runbook.action.skipped``, and the run escalates once per spent budget.
-4. **Approval**: when ``approval(plan)`` names a danger, the run pauses with ``wait_for_input`` and shows
-   the plan in the UI's resume form; approve/reject with a reason goes into the report; no answer
-   before ``approval_timeout_s`` rejects and escalates.
+4. **Approval** (runbooks.approvals): when ``approval(plan)`` names a danger, the run suspends with
+   the plan in the UI's resume form, keeping its target's lock; approve/reject with a reason goes into
+   the report; no answer before ``approval_timeout_s`` rejects and escalates. The suspended run holds
+   no process, so restarts lose nothing; once answered it starts again, re-checks everything and acts
+   only if its new plan is within the approved one (otherwise it asks again).
 5. **Execute**: the task runs again for real (it re-plans against the live state, so a stale plan never
    applies); ``runbook.action.executed`` / ``.skipped`` / ``.failed`` events, one per change, with the
    target as the event's resource.
@@ -37,23 +41,15 @@ What the guard does, in order, for each action:
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import httpx
 from prefect import get_client
-from prefect.client.schemas.actions import (
-    GlobalConcurrencyLimitCreate,
-    GlobalConcurrencyLimitUpdate,
-)
-from prefect.client.schemas.objects import ConcurrencyLeaseHolder
-from prefect.concurrency.sync import concurrency
 from prefect.context import FlowRunContext
 from prefect.events.filters import (
     EventFilter,
@@ -61,15 +57,15 @@ from prefect.events.filters import (
     EventOccurredFilter,
     EventResourceFilter,
 )
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, PrefectException
-from prefect.input import RunInput, keyset_from_paused_state
-from prefect.states import Paused
-from prefect.utilities.engine import propose_state_sync
+from prefect.exceptions import Pause, PrefectException
+from prefect.settings import PREFECT_UI_URL
 from prefect.variables import Variable
 from pydantic import BaseModel, Field
 
+from runbooks.approvals import Approval, request_approval
 from runbooks.audit import ActionRow, emit_action, scrub
 from runbooks.errors import ApprovalRejected, ApprovalTimedOut, BudgetSpent, TargetBusy
+from runbooks.locks import HolderStatus, LockBusy, LockHolder, TargetLock
 from runbooks.params import OnBusyTarget, SafetyParams
 from runbooks.results import ChangeSet
 from runbooks.text import artifact_key, escape_cell
@@ -80,10 +76,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-LOCK_LEASE_S = 120.0
 SKIP_PATIENCE_S = 3.0
-# Prefect's own pause outlives the approval deadline by this much (see pause_for_approval)
-PAUSE_GRACE_S = 60
+# an approved plan is re-checked on resume; a plan that grew since asks again, this many times
+MAX_APPROVAL_ROUNDS = 3
 
 
 # --- targets -----------------------------------------------------------------------------
@@ -202,14 +197,6 @@ def _save_ledger(target: Target, ledger: BudgetLedger) -> None:
 # --- approval ----------------------------------------------------------------------------------
 
 
-class Approval(RunInput):
-    """The resume form of a run waiting for approval of a destructive step."""
-
-    approve: bool = Field(False, description="Tick to let the run apply the plan shown above.")
-    approver: str = Field("", description="Who decides (name or handle), for the report.")
-    reason: str = Field("", description="Why; goes into the incident report.")
-
-
 def approval_request(label: str, target: Target, danger: str, plan: ChangeSet) -> str:
     """The markdown shown above the resume form: what would happen and why it needs a human."""
     lines = [
@@ -259,6 +246,7 @@ class Guard:
     report: IncidentReport
     target: Target
     acted_at: datetime | None = None
+    suspended_until: datetime | None = None
     _approvals: int = field(default=0, repr=False)
 
     def act(
@@ -382,17 +370,33 @@ class Guard:
     def _ask_approval(self, label: str, plan: ChangeSet, danger: str) -> None:
         report = self.report
         safety = report.params.safety
-        description = approval_request(label, self.target, danger, plan)
-        report.step(f"{label}: waiting up to {safety.approval_timeout_s}s for approval ({danger})")
-        report.publish()  # the plan is in the UI while the run waits
+        items = sorted(c.describe() for c in plan.planned)
         self._approvals += 1
-        answer = pause_for_approval(
-            Approval.with_initial_data(description=description),
-            key=f"approval-{self._approvals}-{artifact_key(label)}",
-            timeout_s=safety.approval_timeout_s,
-            poll_s=safety.approval_poll_s,
-        )
-        if answer is None:
+        for round_ in range(1, MAX_APPROVAL_ROUNDS + 1):
+            key = f"approval-{self._approvals}-{artifact_key(label)}"
+            answer = request_approval(
+                Approval.with_initial_data(
+                    description=approval_request(label, self.target, danger, plan)
+                ),
+                key=key if round_ == 1 else f"{key}-{round_}",
+                timeout_s=safety.approval_timeout_s,
+                poll_s=safety.approval_poll_s,
+                plan=items,
+                before_suspending=lambda deadline: self._suspend(label, danger, deadline),
+            )
+            if answer.form is None or not answer.form.approve:
+                break
+            grown = sorted(set(items) - set(answer.plan or items))
+            if not grown:
+                break
+            report.step(
+                f"{label}: the plan grew since it was approved ({', '.join(grown[:5])}"
+                f"{' ...' if len(grown) > 5 else ''}); asking again"
+            )
+        else:
+            answer.form = None  # approved plans kept falling behind the live state
+        form = answer.form
+        if form is None:
             reason = f"approval timed out after {safety.approval_timeout_s}s"
             report.approvals.append((label, "timed out", "", reason))
             self._refuse(label, plan, reason)
@@ -400,134 +404,24 @@ class Guard:
                 f"{label} on {self.target.label} needs approval ({danger}); nobody answered "
                 f"within {safety.approval_timeout_s}s"
             )
-        who = answer.approver or "someone"
-        if not answer.approve:
-            report.approvals.append((label, "rejected", who, answer.reason))
-            self._refuse(label, plan, f"rejected by {who}: {answer.reason or 'no reason given'}")
+        who = form.approver or "someone"
+        if not form.approve:
+            report.approvals.append((label, "rejected", who, form.reason))
+            self._refuse(label, plan, f"rejected by {who}: {form.reason or 'no reason given'}")
             raise ApprovalRejected(
                 f"{label} on {self.target.label} rejected by {who}: "
-                f"{answer.reason or 'no reason given'}"
+                f"{form.reason or 'no reason given'}"
             )
-        report.approvals.append((label, "approved", who, answer.reason))
-        report.step(f"{label}: approved by {who} ({answer.reason or 'no reason given'})")
+        report.approvals.append((label, "approved", who, form.reason))
+        report.step(f"{label}: approved by {who} ({form.reason or 'no reason given'})")
 
-
-def pause_for_approval(
-    form: type[Approval], *, key: str, timeout_s: int, poll_s: int
-) -> Approval | None:
-    """Pause this run with a resume form; the answer, or None when nobody answered in time.
-
-    What ``prefect.flow_runs.pause_flow_run(wait_for_input=...)`` does, with two differences an
-    approval needs: saving the form tolerates "already exists" (a client retry of a save the
-    server had stored; seen on a busy SQLite server), and the deadline is ours while Prefect's
-    pause expires ``PAUSE_GRACE_S`` later, so the run can still end with the real reason rather
-    than Prefect's "paused and never resumed".
-    """
-    ctx = FlowRunContext.get()
-    if ctx is None or ctx.flow_run is None:
-        raise RuntimeError("approval needs a flow run to pause")
-    run_id = ctx.flow_run.id
-    proposed = Paused(timeout_seconds=timeout_s + PAUSE_GRACE_S, reschedule=False, pause_key=key)
-    keyset = keyset_from_paused_state(proposed)
-    proposed.state_details.run_input_keyset = keyset
-    with get_client(sync_client=True) as client:
-        state = propose_state_sync(client, proposed, flow_run_id=run_id)
-        if state.is_running():  # this very pause was answered before (the run was re-run)
-            return form.load(keyset)
-        if not state.is_paused():
-            raise RuntimeError(f"the run cannot pause for approval (state {state.type.value})")
-        try:
-            form.save(keyset)
-        except httpx.HTTPStatusError as exc:
-            if exc.response.status_code != 409:
-                raise
-            _save_input(client, run_id, keyset["description"], form._description)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            run = client.read_flow_run(run_id)
-            if run.state is not None and run.state.is_running():
-                return form.load(keyset)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            time.sleep(min(poll_s, left))
-
-
-def _save_input(client: Any, run_id: Any, key: str, value: Any) -> None:
-    try:
-        client.create_flow_run_input(flow_run_id=run_id, key=key, value=json.dumps(value))
-    except httpx.HTTPStatusError as exc:
-        if exc.response.status_code != 409:
-            raise
-
-
-@contextmanager
-def guard(report: IncidentReport, target: Target) -> Iterator[Guard]:
-    """Hold the target's lock for the block; wait or stop per ``params.safety`` when it is busy."""
-    safety = report.params.safety
-    held = ensure_lock(target)
-    ctx = FlowRunContext.get()
-    holder = (
-        ConcurrencyLeaseHolder(type="flow_run", id=ctx.flow_run.id)
-        if ctx and ctx.flow_run
-        else None
-    )
-    wait = safety.on_busy_target is OnBusyTarget.WAIT
-    # "skip" still allows a moment for the API round trip and a lock being released right now
-    patience = safety.busy_wait_s if wait else min(SKIP_PATIENCE_S, safety.busy_wait_s)
-    started = time.monotonic()
-    stack = ExitStack()
-    try:
-        stack.enter_context(
-            concurrency(
-                target.lock_name,
-                occupy=1,
-                timeout_seconds=patience,
-                lease_duration=LOCK_LEASE_S,
-                strict=True,
-                holder=holder,
-                # a lost renewal must not abort a half-applied change; the lease is long
-                raise_on_lease_renewal_failure=False,
-            )
+    def _suspend(self, label: str, danger: str, deadline: datetime) -> None:
+        """The run is about to suspend: keep the target locked for it, show the plan."""
+        self.suspended_until = deadline
+        self.report.step(
+            f"{label}: waiting for approval until {deadline:%H:%M:%S}Z ({danger}); the run is "
+            "suspended and starts again, re-checking everything, once someone answers"
         )
-    except TimeoutError:
-        how = f"waited {patience:g}s" if wait else "configured not to wait"
-        report.busy = f"{target.label} busy: another run is acting on it ({how})"
-        raise TargetBusy(
-            f"{target.label} is being acted on by another run ({how}); this run changed nothing"
-        ) from None
-    waited = time.monotonic() - started
-    report.target = target
-    report.step(
-        f"lock on {target.label} acquired"
-        + (f" after waiting {waited:.1f}s for another run to finish" if held else "")
-        + (f" after {waited:.1f}s (server slow to answer)" if waited >= 1 and not held else "")
-    )
-    with stack:
-        yield Guard(report, target)
-
-
-def ensure_lock(target: Target) -> bool:
-    """Create the target's one-slot limit if missing (it shows on the UI's Concurrency page).
-
-    Returns whether another run holds it right now.
-    """
-    with get_client(sync_client=True) as client:
-        try:
-            limit = client.read_global_concurrency_limit_by_name(target.lock_name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(
-                    GlobalConcurrencyLimitCreate(name=target.lock_name, limit=1)
-                )
-            except ObjectAlreadyExists:
-                pass  # created by a concurrent run between the read and the create
-            return False
-        if limit.limit != 1:
-            client.update_global_concurrency_limit(
-                target.lock_name, GlobalConcurrencyLimitUpdate(limit=1)
-            )
-        return limit.active_slots > 0
 
 
 def _safe_alert_resolved(fingerprint: str | None, since: datetime) -> bool:
@@ -537,6 +431,84 @@ def _safe_alert_resolved(fingerprint: str | None, since: datetime) -> bool:
         return alert_resolved_since(fingerprint, since)
     except (httpx.HTTPError, PrefectException):
         return False  # the symptom check still decides
+
+
+@contextmanager
+def guard(report: IncidentReport, target: Target) -> Iterator[Guard]:
+    """Hold the target's lock for the block; wait or stop per ``params.safety`` when it is busy."""
+    safety = report.params.safety
+    ctx = FlowRunContext.get()
+    run = ctx.flow_run if ctx else None
+    lock = TargetLock(
+        target.lock_name,
+        f"runbooks_lock_{target.slug}",
+        runbook=report.runbook,
+        flow_run_id=run.id if run else None,
+        flow_run_name=run.name if run else None,
+    )
+    wait = safety.on_busy_target is OnBusyTarget.WAIT
+    # "skip" still allows a moment for the API round trip and a lock being released right now
+    patience = safety.busy_wait_s if wait else min(SKIP_PATIENCE_S, safety.busy_wait_s)
+    try:
+        got = lock.acquire(patience)
+    except LockBusy as exc:
+        raise _busy(report, target, exc, wait, patience) from None
+    report.target = target
+    for stale in got.released_stale:
+        report.step(f"released the lock of {target.label} left by {stale}")
+    if got.adopted:
+        report.step(f"lock on {target.label} taken back (it was kept while waiting for approval)")
+    elif got.waited_for is not None:
+        report.step(
+            f"lock on {target.label} acquired after waiting {got.waited_s:.1f}s for another run "
+            f"to finish ({_holder_text(got.waited_for)})"
+        )
+    else:
+        report.step(f"lock on {target.label} acquired")
+    held = Guard(report, target)
+    try:
+        with lock.renewed():
+            yield held
+    except Pause:
+        if held.suspended_until is not None:
+            # after the renewal thread stopped, or it could shorten the lease again
+            lock.keep_while_suspended(held.suspended_until)
+        raise
+    finally:
+        lock.release()  # nothing left to release when it was kept for the approval
+
+
+def _busy(
+    report: IncidentReport, target: Target, exc: LockBusy, wait: bool, patience: float
+) -> TargetBusy:
+    """Why this run does not act, for the report; whether a human must hear of it."""
+    busy = exc.busy
+    holder = _holder_text(busy.holder) if busy.holder else "a run that left no record"
+    if busy.status is HolderStatus.AWAITING_APPROVAL:
+        report.busy = (
+            f"{target.label} is held by {holder}, waiting for a human's approval to act on it: "
+            "that decision covers this alert too"
+        )
+        return TargetBusy(f"{target.label} awaits approval in {holder}; this run changed nothing")
+    how = f"waited {patience:g}s" if wait else "configured not to wait"
+    report.busy = f"{target.label} busy: held by {holder} ({how})"
+    # a run that waited and gave up leaves a symptom nobody is fixing: someone must know
+    return TargetBusy(
+        f"{target.label} is held by {holder} ({how}); this run changed nothing",
+        escalate=wait,
+    )
+
+
+def _holder_text(holder: LockHolder) -> str:
+    link = _run_url(holder.flow_run_id)
+    return holder.describe() + (f" ({link})" if link else "")
+
+
+def _run_url(flow_run_id: Any) -> str | None:
+    base = PREFECT_UI_URL.value()
+    if not base or flow_run_id is None:
+        return None
+    return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}"
 
 
 def _duration(seconds: float) -> str:

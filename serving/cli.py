@@ -25,6 +25,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The runner's poll: the fallback for runs whose Scheduled event was missed, and what starts
 # scheduled runs (up to Prefect's 10 s prefetch ahead of their time).
 POLL_SECONDS = 5.0
+LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +151,11 @@ def _up(
                     host,
                     "--port",
                     str(port),
-                ]
+                ],
+                # Leases of the runbooks' target locks on disk (PREFECT_HOME/concurrency_leases),
+                # not in the server's memory: after a crash and restart the server still knows a
+                # dead holder's lease and frees its slot when it expires (runbooks/locks.py).
+                env={**os.environ, "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE},
             )
             children.append(server)
         _wait_healthy(api_url, server)

@@ -32,6 +32,8 @@ from uuid import UUID
 
 from prefect.runner import Runner
 
+from serving.approval_timeouts import watch_approval_timeouts
+
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
     from prefect.events import Event
@@ -39,6 +41,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("serving.pickup")
 
 SCHEDULED_EVENT = "prefect.flow-run.Scheduled"
+# a run suspended for approval and then answered is rescheduled as "Resuming" (runbooks.approvals)
+RESUMING_EVENT = "prefect.flow-run.Resuming"
+PICKUP_EVENTS = (SCHEDULED_EVENT, RESUMING_EVENT)
 # The event is published while the API request that creates the run is still committing: read
 # the run a few times before leaving it to the poll.
 READ_ATTEMPTS = 6
@@ -131,7 +136,7 @@ class EventPickup:
 
         deployments = sorted(str(d) for d in self._runner._deployment_registry.get_deployment_ids())
         event_filter = EventFilter(
-            event=EventNameFilter(name=[SCHEDULED_EVENT]),
+            event=EventNameFilter(name=list(PICKUP_EVENTS)),
             related=EventRelatedFilter(id=[f"prefect.deployment.{d}" for d in deployments]),
         )
         if self._api_url:
@@ -145,7 +150,7 @@ class EventPickup:
         )
 
     def _handle(self, event: Event) -> None:
-        if event.event != SCHEDULED_EVENT:
+        if event.event not in PICKUP_EVENTS:
             return
         if any(r.id == "prefect.tag.auto-scheduled" for r in event.related):
             return  # the scheduler's runs ahead of time: the poll starts them when due
@@ -231,6 +236,7 @@ class EventDrivenRunner(Runner):
         self._events_api_url = events_api_url
         self.pickup: EventPickup | None = None
         self._pickup_task: asyncio.Task[None] | None = None
+        self._timeouts_task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> EventDrivenRunner:
         await super().__aenter__()
@@ -238,9 +244,18 @@ class EventDrivenRunner(Runner):
         if self._event_pickup:
             self.pickup = EventPickup(self, api_url=self._events_api_url)
             self._pickup_task = asyncio.create_task(self.pickup.run(), name="event-pickup")
+        # suspended approval steps have no process to notice their deadline: the server does
+        self._timeouts_task = asyncio.create_task(
+            watch_approval_timeouts(), name="approval-timeouts"
+        )
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
+        if self._timeouts_task is not None:
+            self._timeouts_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timeouts_task
+            self._timeouts_task = None
         if self._pickup_task is not None and self.pickup is not None:
             self._pickup_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,0 +1,433 @@
+"""Processes die (issue #9): `runbooks up` killed the way machines die, then started again.
+
+- A pending approval survives Ctrl-C and SIGKILL of every process of ours: the run stays suspended,
+  and the approval given after the restart makes it act.
+- A run SIGKILLed while it holds its target's lock does not hold it forever: after the restart the
+  next run on that target releases the dead holder's lock and acts; a run that gives up on a live
+  holder escalates and names it.
+- Nothing of ours survives `kill -9` of `runbooks up` alone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from psycopg import sql
+
+from blocks.escalation import EscalationPolicy
+from blocks.postgres import PostgresDatabase
+from runbooks.locks import LEASE_S
+from tests.conftest import read_incident_report
+from tests.pg_env import free_connections
+from tests.receivers import HttpReceiver, save_slack_standin
+from tests.servers import PostgresServer, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+def _poll(fn, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+            if last:
+                return last
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.5)
+    raise AssertionError(f"{what} not reached in {timeout_s}s (last: {last!r})")
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (children in other sessions included), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class Up:
+    """`runbooks up` as a user runs it, on fixed ports and one PREFECT_HOME across restarts."""
+
+    home: Path
+    port: int = field(default_factory=free_port)
+    gateway_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def log(self) -> Path:
+        self.home.mkdir(parents=True, exist_ok=True)
+        return self.home / "runbooks-up.log"
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RUNBOOKS_"))}
+        env.update(
+            PREFECT_HOME=str(self.home),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            RUNBOOKS_GATEWAY_TOKEN="crash-test-token",
+            RUNBOOKS_GATEWAY_SPOOL_PATH=str(self.home / "spool.sqlite3"),
+        )
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "serving.cli",
+                "up",
+                "--port",
+                str(self.port),
+                "--gateway-port",
+                str(self.gateway_port),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log.open("a"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+        def served() -> bool:
+            found = httpx.post(
+                f"{self.api}/deployments/filter",
+                timeout=5,
+                json={"deployments": {"name": {"any_": ["db-connection-pool-exhausted"]}}},
+            ).json()
+            return bool(found)
+
+        _poll(served, 180, "runbooks up serving its deployments")
+
+    def kill_everything(self) -> set[int]:
+        """SIGKILL every process of ours at once, as a power cut would; returns their pids."""
+        assert self.proc is not None
+        pids = descendants(self.proc.pid) | {self.proc.pid}
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
+        _poll(lambda: not any(alive(p) for p in pids), 20, "every killed process gone")
+        return pids
+
+    def interrupt(self) -> None:
+        """Ctrl-C in the terminal: SIGINT to the foreground process group."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGINT)
+        self.proc.wait(60)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill_everything()
+
+    def run(self, run_id: str) -> dict:
+        return httpx.get(f"{self.api}/flow_runs/{run_id}", timeout=5).json()
+
+    def start_run(self, params: dict) -> str:
+        [deployment] = httpx.post(
+            f"{self.api}/deployments/filter",
+            timeout=5,
+            json={"deployments": {"name": {"any_": ["db-connection-pool-exhausted"]}}},
+        ).json()
+        created = httpx.post(
+            f"{self.api}/deployments/{deployment['id']}/create_flow_run",
+            timeout=10,
+            json={"parameters": {"params": params}},
+        )
+        created.raise_for_status()
+        return created.json()["id"]
+
+    def wait_final(self, run_id: str, timeout_s: float = 120) -> dict:
+        _poll(lambda: self.run(run_id)["state"]["type"] in FINAL, timeout_s, f"run {run_id} final")
+        return self.run(run_id)
+
+    def report(self, run_id: str) -> str:
+        with temporary_settings(updates={PREFECT_API_URL: self.api}):
+            return read_incident_report(run_id)
+
+
+# each test starts `runbooks up` once or twice (about 10 s each on an idle machine)
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Up]:
+    server = Up(home=tmp_path / "prefect-home")
+    yield server
+    server.stop()
+    print("runbooks up output (shown by pytest when the test failed):\n" + server.log_tail())
+
+
+@contextmanager
+def idle_session(postgres: PostgresServer, *, in_transaction: bool) -> Iterator[tuple[str, int]]:
+    """A database of its own with one idle session (inside a transaction or not)."""
+    db = f"crash_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres.conninfo(), autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+    victim = psycopg.connect(
+        postgres.conninfo(dbname=db), application_name="crash-victim", autocommit=not in_transaction
+    )
+    victim.execute("SELECT 1")
+    try:
+        yield db, victim.info.backend_pid
+    finally:
+        victim.close()
+        with psycopg.connect(postgres.conninfo(), autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
+
+
+def live_pids(postgres: PostgresServer) -> set[int]:
+    with psycopg.connect(postgres.conninfo(), autocommit=True) as admin:
+        return {p for (p,) in admin.execute("SELECT pid FROM pg_stat_activity").fetchall()}
+
+
+def save_db_block(up: Up, postgres: PostgresServer, name: str = "crash-db") -> str:
+    with temporary_settings(updates={PREFECT_API_URL: up.api}):
+        PostgresDatabase(
+            host="127.0.0.1",
+            port=postgres.port,
+            dbname="postgres",
+            user=postgres.user,
+            password=postgres.password,
+        ).save(name, overwrite=True)
+    return name
+
+
+def pool_params(postgres: PostgresServer, db: str, **overrides) -> dict:
+    """Exhausted until the one idle session of ``db`` is gone (the run's own session takes its slot)."""
+    with psycopg.connect(postgres.conninfo(), autocommit=True) as admin:
+        # the run's own session takes this admin session's slot: one more is free once the
+        # idle session is gone
+        free = free_connections(admin) + 1
+    params = {
+        "db_block": "crash-db",
+        "idle_threshold_s": 1,
+        "databases": [db],
+        "include_idle_in_transaction": True,
+        "target_headroom_percent": 0,
+        "min_free_connections": free,
+        "verify_timeout_s": 20,
+        "safety": {"approval_poll_s": 1, "escalation_block": None},
+    }
+    params.update(overrides)
+    return params
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigkill"])
+def test_pending_approval_survives_a_restart(up: Up, postgres: PostgresServer, how: str) -> None:
+    up.start()
+    save_db_block(up, postgres)
+    with idle_session(postgres, in_transaction=True) as (db, pid):
+        time.sleep(1.2)
+        run_id = up.start_run(pool_params(postgres, db))
+        _poll(
+            lambda: up.run(run_id)["state"]["type"] == "PAUSED", 90, "the run waiting for approval"
+        )
+        keyset = up.run(run_id)["state"]["state_details"]["run_input_keyset"]
+        _poll(
+            lambda: (
+                httpx.get(
+                    f"{up.api}/flow_runs/{run_id}/input/{keyset['description']}", timeout=5
+                ).is_success
+            ),
+            30,
+            "the resume form saved",
+        )
+
+        if how == "ctrl-c":
+            up.interrupt()
+        else:
+            up.kill_everything()
+        assert pid in live_pids(postgres)
+
+        up.start()
+        state = up.run(run_id)["state"]
+        # still suspended: no process of ours was holding the pending approval
+        assert (state["type"], state["name"]) == ("PAUSED", "Suspended"), state
+        resumed = httpx.post(
+            f"{up.api}/flow_runs/{run_id}/resume",
+            timeout=10,
+            json={
+                "run_input": {"approve": True, "approver": "dana", "reason": "after the restart"}
+            },
+        )
+        assert resumed.json().get("status") == "ACCEPT", resumed.text
+        final = up.wait_final(run_id)
+        assert final["state"]["type"] == "COMPLETED", final["state"]["message"]
+        assert pid not in live_pids(postgres)
+        report = up.report(run_id)
+        assert "| terminate idle connections | approved | dana | after the restart |" in report
+        assert "taken back" in report  # the lock kept while suspended went back to the same run
+
+
+def test_killed_holder_releases_its_lock_and_busy_runs_escalate(
+    up: Up, postgres: PostgresServer, slack: HttpReceiver
+) -> None:
+    up.start()
+    save_db_block(up, postgres)
+    with temporary_settings(updates={PREFECT_API_URL: up.api}):
+        EscalationPolicy(notification_blocks=[save_slack_standin(slack)]).save("crash-oncall")
+    with idle_session(postgres, in_transaction=False) as (db, pid):
+        time.sleep(1.2)
+        # holds the lock: terminates the idle session, then waits in verification for a headroom
+        # the server can never have
+        holder = up.start_run(
+            pool_params(postgres, db, min_free_connections=10_000, verify_timeout_s=600)
+        )
+        _poll(lambda: pid not in live_pids(postgres), 90, "the holder acted")
+        assert up.run(holder)["state"]["type"] == "RUNNING"
+
+        # a run that gives up waiting for a live holder escalates and names it
+        busy = up.start_run(
+            pool_params(
+                postgres,
+                db,
+                safety={"busy_wait_s": 3, "escalation_block": "crash-oncall", "approval_poll_s": 1},
+            )
+        )
+        final = up.wait_final(busy)
+        assert final["state"]["type"] == "FAILED", final["state"]
+        report = up.report(busy)
+        holder_name = up.run(holder)["name"]
+        assert "NOT ACTED: TARGET BUSY" in report
+        assert holder_name in report and f"/runs/flow-run/{holder}" in report
+        [page] = slack.wait_for(1, timeout_s=30)
+        assert "did not act" in page.body.decode() and holder_name in page.body.decode()
+
+    # a power cut while the holder is mid-run
+    up.kill_everything()
+    up.start()
+    with idle_session(postgres, in_transaction=False) as (db, pid):
+        time.sleep(1.2)
+        started = time.monotonic()
+        nxt = up.start_run(pool_params(postgres, db))
+        final = up.wait_final(nxt)
+        took = time.monotonic() - started
+        assert final["state"]["type"] == "COMPLETED", final["state"]["message"]
+        assert pid not in live_pids(postgres)
+        report = up.report(nxt)
+        # released at once (its process is gone), not after the lease expired
+        assert "its process is gone" in report and holder_name in report
+        assert took < 45, f"the next run took {took:.0f}s"
+
+
+def test_nothing_survives_kill_of_runbooks_up_alone(up: Up, postgres: PostgresServer) -> None:
+    up.start()
+    save_db_block(up, postgres)
+    with idle_session(postgres, in_transaction=False) as (db, _):
+        time.sleep(1.2)
+        # a run in flight, so there is a flow-run process below the fork server
+        run_id = up.start_run(
+            pool_params(postgres, db, min_free_connections=10_000, verify_timeout_s=600)
+        )
+        _poll(lambda: up.run(run_id)["state"]["type"] == "RUNNING", 90, "a run in flight")
+        assert up.proc is not None
+        ours = descendants(up.proc.pid)
+        assert len(ours) >= 4, ours  # server, gateway, fork server, flow run (at least)
+        os.kill(up.proc.pid, signal.SIGKILL)
+        up.proc.wait(10)
+        _poll(lambda: not [p for p in ours if alive(p)], 30, "every child of runbooks up gone")
+
+
+def test_unanswered_approval_times_out_and_escalates(
+    up: Up, postgres: PostgresServer, slack: HttpReceiver
+) -> None:
+    """A suspended run has no process to notice its deadline: the serving process resumes it."""
+    up.start()
+    save_db_block(up, postgres)
+    with temporary_settings(updates={PREFECT_API_URL: up.api}):
+        EscalationPolicy(notification_blocks=[save_slack_standin(slack)]).save("crash-oncall")
+    with idle_session(postgres, in_transaction=True) as (db, pid):
+        time.sleep(1.2)
+        run_id = up.start_run(
+            pool_params(
+                postgres,
+                db,
+                safety={
+                    "approval_timeout_s": 5,
+                    "escalation_block": "crash-oncall",
+                    "approval_poll_s": 1,
+                },
+            )
+        )
+        _poll(lambda: up.run(run_id)["state"]["name"] == "Suspended", 90, "the run suspended")
+        final = up.wait_final(run_id, timeout_s=90)
+        assert final["state"]["type"] == "FAILED", final["state"]
+        assert pid in live_pids(postgres)  # nobody approved: nothing was touched
+        report = up.report(run_id)
+        assert "| terminate idle connections | timed out |" in report
+        [page] = slack.wait_for(1, timeout_s=30)
+        assert "approval timed out" in page.body.decode()
+        # the lock it kept while suspended was given back
+        limit = httpx.post(f"{up.api}/v2/concurrency_limits/filter", timeout=5, json={}).json()
+        assert [
+            lim["active_slots"] for lim in limit if lim["name"].startswith("runbooks-lock-")
+        ] == [0]
+
+
+def test_dead_holders_lease_survives_a_server_restart_and_expires(
+    up: Up, postgres: PostgresServer
+) -> None:
+    """With nobody waiting, the server itself frees a dead holder's slot after a restart."""
+    up.start()
+    save_db_block(up, postgres)
+    with idle_session(postgres, in_transaction=False) as (db, pid):
+        time.sleep(1.2)
+        holder = up.start_run(
+            pool_params(postgres, db, min_free_connections=10_000, verify_timeout_s=600)
+        )
+        _poll(lambda: pid not in live_pids(postgres), 90, "the holder acted")
+        assert up.run(holder)["state"]["type"] == "RUNNING"
+
+    def lock_slots() -> list[int]:
+        limits = httpx.post(f"{up.api}/v2/concurrency_limits/filter", timeout=5, json={}).json()
+        return [lim["active_slots"] for lim in limits if lim["name"].startswith("runbooks-lock-")]
+
+    assert lock_slots() == [1]
+    up.kill_everything()
+    up.start()
+    # stock Prefect kept the lease in the server's memory: this slot stayed taken forever.
+    # Bound: the lease (renewed until the kill) + the repossessor's loop, plus the restart itself
+    _poll(lambda: lock_slots() == [0], LEASE_S + 15 + 60, "the dead holder's slot freed")
