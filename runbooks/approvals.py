@@ -83,18 +83,22 @@ def request_approval(
     proposed = Suspended(timeout_seconds=timeout_s + PAUSE_GRACE_S, pause_key=key)
     keyset = keyset_from_paused_state(proposed)
     proposed.state_details.run_input_keyset = keyset
+    if key in (run.empirical_policy.pause_keys or set()):
+        # this step suspended before and the run was resumed: answered, or timed out
+        shown = read_flow_run_input(_plan_key(keyset), flow_run_id=run.id)
+        return Answer(_answer(form, keyset, run.id), shown)
+    deadline = datetime.now(UTC) + timedelta(seconds=timeout_s)
     with get_client(sync_client=True) as client:
-        state = propose_state_sync(client, proposed, flow_run_id=run.id)
-        if state.is_running():  # this step suspended before: the run was resumed
-            shown = read_flow_run_input(_plan_key(keyset), flow_run_id=run.id)
-            return Answer(_answer(form, keyset, run.id), shown)
-        if not state.is_paused():
-            raise RuntimeError(f"the run cannot suspend for approval (state {state.type.value})")
+        # everything the resume form and the timeout service need is saved, and the target's
+        # lock handed over, before the run shows as paused: a human answering at once, or a
+        # Ctrl-C right after the run shows as paused, finds the request complete
         _save_form(client, form, keyset, run.id)
-        deadline = datetime.now(UTC) + timedelta(seconds=timeout_s)
         _save_input(client, run.id, _plan_key(keyset), plan)
         _save_input(client, run.id, deadline_key(keyset), deadline.isoformat())
-    before_suspending(deadline)
+        before_suspending(deadline)
+        state = propose_state_sync(client, proposed, flow_run_id=run.id)
+    if not state.is_paused():
+        raise RuntimeError(f"the run cannot suspend for approval (state {state.type.value})")
     raise Pause(state=state)
 
 

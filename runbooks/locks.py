@@ -18,9 +18,11 @@ forgot the lease and kept the slot forever (issue #9). Three things fix that:
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,10 +38,11 @@ from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitUpdate,
 )
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
-from prefect.concurrency._leases import maintain_concurrency_lease
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.variables import Variable
 from pydantic import BaseModel, Field
+
+logger = logging.getLogger("runbooks.locks")
 
 # Prefect's shortest lease. A killed holder's slot is free this long (+ repossessor loop) after its
 # last renewal, or at once when a waiting run on the same host sees the holder's process is gone.
@@ -48,6 +51,7 @@ LEASE_S = 60.0
 # resumed by the timeout can adopt it and escalate.
 APPROVAL_LEASE_MARGIN_S = 120.0
 RETRY_S = 1.0
+RENEW_EVERY_S = LEASE_S / 4
 
 FINAL_STATES = {
     StateType.COMPLETED,
@@ -170,6 +174,9 @@ class TargetLock:
         self.flow_run_id = flow_run_id
         self.flow_run_name = flow_run_name
         self.lease_id: UUID | None = None
+        self._kept: UUID | None = None  # handed over to a suspension about to happen
+        self._stop = threading.Event()
+        self._renewing = threading.Lock()
 
     # taking and giving back -------------------------------------------------------------
 
@@ -208,32 +215,65 @@ class TargetLock:
 
     @contextmanager
     def renewed(self) -> Iterator[None]:
-        """Renew the lease in the background while the block runs (Prefect's own renewal thread)."""
+        """Renew the lease in the background while the block runs.
+
+        Our own thread rather than ``prefect.concurrency._leases.maintain_concurrency_lease``: a
+        run suspending for approval must stop the renewals and stretch the lease to the approval
+        deadline in one step (``keep_while_suspended``), which Prefect's renewal cannot be told.
+        """
         assert self.lease_id is not None
-        with maintain_concurrency_lease(
-            self.lease_id, LEASE_S, raise_on_lease_renewal_failure=False
-        ):
+        self._stop.clear()
+        thread = threading.Thread(target=self._renew_until_stopped, name="target-lock", daemon=True)
+        thread.start()
+        try:
             yield
+        finally:
+            self._stop.set()
+            thread.join(timeout=5)
 
     def release(self) -> None:
-        if self.lease_id is None:
+        """Give the slot back; a lease kept for a suspension that never happened included."""
+        lease_id = self.lease_id or self._kept
+        if lease_id is None:
             return
+        self._stop.set()
         # the slot first: a run that dies in between leaves a record whose lease is gone, which
         # waiters see as a finished holder, never a slot without a record
-        self._release_lease(self.lease_id)
-        self._clear_holder(self.lease_id)
-        self.lease_id = None
+        self._release_lease(lease_id)
+        self._clear_holder(lease_id)
+        self.lease_id = self._kept = None
 
     def keep_while_suspended(self, deadline: datetime) -> None:
-        """Hold the target past this process: until the approval deadline (and a margin)."""
+        """Hold the target past this process, until the approval deadline (and a margin).
+
+        Called before the run suspends; ``suspended()`` then tells ``release`` to leave it.
+        """
         if self.lease_id is None:
             return
-        until = deadline + timedelta(seconds=APPROVAL_LEASE_MARGIN_S)
-        seconds = max(LEASE_S, (until - datetime.now(UTC)).total_seconds())
-        with get_client(sync_client=True) as client:
-            client.renew_concurrency_lease(self.lease_id, lease_duration=seconds)
-        self._write_holder(deadline)
-        self.lease_id = None  # this process no longer releases it: the resumed run adopts it
+        self._stop.set()
+        with self._renewing:  # a renewal in flight would shorten the lease again
+            until = deadline + timedelta(seconds=APPROVAL_LEASE_MARGIN_S)
+            seconds = max(LEASE_S, (until - datetime.now(UTC)).total_seconds())
+            with get_client(sync_client=True) as client:
+                client.renew_concurrency_lease(self.lease_id, lease_duration=seconds)
+            self._write_holder(deadline)
+            self._kept, self.lease_id = self.lease_id, None
+
+    def suspended(self) -> None:
+        """The run did suspend: the kept lease is the resumed run's to adopt, not ours to release."""
+        self._kept = None
+
+    def _renew_until_stopped(self) -> None:
+        while not self._stop.wait(RENEW_EVERY_S):
+            with self._renewing:
+                if self._stop.is_set() or self.lease_id is None:
+                    return
+                try:
+                    with get_client(sync_client=True) as client:
+                        client.renew_concurrency_lease(self.lease_id, lease_duration=LEASE_S)
+                except (httpx.HTTPError, OSError) as exc:
+                    # the lease is long enough for a few misses; the expiry is the backstop
+                    logger.warning("renewing the lock %s failed: %s", self.name, exc)
 
     # internals --------------------------------------------------------------------------
 

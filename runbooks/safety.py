@@ -246,7 +246,7 @@ class Guard:
     report: IncidentReport
     target: Target
     acted_at: datetime | None = None
-    suspended_until: datetime | None = None
+    lock: TargetLock | None = field(default=None, repr=False)
     _approvals: int = field(default=0, repr=False)
 
     def act(
@@ -417,7 +417,8 @@ class Guard:
 
     def _suspend(self, label: str, danger: str, deadline: datetime) -> None:
         """The run is about to suspend: keep the target locked for it, show the plan."""
-        self.suspended_until = deadline
+        if self.lock is not None:
+            self.lock.keep_while_suspended(deadline)
         self.report.step(
             f"{label}: waiting for approval until {deadline:%H:%M:%S}Z ({danger}); the run is "
             "suspended and starts again, re-checking everything, once someone answers"
@@ -465,17 +466,14 @@ def guard(report: IncidentReport, target: Target) -> Iterator[Guard]:
         )
     else:
         report.step(f"lock on {target.label} acquired")
-    held = Guard(report, target)
     try:
         with lock.renewed():
-            yield held
+            yield Guard(report, target, lock=lock)
     except Pause:
-        if held.suspended_until is not None:
-            # after the renewal thread stopped, or it could shorten the lease again
-            lock.keep_while_suspended(held.suspended_until)
+        lock.suspended()  # the lease was kept for the approval: the resumed run adopts it
         raise
     finally:
-        lock.release()  # nothing left to release when it was kept for the approval
+        lock.release()
 
 
 def _busy(

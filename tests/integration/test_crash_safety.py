@@ -183,6 +183,19 @@ class Up:
         _poll(lambda: self.run(run_id)["state"]["type"] in FINAL, timeout_s, f"run {run_id} final")
         return self.run(run_id)
 
+    def wait_suspended(self, run_id: str) -> None:
+        """Until the run's process has ended with the run suspended (no process holds it)."""
+
+        def finished_suspended() -> bool:
+            logs = httpx.post(
+                f"{self.api}/logs/filter",
+                timeout=5,
+                json={"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200},
+            ).json()
+            return any("Finished in state Suspended" in log["message"] for log in logs)
+
+        _poll(finished_suspended, 90, "the run's process ended, the run suspended")
+
     def report(self, run_id: str) -> str:
         with temporary_settings(updates={PREFECT_API_URL: self.api}):
             return read_incident_report(run_id)
@@ -262,9 +275,7 @@ def test_pending_approval_survives_a_restart(up: Up, postgres: PostgresServer, h
     with idle_session(postgres, in_transaction=True) as (db, pid):
         time.sleep(1.2)
         run_id = up.start_run(pool_params(postgres, db))
-        _poll(
-            lambda: up.run(run_id)["state"]["type"] == "PAUSED", 90, "the run waiting for approval"
-        )
+        up.wait_suspended(run_id)
         keyset = up.run(run_id)["state"]["state_details"]["run_input_keyset"]
         _poll(
             lambda: (
@@ -392,7 +403,7 @@ def test_unanswered_approval_times_out_and_escalates(
                 },
             )
         )
-        _poll(lambda: up.run(run_id)["state"]["name"] == "Suspended", 90, "the run suspended")
+        up.wait_suspended(run_id)
         final = up.wait_final(run_id, timeout_s=90)
         assert final["state"]["type"] == "FAILED", final["state"]
         assert pid in live_pids(postgres)  # nobody approved: nothing was touched
