@@ -44,9 +44,10 @@ from pydantic import BaseModel, Field
 
 logger = logging.getLogger("runbooks.locks")
 
-# Prefect's shortest lease. A killed holder's slot is free this long (+ repossessor loop) after its
-# last renewal, or at once when a waiting run on the same host sees the holder's process is gone.
-LEASE_S = 60.0
+# Prefect's shortest lease by default (RUNBOOKS_LOCK_LEASE_S, 60-3600 s). A killed holder's slot
+# is free this long (+ the repossessor's loop) after its last renewal, or at once when a waiting
+# run on the same host sees the holder's process is gone.
+LEASE_S = min(max(float(os.environ.get("RUNBOOKS_LOCK_LEASE_S", "60")), 60.0), 3600.0)
 # How long after the approval deadline a suspended run's lease still holds the target, so the run
 # resumed by the timeout can adopt it and escalate.
 APPROVAL_LEASE_MARGIN_S = 120.0

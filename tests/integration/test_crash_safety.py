@@ -5,7 +5,6 @@
 - A run SIGKILLed while it holds its target's lock does not hold it forever: after the restart the
   next run on that target releases the dead holder's lock and acts; a run that gives up on a live
   holder escalates and names it.
-- Nothing of ours survives `kill -9` of `runbooks up` alone.
 """
 
 from __future__ import annotations
@@ -90,6 +89,7 @@ class Up:
     port: int = field(default_factory=free_port)
     gateway_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def log(self) -> Path:
@@ -111,6 +111,7 @@ class Up:
             RUNBOOKS_GATEWAY_TOKEN="crash-test-token",
             RUNBOOKS_GATEWAY_SPOOL_PATH=str(self.home / "spool.sqlite3"),
         )
+        env.update(self.env)
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -316,6 +317,9 @@ def test_pending_approval_survives_a_restart(up: Up, postgres: PostgresServer, h
 def test_killed_holder_releases_its_lock_and_busy_runs_escalate(
     up: Up, postgres: PostgresServer, slack: HttpReceiver
 ) -> None:
+    # a lease longer than the restart takes: what frees the lock must be the next run seeing
+    # that the holder's process is gone, not the lease running out meanwhile
+    up.env["RUNBOOKS_LOCK_LEASE_S"] = "600"
     up.start()
     save_db_block(up, postgres)
     with temporary_settings(updates={PREFECT_API_URL: up.api}):
@@ -352,34 +356,13 @@ def test_killed_holder_releases_its_lock_and_busy_runs_escalate(
     up.start()
     with idle_session(postgres, in_transaction=False) as (db, pid):
         time.sleep(1.2)
-        started = time.monotonic()
         nxt = up.start_run(pool_params(postgres, db))
         final = up.wait_final(nxt)
-        took = time.monotonic() - started
         assert final["state"]["type"] == "COMPLETED", final["state"]["message"]
         assert pid not in live_pids(postgres)
         report = up.report(nxt)
         # released at once (its process is gone), not after the lease expired
         assert "its process is gone" in report and holder_name in report
-        assert took < 45, f"the next run took {took:.0f}s"
-
-
-def test_nothing_survives_kill_of_runbooks_up_alone(up: Up, postgres: PostgresServer) -> None:
-    up.start()
-    save_db_block(up, postgres)
-    with idle_session(postgres, in_transaction=False) as (db, _):
-        time.sleep(1.2)
-        # a run in flight, so there is a flow-run process below the fork server
-        run_id = up.start_run(
-            pool_params(postgres, db, min_free_connections=10_000, verify_timeout_s=600)
-        )
-        _poll(lambda: up.run(run_id)["state"]["type"] == "RUNNING", 90, "a run in flight")
-        assert up.proc is not None
-        ours = descendants(up.proc.pid)
-        assert len(ours) >= 4, ours  # server, gateway, fork server, flow run (at least)
-        os.kill(up.proc.pid, signal.SIGKILL)
-        up.proc.wait(10)
-        _poll(lambda: not [p for p in ours if alive(p)], 30, "every child of runbooks up gone")
 
 
 def test_unanswered_approval_times_out_and_escalates(
