@@ -206,9 +206,10 @@ def test_alert_still_firing_after_the_cooldown_starts_another_run(
             if (r["parameters"]["params"].get("alert") or {}).get("fingerprint") == fingerprint
         ]
 
-    deadline = time.monotonic() + 30
+    # a liveness bound, not a speed goal: Prefect's trigger service lags on a loaded machine
+    deadline = time.monotonic() + 90
     while len(runs()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.3)
+        time.sleep(0.5)
     assert len(runs()) == 2  # one per event: Prefect has only these two for this alert
 
 
