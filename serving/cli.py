@@ -1,4 +1,4 @@
-"""The `runbooks` command: run the product (`up`), list runbooks, register block types.
+"""The `runbooks` command: run the product (`up`), list runbooks, save blocks, register block types.
 
 `runbooks up` is one process tree: a Prefect server on the embedded SQLite database (unless
 `--api-url` points at an existing server), the alert gateway (Alertmanager/Grafana webhooks to
@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser(
         "register-blocks", help="register the project's block types with the Prefect API"
     )
+    from serving import block_command
+
+    block_command.add_parser(sub)
     args = parser.parse_args(argv)
 
     if args.command == "up":
@@ -80,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         _print_runbooks()
         return 0
+    if args.command == "block":
+        return block_command.run(args)
     if args.command == "register-blocks":
         names = register_block_types()
         print("registered block types:", ", ".join(names))
