@@ -39,8 +39,10 @@ class OnBusyTarget(StrEnum):
 class SafetyParams(BaseModel):
     """Guard rails every runbook shares (see runbooks.safety); defaults suit an alert-driven run."""
 
+    # fields whose schema is a reference get no title from pydantic; the run form needs one
     on_busy_target: OnBusyTarget = Field(
         OnBusyTarget.WAIT,
+        title="On Busy Target",
         description="Another run is acting on the same target: wait for it (then re-check) or "
         "stop without acting.",
     )
@@ -116,10 +118,14 @@ class RunbookParams(BaseModel):
         False,
         description="Plan only: run every check, report what would be changed, change nothing.",
     )
+    # fields whose schema is a reference get no title from pydantic; the run form needs one
     alert: AlertContext | None = Field(
-        None, description="Set by alert triggers; leave empty for manual or scheduled runs."
+        None,
+        title="Alert",
+        description="Set by alert triggers; leave empty for manual or scheduled runs.",
     )
     safety: SafetyParams = Field(
         default_factory=SafetyParams,
+        title="Safety",
         description="Locks, approvals, escalation and verification settings.",
     )

@@ -44,3 +44,13 @@ def test_run_form_lists_the_runbooks_own_parameters_before_alert_and_safety(spec
     assert list(properties) == ["dry_run", *own, "alert", "safety"]
     # the UI sorts by `position`, which survives a server that does not keep key order (JSONB)
     assert [prop["position"] for prop in properties.values()] == list(range(len(properties)))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_every_run_form_field_has_a_label(spec) -> None:
+    """The UI labels a field by its title; one without (pydantic gives none to a field whose
+    schema is a reference, e.g. `alert`) shows as "Field"."""
+    schema = parameter_schema(load_flow(spec)).model_dump_for_openapi()
+    for model, definition in schema["definitions"].items():
+        for name, prop in (definition.get("properties") or {}).items():
+            assert prop.get("title"), f"{model}.{name} has no title"
