@@ -92,9 +92,18 @@ def _field_option(name: str, annotation: Any) -> FieldOption:
     return FieldOption(name, "value")
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+HELP = "save a block to the running Prefect server, list blocks"
+
+
+def main(argv: list[str]) -> int:
+    """`runbooks block ...`; its parser is built only here, because building it imports every
+    block module (Prefect, the Kafka and Kubernetes clients), which other commands do not need."""
+    return run(parser().parse_args(argv))
+
+
+def parser() -> argparse.ArgumentParser:
     """`runbooks block save <type> <name> [--field value ...]` and `runbooks block list`."""
-    block = sub.add_parser("block", help="save a block to the running Prefect server, list blocks")
+    block = argparse.ArgumentParser(prog="runbooks block", description=HELP)
     commands = block.add_subparsers(dest="block_command", required=True)
     save = commands.add_parser(
         "save",
@@ -103,24 +112,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         f"(--api-url, else PREFECT_API_URL, else {DEFAULT_API_URL}, where `runbooks up` "
         "serves). Secrets come from a prompt without echo (on a terminal) or standard input.",
     )
-    types_ = save.add_subparsers(dest="block_type", required=True, metavar="TYPE")
+    block_types = save.add_subparsers(dest="block_type", required=True, metavar="TYPE")
     for name, cls in sorted(block_classes().items()):
-        parser = types_.add_parser(
+        type_parser = block_types.add_parser(
             name,
             aliases=[cls.get_block_type_slug()],
             help=cls.get_description(),
             description=f"Save a '{cls.get_block_type_name()}' block: {cls.get_description()}",
         )
-        parser.add_argument("name", help="name of the block, e.g. 'default'")
-        _add_common(parser)
-        parser.add_argument(
+        type_parser.add_argument("name", help="name of the block, e.g. 'default'")
+        _add_common(type_parser)
+        type_parser.add_argument(
             "--overwrite", action="store_true", help="replace a saved block of this name"
         )
         for option in field_options(cls):
-            _add_field_argument(parser, cls, option)
-        parser.set_defaults(block_class=cls)
+            _add_field_argument(type_parser, cls, option)
+        type_parser.set_defaults(block_class=cls)
     listing = commands.add_parser("list", help="list the blocks saved on the Prefect server")
     _add_common(listing)
+    return block
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:

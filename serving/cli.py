@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     from serving import block_command
 
-    block_command.add_parser(sub)
+    sub.add_parser("block", help=block_command.HELP)
+    # `block` parses its own arguments: its parser imports every block module, built only for it
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["block"]:
+        return block_command.main(argv[1:])
     args = parser.parse_args(argv)
 
     if args.command == "up":
@@ -83,8 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         _print_runbooks()
         return 0
-    if args.command == "block":
-        return block_command.run(args)
     if args.command == "register-blocks":
         names = register_block_types()
         print("registered block types:", ", ".join(names))
