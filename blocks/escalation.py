@@ -9,7 +9,9 @@ from botocore.config import Config
 from prefect.blocks.abstract import NotificationBlock
 from prefect.blocks.core import Block
 from prefect_aws import AwsCredentials
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, field_validator
+
+from blocks.fields import BLOCK_CONFIG, OptionalSecretStr
 
 # "<block-type-slug>/<block-document-name>", as Block.load accepts it
 NOTIFICATION_BLOCK_REF = re.compile(r"^[a-z0-9][a-z0-9-]*/[^/\s][^/]*$")
@@ -28,7 +30,7 @@ class EscalationPolicy(Block):
         from blocks.escalation import EscalationPolicy
         from runbooks.escalation import EscalationMessage, send_escalation
 
-        policy = EscalationPolicy.load("oncall")
+        policy = EscalationPolicy.load("BLOCK_NAME")
         deliveries = send_escalation(message, policy)
         ```
     """
@@ -39,6 +41,7 @@ class EscalationPolicy(Block):
         "Channels that receive runbook escalations: Prefect notification blocks, an AWS SNS topic "
         "and a generic JSON webhook."
     )
+    model_config = BLOCK_CONFIG
 
     notification_blocks: list[str] = Field(
         default_factory=list,
@@ -65,7 +68,7 @@ class EscalationPolicy(Block):
     webhook_url: str | None = Field(
         None, description="Generic webhook that receives each escalation as a JSON POST."
     )
-    webhook_token: SecretStr | None = Field(
+    webhook_token: OptionalSecretStr = Field(
         None, description="Bearer token sent to the generic webhook (Authorization header)."
     )
     attempts: int = Field(

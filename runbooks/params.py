@@ -39,8 +39,10 @@ class OnBusyTarget(StrEnum):
 class SafetyParams(BaseModel):
     """Guard rails every runbook shares (see runbooks.safety); defaults suit an alert-driven run."""
 
+    # fields whose schema is a reference get no title from pydantic; the run form needs one
     on_busy_target: OnBusyTarget = Field(
         OnBusyTarget.WAIT,
+        title="On Busy Target",
         description="Another run is acting on the same target: wait for it (then re-check) or "
         "stop without acting.",
     )
@@ -79,17 +81,51 @@ class SafetyParams(BaseModel):
     )
 
 
+# The run form lists dry_run first: it decides whether the run changes anything, so a person
+# starting a run by hand sees it before anything else; the runbook's own fields follow; the
+# alert (filled in by triggers) and the shared safety settings, rarely touched by hand, come last.
+FORM_FIRST = ("dry_run",)
+FORM_LAST = ("alert", "safety")
+
+
+def form_order(fields: list[str]) -> list[str]:
+    """Order of a runbook's parameters in the run form: FORM_FIRST, its own fields, FORM_LAST."""
+    first = [f for f in FORM_FIRST if f in fields]
+    last = [f for f in FORM_LAST if f in fields]
+    return first + [f for f in fields if f not in first and f not in last] + last
+
+
+def _order_run_form(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """Reorder the properties of a params model's JSON schema (the UI's run form) by form_order.
+
+    Pydantic lists a base class's fields before a subclass's. Each property also gets a
+    `position`, which the UI sorts by: a PostgreSQL-backed Prefect server keeps the schema in
+    JSONB, which does not keep key order.
+    """
+    properties = schema.get("properties") or {}
+    schema["properties"] = {
+        name: {**properties[name], "position": index}
+        for index, name in enumerate(form_order(list(properties)))
+    }
+
+
 class RunbookParams(BaseModel):
     """Fields every runbook takes. Runbooks subclass this with their own, documented fields."""
+
+    model_config = ConfigDict(json_schema_extra=_order_run_form)
 
     dry_run: bool = Field(
         False,
         description="Plan only: run every check, report what would be changed, change nothing.",
     )
+    # fields whose schema is a reference get no title from pydantic; the run form needs one
     alert: AlertContext | None = Field(
-        None, description="Set by alert triggers; leave empty for manual or scheduled runs."
+        None,
+        title="Alert",
+        description="Set by alert triggers; leave empty for manual or scheduled runs.",
     )
     safety: SafetyParams = Field(
         default_factory=SafetyParams,
+        title="Safety",
         description="Locks, approvals, escalation and verification settings.",
     )

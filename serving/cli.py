@@ -1,4 +1,4 @@
-"""The `runbooks` command: run the product (`up`), list runbooks, register block types.
+"""The `runbooks` command: run the product (`up`), list runbooks, save blocks, register block types.
 
 `runbooks up` is one process tree: a Prefect server on the embedded SQLite database (unless
 `--api-url` points at an existing server), the alert gateway (Alertmanager/Grafana webhooks to
@@ -61,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser(
         "register-blocks", help="register the project's block types with the Prefect API"
     )
+    from serving import block_command
+
+    sub.add_parser("block", help=block_command.HELP)
+    # `block` parses its own arguments: its parser imports every block module, built only for it
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["block"]:
+        return block_command.main(argv[1:])
     args = parser.parse_args(argv)
 
     if args.command == "up":
