@@ -78,7 +78,7 @@ class ConnectionPoolSummary(BaseModel):
 
     outcome: Outcome
     before: ConnectionUsage
-    survey: SessionSurvey | None = None
+    survey: SessionSurvey
     candidates: list[Backend] = Field(
         default_factory=list, description="The sessions chosen for termination."
     )
