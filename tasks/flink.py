@@ -476,7 +476,7 @@ def resubmit_from_checkpoint(
             else f"{job_name} without state",
             detail={
                 "jar_id": jar_file.id,
-                "job_id": job_id,
+                "new_job_id": job_id,
                 "checkpoint_id": checkpoint.id if checkpoint else None,
                 "checkpoint_kind": checkpoint.kind if checkpoint else None,
                 "replaces_job_id": failed_job_id,
@@ -491,7 +491,7 @@ def resubmit_from_checkpoint(
                 return Resubmission(
                     dry_run=dry_run,
                     planned=[change],
-                    applied=[change],
+                    applied=[_started(change, job)],
                     jar_id=jar_file.id,
                     job_id=job_id,
                     notes=[f"{job_name} was submitted as {job_id} by an earlier attempt"],
@@ -517,6 +517,12 @@ def resubmit_from_checkpoint(
             if existing := _started_copy(client, job_name, job_id):
                 return already(existing)
             raise
-        result.applied.append(change)
         result.job_id = response["jobid"]
+        started = FlinkJob.model_validate(_call(client, "GET", f"/jobs/{quote(result.job_id)}"))
+        result.applied.append(_started(change, started))
         return result
+
+
+def _started(change: Change, job: FlinkJob) -> Change:
+    """A resubmission's "after": the job Flink now runs in place of the failed one."""
+    return change.model_copy(update={"detail": {"job_id": job.jid, "state": job.state}})

@@ -808,7 +808,15 @@ def _deliver(
         result.elapsed_s = time.monotonic() - started
         result.acked_after = state.next_position
     result.rate_eps = result.sent / result.elapsed_s if result.elapsed_s > 0 else None
-    result.applied = [c for c in result.planned if c.action != "delete_wal_segment"]
+    # the "after" is the marker read back from disk, not the plan copied
+    marker_now = read_marker(directory)
+    acked = marker_now.next_position if marker_now else 0
+    after = {"marker": acked, "pending": max(result.backlog_end - acked, 0), "sent": result.sent}
+    result.applied = [
+        c.model_copy(update={"detail": after})
+        for c in result.planned
+        if c.action != "delete_wal_segment"
+    ]
     if gateway.delete_delivered_segments:
         result.applied += _delete_segments(reader, state.next_position, result.planned)
 
@@ -821,7 +829,8 @@ def _delete_segments(reader: WalReader, next_position: int, planned: list[Change
         base = change.detail.get("base_position")
         if change.action == "delete_wal_segment" and base in deletable:
             segments[base].unlink()
-            done.append(change)
+            after = {"present": segments[base].exists()}
+            done.append(change.model_copy(update={"detail": after}))
     if done:
         fsync_dir(reader.directory)
     return done

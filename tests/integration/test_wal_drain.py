@@ -36,7 +36,7 @@ from tasks.wal_format import (
     read_quarantine,
 )
 from tests.approvals import Approver
-from tests.conftest import create_topic, read_incident_report, unique
+from tests.conftest import create_topic, read_actions_table, read_incident_report, unique
 from tests.servers import KafkaBroker
 
 pytestmark = pytest.mark.integration
@@ -233,6 +233,17 @@ def test_flow_drains_every_record_exactly_once_in_order(
     # delivered segments were deleted, the newest (the gateway writes into it) kept
     remaining = list_segments(tmp_path)
     assert len(remaining) == 1 and list(WalReader(tmp_path).records(marker.next_position)) == []
+    # the actions table's "after" is the marker and the segments as found once the drain is done
+    table = read_actions_table(state.state_details.flow_run_id)
+    rows = {r["action"]: r for r in table}
+    drained = {"marker": 1500, "pending": 0, "sent": 1500}
+    assert rows["produce_wal_records"]["before"]["positions"] == "0-1499"
+    assert rows["produce_wal_records"]["after"] == drained
+    assert rows["advance_wal_marker"]["before"] == {"from": 0, "to": 1500}
+    assert rows["advance_wal_marker"]["after"] == drained
+    deleted = [r for r in table if r["action"] == "delete_wal_segment"]
+    assert len(deleted) == segments - 1
+    assert all(r["status"] == "applied" and r["after"] == {"present": False} for r in deleted)
 
     # a second run finds nothing to do
     again = run_flow(block)
