@@ -1,7 +1,8 @@
 """Guard rails every runbook opts into with two lines: a per-target lock and guarded actions.
 
 ```python
-with report.guard(Target("postgres", params.db_block)) as guard:      # lock the target
+server = Target("postgres", f"{db.host}:{db.port}", get_system_identifier(db))
+with report.guard(server) as guard:                  # lock the target
     ...checks...
     guard.act("terminate idle connections",
               lambda dry_run: terminate_idle_connections(db, idle, criteria, dry_run),
@@ -91,10 +92,21 @@ PAUSE_GRACE_S = 60
 
 @dataclass(frozen=True)
 class Target:
-    """What a runbook acts on: one broker, database, job, pod, gateway or event store."""
+    """What a runbook acts on: one broker, database, job, pod, gateway or event store.
+
+    ``name`` is how people know it (``host:port``, a URL), shown in reports; ``identity`` is what
+    the system says it is (e.g. PostgreSQL's ``system_identifier``), so blocks that reach one
+    server by different host names share its lock, budget and events. Empty: the name.
+    """
 
     kind: str
     name: str
+    identity: str = ""
+
+    @property
+    def key(self) -> str:
+        """What locks, budgets and events are keyed on."""
+        return self.identity or self.name
 
     @property
     def label(self) -> str:
@@ -103,13 +115,13 @@ class Target:
     @property
     def resource_id(self) -> str:
         """The Prefect event resource id of this target (events: ``runbook.action.*``)."""
-        return f"runbook.target.{self.kind}.{self.name}"
+        return f"runbook.target.{self.kind}.{self.key}"
 
     @property
     def slug(self) -> str:
         """A name Prefect accepts for limits and variables: [a-z0-9_-], unique per target."""
-        readable = re.sub(r"[^a-z0-9]+", "-", f"{self.kind}-{self.name}".lower()).strip("-")[:80]
-        digest = hashlib.sha256(f"{self.kind}\0{self.name}".encode()).hexdigest()[:10]
+        readable = re.sub(r"[^a-z0-9]+", "-", f"{self.kind}-{self.key}".lower()).strip("-")[:80]
+        digest = hashlib.sha256(f"{self.kind}\0{self.key}".encode()).hexdigest()[:10]
         return f"{readable}-{digest}"
 
     @property

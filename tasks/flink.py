@@ -9,6 +9,7 @@ https://nightlies.apache.org/flink/flink-docs-stable/docs/ops/rest_api/ : ``GET 
 from __future__ import annotations
 
 import hashlib
+import socket
 from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any, Literal
@@ -19,6 +20,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from blocks.flink import FlinkCluster
+from runbooks.addresses import resolve_host
 from runbooks.errors import Escalation
 from runbooks.results import Change, ChangeSet
 from runbooks.retry import runbook_task_options
@@ -316,6 +318,29 @@ def assess_lag(samples: Sequence[int], threshold: int) -> LagVerdict:
 
 def _list_jobs(client: httpx.Client) -> list[FlinkJob]:
     return [FlinkJob.model_validate(j) for j in _call(client, "GET", "/jobs/overview")["jobs"]]
+
+
+@task(**_READ)
+def get_jobmanager_address(cluster: FlinkCluster) -> str:
+    """The JobManager's REST endpoint as ``scheme://address:port/path``, its host name resolved
+    (runbooks.addresses), so blocks naming one JobManager differently agree.
+
+    Flink's REST API reports no cluster id (``/config`` and ``/overview`` carry versions and
+    counts; ``high-availability.cluster-id`` is set only with HA), so the resolved address is
+    the JobManager's identity; the path stays, since one proxy may front several clusters.
+    """
+    url = httpx.URL(cluster.rest_url)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        address = resolve_host(url.host, port, cluster.request_timeout_s)
+    except TimeoutError as exc:
+        raise FlinkUnavailable(f"resolving {url.host}: {exc}") from exc
+    except socket.gaierror as exc:
+        if exc.errno == socket.EAI_AGAIN:  # the resolver is busy or unreachable: try again
+            raise FlinkUnavailable(f"resolving {url.host}: {exc}") from exc
+        raise ValueError(f"Flink host {url.host!r} does not resolve: {exc}") from exc
+    host = f"[{address}]" if ":" in address else address
+    return f"{url.scheme}://{host}:{port}{url.path.rstrip('/')}"
 
 
 @task(**_READ)

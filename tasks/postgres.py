@@ -47,6 +47,19 @@ def is_transient(exc: BaseException) -> bool:
 pg_retries = runbook_task_options(psycopg.OperationalError, when=is_transient)
 
 
+@task(**pg_retries)
+def get_system_identifier(db: PostgresDatabase) -> str:
+    """The server's own identity: ``system_identifier`` from ``pg_control_system()``.
+
+    Set by initdb and the same whichever host name or address reached the server, so runbooks
+    key their locks and budgets on it rather than on the block's host text. A physical standby
+    keeps its primary's identifier: runs on the two share one lock and budget (they take turns).
+    """
+    with db.connect(autocommit=True) as conn:
+        (identifier,) = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
+    return str(identifier)
+
+
 # --- connection usage ------------------------------------------------------------------
 
 

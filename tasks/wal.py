@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -283,6 +284,16 @@ class WalStatus(BaseModel):
             f"{self.pending_events} events / {self.pending_bytes} bytes pending ({self.capacity_used:.0%} "
             f"of {self.capacity_events} events / {self.capacity_bytes} bytes){age}{damaged}"
         )
+
+
+@task(**runbook_task_options())
+def get_wal_identity(gateway: EdgeGateway) -> str:
+    """Where the WAL is: this host's name and the real path of its directory (``~``, ``..`` and
+    symlinks resolved), so blocks and gateways naming one directory differently agree.
+
+    Local file system calls only: nothing to time out or retry.
+    """
+    return f"{socket.gethostname()}:{gateway.wal_path().expanduser().resolve()}"
 
 
 @task(**runbook_task_options())

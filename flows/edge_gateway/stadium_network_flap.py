@@ -6,7 +6,7 @@ from pydantic import BaseModel, Field
 from blocks.edge_gateway import EdgeGateway
 from blocks.kafka import KafkaCluster
 from runbooks.errors import Escalation, VerificationFailed
-from runbooks.params import RunbookParams
+from runbooks.params import BlockName, OptionalBlockName, RunbookParams
 from runbooks.report import IncidentReport, Outcome, incident_report
 from runbooks.safety import Budget, Target
 from runbooks.waiting import poll_until
@@ -20,6 +20,7 @@ from tasks.wal import (
     decide,
     describe_damage,
     drain_wal,
+    get_wal_identity,
     mark_quarantine_reported,
     measure_wal,
     verify_delivery,
@@ -36,8 +37,10 @@ DRAIN_BUDGET = Budget(max_actions=10, window_s=3600)
 class StadiumNetworkFlapParams(RunbookParams):
     """Run form of the stadium-network-flap runbook."""
 
-    gateway_block: str = Field("default", description="Name of the Runbooks Edge Gateway block.")
-    kafka_block: str | None = Field(
+    gateway_block: BlockName = Field(
+        "default", description="Name of the Runbooks Edge Gateway block."
+    )
+    kafka_block: OptionalBlockName = Field(
         None, description="Runbooks Kafka Cluster block; leave empty for the one the gateway names."
     )
     pending_threshold: int = Field(
@@ -85,8 +88,9 @@ def stadium_network_flap(params: StadiumNetworkFlapParams) -> StadiumNetworkFlap
     ) as report:
         gateway = EdgeGateway.load(params.gateway_block)
         cluster = KafkaCluster.load(params.kafka_block or gateway.kafka_block)
-        # the WAL directory is what a drain acts on: one lock and budget per gateway and WAL
-        with report.guard(Target("edge-gateway", _gateway_id(gateway))) as guard:
+        # the WAL directory is what a drain acts on: one lock and budget per WAL directory
+        target = Target("edge-gateway", _gateway_label(gateway), get_wal_identity(gateway))
+        with report.guard(target) as guard:
             before = measure_wal(gateway)
             report.evidence("WAL before (gateway_wal_pending_events)", before)
             summary = StadiumNetworkFlapSummary(
@@ -197,9 +201,9 @@ def stadium_network_flap(params: StadiumNetworkFlapParams) -> StadiumNetworkFlap
             )
 
 
-def _gateway_id(gateway: EdgeGateway) -> str:
-    """The gateway and the WAL directory it buffers in (two blocks naming one WAL share a lock)."""
-    return f"{gateway.gateway_name}:{gateway.wal_path().expanduser().absolute()}"
+def _gateway_label(gateway: EdgeGateway) -> str:
+    """The gateway and the WAL directory it buffers in, as its block names them."""
+    return f"{gateway.gateway_name}:{gateway.wal_path()}"
 
 
 def _needs_approval(plan: DrainResult) -> str | None:

@@ -5,7 +5,7 @@ from pydantic import BaseModel, Field
 
 from blocks.postgres import PostgresDatabase
 from runbooks.errors import Escalation, VerificationFailed
-from runbooks.params import RunbookParams
+from runbooks.params import BlockName, RunbookParams
 from runbooks.report import IncidentReport, Outcome, incident_report
 from runbooks.safety import Budget, Target
 from tasks.postgres import (
@@ -19,6 +19,7 @@ from tasks.postgres import (
     decide_pool_relief,
     describe_idle,
     get_connection_usage,
+    get_system_identifier,
     has_headroom,
     survey_connections,
     terminate_idle_connections,
@@ -40,7 +41,7 @@ _SCALE_FOLLOW_UP = (
 class ConnectionPoolParams(RunbookParams):
     """Run form of the db-connection-pool-exhausted runbook."""
 
-    db_block: str = Field(
+    db_block: BlockName = Field(
         "default", description="Name of the saved 'Runbooks PostgreSQL Database' block."
     )
     idle_threshold_s: float = Field(
@@ -111,8 +112,10 @@ def db_connection_pool_exhausted(params: ConnectionPoolParams) -> ConnectionPool
             exclude_applications=params.exclude_applications,
             databases=params.databases,
         )
-        # max_connections is per server: every block pointing at it shares one lock and budget
-        with report.guard(Target("postgres", f"{db.host}:{db.port}")) as guard:
+        # max_connections is per server: every block pointing at it, by whatever host name,
+        # shares one lock and budget
+        server = Target("postgres", f"{db.host}:{db.port}", get_system_identifier(db))
+        with report.guard(server) as guard:
             before = get_connection_usage(db)
             report.evidence("connections before", before)
             report.check("free connections", has_headroom(before, targets), before.describe())

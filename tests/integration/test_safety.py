@@ -67,8 +67,12 @@ def oncall(slack: HttpReceiver, moto: MotoServer) -> tuple[str, str]:
 
 @pytest.fixture
 def target(env: Env) -> Iterator[Target]:
-    """The server every test acts on; its remediation budget starts empty in each test."""
-    t = Target("postgres", f"{env.server.host}:{env.server.port}")
+    """The server every test acts on, known by its system_identifier; its remediation budget
+    starts empty in each test."""
+    (identifier,) = env.admin.execute(
+        "SELECT system_identifier FROM pg_control_system()"
+    ).fetchone()
+    t = Target("postgres", f"{env.server.host}:{env.server.port}", str(identifier))
     Variable.unset(budget_variable(t, STEP))
     yield t
     Variable.unset(budget_variable(t, STEP))
@@ -314,6 +318,47 @@ def test_rejection_leaves_the_target_untouched_and_a_busy_target_is_skipped(
         assert conn.execute("SELECT 1").fetchone() == (1,)
     [note] = slack.wait_for(1)
     assert "rejected by bob" in note.json()["text"]
+
+
+def test_one_server_by_two_host_names_has_one_lock_and_one_budget(
+    env: Env, sessions: Sessions, target: Target
+) -> None:
+    """Issue #9 defect 4: blocks saying 127.0.0.1 and localhost reach one server, so a run
+    through either waits for the other and spends the same budget."""
+    by_address, by_name = env.block(host="127.0.0.1"), env.block(host="localhost")
+    conns = [*sessions.idle(2), sessions.in_transaction()]
+    sessions.settle()
+    approver = Approver(FLOW, None)
+    approver.start()
+    first, first_out = run_in_thread(params(env, by_address, include_idle_in_transaction=True))
+    assert approver.seen_paused.wait(60), approver.error
+    # the other name finds the server locked; without the lock it would act (approval_timeout_s
+    # keeps the old code from waiting long for an approval nobody gives)
+    skip = params(
+        env, by_name, safety={"on_busy_target": OnBusyTarget.SKIP, "approval_timeout_s": 3}
+    )
+    state = db_connection_pool_exhausted(params=skip, return_state=True)
+    assert state.is_completed(), state.message
+    busy = read_incident_report(state.state_details.flow_run_id)
+    assert "NOT ACTED: TARGET BUSY" in busy
+    assert f"postgres localhost:{env.server.port} busy: another run is acting on it" in busy
+    assert sessions.pids(conns) <= env.live_pids()
+    from prefect.flow_runs import resume_flow_run
+
+    resume_flow_run(
+        approver.paused_run, run_input={"approve": True, "approver": "dave", "reason": "leak"}
+    )
+    first.join(60)
+    assert first_out[0].is_completed(), first_out[0].message
+    assert not sessions.pids(conns) & env.live_pids()
+    # that termination is counted for the server, whichever name the next block uses
+    sessions.idle(2)
+    sessions.settle()
+    again = params(env, by_name, safety={"budget_max_actions": 1})
+    spent = db_connection_pool_exhausted(params=again, return_state=True)
+    assert spent.is_failed()
+    assert "budget of 1 per 1h spent (1 already)" in spent.message
+    assert len(Variable.get(budget_variable(target, STEP))["executed"]) == 1
 
 
 def test_approval_timeout_rejects_and_escalates(
