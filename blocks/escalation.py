@@ -23,7 +23,8 @@ class EscalationPolicy(Block):
     On failure, spent budget, a rejected action or an approval that timed out, a runbook sends one
     message to every configured channel: saved Prefect notification blocks (Slack, Teams, a custom
     webhook, ...), an AWS SNS topic and a generic JSON webhook. Channels are independent: one
-    failing does not stop the others.
+    failing does not stop the others. Dry-run and observe runs never page: what they found goes
+    only to the quieter ``observe_notification_blocks``.
 
     Example:
         ```python
@@ -48,6 +49,14 @@ class EscalationPolicy(Block):
         description=(
             "Saved Prefect notification blocks to notify, as '<block-type-slug>/<name>', "
             "e.g. 'slack-webhook/oncall' or 'custom-webhook/incident-bot'."
+        ),
+    )
+    observe_notification_blocks: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Saved Prefect notification blocks, as '<block-type-slug>/<name>', that receive what "
+            "dry-run and observe runs found (e.g. 'would escalate'). Findings go here, never to "
+            "the paging channels above; empty: dry-runs notify nobody."
         ),
     )
     sns_topic_arn: str | None = Field(
@@ -90,7 +99,7 @@ class EscalationPolicy(Block):
         10.0, gt=0, le=120, description="Timeout of every request to a channel, in seconds."
     )
 
-    @field_validator("notification_blocks")
+    @field_validator("notification_blocks", "observe_notification_blocks")
     @classmethod
     def _block_refs(cls, refs: list[str]) -> list[str]:
         bad = [ref for ref in refs if not NOTIFICATION_BLOCK_REF.match(ref)]
@@ -116,7 +125,7 @@ class EscalationPolicy(Block):
         return bool(self.notification_blocks or self.sns_topic_arn or self.webhook_url)
 
     def load_notification_block(self, ref: str) -> NotificationBlock:
-        """Load one of ``notification_blocks``; TypeError if the block cannot notify."""
+        """Load one of the notification blocks; TypeError if the block cannot notify."""
         block = Block.load(ref, _sync=True)
         if not isinstance(block, NotificationBlock):
             raise TypeError(f"block {ref!r} is a {type(block).__name__}, not a notification block")

@@ -29,7 +29,7 @@ What the guard does, in order, for each action:
    the plan in the UI's resume form; approve/reject with a reason goes into the report; no answer
    before ``approval_timeout_s`` rejects and escalates.
 5. **Execute**: the task runs again for real (it re-plans against the live state, so a stale plan never
-   applies); ``runbook.action.executed`` / ``.skipped`` / ``.failed`` events, one per change, with the
+   applies); ``runbook.action.executed`` / ``.skipped`` / ``.failed`` events, one per action, with the
    target as the event's resource.
 6. **Verify** (``guard.verify``): re-check the symptom until a deadline; the alert's own
    ``alert.resolved`` event also counts. Failure raises ``VerificationFailed`` (run FAILED, escalated).
@@ -285,8 +285,7 @@ class Guard:
         report = self.report
         budget = effective_budget(budget, report.params.safety)
         plan = change(True)
-        for c in plan.planned:
-            emit_action("planned", self.target, report, label, c)
+        emit_action("planned", self.target, report, label, plan.planned)
         if not plan.planned or report.params.dry_run:
             report.record(label, plan)
             return plan
@@ -319,8 +318,9 @@ class Guard:
         try:
             result = change(False)
         except BaseException as exc:
-            for c in plan.planned:
-                emit_action("failed", self.target, report, label, c, f"{type(exc).__name__}: {exc}")
+            emit_action(
+                "failed", self.target, report, label, plan.planned, f"{type(exc).__name__}: {exc}"
+            )
             report.rows += [
                 ActionRow(
                     label, c.action, c.target, "failed", scrub(c.detail), None, str(exc)[:200]
@@ -329,12 +329,10 @@ class Guard:
             ]
             raise
         applied = {(c.action, c.target) for c in result.applied}
-        for c in result.applied:
-            emit_action("executed", self.target, report, label, c)
-        for c in result.planned:
-            if (c.action, c.target) not in applied:
-                note = "; ".join(result.notes) or "not applied"
-                emit_action("skipped", self.target, report, label, c, note)
+        emit_action("executed", self.target, report, label, result.applied)
+        not_applied = [c for c in result.planned if (c.action, c.target) not in applied]
+        note = "; ".join(result.notes) or "not applied"
+        emit_action("skipped", self.target, report, label, not_applied, note)
         report.record(label, result, before=plan)
         return result
 
@@ -386,8 +384,7 @@ class Guard:
     # internals ---------------------------------------------------------------------------
 
     def _refuse(self, label: str, plan: ChangeSet, reason: str) -> None:
-        for c in plan.planned:
-            emit_action("skipped", self.target, self.report, label, c, reason)
+        emit_action("skipped", self.target, self.report, label, plan.planned, reason)
         skipped = plan.model_copy(update={"notes": [*plan.notes, f"not applied: {reason}"]})
         self.report.record(label, skipped, status=reason)
 

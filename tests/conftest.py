@@ -117,6 +117,39 @@ def read_actions_table(flow_run_id: object) -> list[dict[str, Any]]:
     return [r | {k: json.loads(r[k]) if r[k] else None for k in ("before", "after")} for r in rows]
 
 
+def read_flow_run(flow_run_id: object) -> dict:
+    """A flow run as the API (and the UI) shows it: name, tags, state."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    resp = httpx.get(f"{PREFECT_API_URL.value()}/flow_runs/{flow_run_id}", timeout=10)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def read_run_logs(flow_run_id: object, timeout_s: float = 20) -> list[dict]:
+    """A finished flow run's logs from the API, once its last line ("Finished in state") is in:
+    the run's log handler ships them in batches."""
+    import time
+
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        resp = httpx.post(
+            f"{PREFECT_API_URL.value()}/logs/filter",
+            json={"logs": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "sort": "TIMESTAMP_ASC"},
+            timeout=10,
+        )
+        resp.raise_for_status()
+        logs = resp.json()
+        if any(log["message"].startswith("Finished in state") for log in logs):
+            return logs
+        assert time.monotonic() < deadline, f"the run's last log line never arrived: {logs}"
+        time.sleep(0.3)
+
+
 @pytest.fixture(scope="session")
 def deployment_ids(prefect_server: None) -> dict[str, str]:
     """Every deployment of prefect.yaml applied (not served) to the test server, by name."""

@@ -7,7 +7,7 @@ from blocks.edge_gateway import EdgeGateway
 from blocks.kafka import KafkaCluster
 from runbooks.errors import Escalation, VerificationFailed
 from runbooks.params import BlockName, OptionalBlockName, RunbookParams
-from runbooks.report import IncidentReport, Outcome, incident_report
+from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.safety import Budget, Target
 from runbooks.waiting import poll_until
 from tasks.wal import (
@@ -78,6 +78,7 @@ class StadiumNetworkFlapSummary(BaseModel):
 
 
 @flow(name=RUNBOOK, description="Seed 000 P4: gateway WAL growing while the stadium network flaps.")
+@ends_as_reported
 def stadium_network_flap(params: StadiumNetworkFlapParams) -> StadiumNetworkFlapSummary:
     """Measure the WAL backlog; wait for the network or escalate; drain it to Kafka; verify nothing was lost."""
     with incident_report(

@@ -6,7 +6,7 @@ from pydantic import BaseModel, Field
 from blocks.event_store import EventStore
 from runbooks.errors import VerificationFailed
 from runbooks.params import BlockName, RunbookParams
-from runbooks.report import IncidentReport, Outcome, incident_report
+from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.safety import Budget, Target
 from tasks.event_store import (
     ResetResult,
@@ -64,6 +64,7 @@ class StuckEventsSummary(BaseModel):
     description="Find events stuck in PROCESSING, reset them to PENDING in short batches, "
     "verify none is left.",
 )
+@ends_as_reported
 def event_processing_stuck(params: StuckEventsParams) -> StuckEventsSummary:
     with incident_report(
         runbook=RUNBOOK, title="Event Processing Stuck", severity="P2", params=params

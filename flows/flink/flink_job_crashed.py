@@ -14,7 +14,7 @@ from blocks.flink import FlinkCluster
 from blocks.kafka import KafkaCluster
 from runbooks.errors import Escalation, VerificationFailed
 from runbooks.params import BlockName, RunbookParams
-from runbooks.report import IncidentReport, Outcome, incident_report
+from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.safety import Budget, Guard, Target
 from runbooks.waiting import poll_until
 from tasks.flink import (
@@ -124,6 +124,7 @@ class FlinkRecovery(BaseModel):
 
 
 @flow(name=RUNBOOK, description="P2 Flink Job Crashed: restore the job from its latest checkpoint.")
+@ends_as_reported
 def flink_job_crashed(params: FlinkJobCrashedParams) -> FlinkRecovery:
     """Find the job; if it is dead, run it again from its newest checkpoint and verify recovery."""
     flink = FlinkCluster.load(params.flink_block)

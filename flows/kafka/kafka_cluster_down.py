@@ -15,7 +15,7 @@ from blocks.kafka import KafkaCluster
 from blocks.kubernetes import KubernetesCluster
 from runbooks.errors import Escalation, VerificationFailed
 from runbooks.params import BlockName, OptionalBlockName, RunbookParams
-from runbooks.report import IncidentReport, Outcome, incident_report
+from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.results import ChangeSet
 from runbooks.safety import Budget, Guard, Target
 from tasks.kafka import (
@@ -109,6 +109,7 @@ class KafkaClusterDownResult(BaseModel):
     description="Kafka brokers down: check ISR and broker pods, restart one down broker, "
     "verify ISR catch-up; escalate a cluster-wide outage.",
 )
+@ends_as_reported
 def kafka_cluster_down(params: KafkaClusterDownParams) -> KafkaClusterDownResult:
     diagnosis: Diagnosis | None = None
     restarted: list[str] = []

@@ -6,7 +6,7 @@ from pydantic import BaseModel, Field
 from blocks.postgres import PostgresDatabase
 from runbooks.errors import Escalation, VerificationFailed
 from runbooks.params import BlockName, RunbookParams
-from runbooks.report import IncidentReport, Outcome, incident_report
+from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.safety import Budget, Target
 from tasks.postgres import (
     Backend,
@@ -93,6 +93,7 @@ class ConnectionPoolSummary(BaseModel):
     description="Measure connections against max_connections; terminate long-idle sessions; "
     "verify free connections are back.",
 )
+@ends_as_reported
 def db_connection_pool_exhausted(params: ConnectionPoolParams) -> ConnectionPoolSummary:
     with incident_report(
         runbook=RUNBOOK,
