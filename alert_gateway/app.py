@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -38,7 +37,8 @@ class AcceptedReply(BaseModel):
 
     accepted: int = Field(description="Alerts stored as new events, to be forwarded to Prefect.")
     deduplicated: int = Field(
-        description="Alerts not forwarded: re-sent (same event id) or within the cooldown."
+        description="Alerts not forwarded: re-sent (same event id: same alert in the same "
+        "episode) or firing again within the cooldown."
     )
     event_ids: list[str] = Field(description="The Prefect event id of every alert, in order.")
 
@@ -125,11 +125,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         notification = _parse(body, source)
         alerts = normalise(notification)
         metrics.received.labels(source).inc(len(alerts))
-        now = time.time()
-        received = datetime.fromtimestamp(now, UTC)
+        received = datetime.now(UTC)
+        # one instant for the event ids' episodes and the spool's cooldown, so they agree
+        now = received.timestamp()
         new_events = []
         for index, alert in enumerate(alerts):
-            event = build_event(alert, occurred=received)
+            event = build_event(alert, occurred=received, cooldown_s=settings.cooldown_s)
             try:
                 encoded = encode_event(event)
             except EventTooLarge as exc:

@@ -1,13 +1,28 @@
-"""An alert as a Prefect event: `alert.firing` / `alert.resolved` on resource `alert.<fingerprint>`."""
+"""An alert as a Prefect event: `alert.firing` / `alert.resolved` on resource `alert.<fingerprint>`.
+
+The event id decides what is new, both in the gateway's spool and in Prefect (which stores an id
+once and fires its triggers once per id). A firing alert gets one id per *episode*: the number
+of whole cooldowns between its `startsAt` and the moment the gateway receives it. Alertmanager
+re-sends a firing alert with its original `startsAt` (group_interval, repeat_interval); within
+one episode the re-send is the same event, in a later one it is a new event, so an alert still
+firing after its runbook run crashed or ended without fixing it starts another run.
+
+The episode is counted from `startsAt`, not from when this gateway first saw the alert, so
+gateways that do not share a spool (behind a load balancer) give the same id to the same
+re-send, and Prefect keeps it once. Only copies that reach them on either side of an episode
+boundary (``startsAt + k * cooldown``), within the copies' spread plus the gateways' clock skew,
+become two events. A resolved alert has one id per (fingerprint, startsAt), whenever it comes.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from alert_gateway.models import Alert
+from alert_gateway.models import Alert, parse_timestamp
 
 # Fixed forever: changing it would give every re-sent alert a new event id.
 EVENT_NAMESPACE = uuid.UUID("5b0f4a43-8d2e-4c1c-9a55-2f0e0c7a1e13")
@@ -24,9 +39,29 @@ class EventTooLarge(ValueError):
     """The alert would exceed Prefect's event size limit."""
 
 
-def event_id(fingerprint: str, status: str, starts_at: str) -> uuid.UUID:
-    """The same alert (fingerprint, status, start) is always the same event."""
-    return uuid.uuid5(EVENT_NAMESPACE, f"{fingerprint}|{status}|{starts_at}")
+def event_id(fingerprint: str, status: str, starts_at: str, episode: int = 0) -> uuid.UUID:
+    """The same alert (fingerprint, status, start) in the same episode is always the same event.
+
+    Episode 0 has no suffix: it is the id the gateway gave before episodes existed, so an alert
+    delivered before an upgrade is not a new event after it.
+    """
+    name = f"{fingerprint}|{status}|{starts_at}"
+    if episode:
+        name += f"|{episode}"
+    return uuid.uuid5(EVENT_NAMESPACE, name)
+
+
+def firing_episode(status: str, starts_at: str, received: float, cooldown_s: float) -> int:
+    """Which cooldown window since ``starts_at`` the alert was received in (0 for the first).
+
+    Resolved alerts and a disabled cooldown (0) stay in episode 0: a re-sent resolved alert is
+    evidence for a runbook already running, not a new incident, and without a window there is
+    nothing to count re-sends in. A start in the future (the sender's clock ahead) is episode 0.
+    """
+    if status != "firing" or cooldown_s <= 0:
+        return 0
+    elapsed = received - parse_timestamp(starts_at).timestamp()
+    return max(0, math.floor(elapsed / cooldown_s))
 
 
 def resource_labels(alert: Alert) -> dict[str, str]:
@@ -42,16 +77,21 @@ def resource_labels(alert: Alert) -> dict[str, str]:
     return resource
 
 
-def build_event(alert: Alert, occurred: datetime | None = None) -> dict[str, Any]:
-    """The Prefect event (JSON-ready) for one alert.
+def build_event(
+    alert: Alert, occurred: datetime | None = None, cooldown_s: float = 0.0
+) -> dict[str, Any]:
+    """The Prefect event (JSON-ready) for one alert, its id in the episode of ``occurred``.
 
     `occurred` is when the gateway received the alert, not `startsAt`: Alertmanager re-sends a
     firing alert with its original start hours later, and Prefect reads events by when they
-    occurred.
+    occurred. The id is fixed here, once, and travels in the spooled body: delivery retries and
+    a restarted gateway send the same id, whatever the time then.
     """
+    occurred = occurred or datetime.now(UTC)
+    episode = firing_episode(alert.status, alert.starts_at, occurred.timestamp(), cooldown_s)
     event = {
-        "id": str(event_id(alert.fingerprint, alert.status, alert.starts_at)),
-        "occurred": (occurred or datetime.now(UTC)).isoformat(),
+        "id": str(event_id(alert.fingerprint, alert.status, alert.starts_at, episode)),
+        "occurred": occurred.isoformat(),
         "event": f"alert.{alert.status}",
         "resource": resource_labels(alert),
         "payload": {

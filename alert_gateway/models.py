@@ -7,19 +7,40 @@ fields are ignored because both senders add fields over time.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 # Prefect allows 500 labels per resource; the gateway adds prefect.resource.id and .name.
 MAX_LABELS = 498
 
 Status = Literal["firing", "resolved"]
+
+
+def parse_timestamp(value: str) -> datetime:
+    """A webhook time (RFC 3339) as an aware datetime; nanoseconds are cut to microseconds.
+
+    Upper-cased first: RFC 3339 allows a lower-case "t" and "z", Python's parser does not.
+    """
+    return datetime.fromisoformat(value.upper())
+
+
+def _real_time(value: str) -> str:
+    # the pattern lets through "2026-13-45T25:00:00Z"; the event id needs the instant itself
+    try:
+        parse_timestamp(value)
+    except ValueError as exc:
+        raise ValueError(f"not a real date and time: {exc}") from None
+    return value
+
+
 Timestamp = Annotated[
     str,
     StringConstraints(
         pattern=r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
     ),
+    AfterValidator(_real_time),
 ]
 # Becomes part of the resource id `alert.<fingerprint>`, which triggers match with "alert.*".
 Fingerprint = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]

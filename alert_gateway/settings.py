@@ -49,13 +49,16 @@ class GatewaySettings(BaseSettings):
         300.0,
         ge=0,
         le=7 * 86400,
-        description="A fingerprint that fired is not forwarded again as firing within this window.",
+        description="A fingerprint that fired is not forwarded again as firing within this window; "
+        "the same alert still firing and re-sent after it is a new event (another run). "
+        "0 disables both: nothing is held back and a re-sent alert is always the same event.",
     )
     retention_s: float = Field(
         7 * 86400.0,
         ge=60,
-        description="How long delivered events are remembered, so a re-sent alert stays a "
-        "duplicate (Prefect keeps events 7 days by default).",
+        description="How long delivered events are remembered, so a re-sent resolved alert "
+        "(or a firing one within its episode) stays a duplicate (Prefect keeps events 7 days "
+        "by default).",
     )
     prefect_api_url: str = Field(
         default_factory=default_prefect_api_url, description="Prefect API the events go to."

@@ -1,8 +1,9 @@
 """The durable spool: accepted alerts wait here (SQLite, WAL, fsync per commit) until Prefect has them.
 
-The spool also decides what is new: an event id it already holds is a duplicate (a re-sent
-alert), and a fingerprint that fired recently is in cooldown. Deciding and inserting happen in
-one transaction, so concurrent requests cannot both forward the same alert.
+The spool also decides what is new: an event id it already holds is a duplicate (the same alert
+re-sent within its episode, see `alert_gateway.events`), and a fingerprint whose firing was
+forwarded less than a cooldown ago is held back. Deciding and inserting happen in one
+transaction, so concurrent requests cannot both forward the same alert.
 """
 
 from __future__ import annotations
@@ -60,9 +61,11 @@ def decide(
 ) -> Decision:
     """Whether an incoming alert becomes a new event.
 
-    A re-sent alert (same event id) is never a new event. A resolved alert always passes the
-    cooldown: runbooks wait for it to verify their fix. A firing alert is held back while its
-    fingerprint fired less than `cooldown_s` ago.
+    An event id already spooled is never a new event: a resolved alert re-sent, or a firing one
+    re-sent in the same episode. A resolved alert always passes the cooldown: runbooks wait for
+    it to verify their fix. A firing alert is held back while its fingerprint's last forwarded
+    firing is less than `cooldown_s` old; once that is over, a re-sent firing alert is in a
+    later episode (episodes are `cooldown_s` long), so it has a new id and goes through.
     """
     if already_spooled:
         return Decision.DUPLICATE

@@ -7,6 +7,8 @@ from pathlib import Path
 from prefect.blocks.core import Block
 from pydantic import Field
 
+from blocks.fields import BLOCK_CONFIG
+
 
 class EdgeGateway(Block):
     """An edge gateway that buffers events in a write-ahead log while Kafka is unreachable.
@@ -16,21 +18,30 @@ class EdgeGateway(Block):
     Example:
         ```python
         from blocks.edge_gateway import EdgeGateway
-        gateway = EdgeGateway.load("wembley")
+        gateway = EdgeGateway.load("BLOCK_NAME")
         print(gateway.wal_path(), gateway.topic)
         ```
     """
 
     _block_type_name = "Runbooks Edge Gateway"
     _block_type_slug = "runbooks-edge-gateway"
-    _description = "WAL directory, Kafka cluster and topic, and buffer capacity of a stadium edge gateway."
+    _description = (
+        "WAL directory, Kafka cluster and topic, and buffer capacity of a stadium edge gateway."
+    )
+    model_config = BLOCK_CONFIG
 
-    gateway_name: str = Field(description="Name of the gateway, e.g. 'wembley-gw-1' (reports, Kafka headers).")
-    wal_directory: str = Field(description="Directory of the gateway's write-ahead log on this host.")
+    gateway_name: str = Field(
+        description="Name of the gateway, e.g. 'wembley-gw-1' (reports, Kafka headers)."
+    )
+    wal_directory: str = Field(
+        description="Directory of the gateway's write-ahead log on this host."
+    )
     kafka_block: str = Field(
         "default", description="Name of the Runbooks Kafka Cluster block the gateway feeds."
     )
-    topic: str = Field("match-events-raw", description="Kafka topic the gateway produces events to.")
+    topic: str = Field(
+        "match-events-raw", description="Kafka topic the gateway produces events to."
+    )
     capacity_events: int = Field(
         10_000, ge=1, le=100_000_000, description="Events the WAL can buffer (seed 000: ~10,000)."
     )
@@ -38,7 +49,9 @@ class EdgeGateway(Block):
         1024**3, ge=1, le=1024**4, description="Bytes the WAL can buffer (seed 000: ~1 GB)."
     )
     delivery_timeout_s: float = Field(
-        30.0, gt=0, le=600,
+        30.0,
+        gt=0,
+        le=600,
         description="How long a batch of drained records may wait for the broker's confirmation "
         "before the drain stops (the marker stays put; a retry resumes from it).",
     )

@@ -9,7 +9,9 @@ from botocore.config import Config
 from prefect.blocks.abstract import NotificationBlock
 from prefect.blocks.core import Block
 from prefect_aws import AwsCredentials
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, field_validator
+
+from blocks.fields import BLOCK_CONFIG, OptionalSecretStr
 
 # "<block-type-slug>/<block-document-name>", as Block.load accepts it
 NOTIFICATION_BLOCK_REF = re.compile(r"^[a-z0-9][a-z0-9-]*/[^/\s][^/]*$")
@@ -21,14 +23,15 @@ class EscalationPolicy(Block):
     On failure, spent budget, a rejected action or an approval that timed out, a runbook sends one
     message to every configured channel: saved Prefect notification blocks (Slack, Teams, a custom
     webhook, ...), an AWS SNS topic and a generic JSON webhook. Channels are independent: one
-    failing does not stop the others.
+    failing does not stop the others. Dry-run and observe runs never page: what they found goes
+    only to the quieter ``observe_notification_blocks``.
 
     Example:
         ```python
         from blocks.escalation import EscalationPolicy
         from runbooks.escalation import EscalationMessage, send_escalation
 
-        policy = EscalationPolicy.load("oncall")
+        policy = EscalationPolicy.load("BLOCK_NAME")
         deliveries = send_escalation(message, policy)
         ```
     """
@@ -39,12 +42,21 @@ class EscalationPolicy(Block):
         "Channels that receive runbook escalations: Prefect notification blocks, an AWS SNS topic "
         "and a generic JSON webhook."
     )
+    model_config = BLOCK_CONFIG
 
     notification_blocks: list[str] = Field(
         default_factory=list,
         description=(
             "Saved Prefect notification blocks to notify, as '<block-type-slug>/<name>', "
             "e.g. 'slack-webhook/oncall' or 'custom-webhook/incident-bot'."
+        ),
+    )
+    observe_notification_blocks: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Saved Prefect notification blocks, as '<block-type-slug>/<name>', that receive what "
+            "dry-run and observe runs found (e.g. 'would escalate'). Findings go here, never to "
+            "the paging channels above; empty: dry-runs notify nobody."
         ),
     )
     sns_topic_arn: str | None = Field(
@@ -65,7 +77,7 @@ class EscalationPolicy(Block):
     webhook_url: str | None = Field(
         None, description="Generic webhook that receives each escalation as a JSON POST."
     )
-    webhook_token: SecretStr | None = Field(
+    webhook_token: OptionalSecretStr = Field(
         None, description="Bearer token sent to the generic webhook (Authorization header)."
     )
     attempts: int = Field(
@@ -87,7 +99,7 @@ class EscalationPolicy(Block):
         10.0, gt=0, le=120, description="Timeout of every request to a channel, in seconds."
     )
 
-    @field_validator("notification_blocks")
+    @field_validator("notification_blocks", "observe_notification_blocks")
     @classmethod
     def _block_refs(cls, refs: list[str]) -> list[str]:
         bad = [ref for ref in refs if not NOTIFICATION_BLOCK_REF.match(ref)]
@@ -113,7 +125,7 @@ class EscalationPolicy(Block):
         return bool(self.notification_blocks or self.sns_topic_arn or self.webhook_url)
 
     def load_notification_block(self, ref: str) -> NotificationBlock:
-        """Load one of ``notification_blocks``; TypeError if the block cannot notify."""
+        """Load one of the notification blocks; TypeError if the block cannot notify."""
         block = Block.load(ref, _sync=True)
         if not isinstance(block, NotificationBlock):
             raise TypeError(f"block {ref!r} is a {type(block).__name__}, not a notification block")

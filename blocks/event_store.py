@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect.blocks.core import Block
 from pydantic import Field
 
+from blocks.fields import BLOCK_CONFIG
 from blocks.postgres import PostgresDatabase
 
 
@@ -17,13 +18,14 @@ class EventStore(Block):
     Example:
         ```python
         from blocks.event_store import EventStore
-        store = EventStore.load("orders-events")
+        store = EventStore.load("BLOCK_NAME")
         ```
     """
 
     _block_type_name = "Runbooks Event Store"
     _block_type_slug = "runbooks-event-store"
     _description = "Table, columns and status values of events kept in PostgreSQL."
+    model_config = BLOCK_CONFIG
 
     database: PostgresDatabase = Field(description="The PostgreSQL database holding the table.")
     schema_name: str = Field("public", description="Schema of the events table.")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import httpx
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, model_validator
+
+from blocks.fields import BLOCK_CONFIG, OptionalSecretStr
 
 
 class FlinkCluster(Block):
@@ -13,7 +15,7 @@ class FlinkCluster(Block):
     Example:
         ```python
         from blocks.flink import FlinkCluster
-        with FlinkCluster.load("prod").get_client() as client:
+        with FlinkCluster.load("BLOCK_NAME").get_client() as client:
             client.get("/jobs/overview").json()
         ```
     """
@@ -21,6 +23,7 @@ class FlinkCluster(Block):
     _block_type_name = "Runbooks Flink Cluster"
     _block_type_slug = "runbooks-flink-cluster"
     _description = "REST endpoint, credentials and timeouts of a Flink cluster's JobManager."
+    model_config = BLOCK_CONFIG
 
     rest_url: str = Field(
         description="Base URL of the JobManager REST API, e.g. 'http://flink-jobmanager:8081'."
@@ -28,8 +31,8 @@ class FlinkCluster(Block):
     username: str | None = Field(
         None, description="User for HTTP basic auth, when a proxy in front of Flink requires it."
     )
-    password: SecretStr | None = Field(None, description="Password for HTTP basic auth.")
-    token: SecretStr | None = Field(
+    password: OptionalSecretStr = Field(None, description="Password for HTTP basic auth.")
+    token: OptionalSecretStr = Field(
         None, description="Bearer token, when a proxy in front of Flink requires one."
     )
     request_timeout_s: float = Field(

@@ -7,7 +7,9 @@ from typing import Any, Literal
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field
+
+from blocks.fields import BLOCK_CONFIG, OptionalSecretStr
 
 
 class KafkaCluster(Block):
@@ -16,13 +18,14 @@ class KafkaCluster(Block):
     Example:
         ```python
         from blocks.kafka import KafkaCluster
-        admin = KafkaCluster.load("prod").get_admin_client()
+        admin = KafkaCluster.load("BLOCK_NAME").get_admin_client()
         ```
     """
 
     _block_type_name = "Runbooks Kafka Cluster"
     _block_type_slug = "runbooks-kafka-cluster"
     _description = "Bootstrap servers, SASL/TLS options and health expectations of a Kafka cluster."
+    model_config = BLOCK_CONFIG
 
     bootstrap_servers: str = Field(
         description="Comma-separated host:port list, e.g. 'kafka-0:9092,kafka-1:9092'."
@@ -34,11 +37,11 @@ class KafkaCluster(Block):
         None, description="SASL mechanism when the protocol is SASL_*."
     )
     sasl_username: str | None = Field(None, description="SASL user name.")
-    sasl_password: SecretStr | None = Field(None, description="SASL password.")
+    sasl_password: OptionalSecretStr = Field(None, description="SASL password.")
     ssl_ca_location: str | None = Field(None, description="Path of the CA bundle for TLS.")
     ssl_certificate_location: str | None = Field(None, description="Client certificate (mTLS).")
     ssl_key_location: str | None = Field(None, description="Client private key (mTLS).")
-    ssl_key_password: SecretStr | None = Field(None, description="Password of the client key.")
+    ssl_key_password: OptionalSecretStr = Field(None, description="Password of the client key.")
     request_timeout_s: float = Field(
         10.0, gt=0, le=300, description="Timeout of every admin/metadata request, in seconds."
     )

@@ -10,7 +10,9 @@ import yaml
 from kubernetes import config
 from kubernetes.client import ApiClient, AppsV1Api, Configuration, CoreV1Api
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from blocks.fields import BLOCK_CONFIG, OptionalSecretStr
 
 _API_TYPES = {"core": CoreV1Api, "apps": AppsV1Api}
 
@@ -31,7 +33,7 @@ class KubernetesCluster(Block):
     Example:
         ```python
         from blocks.kubernetes import KubernetesCluster
-        cluster = KubernetesCluster.load("prod")
+        cluster = KubernetesCluster.load("BLOCK_NAME")
         with cluster.get_client("core") as core:
             pods = core.list_namespaced_pod(
                 cluster.namespace, label_selector="app=kafka",
@@ -43,11 +45,15 @@ class KubernetesCluster(Block):
     _block_type_name = "Runbooks Kubernetes Cluster"
     _block_type_slug = "runbooks-kubernetes-cluster"
     _description = "Kubeconfig (secret) or in-cluster service account, namespace and timeouts of a Kubernetes cluster."
+    model_config = BLOCK_CONFIG
 
-    kubeconfig: SecretStr | None = Field(
+    kubeconfig: OptionalSecretStr = Field(
         None,
-        description="Contents of a kubeconfig file (YAML or JSON). It holds credentials, so it "
-        "is stored as a secret. Leave empty when in_cluster is set.",
+        description="Contents of a kubeconfig file. It holds credentials, so it is a secret. The "
+        "form's secret field is one line, which breaks YAML: paste the JSON form "
+        "(`kubectl config view --minify --flatten -o json`), or save the YAML with "
+        "`runbooks block save kubernetes-cluster NAME --kubeconfig-stdin < kubeconfig`. "
+        "Leave empty when in_cluster is set.",
     )
     context: str | None = Field(
         None, description="kubeconfig context to use; empty: the kubeconfig's current-context."
@@ -62,6 +68,23 @@ class KubernetesCluster(Block):
     request_timeout_s: float = Field(
         10.0, gt=0, le=300, description="Timeout of every Kubernetes API request, in seconds."
     )
+
+    @field_validator("kubeconfig")
+    @classmethod
+    def _kubeconfig_is_a_mapping(cls, kubeconfig: SecretStr | None) -> SecretStr | None:
+        if kubeconfig is None:
+            return None
+        try:
+            parsed = yaml.safe_load(kubeconfig.get_secret_value())
+        except yaml.YAMLError:
+            # not chained and not repeated: YAML's message quotes the document's credentials
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError(
+                "kubeconfig is not a YAML or JSON mapping (YAML pasted into a one-line field "
+                "loses its line breaks: paste `kubectl config view --minify --flatten -o json`)"
+            )
+        return kubeconfig
 
     @model_validator(mode="after")
     def _one_way_to_connect(self) -> KubernetesCluster:

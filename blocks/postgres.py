@@ -7,7 +7,9 @@ from typing import Literal
 import psycopg
 from prefect.blocks.core import Block
 from psycopg.conninfo import make_conninfo
-from pydantic import Field, SecretStr
+from pydantic import Field
+
+from blocks.fields import BLOCK_CONFIG, OptionalSecretStr
 
 
 class PostgresDatabase(Block):
@@ -20,7 +22,7 @@ class PostgresDatabase(Block):
     Example:
         ```python
         from blocks.postgres import PostgresDatabase
-        with PostgresDatabase.load("orders").connect(autocommit=True) as conn:
+        with PostgresDatabase.load("BLOCK_NAME").connect(autocommit=True) as conn:
             conn.execute("SELECT 1")
         ```
     """
@@ -28,12 +30,13 @@ class PostgresDatabase(Block):
     _block_type_name = "Runbooks PostgreSQL Database"
     _block_type_slug = "runbooks-postgres-database"
     _description = "Host, credentials, TLS mode and timeouts of a PostgreSQL server."
+    model_config = BLOCK_CONFIG
 
     host: str = Field(description="Host name or IP address of the server.")
     port: int = Field(5432, ge=1, le=65535, description="TCP port of the server.")
     dbname: str = Field("postgres", description="Database the runbook connects to.")
     user: str = Field(description="Role the runbook logs in as.")
-    password: SecretStr | None = Field(
+    password: OptionalSecretStr = Field(
         None, description="Password of the role; empty to use a client certificate or .pgpass."
     )
     sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = Field(

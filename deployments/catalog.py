@@ -41,10 +41,31 @@ class RunbookSpec(BaseModel):
         return [_schedule(self.name, i, s) for i, s in enumerate(self.schedules, 1)]
 
     def trigger_objects(self) -> list[DeploymentTriggerTypes]:
-        specs = [
-            {"name": f"{self.name}__trigger_{i}", **t} for i, t in enumerate(self.triggers, 1)
-        ]
-        return _triggers.validate_python(specs)
+        for index, trigger in enumerate(self.triggers, 1):
+            problem = trigger_name_problem(self.name, trigger)
+            if problem:
+                raise ValueError(f"deployment {self.name}, trigger {index}: {problem}")
+        return _triggers.validate_python(self.triggers)
+
+
+def trigger_name_problem(deployment: str, trigger: dict[str, Any]) -> str | None:
+    """Why a trigger's name would not tell a person what starts the runbook; None if it does.
+
+    The name is the automation's name in the UI, and the UI describes every such trigger only
+    as "A custom trigger". prefect.yaml names each trigger itself, because `prefect deploy`
+    would otherwise call it `<deployment>__automation_1`: "<deployment> on alert A, B".
+    """
+    alertnames = (trigger.get("match") or {}).get("alertname") or []
+    if isinstance(alertnames, str):
+        alertnames = [alertnames]
+    name = trigger.get("name")
+    if not name:
+        example = f"{deployment} on alert {', '.join(alertnames)}" if alertnames else deployment
+        return f"no name; name it for what it matches, e.g. {example!r}"
+    missing = [word for word in (deployment, *alertnames) if word not in name]
+    if missing:
+        return f"its name {name!r} does not mention {', '.join(missing)}"
+    return None
 
 
 def load_catalog(path: Path = PREFECT_YAML) -> list[RunbookSpec]:

@@ -2,7 +2,8 @@
 
 A runbook escalates when it failed, its verification failed, its action budget is spent, an
 approval was rejected or timed out. ``send_escalation`` sends one ``EscalationMessage`` to every
-channel of an ``EscalationPolicy`` block, concurrently and independently:
+channel of an ``EscalationPolicy`` block, concurrently and independently (a dry-run's message
+only to the policy's ``observe_notification_blocks``: a dry-run never pages):
 
 - saved Prefect notification blocks (``SlackWebhook``, ``CustomWebhookNotificationBlock``, ...),
   sent with their own ``notify(body, subject)``;
@@ -99,12 +100,22 @@ class EscalationMessage(BaseModel):
     trigger: str = Field("", description="What started the run, e.g. the alert.")
     run_url: str | None = Field(None, description="Link to the flow run in the Prefect UI.")
     flow_run_id: str | None = None
+    dry_run: bool = Field(
+        False,
+        description="What a dry-run or observe run found: sent only to the policy's observe "
+        "channels, never to the paging ones.",
+    )
 
     def subject(self, max_length: int | None = None) -> str:
         """One line, e.g. ``[P1] kafka-cluster-down escalated: budget spent on broker-2``."""
         severity = _one_line(self.severity)
         parts = [f"[{severity}]"] if severity else []
-        parts += [_one_line(self.runbook), _KIND_PHRASE[self.kind]]
+        phrase = _KIND_PHRASE[self.kind]
+        if self.dry_run:
+            parts.append("[dry-run]")
+            if self.kind is not EscalationKind.FAILED:
+                phrase = f"would have {phrase}"
+        parts += [_one_line(self.runbook), phrase]
         if self.target and self.target.strip():
             parts += ["on", _one_line(self.target)]
         line = " ".join(parts)
@@ -120,6 +131,7 @@ class EscalationMessage(BaseModel):
             else f"Runbook: {self.runbook}",
             f"Severity: {self.severity or '-'}",
             f"Outcome: {self.kind.value}",
+            *(["Mode: dry-run (nothing was changed, nobody was paged)"] if self.dry_run else []),
             f"Target: {self.target or '-'}",
             f"Trigger: {self.trigger or '-'}",
             f"Reason: {self.reason or '-'}",
@@ -339,6 +351,11 @@ def _webhook_channel(policy: EscalationPolicy) -> str:
 def _channels(
     message: EscalationMessage, policy: EscalationPolicy
 ) -> list[tuple[str, Callable[[], str]]]:
+    if message.dry_run:
+        return [
+            (f"observe:{ref}", lambda ref=ref: _send_notification_block(ref, message, policy))
+            for ref in policy.observe_notification_blocks
+        ]
     channels: list[tuple[str, Callable[[], str]]] = [
         (f"notification:{ref}", lambda ref=ref: _send_notification_block(ref, message, policy))
         for ref in policy.notification_blocks
@@ -366,17 +383,19 @@ def send_escalation(message: EscalationMessage, policy: EscalationPolicy | None)
 
     Never raises for a channel's failure. Without a policy or channels, logs a warning and
     returns []. Fills ``flow_run_id``/``run_url`` from the current flow run when left out.
+    A dry-run's message goes to the observe channels only.
     """
     logger = _logger()
-    if policy is None or not policy.has_channels():
+    message = _with_run_link(message)
+    channels = _channels(message, policy) if policy is not None else []
+    if not channels:
         logger.warning(
-            "escalation of %s (%s) not sent: no escalation policy channels configured",
+            "escalation of %s (%s) not sent: no escalation policy channels configured%s",
             message.runbook,
             message.kind.value,
+            " for dry-run findings" if message.dry_run else "",
         )
         return []
-    message = _with_run_link(message)
-    channels = _channels(message, policy)
     with ThreadPoolExecutor(max_workers=len(channels), thread_name_prefix="escalation") as pool:
         # each thread runs in a copy of this context: run logger and Prefect client settings
         futures = [

@@ -2,10 +2,69 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from prefect.types.names import LOWERCASE_LETTERS_NUMBERS_AND_DASHES_ONLY_REGEX
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
+
+# Prefect sets no length limit on block names; a name is typed by a person, and a longer label
+# value is not one: refused before it reaches an API path (255, like Prefect's variable names).
+MAX_BLOCK_NAME_LENGTH = 255
+
+
+def block_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a saved block's name, or None when it can.
+
+    Prefect's rule for block document names (``prefect.types.names.BlockDocumentName``), applied
+    to the whole string: Prefect checks it with ``re.match``, whose ``$`` lets a trailing newline
+    through.
+    """
+    if len(name) > MAX_BLOCK_NAME_LENGTH:
+        return f"longer than {MAX_BLOCK_NAME_LENGTH} characters"
+    if not name or not re.fullmatch(LOWERCASE_LETTERS_NUMBERS_AND_DASHES_ONLY_REGEX, name):
+        return "a block name is one or more lowercase letters, numbers and dashes"
+    return None
+
+
+def _literal_block_name(name: str, info: ValidationInfo) -> str:
+    """Refuse a name that is not a block name, naming the alert label it came from."""
+    problem = block_name_problem(name)
+    if problem is None:
+        return name
+    # `alert` is validated before any runbook field (RunbookParams declares it first)
+    alert = (info.data or {}).get("alert")
+    labels = sorted(k for k, v in alert.labels.items() if v == name) if alert else []
+    source = f" (from alert label {', '.join(labels)})" if labels else ""
+    shown = repr(name) if len(name) <= 80 else f"{name[:60]!r}... ({len(name)} characters)"
+    raise ValueError(
+        f"{info.field_name or 'block'} {shown}{source} is not a block name: {problem}; "
+        "no block was loaded"
+    )
+
+
+BlockName = Annotated[str, AfterValidator(_literal_block_name)]
+"""The name of a saved block, taken literally: every ``*_block`` parameter has this type.
+
+Alert labels become block names (prefect.yaml's triggers), and ``Block.load`` puts the name
+unquoted into an API path, where ``a/../b`` is another block. The check is a validator, not a
+``pattern`` in the field's JSON schema, on purpose: Prefect's server validates a deployment
+run's parameters against that schema and would refuse to create the run, leaving only a failed
+automation action in the event feed; this way the run exists and fails with the reason before
+the flow starts (Prefect's "Validation of flow parameters failed").
+"""
+
+OptionalBlockName = Annotated[BlockName | None, BeforeValidator(lambda v: None if v == "" else v)]
+"""A block name or nothing; an empty form field counts as nothing."""
 
 
 class AlertContext(BaseModel):
@@ -39,8 +98,10 @@ class OnBusyTarget(StrEnum):
 class SafetyParams(BaseModel):
     """Guard rails every runbook shares (see runbooks.safety); defaults suit an alert-driven run."""
 
+    # fields whose schema is a reference get no title from pydantic; the run form needs one
     on_busy_target: OnBusyTarget = Field(
         OnBusyTarget.WAIT,
+        title="On Busy Target",
         description="Another run is acting on the same target: wait for it (then re-check) or "
         "stop without acting.",
     )
@@ -57,7 +118,7 @@ class SafetyParams(BaseModel):
     approval_poll_s: int = Field(
         5, ge=1, le=60, description="How often a paused run checks whether it was answered."
     )
-    escalation_block: str | None = Field(
+    escalation_block: OptionalBlockName = Field(
         "default",
         description="Name of the 'Runbooks Escalation Policy' block to notify on failure, spent "
         "budget, rejection or approval timeout; empty: no notification.",
@@ -79,17 +140,51 @@ class SafetyParams(BaseModel):
     )
 
 
+# The run form lists dry_run first: it decides whether the run changes anything, so a person
+# starting a run by hand sees it before anything else; the runbook's own fields follow; the
+# alert (filled in by triggers) and the shared safety settings, rarely touched by hand, come last.
+FORM_FIRST = ("dry_run",)
+FORM_LAST = ("alert", "safety")
+
+
+def form_order(fields: list[str]) -> list[str]:
+    """Order of a runbook's parameters in the run form: FORM_FIRST, its own fields, FORM_LAST."""
+    first = [f for f in FORM_FIRST if f in fields]
+    last = [f for f in FORM_LAST if f in fields]
+    return first + [f for f in fields if f not in first and f not in last] + last
+
+
+def _order_run_form(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """Reorder the properties of a params model's JSON schema (the UI's run form) by form_order.
+
+    Pydantic lists a base class's fields before a subclass's. Each property also gets a
+    `position`, which the UI sorts by: a PostgreSQL-backed Prefect server keeps the schema in
+    JSONB, which does not keep key order.
+    """
+    properties = schema.get("properties") or {}
+    schema["properties"] = {
+        name: {**properties[name], "position": index}
+        for index, name in enumerate(form_order(list(properties)))
+    }
+
+
 class RunbookParams(BaseModel):
     """Fields every runbook takes. Runbooks subclass this with their own, documented fields."""
+
+    model_config = ConfigDict(json_schema_extra=_order_run_form)
 
     dry_run: bool = Field(
         False,
         description="Plan only: run every check, report what would be changed, change nothing.",
     )
+    # fields whose schema is a reference get no title from pydantic; the run form needs one
     alert: AlertContext | None = Field(
-        None, description="Set by alert triggers; leave empty for manual or scheduled runs."
+        None,
+        title="Alert",
+        description="Set by alert triggers; leave empty for manual or scheduled runs.",
     )
     safety: SafetyParams = Field(
         default_factory=SafetyParams,
+        title="Safety",
         description="Locks, approvals, escalation and verification settings.",
     )

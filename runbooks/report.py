@@ -7,22 +7,28 @@ actions taken or planned, evidence, outcome and follow-ups.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
-from prefect import get_run_logger
+import httpx
+from prefect import get_client, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext
-from prefect.exceptions import Pause
+from prefect.exceptions import Pause, PrefectException
 from prefect.settings import PREFECT_UI_URL
+from prefect.states import Completed, Failed
 from pydantic import BaseModel
 
-from runbooks.audit import ActionRow, scrub
+from runbooks.audit import ActionRow, group_rows, scrub, table_row
 from runbooks.errors import (
     ApprovalRejected,
     ApprovalTimedOut,
@@ -31,13 +37,19 @@ from runbooks.errors import (
     TargetBusy,
     VerificationFailed,
 )
+from runbooks.escalation import EscalationKind
 from runbooks.params import RunbookParams
 from runbooks.results import ChangeSet
 from runbooks.safety import Guard, Target, guard
-from runbooks.text import artifact_key, escape_cell
+from runbooks.text import artifact_key, compact_list, escape_cell, summarize_values
 
 # A deployment (or run) tagged `observe` only plans: a runbook new to production runs like this first.
 OBSERVE_TAG = "observe"
+# Every run that changes nothing on purpose (dry-run or observe) carries this tag.
+DRY_RUN_TAG = "dry-run"
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class Outcome(StrEnum):
@@ -47,8 +59,100 @@ class Outcome(StrEnum):
     WAITING = "WAITING (SELF-HEALING)"
     TARGET_BUSY = "NOT ACTED: TARGET BUSY"
     AWAITING_APPROVAL = "WAITING FOR APPROVAL"
+    WOULD_ESCALATE = "DRY-RUN: WOULD ESCALATE"
     ESCALATED = "ESCALATED"
     FAILED = "FAILED"
+
+
+# how loud the run's last line is: an escalation is an expected outcome, not a crash
+_OUTCOME_LOG_LEVEL = {
+    Outcome.ESCALATED: logging.ERROR,
+    Outcome.FAILED: logging.ERROR,
+    Outcome.WOULD_ESCALATE: logging.WARNING,
+    Outcome.TARGET_BUSY: logging.WARNING,
+}
+
+
+class Notify(StrEnum):
+    """Who hears how a run ended."""
+
+    PAGE = "page"  # the escalation policy's channels: humans take over
+    OBSERVE = "observe"  # the policy's quiet channel for what dry-runs found; never pages
+    NOBODY = "nobody"
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a run that stopped on an exception ends: its outcome, who is told, which state."""
+
+    outcome: Outcome
+    conclusion: str
+    kind: EscalationKind | None
+    notify: Notify
+    # foreseen by the runbook (escalation, failed verification): the run ends in a state with a
+    # clear message instead of a raised exception, so no traceback is logged for it
+    expected: bool
+
+    def state(self, exc: BaseException) -> State | None:
+        """The run's final state; None for an unexpected error, whose traceback must show."""
+        if not self.expected:
+            return None
+        if self.outcome is Outcome.WOULD_ESCALATE:
+            return Completed(message=self.conclusion)
+        # the exception as the state's data: calling the flow directly still raises it
+        return Failed(message=self.conclusion, data=exc)
+
+
+def decide_ending(exc: BaseException, dry_run: bool, cancelled: bool = False) -> Ending:
+    """The ending of a run stopped by ``exc``; a dry-run never pages (its findings are observed).
+
+    ``cancelled``: a person cancelled the run (Prefect's cancellation), which needs no page.
+    """
+    quiet = Notify.OBSERVE if dry_run else Notify.PAGE
+    if isinstance(exc, TargetBusy):  # gave up waiting for another run: nobody may be fixing it
+        if dry_run:
+            return Ending(
+                Outcome.WOULD_ESCALATE,
+                f"Would escalate to a human: {exc} (dry-run: nobody was paged)",
+                EscalationKind.TARGET_BUSY,
+                quiet,
+                expected=True,
+            )
+        return Ending(
+            Outcome.TARGET_BUSY,
+            f"Stopped without acting, escalated: {exc}.",
+            EscalationKind.TARGET_BUSY,
+            quiet,
+            expected=True,
+        )
+    if isinstance(exc, Escalation | VerificationFailed):
+        kind = _escalation_kind(exc)
+        notify = quiet if not isinstance(exc, BudgetSpent) or exc.notify else Notify.NOBODY
+        if dry_run:
+            return Ending(
+                Outcome.WOULD_ESCALATE,
+                f"Would escalate to a human: {exc} (dry-run: nobody was paged)",
+                kind,
+                notify,
+                expected=True,
+            )
+        if kind is EscalationKind.VERIFICATION_FAILED:
+            return Ending(Outcome.FAILED, f"Verification failed: {exc}", kind, notify, True)
+        return Ending(Outcome.ESCALATED, f"Escalated to a human: {exc}", kind, notify, True)
+    conclusion = f"Run failed: {type(exc).__name__}: {exc}"
+    if not isinstance(exc, Exception):
+        if cancelled:  # a person cancelled it: they know
+            return Ending(Outcome.FAILED, conclusion, None, Notify.NOBODY, expected=False)
+        # Ctrl-C or SIGTERM of the serving process: the run stops half way and nobody would know
+        # (best effort: the process is on its way out)
+        return Ending(
+            Outcome.FAILED,
+            f"Run interrupted ({type(exc).__name__}) before it finished",
+            EscalationKind.INTERRUPTED,
+            quiet,
+            expected=False,
+        )
+    return Ending(Outcome.FAILED, conclusion, EscalationKind.FAILED, quiet, expected=False)
 
 
 @dataclass
@@ -147,9 +251,12 @@ class IncidentReport:
         self.evidence_items.append((label, data))
 
     def finish(self, outcome: Outcome, conclusion: str) -> None:
+        """Record how the run ended; the log line is as loud as the outcome (ERROR: escalated)."""
         self.outcome = outcome
         self.conclusion = conclusion
-        self.step(f"outcome {outcome.value}: {conclusion}")
+        text = f"outcome {outcome.value}: {conclusion}"
+        self.timeline.append(_Entry(datetime.now(UTC), text))
+        get_run_logger().log(_OUTCOME_LOG_LEVEL.get(outcome, logging.INFO), text)
 
     # rendering -------------------------------------------------------------------------
 
@@ -164,7 +271,7 @@ class IncidentReport:
         lines = [
             f"## Incident Report - {self.started_at:%Y-%m-%d} - {self.title}",
             "",
-            "| | |",
+            "| Field | Value |",
             "|---|---|",
             f"| Runbook | `{self.runbook}` |",
             f"| Severity | {self.severity} |",
@@ -183,7 +290,7 @@ class IncidentReport:
             lines.append(f"| Flow run | [{run_link}]({run_link}) |")
         lines += ["", "### Summary", self.conclusion or "Run did not finish.", ""]
         lines += ["### Timeline"]
-        lines += [f"- {e.at:%H:%M:%S}Z - {escape_cell(e.text)}" for e in self.timeline]
+        lines += [f"- {clock(e.at)} - {escape_cell(e.text)}" for e in self.timeline]
         lines += ["", "### Symptoms checked"]
         if self.checks:
             lines += ["| Check | Result | Observed |", "|---|---|---|"]
@@ -196,13 +303,17 @@ class IncidentReport:
         heading = "Actions planned (dry-run)" if self.params.dry_run else "Actions taken"
         lines += ["", f"### {heading}"]
         if self.rows:
-            lines += ["| Step | Action | Target | Status |", "|---|---|---|---|"]
             lines += [
-                f"| {r.step} | {r.action} | {escape_cell(r.target)} | {escape_cell(r.status)} |"
-                for r in self.rows
+                "| Step | Action | Count | Targets | Status | Before → after |",
+                "|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {g.step} | {g.action} | {g.count} | {escape_cell(compact_list(g.targets))} "
+                f"| {escape_cell(g.status)} | {escape_cell(before_after(g.before, g.after))} |"
+                for g in group_rows(self.rows)
             ]
         else:
-            lines.append("No change was needed or made.")
+            lines.append(nothing_done(self.outcome))
         if self.busy:
             lines.append(f"- {escape_cell(self.busy)}")
         if self.approvals:
@@ -233,20 +344,7 @@ class IncidentReport:
         )
         if self.rows and self.outcome is not None:
             create_table_artifact(
-                table=[
-                    {
-                        "step": r.step,
-                        "action": r.action,
-                        "target": r.target,
-                        "status": r.status,
-                        "before": json.dumps(r.before, default=str, sort_keys=True),
-                        "after": json.dumps(r.after, default=str, sort_keys=True)
-                        if r.after is not None
-                        else "",
-                        "note": r.note,
-                    }
-                    for r in self.rows
-                ],
+                table=[table_row(g) for g in group_rows(self.rows)],
                 key=artifact_key(f"actions-{self.runbook}"),
                 description=f"{self.title}: actions and their before/after state ({status})",
             )
@@ -258,9 +356,11 @@ def incident_report(
 ) -> Iterator[IncidentReport]:
     """Open a report for the run; it is published however the run ends.
 
-    Escalations, failed verifications and other errors re-raise (the run ends FAILED) after the
-    escalation policy was notified. A run that stopped because another run holds its target ends
-    normally: the report says so and nothing was changed.
+    Escalations, failed verifications and other errors re-raise after the escalation policy was
+    notified; a flow wrapped in ``ends_as_reported`` then ends in the state the report decided
+    (FAILED with the reason, no traceback), other errors keep their traceback. A dry-run (or
+    observe) run pages nobody: what would escalate completes it as "would escalate". A run that
+    stopped because another run holds its target ends normally: nothing was changed.
     """
     report = IncidentReport(runbook=runbook, title=title, severity=severity, params=params)
     report.trigger = describe_trigger(params)
@@ -268,6 +368,8 @@ def incident_report(
         params.dry_run = True
         report.observe_mode = True
     report.step(f"runbook {runbook} started ({report.trigger})")
+    if params.dry_run:
+        _mark_dry_run(report.observe_mode)
     if report.observe_mode:
         report.step("observe mode (tag 'observe'): every step plans only, nothing is changed")
     if _resumed():
@@ -283,77 +385,138 @@ def incident_report(
         report.conclusion = "Suspended until someone approves or rejects the plan below."
         raise
     except TargetBusy as exc:
-        report.finish(Outcome.TARGET_BUSY, f"Stopped without acting: {exc}.")
         if exc.escalate:
-            _escalate(report, "target_busy", str(exc))
+            _end(report, params, exc)
             raise
-    except BudgetSpent as exc:
-        report.finish(Outcome.ESCALATED, f"Escalated to a human: {exc}")
-        if exc.notify:
-            _escalate(report, "budget_spent", str(exc))
-        raise
-    except Escalation as exc:
-        report.finish(Outcome.ESCALATED, f"Escalated to a human: {exc}")
-        _escalate(report, _escalation_kind(exc), str(exc))
-        raise
-    except VerificationFailed as exc:
-        report.finish(Outcome.FAILED, f"Verification failed: {exc}")
-        _escalate(report, "verification_failed", str(exc))
-        raise
+        report.finish(Outcome.TARGET_BUSY, f"Stopped without acting: {exc}.")
     except BaseException as exc:
-        report.finish(Outcome.FAILED, f"Run failed: {type(exc).__name__}: {exc}")
-        if isinstance(exc, Exception):
-            _escalate(report, "failed", f"{type(exc).__name__}: {exc}")
-        else:
-            # Ctrl-C, SIGTERM of the serving process, cancellation: the run stops half way and
-            # nobody would know; best effort, the process is on its way out
-            _escalate(report, "interrupted", f"the run was interrupted ({type(exc).__name__})")
+        _end(report, params, exc)
         raise
     finally:
         report.publish()
 
 
-def _escalation_kind(exc: Escalation) -> str:
+def _end(report: IncidentReport, params: RunbookParams, exc: BaseException) -> None:
+    """Record how the run ends, tell whom the ending says, keep the state for the flow."""
+    ending = decide_ending(exc, params.dry_run, cancelled=_cancelled(exc))
+    report.finish(ending.outcome, ending.conclusion)
+    _notify(report, ending, str(exc) if ending.expected else f"{type(exc).__name__}: {exc}")
+    _ending.set((exc, ending.state(exc)))
+
+
+# The ending the report decided for the exception it re-raised, for ``ends_as_reported``.
+_ending: ContextVar[tuple[BaseException, State | None] | None] = ContextVar(
+    "runbook_ending", default=None
+)
+
+
+def ends_as_reported(fn: Callable[P, R]) -> Callable[P, R | State]:
+    """Let a runbook flow end as its incident report decided, without a traceback for the foreseen.
+
+    Prefect logs any exception leaving a flow as "Encountered exception during execution" with
+    its traceback at ERROR. An escalation is a foreseen outcome, not a crash: returning a
+    ``Failed`` state instead ends the run FAILED with the reason as its message and one log line
+    (the report's outcome); returning ``Completed`` ends a dry-run that would escalate. Any other
+    error still raises and keeps its traceback. Goes between ``@flow`` and the function.
+    """
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R | State:
+        # Prefect pickles a served flow's function by value, its module-level names by
+        # reference: the work (and the ContextVar, which cannot be pickled) stays out of here
+        return _call_as_reported(fn, *args, **kwargs)
+
+    return run
+
+
+def _call_as_reported(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R | State:
+    token = _ending.set(None)
+    try:
+        return fn(*args, **kwargs)
+    except (Escalation, VerificationFailed, TargetBusy) as exc:
+        decided = _ending.get()
+        if decided is None or decided[0] is not exc or decided[1] is None:
+            raise  # raised outside an incident report: nothing recorded it
+        return decided[1]
+    finally:
+        _ending.reset(token)
+
+
+def _escalation_kind(exc: Escalation | VerificationFailed) -> EscalationKind:
+    if isinstance(exc, VerificationFailed):
+        return EscalationKind.VERIFICATION_FAILED
+    if isinstance(exc, BudgetSpent):
+        return EscalationKind.BUDGET_SPENT
     if isinstance(exc, ApprovalRejected):
-        return "rejected"
+        return EscalationKind.REJECTED
     if isinstance(exc, ApprovalTimedOut):
-        return "approval_timeout"
-    return "escalated"
+        return EscalationKind.APPROVAL_TIMEOUT
+    return EscalationKind.ESCALATED
 
 
-def _escalate(report: IncidentReport, kind: str, reason: str) -> None:
-    """Notify the run's escalation policy; a notification problem never hides the run's own error."""
+def dry_run_name(name: str, observe: bool) -> str:
+    """The run's name with its mode in front, so the runs list tells it from a live run."""
+    prefix = f"{OBSERVE_TAG if observe else DRY_RUN_TAG}: "
+    return name if name.startswith(prefix) else prefix + name
+
+
+def _mark_dry_run(observe: bool) -> None:
+    """Tag and rename this run in Prefect: a dry-run must not look like a live run in the UI."""
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    run = ctx.flow_run
+    tags = sorted({*run.tags, DRY_RUN_TAG, *([OBSERVE_TAG] if observe else [])})
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(run.id, name=dry_run_name(run.name, observe), tags=tags)
+    except (httpx.HTTPError, PrefectException) as exc:
+        # a label in the UI is not worth failing the checks the dry-run is for
+        get_run_logger().warning("could not mark the run as dry-run in Prefect: %s", exc)
+
+
+def _notify(report: IncidentReport, ending: Ending, reason: str) -> None:
+    """Tell the escalation policy how the run ended; a problem here never hides the run's error.
+
+    Live runs page the policy's channels; dry-run findings go only to its observe channels.
+    """
     from blocks.escalation import EscalationPolicy
-    from runbooks.escalation import EscalationKind, EscalationMessage, send_escalation
+    from runbooks.escalation import EscalationMessage, send_escalation
 
+    if ending.kind is None or ending.notify is Notify.NOBODY:
+        return
+    observe = ending.notify is Notify.OBSERVE
+    nobody = "dry-run: nobody was paged" if observe else "nobody notified"
     name = report.params.safety.escalation_block
     logger = get_run_logger()
     if not name:
-        report.notified.append("no escalation policy configured for this run: nobody notified")
+        report.notified.append(f"no escalation policy configured for this run: {nobody}")
         return
     try:
         policy = EscalationPolicy.load(name)
     except ValueError:
-        report.notified.append(f"escalation policy block {name!r} is not saved: nobody notified")
-        logger.warning("escalation policy block %r not found; nobody was notified", name)
+        report.notified.append(f"escalation policy block {name!r} is not saved: {nobody}")
+        logger.warning("escalation policy block %r not found; %s", name, nobody)
+        return
+    if observe and not policy.observe_notification_blocks:
+        report.notified.append(f"{nobody}; policy {name!r} has no observe channel")
         return
     ctx = FlowRunContext.get()
-    tried = [
-        f"{label}: {ch.action} {ch.target} ({'applied' if ch in cs.applied else 'not applied'})"
-        for label, cs in report.changes
-        for ch in cs.planned
-    ]
     message = EscalationMessage(
         runbook=report.runbook,
         title=report.title,
         severity=report.severity,
-        kind=EscalationKind(kind),
+        kind=ending.kind,
         reason=reason,
         target=report.target.label if report.target else None,
-        tried=tried,
+        tried=[
+            f"{g.step}: {g.action} {compact_list(g.targets)} ({g.status})"
+            for g in group_rows(report.rows)
+        ],
         trigger=report.trigger,
         run_url=_run_link(),
         flow_run_id=str(ctx.flow_run.id) if ctx and ctx.flow_run else None,
+        dry_run=observe,
     )
     try:
         deliveries = send_escalation(message, policy)
@@ -364,9 +527,27 @@ def _escalate(report: IncidentReport, kind: str, reason: str) -> None:
     for d in deliveries:
         report.notified.append(f"{d.channel}: {'delivered' if d.ok else 'FAILED'} ({d.detail})")
     if deliveries:
+        sent = f"{sum(d.ok for d in deliveries)}/{len(deliveries)}"
         report.step(
-            f"escalated ({kind}) to {sum(d.ok for d in deliveries)}/{len(deliveries)} channel(s)"
+            f"dry-run findings ({ending.kind.value}) sent to {sent} observe channel(s)"
+            if observe
+            else f"escalated ({ending.kind.value}) to {sent} channel(s)"
         )
+
+
+def _cancelled(exc: BaseException) -> bool:
+    """Whether an interrupt is Prefect's cancellation of this run (a person asked for it)."""
+    if isinstance(exc, Exception):
+        return False
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return False
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(ctx.flow_run.id).state
+    except (httpx.HTTPError, PrefectException, OSError):
+        return False
+    return state is not None and (state.is_cancelling() or state.is_cancelled())
 
 
 def _resumed() -> bool:
@@ -395,6 +576,40 @@ def describe_trigger(params: RunbookParams) -> str:
         who = run.created_by.display_value or run.created_by.id
         return f"{run.created_by.type.lower()} {who}"
     return "manual run" if run.deployment_id else "direct call"
+
+
+def before_after(before: list[Any], after: list[Any]) -> str:
+    """A group's state before and after, summarized, as code (a masked secret is no markdown)."""
+
+    def code(values: list[Any]) -> str:
+        text = summarize_values(values)
+        return f"`{text.replace('`', chr(39))}`" if text else "-"
+
+    return f"{code(before)} → {code(after)}"
+
+
+def clock(at: datetime) -> str:
+    """Time of day to the millisecond: a run's steps are often less than a second apart."""
+    return f"{at:%H:%M:%S}.{at.microsecond // 1000:03d}Z"
+
+
+# What the actions section says when a run recorded no action, by how the run ended
+_NOTHING_DONE: dict[Outcome | None, str] = {
+    None: "Nothing was changed so far.",
+    Outcome.RESOLVED: "No change was needed or made.",
+    Outcome.NO_ACTION_NEEDED: "No change was needed or made.",
+    Outcome.PLANNED: "No change was needed: nothing to plan.",
+    Outcome.WAITING: "Nothing was changed: waiting for the system to recover by itself.",
+    Outcome.TARGET_BUSY: "Nothing was changed: another run is acting on the target.",
+    Outcome.WOULD_ESCALATE: "Nothing was planned: the run would escalate before acting.",
+    Outcome.ESCALATED: "Nothing was changed: escalated before acting.",
+    Outcome.FAILED: "Nothing was changed: the run failed before acting.",
+}
+
+
+def nothing_done(outcome: Outcome | None) -> str:
+    """The actions section of a run that recorded no action: what was (not) done, and why."""
+    return _NOTHING_DONE[outcome]
 
 
 def _run_link() -> str | None:

@@ -1,7 +1,8 @@
 """Guard rails every runbook opts into with two lines: a per-target lock and guarded actions.
 
 ```python
-with report.guard(Target("postgres", params.db_block)) as guard:      # lock the target
+server = Target("postgres", f"{db.host}:{db.port}", get_system_identifier(db))
+with report.guard(server) as guard:                  # lock the target
     ...checks...
     guard.act("terminate idle connections",
               lambda dry_run: terminate_idle_connections(db, idle, criteria, dry_run),
@@ -32,7 +33,7 @@ What the guard does, in order, for each action:
    no process, so restarts lose nothing; once answered it starts again, re-checks everything and acts
    only if its new plan is within the approved one (otherwise it asks again).
 5. **Execute**: the task runs again for real (it re-plans against the live state, so a stale plan never
-   applies); ``runbook.action.executed`` / ``.skipped`` / ``.failed`` events, one per change, with the
+   applies); ``runbook.action.executed`` / ``.skipped`` / ``.failed`` events, one per action, with the
    target as the event's resource.
 6. **Verify** (``guard.verify``): re-check the symptom until a deadline; the alert's own
    ``alert.resolved`` event also counts. Failure raises ``VerificationFailed`` (run FAILED, escalated).
@@ -86,10 +87,21 @@ MAX_APPROVAL_ROUNDS = 3
 
 @dataclass(frozen=True)
 class Target:
-    """What a runbook acts on: one broker, database, job, pod, gateway or event store."""
+    """What a runbook acts on: one broker, database, job, pod, gateway or event store.
+
+    ``name`` is how people know it (``host:port``, a URL), shown in reports; ``identity`` is what
+    the system says it is (e.g. PostgreSQL's ``system_identifier``), so blocks that reach one
+    server by different host names share its lock, budget and events. Empty: the name.
+    """
 
     kind: str
     name: str
+    identity: str = ""
+
+    @property
+    def key(self) -> str:
+        """What locks, budgets and events are keyed on."""
+        return self.identity or self.name
 
     @property
     def label(self) -> str:
@@ -98,13 +110,13 @@ class Target:
     @property
     def resource_id(self) -> str:
         """The Prefect event resource id of this target (events: ``runbook.action.*``)."""
-        return f"runbook.target.{self.kind}.{self.name}"
+        return f"runbook.target.{self.kind}.{self.key}"
 
     @property
     def slug(self) -> str:
         """A name Prefect accepts for limits and variables: [a-z0-9_-], unique per target."""
-        readable = re.sub(r"[^a-z0-9]+", "-", f"{self.kind}-{self.name}".lower()).strip("-")[:80]
-        digest = hashlib.sha256(f"{self.kind}\0{self.name}".encode()).hexdigest()[:10]
+        readable = re.sub(r"[^a-z0-9]+", "-", f"{self.kind}-{self.key}".lower()).strip("-")[:80]
+        digest = hashlib.sha256(f"{self.kind}\0{self.key}".encode()).hexdigest()[:10]
         return f"{readable}-{digest}"
 
     @property
@@ -261,8 +273,7 @@ class Guard:
         report = self.report
         budget = effective_budget(budget, report.params.safety)
         plan = change(True)
-        for c in plan.planned:
-            emit_action("planned", self.target, report, label, c)
+        emit_action("planned", self.target, report, label, plan.planned)
         if not plan.planned or report.params.dry_run:
             report.record(label, plan)
             return plan
@@ -295,8 +306,9 @@ class Guard:
         try:
             result = change(False)
         except BaseException as exc:
-            for c in plan.planned:
-                emit_action("failed", self.target, report, label, c, f"{type(exc).__name__}: {exc}")
+            emit_action(
+                "failed", self.target, report, label, plan.planned, f"{type(exc).__name__}: {exc}"
+            )
             report.rows += [
                 ActionRow(
                     label, c.action, c.target, "failed", scrub(c.detail), None, str(exc)[:200]
@@ -305,12 +317,10 @@ class Guard:
             ]
             raise
         applied = {(c.action, c.target) for c in result.applied}
-        for c in result.applied:
-            emit_action("executed", self.target, report, label, c)
-        for c in result.planned:
-            if (c.action, c.target) not in applied:
-                note = "; ".join(result.notes) or "not applied"
-                emit_action("skipped", self.target, report, label, c, note)
+        emit_action("executed", self.target, report, label, result.applied)
+        not_applied = [c for c in result.planned if (c.action, c.target) not in applied]
+        note = "; ".join(result.notes) or "not applied"
+        emit_action("skipped", self.target, report, label, not_applied, note)
         report.record(label, result, before=plan)
         return result
 
@@ -362,8 +372,7 @@ class Guard:
     # internals ---------------------------------------------------------------------------
 
     def _refuse(self, label: str, plan: ChangeSet, reason: str) -> None:
-        for c in plan.planned:
-            emit_action("skipped", self.target, self.report, label, c, reason)
+        emit_action("skipped", self.target, self.report, label, plan.planned, reason)
         skipped = plan.model_copy(update={"notes": [*plan.notes, f"not applied: {reason}"]})
         self.report.record(label, skipped, status=reason)
 

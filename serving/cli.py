@@ -1,4 +1,4 @@
-"""The `runbooks` command: run the product (`up`), list runbooks, register block types.
+"""The `runbooks` command: run the product (`up`), list runbooks, save blocks, register block types.
 
 `runbooks up` is one process tree: a Prefect server on the embedded SQLite database (unless
 `--api-url` points at an existing server), the alert gateway (Alertmanager/Grafana webhooks to
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import secrets
 import signal
@@ -20,6 +19,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from serving.lifetime import die_with_parent
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The runner's poll: the fallback for runs whose Scheduled event was missed, and what starts
@@ -62,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser(
         "register-blocks", help="register the project's block types with the Prefect API"
     )
+    from serving import block_command
+
+    sub.add_parser("block", help=block_command.HELP)
+    # `block` parses its own arguments: its parser imports every block module, built only for it
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["block"]:
+        return block_command.main(argv[1:])
     args = parser.parse_args(argv)
 
     if args.command == "up":
@@ -133,7 +141,9 @@ def _up(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
     def _terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        # SIGTERM stops us as Ctrl-C does: while the runner runs, asyncio's SIGINT handler
+        # cancels it cleanly; before and after, Python raises KeyboardInterrupt
+        signal.raise_signal(signal.SIGINT)
 
     signal.signal(signal.SIGTERM, _terminate)
     children: list[subprocess.Popen] = []
@@ -177,6 +187,10 @@ def _up(
             pause_on_shutdown=False,
             event_pickup=event_pickup,
         )
+        # Runner.start would put its own SIGTERM handler in place of ours; it calls the sync
+        # stop() from inside the event loop, where Prefect hands back astop() un-awaited
+        # ("coroutine 'Runner.astop' was never awaited"), and exits mid-loop
+        runner.handle_sigterm = _terminate  # type: ignore[method-assign]
         add_to_runner(runner, specs)
         print(f"\nPrefect UI: {os.environ['PREFECT_UI_URL']}\nrunbooks:")
         _print_runbooks()
@@ -196,9 +210,9 @@ def _up(
 
 def _start_child(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     """A child in its own session: Ctrl-C reaches only us, so the runner stops before the
-    servers it talks to; each child still dies with us (parent-death signal) if we are killed."""
+    servers it talks to; each child still dies with us (serving.lifetime) if we are killed."""
     return subprocess.Popen(
-        command, cwd=PROJECT_ROOT, env=env, start_new_session=True, preexec_fn=_die_with_parent
+        command, cwd=PROJECT_ROOT, env=env, start_new_session=True, preexec_fn=die_with_parent
     )
 
 
@@ -218,15 +232,6 @@ def _start_gateway(host: str, port: int) -> subprocess.Popen:
     return _start_child(
         [sys.executable, "-m", "alert_gateway", "--host", host, "--port", str(port)], env=env
     )
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the parent dies (Linux prctl)."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _wait_healthy(api_url: str, server: subprocess.Popen | None, timeout_s: float = 120) -> None:

@@ -129,32 +129,38 @@ def next_batch_wanted(
     return last_batch == batch_size and batches_done < max_batches
 
 
-# Batch rows: (count, first id, last id), the same shape for planned and applied batches.
+# Batch rows: (count, first id, last id, status), the same shape for planned and applied
+# batches; an applied batch also returns the status its rows had, so its before and after
+# both come from the rows themselves.
 _RESET_BATCH = (
-    "WITH reset AS ("
-    " UPDATE {table} SET {status} = %(pending)s, {updated} = now()"
-    " WHERE {id} IN ("
-    "  SELECT {id} FROM {table} WHERE {stuck}"
-    "   ORDER BY {id} LIMIT %(batch_size)s FOR UPDATE SKIP LOCKED)"
-    " RETURNING {id})"
+    "WITH picked AS ("
+    " SELECT {id}, {status} AS was FROM {table} WHERE {stuck}"
+    "  ORDER BY {id} LIMIT %(batch_size)s FOR UPDATE SKIP LOCKED),"
+    " reset AS ("
+    " UPDATE {table} AS t SET {status} = %(pending)s, {updated} = now()"
+    " FROM picked WHERE t.{id} = picked.{id}"
+    " RETURNING t.{id}, picked.was, t.{status} AS is_now)"
     " SELECT count(*)::int, (array_agg({id} ORDER BY {id}))[1]::text,"
-    " (array_agg({id} ORDER BY {id} DESC))[1]::text FROM reset"
+    " (array_agg({id} ORDER BY {id} DESC))[1]::text,"
+    " string_agg(DISTINCT is_now::text, ','), string_agg(DISTINCT was::text, ',') FROM reset"
 )
 
 _PLAN_BATCHES = (
     "WITH picked AS ("
-    " SELECT {id}, (row_number() OVER (ORDER BY {id}) - 1) / %(batch_size)s AS batch"
+    " SELECT {id}, {status} AS was,"
+    " (row_number() OVER (ORDER BY {id}) - 1) / %(batch_size)s AS batch"
     " FROM {table} WHERE {stuck} ORDER BY {id} LIMIT %(limit)s)"
     " SELECT count(*)::int, (array_agg({id} ORDER BY {id}))[1]::text,"
-    " (array_agg({id} ORDER BY {id} DESC))[1]::text FROM picked GROUP BY batch ORDER BY batch"
+    " (array_agg({id} ORDER BY {id} DESC))[1]::text, string_agg(DISTINCT was::text, ',')"
+    " FROM picked GROUP BY batch ORDER BY batch"
 )
 
 
-def _batch_change(store: EventStore, rows: int, first_id: str, last_id: str) -> Change:
+def _batch_change(store: EventStore, rows: int, first_id: str, last_id: str, status: str) -> Change:
     return Change(
         action="reset_to_pending",
         target=f"{store.schema_name}.{store.table} {store.id_column} {first_id}..{last_id} ({rows} rows)",
-        detail={"rows": rows, "first_id": first_id, "last_id": last_id},
+        detail={"rows": rows, "first_id": first_id, "last_id": last_id, "status": status},
     )
 
 
@@ -182,13 +188,12 @@ def reset_stuck_events(store: EventStore, dry_run: bool) -> ResetResult:
         statement = _sql(store, _RESET_BATCH)
         while True:
             # autocommit: every batch commits on its own
-            rows, first_id, last_id = conn.execute(
+            rows, first_id, last_id, status, was = conn.execute(
                 statement, _params(store, batch_size=store.batch_size)
             ).fetchone()
             if rows:
-                change = _batch_change(store, rows, first_id, last_id)
-                result.planned.append(change)
-                result.applied.append(change)
+                result.planned.append(_batch_change(store, rows, first_id, last_id, was))
+                result.applied.append(_batch_change(store, rows, first_id, last_id, status))
                 result.batch_sizes.append(rows)
                 result.reset_count += rows
             if not next_batch_wanted(

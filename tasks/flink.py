@@ -9,6 +9,7 @@ https://nightlies.apache.org/flink/flink-docs-stable/docs/ops/rest_api/ : ``GET 
 from __future__ import annotations
 
 import hashlib
+import socket
 from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any, Literal
@@ -19,6 +20,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from blocks.flink import FlinkCluster
+from runbooks.addresses import resolve_host
 from runbooks.errors import Escalation
 from runbooks.results import Change, ChangeSet
 from runbooks.retry import runbook_task_options
@@ -319,6 +321,29 @@ def _list_jobs(client: httpx.Client) -> list[FlinkJob]:
 
 
 @task(**_READ)
+def get_jobmanager_address(cluster: FlinkCluster) -> str:
+    """The JobManager's REST endpoint as ``scheme://address:port/path``, its host name resolved
+    (runbooks.addresses), so blocks naming one JobManager differently agree.
+
+    Flink's REST API reports no cluster id (``/config`` and ``/overview`` carry versions and
+    counts; ``high-availability.cluster-id`` is set only with HA), so the resolved address is
+    the JobManager's identity; the path stays, since one proxy may front several clusters.
+    """
+    url = httpx.URL(cluster.rest_url)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        address = resolve_host(url.host, port, cluster.request_timeout_s)
+    except TimeoutError as exc:
+        raise FlinkUnavailable(f"resolving {url.host}: {exc}") from exc
+    except socket.gaierror as exc:
+        if exc.errno == socket.EAI_AGAIN:  # the resolver is busy or unreachable: try again
+            raise FlinkUnavailable(f"resolving {url.host}: {exc}") from exc
+        raise ValueError(f"Flink host {url.host!r} does not resolve: {exc}") from exc
+    host = f"[{address}]" if ":" in address else address
+    return f"{url.scheme}://{host}:{port}{url.path.rstrip('/')}"
+
+
+@task(**_READ)
 def find_job(cluster: FlinkCluster, job_name: str) -> FlinkJob | None:
     """The job named ``job_name`` that matters now (see ``choose_job``), or None."""
     with cluster.get_client() as client:
@@ -476,7 +501,7 @@ def resubmit_from_checkpoint(
             else f"{job_name} without state",
             detail={
                 "jar_id": jar_file.id,
-                "job_id": job_id,
+                "new_job_id": job_id,
                 "checkpoint_id": checkpoint.id if checkpoint else None,
                 "checkpoint_kind": checkpoint.kind if checkpoint else None,
                 "replaces_job_id": failed_job_id,
@@ -491,7 +516,7 @@ def resubmit_from_checkpoint(
                 return Resubmission(
                     dry_run=dry_run,
                     planned=[change],
-                    applied=[change],
+                    applied=[_started(change, job)],
                     jar_id=jar_file.id,
                     job_id=job_id,
                     notes=[f"{job_name} was submitted as {job_id} by an earlier attempt"],
@@ -517,6 +542,12 @@ def resubmit_from_checkpoint(
             if existing := _started_copy(client, job_name, job_id):
                 return already(existing)
             raise
-        result.applied.append(change)
         result.job_id = response["jobid"]
+        started = FlinkJob.model_validate(_call(client, "GET", f"/jobs/{quote(result.job_id)}"))
+        result.applied.append(_started(change, started))
         return result
+
+
+def _started(change: Change, job: FlinkJob) -> Change:
+    """A resubmission's "after": the job Flink now runs in place of the failed one."""
+    return change.model_copy(update={"detail": {"job_id": job.jid, "state": job.state}})

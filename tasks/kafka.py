@@ -125,6 +125,22 @@ class ClusterHealth(BaseModel):
 
 
 @task(**runbook_task_options(KafkaException, when=is_retriable))
+def get_cluster_id(cluster: KafkaCluster) -> str | None:
+    """The cluster's own id (describe_cluster), the same through any broker or host name;
+    None when no bootstrap server answers within the block's ``request_timeout_s``."""
+    admin = cluster.get_admin_client()  # held until the answer: dropping it aborts the request
+    timeout = cluster.request_timeout_s
+    try:
+        return admin.describe_cluster(request_timeout=timeout).result(timeout).cluster_id
+    except KafkaException as exc:
+        if exc.args[0].code() not in _UNREACHABLE:
+            raise
+        return None
+    except TimeoutError:  # the future outlived its own request timeout: a hung broker
+        return None
+
+
+@task(**runbook_task_options(KafkaException, when=is_retriable))
 def check_isr(cluster: KafkaCluster) -> ClusterHealth:
     """Brokers, controller and per-partition replication of the cluster, from its metadata.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import urllib3
 from kubernetes.client import ApiException, CoreV1Api, V1DeleteOptions, V1Pod, V1Preconditions
@@ -113,18 +114,7 @@ def restart_pod(
             raise Escalation(
                 f"pod {target} has no controller: deleting it would not bring it back; restart it by hand"
             )
-        change = Change(
-            action="delete_pod",
-            target=target,
-            detail={
-                "uid": uid,
-                "phase": state.phase,
-                "ready": state.ready,
-                "reason": state.reason,
-                "restarts": state.restarts,
-                "owner": state.owner,
-            },
-        )
+        change = Change(action="delete_pod", target=target, detail=_pod_detail(state))
         result.planned.append(change)
         if dry_run:
             return result
@@ -142,8 +132,23 @@ def restart_pod(
                 raise
             result.notes.append(f"{target} uid {uid} was deleted meanwhile (HTTP {exc.status})")
             return result
-        result.applied.append(change)
+        # the "after": the pod as the API shows it now (terminating, replaced or absent)
+        try:
+            after = _pod_detail(_read_pod(core, namespace, name, timeout))
+        except (ApiException, urllib3.exceptions.HTTPError) as exc:
+            # the pod is deleted either way: a failed re-read must not turn into a retry
+            after = {"unread": f"{type(exc).__name__}: {exc}"[:200]}
+        result.applied.append(change.model_copy(update={"detail": after}))
     return result
+
+
+def _pod_detail(state: PodState | None) -> dict[str, Any]:
+    """A pod as the actions table shows it, before and after a restart."""
+    if state is None:
+        return {"present": False}
+    return state.model_dump(
+        include={"uid", "phase", "ready", "terminating", "reason", "restarts", "owner"}
+    )
 
 
 @task(**runbook_task_options())

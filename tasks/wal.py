@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -39,12 +40,17 @@ from tasks.wal_format import (
     H_WAL_ID,
     LOCK_FILE,
     MARKER_FILE,
+    QUARANTINE_FILE,
     WalCorruption,
+    WalDamage,
     WalMarker,
     WalReader,
     WalRecord,
     fsync_dir,
+    mark_reported,
+    quarantine_damage,
     read_marker,
+    unreported_damage,
     write_marker,
 )
 
@@ -67,13 +73,15 @@ class WalAction(StrEnum):
     INVESTIGATE = "INVESTIGATE"
 
 
-def decide(pending: int, threshold: int, kafka_reachable: bool) -> WalAction:
+def decide(pending: int, threshold: int, kafka_reachable: bool, damaged: int = 0) -> WalAction:
     """Seed 000, Stadium Network Flap: what to do about a WAL backlog.
 
     Kafka reachable means the network is back: drain, whatever the size. Unreachable and at most
     ``threshold`` pending is a blip the WAL absorbs (wait); above it, a human looks at the uplink.
+    ``damaged`` regions after the marker need a drain too, even when they hold no event: the
+    drain quarantines them and the run escalates.
     """
-    if pending <= 0:
+    if pending <= 0 and damaged <= 0:
         return WalAction.NOTHING_PENDING
     if kafka_reachable:
         return WalAction.DRAIN
@@ -90,6 +98,19 @@ def advance_marker(next_position: int, confirmed: Iterable[int]) -> int:
     while next_position in done:
         next_position += 1
     return next_position
+
+
+def quarantined_positions(damage: Iterable[WalDamage]) -> set[int]:
+    """Positions whose events only the quarantine holds: the marker passes them, nobody sends them."""
+    return {p for d in damage for p in d.position_range}
+
+
+def describe_damage(damage: list[WalDamage], limit: int = 3) -> str:
+    """One line naming damaged regions for checks and escalations."""
+    shown = "; ".join(d.describe() for d in damage[:limit])
+    more = f"; and {len(damage) - limit} more" if len(damage) > limit else ""
+    lost = len(quarantined_positions(damage))
+    return f"{len(damage)} damaged region(s) holding {lost} event(s): {shown}{more}"
 
 
 def deletable_segments(bases: list[int], next_position: int) -> list[int]:
@@ -138,9 +159,13 @@ class SourceSequences(BaseModel):
                 f"({missing} event(s))"
             )
         if self.duplicates:
-            out.append(f"source {self.source}: duplicate seq {', '.join(map(str, to_ranges(self.duplicates)))}")
+            out.append(
+                f"source {self.source}: duplicate seq {', '.join(map(str, to_ranges(self.duplicates)))}"
+            )
         if self.reordered:
-            out.append(f"source {self.source}: out of order seq {', '.join(map(str, to_ranges(self.reordered)))}")
+            out.append(
+                f"source {self.source}: out of order seq {', '.join(map(str, to_ranges(self.reordered)))}"
+            )
         return out
 
 
@@ -175,7 +200,12 @@ def check_sequences(
             order.append(source)
         prior = baseline.get(source)
         top = high.get(source)
-        if top is not None and seq < top and not seen[source][seq] and (prior is None or seq > prior):
+        if (
+            top is not None
+            and seq < top
+            and not seen[source][seq]
+            and (prior is None or seq > prior)
+        ):
             reordered[source].append(seq)
         seen[source][seq] += 1
         high[source] = seq if top is None else max(top, seq)
@@ -188,8 +218,13 @@ def check_sequences(
         gaps = to_ranges(set(range(start, high[source] + 1)) - present) if present else []
         dups = sorted(s for s, n in counts.items() if n > 1 or (prior is not None and s <= prior))
         report.sources[source] = SourceSequences(
-            source=source, count=sum(counts.values()), first=min(counts), last=high[source],
-            gaps=gaps, duplicates=dups, reordered=reordered[source],
+            source=source,
+            count=sum(counts.values()),
+            first=min(counts),
+            last=high[source],
+            gaps=gaps,
+            duplicates=dups,
+            reordered=reordered[source],
         )
     return report
 
@@ -213,33 +248,66 @@ class WalStatus(BaseModel):
     oldest_pending_at: datetime | None
     oldest_pending_age_s: float | None
     per_source: dict[str, SourcePending]
-    acked_up_to: int = Field(description="The marker: every record below this position is in Kafka.")
+    damaged: list[WalDamage] = Field(
+        default_factory=list,
+        description="Damaged bytes or missing positions after the marker; their positions are "
+        "counted in pending_events (a drain quarantines them).",
+    )
+    torn_tail_bytes: int = Field(
+        0, description="A torn last write at the end of the newest segment: ignored, not pending."
+    )
+    unreported_quarantine: list[WalDamage] = Field(
+        default_factory=list,
+        description=f"Damage in {QUARANTINE_FILE} that no run has escalated yet.",
+    )
+    acked_up_to: int = Field(
+        description="The marker: every record below this position is in Kafka or quarantined."
+    )
     end_position: int = Field(description="Position the next appended record will get.")
     segments: int
     wal_bytes: int
     capacity_events: int
     capacity_bytes: int
-    capacity_used: float = Field(description="Fraction of capacity the backlog uses (events or bytes).")
+    capacity_used: float = Field(
+        description="Fraction of capacity the backlog uses (events or bytes)."
+    )
 
     def describe(self) -> str:
         """One line for reports: the backlog against the gateway's capacity."""
-        age = f", oldest {self.oldest_pending_age_s:.0f}s old" if self.oldest_pending_age_s is not None else ""
+        age = (
+            f", oldest {self.oldest_pending_age_s:.0f}s old"
+            if self.oldest_pending_age_s is not None
+            else ""
+        )
+        damaged = f", {len(self.damaged)} damaged region(s)" if self.damaged else ""
         return (
             f"{self.pending_events} events / {self.pending_bytes} bytes pending ({self.capacity_used:.0%} "
-            f"of {self.capacity_events} events / {self.capacity_bytes} bytes){age}"
+            f"of {self.capacity_events} events / {self.capacity_bytes} bytes){age}{damaged}"
         )
 
 
 @task(**runbook_task_options())
+def get_wal_identity(gateway: EdgeGateway) -> str:
+    """Where the WAL is: this host's name and the real path of its directory (``~``, ``..`` and
+    symlinks resolved), so blocks and gateways naming one directory differently agree.
+
+    Local file system calls only: nothing to time out or retry.
+    """
+    return f"{socket.gethostname()}:{gateway.wal_path().expanduser().resolve()}"
+
+
+@task(**runbook_task_options())
 def measure_wal(gateway: EdgeGateway) -> WalStatus:
-    """Pending events (after the marker), their bytes, age and per-source counts."""
+    """Pending events (after the marker), their bytes, age and per-source counts, and damage."""
     reader = WalReader(gateway.wal_path())
     marker = read_marker(reader.directory)
     acked = marker.next_position if marker else 0
-    count = size = 0
+    scan = reader.scan(acked)
+    count = len(quarantined_positions(scan.damage))
+    size = sum(d.length for d in scan.damage)
     oldest: int | None = None
     per_source: dict[str, SourcePending] = {}
-    for r in reader.records(acked):
+    for r in scan.records:
         count += 1
         size += r.size
         oldest = r.timestamp_ms if oldest is None else min(oldest, r.timestamp_ms)
@@ -259,14 +327,23 @@ def measure_wal(gateway: EdgeGateway) -> WalStatus:
         oldest_pending_at=oldest_at,
         oldest_pending_age_s=(datetime.now(UTC) - oldest_at).total_seconds() if oldest_at else None,
         per_source=per_source,
+        damaged=scan.damage,
+        torn_tail_bytes=scan.torn_bytes,
+        unreported_quarantine=unreported_damage(reader.directory),
         acked_up_to=acked,
-        end_position=acked + count,
+        end_position=scan.end_position,
         segments=len(segments),
         wal_bytes=sum(p.stat().st_size for _, p in segments),
         capacity_events=gateway.capacity_events,
         capacity_bytes=gateway.capacity_bytes,
         capacity_used=max(count / gateway.capacity_events, size / gateway.capacity_bytes),
     )
+
+
+@task(**runbook_task_options())
+def mark_quarantine_reported(gateway: EdgeGateway, damage: list[WalDamage]) -> None:
+    """Record in the quarantine file that this run escalated ``damage``: later runs do not again."""
+    mark_reported(gateway.wal_path(), damage)
 
 
 class KafkaReachability(BaseModel):
@@ -287,11 +364,16 @@ def check_kafka_reachable(cluster: KafkaCluster, topic: str) -> KafkaReachabilit
     if topic_md is None or topic_md.error is not None:
         err = topic_md.error if topic_md else "missing"
         return KafkaReachability(
-            reachable=True, topic_exists=False, partitions=0, detail=f"topic {topic} not found: {err}"
+            reachable=True,
+            topic_exists=False,
+            partitions=0,
+            detail=f"topic {topic} not found: {err}",
         )
     n = len(topic_md.partitions)
     return KafkaReachability(
-        reachable=True, topic_exists=True, partitions=n,
+        reachable=True,
+        topic_exists=True,
+        partitions=n,
         detail=f"{len(md.brokers)} broker(s) answered; {topic} has {n} partition(s)",
     )
 
@@ -315,11 +397,17 @@ def kafka_failure(exc: KafkaException, doing: str) -> Exception:
     if err.code() == KafkaError._FENCED or err.code() == KafkaError.PRODUCER_FENCED:
         return DrainConflict(f"{doing}: a newer drainer of this WAL fenced this one ({err.str()})")
     transient = {
-        KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
-        KafkaError._MSG_TIMED_OUT, KafkaError.REQUEST_TIMED_OUT, KafkaError.NETWORK_EXCEPTION,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NETWORK_EXCEPTION,
     }
     if err.retriable() or err.txn_requires_abort() or err.code() in transient:
-        return KafkaUnavailable(f"{doing}: Kafka did not confirm ({err.str()}); marker unchanged, safe to retry")
+        return KafkaUnavailable(
+            f"{doing}: Kafka did not confirm ({err.str()}); marker unchanged, safe to retry"
+        )
     return RuntimeError(f"{doing}: {err.str()}")
 
 
@@ -336,10 +424,14 @@ def _topic_partitions(cluster: KafkaCluster, topic: str) -> list[int]:
 
 def _end_offsets(cluster: KafkaCluster, topic: str, partitions: list[int]) -> dict[int, int]:
     """High watermarks. tansu may under-report them, which only makes later reads start earlier."""
-    consumer = cluster.get_consumer(f"wal-drain-{uuid.uuid4().hex}", **{"enable.auto.commit": False})
+    consumer = cluster.get_consumer(
+        f"wal-drain-{uuid.uuid4().hex}", **{"enable.auto.commit": False}
+    )
     try:
         return {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=cluster.request_timeout_s)[1]
+            p: consumer.get_watermark_offsets(
+                TopicPartition(topic, p), timeout=cluster.request_timeout_s
+            )[1]
             for p in partitions
         }
     except KafkaException as exc:
@@ -407,8 +499,11 @@ def _wal_record_of(m: Message, wal_id: str) -> TopicRecord | None:
     if headers.get(H_WAL_ID) != wal_id.encode():
         return None
     return TopicRecord(
-        partition=m.partition(), offset=m.offset(), position=int(headers[H_POSITION]),
-        source=headers[H_SOURCE].decode(), seq=int(headers[H_SEQ]),
+        partition=m.partition(),
+        offset=m.offset(),
+        position=int(headers[H_POSITION]),
+        source=headers[H_SOURCE].decode(),
+        seq=int(headers[H_SEQ]),
     )
 
 
@@ -431,6 +526,17 @@ class DrainResult(ChangeSet):
     rate_eps: float | None = Field(None, description="Drain rate, events per second.")
     sequences: SequenceReport = Field(
         default_factory=SequenceReport, description="Sequence check of the drained WAL records."
+    )
+    damaged: list[WalDamage] = Field(
+        default_factory=list,
+        description="Damaged bytes and missing positions after the marker: kept in "
+        f"{QUARANTINE_FILE}, not delivered; the marker moves past them.",
+    )
+    quarantine_file: str | None = Field(None, description="Where the damaged bytes are kept.")
+    torn_tail_bytes: int = Field(
+        0,
+        description="A torn last write at the end of the newest segment, ignored (the gateway "
+        "was writing it; its writer truncates it on reopen).",
     )
 
 
@@ -466,7 +572,12 @@ def _producer(gateway: EdgeGateway, cluster: KafkaCluster, wal_id: str) -> Produ
     )
 
 
-def _on_delivery(reports: dict[int, tuple[int, int] | KafkaError], position: int, err: KafkaError | None, msg: Message) -> None:
+def _on_delivery(
+    reports: dict[int, tuple[int, int] | KafkaError],
+    position: int,
+    err: KafkaError | None,
+    msg: Message,
+) -> None:
     reports[position] = err if err is not None else (msg.partition(), msg.offset())
 
 
@@ -485,8 +596,11 @@ def _send_batch(
                 value=r.value,
                 timestamp=r.timestamp_ms,
                 headers=[
-                    (H_WAL_ID, wal_id), (H_GATEWAY, gateway.gateway_name), (H_SOURCE, r.source),
-                    (H_SEQ, str(r.seq)), (H_POSITION, str(r.position)),
+                    (H_WAL_ID, wal_id),
+                    (H_GATEWAY, gateway.gateway_name),
+                    (H_SOURCE, r.source),
+                    (H_SEQ, str(r.seq)),
+                    (H_POSITION, str(r.position)),
                 ],
                 on_delivery=partial(_on_delivery, reports, r.position),
             )
@@ -530,17 +644,31 @@ def drain_wal(
             # reuse that position for another event
             _fsync_newest_segment(reader)
         acked = marker.next_position if marker else 0
-        pending = list(reader.records(acked))
-        end = acked + len(pending)
+        scan = reader.scan(acked)
+        pending, end = scan.records, scan.end_position
         result = DrainResult(
-            dry_run=dry_run, gateway=gateway.gateway_name, topic=gateway.topic, acked_before=acked,
-            acked_after=acked, backlog_end=end,
-            sequences=check_sequences(((r.source, r.seq) for r in pending), marker.sources if marker else None),
+            dry_run=dry_run,
+            gateway=gateway.gateway_name,
+            topic=gateway.topic,
+            acked_before=acked,
+            acked_after=acked,
+            backlog_end=end,
+            sequences=check_sequences(
+                ((r.source, r.seq) for r in pending), marker.sources if marker else None
+            ),
+            damaged=scan.damage,
+            torn_tail_bytes=scan.torn_bytes,
+            quarantine_file=str(directory / QUARANTINE_FILE) if scan.damage else None,
         )
-        if not pending:
+        if scan.torn:
+            result.notes.append(
+                f"ignored a torn write of {scan.torn_bytes} byte(s) at the end of the newest "
+                f"segment ({scan.torn}): the gateway was writing it when it stopped or was read"
+            )
+        if not pending and not scan.damage:
             result.notes.append("nothing pending after the marker")
             return result
-        result.planned = _plan(gateway, reader, pending, acked, end)
+        result.planned = _plan(gateway, reader, pending, scan.damage, acked, end)
         if dry_run:
             result.notes.append(
                 "records an interrupted earlier drain already delivered are found in the topic "
@@ -575,13 +703,36 @@ def _fsync_newest_segment(reader: WalReader) -> None:
             os.close(fd)
 
 
-def _plan(gateway: EdgeGateway, reader: WalReader, pending: list[WalRecord], acked: int, end: int) -> list[Change]:
+def _plan(
+    gateway: EdgeGateway,
+    reader: WalReader,
+    pending: list[WalRecord],
+    damage: list[WalDamage],
+    acked: int,
+    end: int,
+) -> list[Change]:
     per_source = Counter(r.source for r in pending)
+    quarantine = reader.directory / QUARANTINE_FILE
+    # damaged bytes go aside first: the marker may only pass them once the quarantine holds them
     plan = [
+        Change(
+            action="quarantine_wal_damage",
+            target=f"{quarantine} <- {d.segment} byte {d.offset}",
+            detail=d.model_dump(
+                include={"segment", "offset", "length", "first_position", "positions", "reason"}
+            ),
+        )
+        for d in damage
+    ]
+    plan += [
         Change(
             action="produce_wal_records",
             target=f"topic {gateway.topic} (key = source id)",
-            detail={"positions": f"{acked}-{end - 1}", "records": len(pending), "per_source": dict(per_source)},
+            detail={
+                "positions": f"{acked}-{end - 1}",
+                "records": len(pending),
+                "per_source": dict(per_source),
+            },
         ),
         Change(
             action="advance_wal_marker",
@@ -592,7 +743,11 @@ def _plan(gateway: EdgeGateway, reader: WalReader, pending: list[WalRecord], ack
     if gateway.delete_delivered_segments:
         segments = dict(reader.segments())
         plan += [
-            Change(action="delete_wal_segment", target=str(segments[base]), detail={"base_position": base})
+            Change(
+                action="delete_wal_segment",
+                target=str(segments[base]),
+                detail={"base_position": base},
+            )
             for base in deletable_segments(sorted(segments), end)
         ]
     return plan
@@ -610,6 +765,9 @@ def _deliver(
     """Fence earlier drainers, skip what they delivered, send the rest batch by batch."""
     directory, wal_id, topic = reader.directory, reader.wal_id or "", gateway.topic
     by_position = {r.position: r for r in pending}
+    quarantined = quarantined_positions(result.damaged)
+    if result.damaged:
+        quarantine_damage(directory, wal_id, result.damaged)
     producer = _producer(gateway, cluster, wal_id)
     try:
         producer.init_transactions(cluster.request_timeout_s)
@@ -630,15 +788,18 @@ def _deliver(
 
     def acknowledge(confirmed: set[int]) -> None:
         """Persist the marker: a crash from here on is recovered by reading from scan_from."""
-        new = advance_marker(state.next_position, confirmed | ahead)
+        new = advance_marker(state.next_position, confirmed | ahead | quarantined)
         for pos in range(state.next_position, new):
-            r = by_position[pos]
-            state.sources[r.source] = max(state.sources.get(r.source, r.seq), r.seq)
+            r = by_position.get(pos)
+            if r is not None:  # a quarantined position has no record to take a sequence from
+                state.sources[r.source] = max(state.sources.get(r.source, r.seq), r.seq)
         state.next_position = new
         if not any(p >= new for p in ahead):
             # everything of this WAL in the topic is now covered by next_position
             for p in partitions:
-                state.scan_from[p] = max(state.scan_from.get(p, 0), ends[p], last_offsets.get(p, -1) + 1)
+                state.scan_from[p] = max(
+                    state.scan_from.get(p, 0), ends[p], last_offsets.get(p, -1) + 1
+                )
         write_marker(directory, state)
 
     acknowledge(set())
@@ -658,7 +819,15 @@ def _deliver(
         result.elapsed_s = time.monotonic() - started
         result.acked_after = state.next_position
     result.rate_eps = result.sent / result.elapsed_s if result.elapsed_s > 0 else None
-    result.applied = [c for c in result.planned if c.action != "delete_wal_segment"]
+    # the "after" is the marker read back from disk, not the plan copied
+    marker_now = read_marker(directory)
+    acked = marker_now.next_position if marker_now else 0
+    after = {"marker": acked, "pending": max(result.backlog_end - acked, 0), "sent": result.sent}
+    result.applied = [
+        c.model_copy(update={"detail": after})
+        for c in result.planned
+        if c.action != "delete_wal_segment"
+    ]
     if gateway.delete_delivered_segments:
         result.applied += _delete_segments(reader, state.next_position, result.planned)
 
@@ -671,7 +840,8 @@ def _delete_segments(reader: WalReader, next_position: int, planned: list[Change
         base = change.detail.get("base_position")
         if change.action == "delete_wal_segment" and base in deletable:
             segments[base].unlink()
-            done.append(change)
+            after = {"present": segments[base].exists()}
+            done.append(change.model_copy(update={"detail": after}))
     if done:
         fsync_dir(reader.directory)
     return done
@@ -689,9 +859,12 @@ class DeliveryReport(BaseModel):
     expected: int
     delivered: int = Field(description="Distinct expected positions found in the topic.")
     missing: list[SeqRange] = Field(default_factory=list, description="Positions not in the topic.")
-    duplicated: list[int] = Field(default_factory=list, description="Positions in the topic more than once.")
+    duplicated: list[int] = Field(
+        default_factory=list, description="Positions in the topic more than once."
+    )
     reordered: list[int] = Field(
-        default_factory=list, description="Positions that landed after a later record of the same source."
+        default_factory=list,
+        description="Positions that landed after a later record of the same source.",
     )
     sequences: SequenceReport = Field(description="Sequence check of what landed, in topic order.")
 
@@ -710,10 +883,18 @@ class DeliveryReport(BaseModel):
 
 
 def compare_delivery(
-    topic: str, found: list[TopicRecord], positions_from: int, positions_to: int,
+    topic: str,
+    found: list[TopicRecord],
+    positions_from: int,
+    positions_to: int,
     baseline: Mapping[str, int] | None = None,
+    quarantined: Iterable[int] = (),
 ) -> DeliveryReport:
-    """Compare records found in the topic (in partition/offset order) with the WAL range drained."""
+    """Compare records found in the topic (in partition/offset order) with the WAL range drained.
+
+    ``quarantined`` positions held damaged bytes: not sent, so not expected in the topic.
+    """
+    expected = set(range(positions_from, positions_to)) - set(quarantined)
     in_range = [r for r in found if positions_from <= r.position < positions_to]
     counts = Counter(r.position for r in in_range)
     last_seen: dict[str, int] = {}
@@ -726,9 +907,9 @@ def compare_delivery(
         topic=topic,
         positions_from=positions_from,
         positions_to=positions_to,
-        expected=positions_to - positions_from,
-        delivered=len(counts),
-        missing=to_ranges(set(range(positions_from, positions_to)) - set(counts)),
+        expected=len(expected),
+        delivered=len(expected & set(counts)),
+        missing=to_ranges(expected - set(counts)),
         duplicated=sorted(p for p, n in counts.items() if n > 1),
         reordered=reordered,
         sequences=check_sequences(((r.source, r.seq) for r in in_range), baseline),
@@ -739,7 +920,9 @@ class DeliveryCheckpoint(BaseModel):
     """Where a drain's records can land, taken before it: what the verification reads back."""
 
     acked: int = Field(description="Marker position before the drain.")
-    sources: dict[str, int] = Field(description="Last acknowledged sequence per source before the drain.")
+    sources: dict[str, int] = Field(
+        description="Last acknowledged sequence per source before the drain."
+    )
     kafka_from: dict[int, int] = Field(description="Per partition, the offset to read from.")
 
 
@@ -750,7 +933,9 @@ def checkpoint_delivery(gateway: EdgeGateway, cluster: KafkaCluster) -> Delivery
     partitions = _topic_partitions(cluster, gateway.topic)
     if marker is None:
         # no drain ever produced: whatever comes is after today's end offsets
-        return DeliveryCheckpoint(acked=0, sources={}, kafka_from=_end_offsets(cluster, gateway.topic, partitions))
+        return DeliveryCheckpoint(
+            acked=0, sources={}, kafka_from=_end_offsets(cluster, gateway.topic, partitions)
+        )
     return DeliveryCheckpoint(
         acked=marker.next_position,
         sources=dict(marker.sources),
@@ -760,9 +945,23 @@ def checkpoint_delivery(gateway: EdgeGateway, cluster: KafkaCluster) -> Delivery
 
 @task(**runbook_task_options(KafkaUnavailable))
 def verify_delivery(
-    gateway: EdgeGateway, cluster: KafkaCluster, since: DeliveryCheckpoint, acked_to: int
+    gateway: EdgeGateway,
+    cluster: KafkaCluster,
+    since: DeliveryCheckpoint,
+    acked_to: int,
+    quarantined: list[WalDamage] | None = None,
 ) -> DeliveryReport:
-    """Read the drained range back from the topic and check it record by record."""
+    """Read the drained range back from the topic and check it record by record.
+
+    ``quarantined`` is the damage the drain kept aside: its positions are not expected.
+    """
     wal_id = WalReader(gateway.wal_path()).wal_id or ""
     found, _ = read_wal_records_in_topic(cluster, gateway.topic, wal_id, since.kafka_from)
-    return compare_delivery(gateway.topic, found, since.acked, acked_to, since.sources)
+    return compare_delivery(
+        gateway.topic,
+        found,
+        since.acked,
+        acked_to,
+        since.sources,
+        quarantined_positions(quarantined or []),
+    )

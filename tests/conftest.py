@@ -8,8 +8,10 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
 
+import json
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -85,23 +87,67 @@ def produce_one_per_batch(bootstrap: str, topic: str, values: list[bytes], parti
         assert producer.flush(10) == 0
 
 
-def read_incident_report(flow_run_id: object) -> str:
-    """The latest markdown incident report a flow run published (a run waiting for approval
-    publishes an interim version first: same key, newer version)."""
+def _latest_artifact(flow_run_id: object, kind: str) -> str:
     import httpx
     from prefect.settings import PREFECT_API_URL
 
     # raw API: prefect 3.8.8's client.read_artifacts sends null filters the server rejects
     resp = httpx.post(
         f"{PREFECT_API_URL.value()}/artifacts/filter",
-        json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}, "type": {"any_": ["markdown"]}}},
+        json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}, "type": {"any_": [kind]}}},
         timeout=10,
     )
     resp.raise_for_status()
-    reports = resp.json()
-    assert reports, "no incident report"
-    assert len({r["key"] for r in reports}) == 1, "one report per run, under one key"
-    return max(reports, key=lambda r: r["created"])["data"]
+    artifacts = resp.json()
+    assert artifacts, f"no {kind} artifact"
+    assert len({r["key"] for r in artifacts}) == 1, f"one {kind} artifact per run, under one key"
+    return max(artifacts, key=lambda r: r["created"])["data"]
+
+
+def read_incident_report(flow_run_id: object) -> str:
+    """The latest markdown incident report a flow run published (a run waiting for approval
+    publishes an interim version first: same key, newer version)."""
+    return _latest_artifact(flow_run_id, "markdown")
+
+
+def read_actions_table(flow_run_id: object) -> list[dict[str, Any]]:
+    """The rows of a run's actions table artifact, before/after decoded from their JSON."""
+    data = _latest_artifact(flow_run_id, "table")
+    rows = json.loads(data) if isinstance(data, str) else data
+    return [r | {k: json.loads(r[k]) if r[k] else None for k in ("before", "after")} for r in rows]
+
+
+def read_flow_run(flow_run_id: object) -> dict:
+    """A flow run as the API (and the UI) shows it: name, tags, state."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    resp = httpx.get(f"{PREFECT_API_URL.value()}/flow_runs/{flow_run_id}", timeout=10)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def read_run_logs(flow_run_id: object, timeout_s: float = 20) -> list[dict]:
+    """A finished flow run's logs from the API, once its last line ("Finished in state") is in:
+    the run's log handler ships them in batches."""
+    import time
+
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        resp = httpx.post(
+            f"{PREFECT_API_URL.value()}/logs/filter",
+            json={"logs": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "sort": "TIMESTAMP_ASC"},
+            timeout=10,
+        )
+        resp.raise_for_status()
+        logs = resp.json()
+        if any(log["message"].startswith("Finished in state") for log in logs):
+            return logs
+        assert time.monotonic() < deadline, f"the run's last log line never arrived: {logs}"
+        time.sleep(0.3)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,12 @@ class GatewayProcess:
     def log(self) -> str:
         path = self.spool_path.with_suffix(".log")
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+def started_now() -> str:
+    """A startsAt of this moment. A firing alert re-sent a cooldown (300 s by default) after its
+    start is a new event, so a test that re-sends one and expects the same event needs this."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def alert(

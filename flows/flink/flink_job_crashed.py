@@ -13,8 +13,8 @@ from pydantic import BaseModel, Field
 from blocks.flink import FlinkCluster
 from blocks.kafka import KafkaCluster
 from runbooks.errors import Escalation, VerificationFailed
-from runbooks.params import RunbookParams
-from runbooks.report import IncidentReport, Outcome, incident_report
+from runbooks.params import BlockName, RunbookParams
+from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.safety import Budget, Guard, Target
 from runbooks.waiting import poll_until
 from tasks.flink import (
@@ -32,6 +32,7 @@ from tasks.flink import (
     find_job,
     get_failure_cause,
     get_job_state,
+    get_jobmanager_address,
     get_latest_checkpoint,
     resubmit_from_checkpoint,
 )
@@ -47,7 +48,9 @@ RESUBMIT_BUDGET = Budget(max_actions=3, window_s=3600)
 class FlinkJobCrashedParams(RunbookParams):
     """Run form of the flink-job-crashed runbook."""
 
-    flink_block: str = Field("default", description="Name of the Runbooks Flink Cluster block.")
+    flink_block: BlockName = Field(
+        "default", description="Name of the Runbooks Flink Cluster block."
+    )
     job_name: str = Field(
         "enrichment-job", description="Name of the Flink job, as in the dashboard."
     )
@@ -64,7 +67,9 @@ class FlinkJobCrashedParams(RunbookParams):
     parallelism: int | None = Field(
         None, ge=1, le=10_000, description="Job parallelism; empty uses the cluster default."
     )
-    kafka_block: str = Field("default", description="Name of the Runbooks Kafka Cluster block.")
+    kafka_block: BlockName = Field(
+        "default", description="Name of the Runbooks Kafka Cluster block."
+    )
     topic: str = Field(
         "match-events-raw", description="Topic the job consumes; its lag is watched."
     )
@@ -119,6 +124,7 @@ class FlinkRecovery(BaseModel):
 
 
 @flow(name=RUNBOOK, description="P2 Flink Job Crashed: restore the job from its latest checkpoint.")
+@ends_as_reported
 def flink_job_crashed(params: FlinkJobCrashedParams) -> FlinkRecovery:
     """Find the job; if it is dead, run it again from its newest checkpoint and verify recovery."""
     flink = FlinkCluster.load(params.flink_block)
@@ -128,7 +134,11 @@ def flink_job_crashed(params: FlinkJobCrashedParams) -> FlinkRecovery:
     with incident_report(
         runbook=RUNBOOK, title="Flink Job Crashed", severity="P2", params=params
     ) as report:
-        target = Target("flink-job", f"{flink.rest_url.rstrip('/')}/{params.job_name}")
+        target = Target(
+            "flink-job",
+            f"{flink.rest_url.rstrip('/')}/{params.job_name}",
+            f"{get_jobmanager_address(flink)} job {params.job_name}",
+        )
         with report.guard(target) as guard:
             return _run(flink, kafka, group, params, report, guard, summary)
     # another run held the job: the report says so, nothing was changed

@@ -14,11 +14,18 @@ from pydantic import BaseModel, Field, field_validator
 from blocks.kafka import KafkaCluster
 from blocks.kubernetes import KubernetesCluster
 from runbooks.errors import Escalation, VerificationFailed
-from runbooks.params import RunbookParams
-from runbooks.report import IncidentReport, Outcome, incident_report
+from runbooks.params import BlockName, OptionalBlockName, RunbookParams
+from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.results import ChangeSet
 from runbooks.safety import Budget, Guard, Target
-from tasks.kafka import ClusterHealth, Diagnosis, DiagnosisKind, check_isr, diagnose
+from tasks.kafka import (
+    ClusterHealth,
+    Diagnosis,
+    DiagnosisKind,
+    check_isr,
+    diagnose,
+    get_cluster_id,
+)
 from tasks.kubernetes import PodsReady, PodState, list_pods, read_pods, restart_pod
 
 # A broker pod that needs restarting again and again has a cause a restart won't fix
@@ -29,8 +36,10 @@ RESTART_BUDGET = Budget(max_actions=3, window_s=3600)
 class KafkaClusterDownParams(RunbookParams):
     """Parameters of the kafka-cluster-down runbook."""
 
-    kafka_block: str = Field("default", description="Name of the Runbooks Kafka Cluster block.")
-    kubernetes_block: str | None = Field(
+    kafka_block: BlockName = Field(
+        "default", description="Name of the Runbooks Kafka Cluster block."
+    )
+    kubernetes_block: OptionalBlockName = Field(
         None,
         description="Name of the Runbooks Kubernetes Cluster block the brokers run on. Empty: "
         "the runbook only diagnoses and escalates, it restarts nothing.",
@@ -100,6 +109,7 @@ class KafkaClusterDownResult(BaseModel):
     description="Kafka brokers down: check ISR and broker pods, restart one down broker, "
     "verify ISR catch-up; escalate a cluster-wide outage.",
 )
+@ends_as_reported
 def kafka_cluster_down(params: KafkaClusterDownParams) -> KafkaClusterDownResult:
     diagnosis: Diagnosis | None = None
     restarted: list[str] = []
@@ -117,8 +127,17 @@ def kafka_cluster_down(params: KafkaClusterDownParams) -> KafkaClusterDownResult
             return health, pods
 
         # which pod is down is only known after the checks: lock the whole cluster, so that two
-        # runs never restart two brokers of it at once (or the same one twice)
-        with report.guard(Target("kafka-cluster", _cluster_identity(kafka))) as guard:
+        # runs never restart two brokers of it at once (or the same one twice). Keyed on the
+        # cluster's id, whichever brokers or host names the block lists. A cluster that does not
+        # answer has no id to read: keyed on the bootstrap list then, as the run will almost
+        # surely find it down and only escalate (restarts also wait out restart_cooldown_s).
+        cluster_id = get_cluster_id(kafka)
+        target = Target(
+            "kafka-cluster",
+            _bootstrap_list(kafka),
+            f"cluster-id {cluster_id}" if cluster_id else "",
+        )
+        with report.guard(target) as guard:
             health, pods = observe()
             _record_symptoms(report, health, pods, namespace, params.broker_selector)
             diagnosis = diagnose(health, pods, params.broker_pod_name)
@@ -152,7 +171,7 @@ def kafka_cluster_down(params: KafkaClusterDownParams) -> KafkaClusterDownResult
     )
 
 
-def _cluster_identity(kafka: KafkaCluster) -> str:
+def _bootstrap_list(kafka: KafkaCluster) -> str:
     """The cluster's bootstrap addresses, in a stable order: blocks listing them differently agree."""
     return ",".join(sorted({s.strip() for s in kafka.bootstrap_servers.split(",") if s.strip()}))
 

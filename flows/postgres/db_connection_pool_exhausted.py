@@ -1,14 +1,12 @@
 """Runbook: database connection pool exhausted (seed 001; seed 002 scenario 2)."""
 
-from collections import Counter
-
 from prefect import flow
 from pydantic import BaseModel, Field
 
 from blocks.postgres import PostgresDatabase
 from runbooks.errors import Escalation, VerificationFailed
-from runbooks.params import RunbookParams
-from runbooks.report import IncidentReport, Outcome, incident_report
+from runbooks.params import BlockName, RunbookParams
+from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.safety import Budget, Target
 from tasks.postgres import (
     Backend,
@@ -16,11 +14,14 @@ from tasks.postgres import (
     IdleCriteria,
     PoolAction,
     PoolTargets,
+    SessionSurvey,
     TerminateResult,
     decide_pool_relief,
-    find_idle_connections,
+    describe_idle,
     get_connection_usage,
+    get_system_identifier,
     has_headroom,
+    survey_connections,
     terminate_idle_connections,
 )
 
@@ -40,7 +41,7 @@ _SCALE_FOLLOW_UP = (
 class ConnectionPoolParams(RunbookParams):
     """Run form of the db-connection-pool-exhausted runbook."""
 
-    db_block: str = Field(
+    db_block: BlockName = Field(
         "default", description="Name of the saved 'Runbooks PostgreSQL Database' block."
     )
     idle_threshold_s: float = Field(
@@ -78,7 +79,10 @@ class ConnectionPoolSummary(BaseModel):
 
     outcome: Outcome
     before: ConnectionUsage
-    candidates: list[Backend]
+    survey: SessionSurvey
+    candidates: list[Backend] = Field(
+        default_factory=list, description="The sessions chosen for termination."
+    )
     terminate: TerminateResult | None = None
     after: ConnectionUsage | None = None
     report: str = Field(description="The incident report, as markdown.")
@@ -89,6 +93,7 @@ class ConnectionPoolSummary(BaseModel):
     description="Measure connections against max_connections; terminate long-idle sessions; "
     "verify free connections are back.",
 )
+@ends_as_reported
 def db_connection_pool_exhausted(params: ConnectionPoolParams) -> ConnectionPoolSummary:
     with incident_report(
         runbook=RUNBOOK,
@@ -108,40 +113,50 @@ def db_connection_pool_exhausted(params: ConnectionPoolParams) -> ConnectionPool
             exclude_applications=params.exclude_applications,
             databases=params.databases,
         )
-        # max_connections is per server: every block pointing at it shares one lock and budget
-        with report.guard(Target("postgres", f"{db.host}:{db.port}")) as guard:
+        # max_connections is per server: every block pointing at it, by whatever host name,
+        # shares one lock and budget
+        server = Target("postgres", f"{db.host}:{db.port}", get_system_identifier(db))
+        with report.guard(server) as guard:
             before = get_connection_usage(db)
             report.evidence("connections before", before)
             report.check("free connections", has_headroom(before, targets), before.describe())
-            candidates = find_idle_connections(db, criteria)
-            report.evidence("idle connections by role/application", _by_client(candidates))
+            survey = survey_connections(db, criteria)
+            report.evidence("client sessions", survey.evidence())
             report.check(
                 "idle connections",
-                not candidates,
-                f"{len(candidates)} idle for over {params.idle_threshold_s:g}s",
+                not (survey.candidates or survey.recently_idle),
+                survey.describe(),
             )
 
-            decision = decide_pool_relief(before, len(candidates), targets)
+            decision = decide_pool_relief(
+                before,
+                targets,
+                idle=len(survey.candidates),
+                recently_idle=len(survey.recently_idle),
+                left_alone=sum(survey.left_alone.values()),
+            )
             report.step(f"decision: {decision.action.value} ({decision.reason})")
             if decision.action is PoolAction.NONE:
                 report.finish(Outcome.NO_ACTION_NEEDED, f"Pool not exhausted: {before.describe()}.")
-                return _summary(report, before, candidates)
+                return _summary(report, before, survey)
             if decision.action is PoolAction.ESCALATE:
                 report.follow_ups.append(_SCALE_FOLLOW_UP)
                 raise Escalation(f"{decision.reason} ({before.describe()}): {_SCALE_ADVICE}")
 
+            recent = survey.recently_idle if decision.recently_idle else []
+            candidates = survey.candidates + recent
             terminated = guard.act(
                 "terminate idle connections",
                 lambda dry_run: terminate_idle_connections(db, candidates, criteria, dry_run),
                 budget=TERMINATE_BUDGET,
-                approval=_needs_approval,
+                approval=lambda plan: _needs_approval(plan, recent, params.idle_threshold_s),
             )
             if params.dry_run:
                 report.finish(
                     Outcome.PLANNED,
                     f"Would terminate {len(candidates)} idle connection(s); {decision.reason}.",
                 )
-                return _summary(report, before, candidates, terminate=terminated)
+                return _summary(report, before, survey, candidates, terminate=terminated)
 
             verified = guard.verify(
                 "free connections restored",
@@ -152,13 +167,13 @@ def db_connection_pool_exhausted(params: ConnectionPoolParams) -> ConnectionPool
             )
             after = verified.last
             report.evidence("connections after", after)
-            _add_follow_ups(report, candidates)
+            _add_follow_ups(report, survey.candidates, recent)
             if not verified.ok:
                 report.follow_ups.append(_SCALE_FOLLOW_UP)
                 raise VerificationFailed(
                     f"after terminating {len(terminated.terminated)} idle connection(s), "
-                    f"{after.describe()} within {params.verify_timeout_s:g}s: busy connections "
-                    f"exhaust the pool; {_SCALE_ADVICE}"
+                    f"{after.describe()} within {params.verify_timeout_s:g}s: the sessions left "
+                    f"({_states(after)}) still exhaust the pool; {_SCALE_ADVICE}"
                 )
             report.finish(
                 Outcome.RESOLVED,
@@ -166,47 +181,68 @@ def db_connection_pool_exhausted(params: ConnectionPoolParams) -> ConnectionPool
                 f"{after.describe()}"
                 + (" (alert resolved)." if verified.by == "alert.resolved" else "."),
             )
-            return _summary(report, before, candidates, terminate=terminated, after=after)
+            return _summary(report, before, survey, candidates, terminate=terminated, after=after)
 
 
-def _needs_approval(plan: TerminateResult) -> str | None:
-    """Terminating a session inside a transaction throws its uncommitted work away."""
+def _needs_approval(
+    plan: TerminateResult, recently_idle: list[Backend], idle_threshold_s: float
+) -> str | None:
+    """A session inside a transaction loses its work; a recently idle one may be about to be used."""
+    dangers = []
     in_tx = [c.target for c in plan.planned if c.detail.get("state") != "idle"]
     if in_tx:
-        return (
+        dangers.append(
             f"{len(in_tx)} session(s) are inside a transaction; terminating them rolls back "
             "their uncommitted work"
         )
-    return None
+    if recently_idle:
+        dangers.append(
+            f"{describe_idle(recently_idle, idle_threshold_s, 'are idle only')}: "
+            "their application may be using them (a pool hands idle connections out again at "
+            "any moment), and a terminated one fails its next query and must reconnect"
+        )
+    return "; ".join(dangers) or None
 
 
 def _summary(
     report: IncidentReport,
     before: ConnectionUsage,
-    candidates: list[Backend],
+    survey: SessionSurvey,
+    candidates: list[Backend] | None = None,
     terminate: TerminateResult | None = None,
     after: ConnectionUsage | None = None,
 ) -> ConnectionPoolSummary:
     return ConnectionPoolSummary(
         outcome=report.outcome,
         before=before,
-        candidates=candidates,
+        survey=survey,
+        candidates=candidates or [],
         terminate=terminate,
         after=after,
         report=report.to_markdown(),
     )
 
 
-def _by_client(candidates: list[Backend]) -> dict[str, int]:
-    """Idle connections per role/application: who hoards them (each one is in the actions table)."""
-    return dict(
-        Counter(f"{b.usename}/{b.application_name or '-'}" for b in candidates).most_common()
-    )
+def _states(usage: ConnectionUsage) -> str:
+    return ", ".join(f"{state}: {n}" for state, n in usage.by_state.items()) or "none"
 
 
-def _add_follow_ups(report: IncidentReport, candidates: list[Backend]) -> None:
-    """Point at the applications that hoarded idle connections, so the cause gets fixed."""
-    report.follow_ups.append(
-        f"Cap idle connections in the pools of {', '.join(_by_client(candidates))} "
-        "(idle timeout / max idle), or set idle_session_timeout for their roles."
-    )
+def _clients(backends: list[Backend]) -> str:
+    return ", ".join(sorted({f"{b.usename}/{b.application_name or '-'}" for b in backends}))
+
+
+def _add_follow_ups(
+    report: IncidentReport, idle: list[Backend], recently_idle: list[Backend]
+) -> None:
+    """Point at the applications that hoarded or leaked connections, so the cause gets fixed."""
+    if idle:
+        report.follow_ups.append(
+            f"Cap idle connections in the pools of {_clients(idle)} "
+            "(idle timeout / max idle), or set idle_session_timeout for their roles."
+        )
+    if recently_idle:
+        report.follow_ups.append(
+            f"Find why {_clients(recently_idle)} opened {len(recently_idle)} connection(s) it "
+            "left idle: a connection leak (connections not returned to the pool) or a pool "
+            "larger than the database's max_connections allows."
+        )

@@ -47,13 +47,19 @@ def test_every_deployment_has_a_case() -> None:
 
 def post_alert_event(labels: dict[str, str], event: str = "alert.firing") -> str:
     fingerprint = uuid.uuid4().hex[:16]
-    body = [{
-        "id": str(uuid.uuid4()),
-        "occurred": datetime.now(UTC).isoformat(),
-        "event": event,
-        "resource": {"prefect.resource.id": f"alert.{fingerprint}", "severity": "critical", **labels},
-        "payload": {"startsAt": "2026-11-22T03:00:00Z"},
-    }]
+    body = [
+        {
+            "id": str(uuid.uuid4()),
+            "occurred": datetime.now(UTC).isoformat(),
+            "event": event,
+            "resource": {
+                "prefect.resource.id": f"alert.{fingerprint}",
+                "severity": "critical",
+                **labels,
+            },
+            "payload": {"startsAt": "2026-11-22T03:00:00Z"},
+        }
+    ]
     httpx.post(f"{PREFECT_API_URL.value()}/events", json=body, timeout=10).raise_for_status()
     return fingerprint
 
@@ -99,3 +105,37 @@ def test_unrelated_alert_and_resolved_alert_start_nothing(deployment_ids: dict[s
     time.sleep(4)
     after = {name: len(runs_of(i)) for name, i in deployment_ids.items()}
     assert after == before
+
+
+def _api(path: str, body: dict | None = None) -> object:
+    url = f"{PREFECT_API_URL.value()}{path}"
+    resp = (
+        httpx.post(url, json=body, timeout=10) if body is not None else httpx.get(url, timeout=10)
+    )
+    resp.raise_for_status()
+    return resp.json()
+
+
+def test_automations_are_named_for_the_alerts_they_match(deployment_ids: dict[str, str]) -> None:
+    """The UI's Automations page lists automations by name (it describes each trigger only as
+    "A custom trigger"): each names its runbook and every alert it matches."""
+    automations = _api("/automations/filter", {})
+    by_deployment: dict[str, list[dict]] = {}
+    for automation in automations:
+        for action in automation["actions"]:
+            if action.get("type") == "run-deployment":
+                by_deployment.setdefault(action["deployment_id"], []).append(automation)
+    for spec in load_catalog():
+        if not spec.triggers:
+            continue
+        (automation,) = by_deployment[deployment_ids[spec.name]]
+        alertnames = spec.triggers[0]["match"]["alertname"]
+        alertnames = [alertnames] if isinstance(alertnames, str) else alertnames
+        assert automation["name"] == f"{spec.name} on alert {', '.join(alertnames)}"
+        assert automation["description"].startswith(f"Runs {spec.name} when")
+
+
+def test_deployment_descriptions_name_no_seed_documents(deployment_ids: dict[str, str]) -> None:
+    for name, deployment_id in deployment_ids.items():
+        description = _api(f"/deployments/{deployment_id}")["description"]
+        assert description and "seed" not in description.lower(), (name, description)

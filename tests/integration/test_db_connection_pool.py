@@ -9,6 +9,8 @@ pg_stat_activity.
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -26,8 +28,9 @@ from flows.postgres.db_connection_pool_exhausted import (
 )
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
-from tasks.postgres import IdleCriteria, find_idle_connections, terminate_idle_connections
+from tasks.postgres import IdleCriteria, survey_connections, terminate_idle_connections
 from tests.approvals import Approver
+from tests.conftest import read_actions_table, read_incident_report
 from tests.pg_env import Env, env, wait_until  # noqa: F401 - env: a fixture
 
 pytestmark = pytest.mark.integration
@@ -168,6 +171,14 @@ def test_terminates_long_idle_sessions_only(
     assert summary.outcome is Outcome.RESOLVED
     assert set(summary.terminate.terminated) == victims
     assert summary.terminate.session_pid not in victims
+    # the actions table's "after" is the server's view once acting is done, not the plan again
+    rows = read_actions_table(state.state_details.flow_run_id)
+    assert {r["target"] for r in rows} == {c.target for c in summary.terminate.planned}
+    for row in rows:
+        assert row["status"] == "applied"
+        assert row["before"]["state"] in ("idle", "idle in transaction")
+        assert row["before"]["idle_s"] > IDLE_S
+        assert row["after"] == {"present": False}
     assert summary.after.headroom >= p.min_free_connections
     # the victims are gone from the server and their clients see it
     assert wait_until(lambda: not (env.live_pids() & victims))
@@ -213,7 +224,7 @@ def test_healthy_pool_is_left_alone(env: Env, crowd: Crowd) -> None:
     assert env.live_pids() == before
 
 
-def test_escalates_when_busy_sessions_alone_exhaust_the_pool(env: Env, crowd: Crowd) -> None:
+def test_escalates_when_no_idle_session_may_be_terminated(env: Env, crowd: Crowd) -> None:
     before = env.live_pids()
     # every idle session is excluded: nothing is left that terminating could free
     p = params(env, env.headroom() + 1, exclude_applications=[EXCLUDED_APP, "victim-idle"])
@@ -221,8 +232,16 @@ def test_escalates_when_busy_sessions_alone_exhaust_the_pool(env: Env, crowd: Cr
     state = db_connection_pool_exhausted(params=p, return_state=True)
 
     assert state.is_failed()
-    assert "busy connections alone exhaust the pool" in state.message
+    # idle sessions are there: the runbook says they are not its to terminate, not "busy"
+    assert "no idle connection the runbook may terminate: " in state.message
+    assert "busy connections alone" not in state.message
     assert "scale up the database" in state.message
+    report = read_incident_report(state.state_details.flow_run_id)
+    left_alone = evidence(report, "client sessions")["idle_left_alone"]
+    assert left_alone["excluded application"] == 5 and left_alone["excluded role"] == 1
+    assert left_alone["state idle in transaction"] == 1
+    assert f"{sum(left_alone.values())} idle one(s) are excluded" in state.message
+    assert "; 1 busy |" in report
     assert env.live_pids() == before
 
 
@@ -232,7 +251,7 @@ def test_fails_verification_when_idle_sessions_are_not_enough(env: Env, crowd: C
     state = db_connection_pool_exhausted(params=p, return_state=True)
 
     assert state.is_failed()
-    assert "busy connections exhaust the pool" in state.message
+    assert "still exhaust the pool" in state.message and "active: " in state.message
     # the idle sessions were still terminated: partial relief while humans scale up
     assert wait_until(lambda: not (env.live_pids() & crowd.idle_pids))
     assert_alive(env, crowd.survivors())
@@ -252,7 +271,7 @@ def test_terminate_rechecks_each_session_at_the_last_moment(env: Env, crowd: Cro
 
     @flow
     def find():
-        return find_idle_connections(db, criteria)
+        return survey_connections(db, criteria).candidates
 
     candidates = find()
     assert {b.pid for b in candidates} == crowd.idle_pids
@@ -308,3 +327,80 @@ def test_sessions_carry_the_block_timeouts_and_name(env: Env) -> None:
         assert conn.execute("SHOW application_name").fetchone() == ("runbooks-test",)
         with pytest.raises(psycopg.errors.QueryCanceled):
             conn.execute("SELECT pg_sleep(5)")
+
+
+LEAK = 25
+LEAKY_APP = "leaky-app"
+# how the report words idle ages: "2.1s", or "2.1-2.9s (median 2.5s)"
+AGES = r"([\d.]+)(?:s|-([\d.]+)s \(median [\d.]+s\))"
+
+
+@pytest.fixture
+def leak(env: Env) -> Iterator[list[psycopg.Connection]]:
+    """A sudden pool leak: 25 sessions of one application, idle for a couple of seconds."""
+    conns = [env.connect(env.app_role, LEAKY_APP) for _ in range(LEAK)]
+    time.sleep(2)
+    yield conns
+    for conn in conns:
+        conn.close()
+
+
+def evidence(report: str, label: str) -> dict:
+    block = report.split(f"**{label}**\n```json\n", 1)[1].split("```", 1)[0]
+    return json.loads(block)
+
+
+@pytest.mark.parametrize("approve", [False, True])
+def test_recently_idle_leak_is_diagnosed_and_offered_for_approval(
+    env: Env, leak: list[psycopg.Connection], approve: bool
+) -> None:
+    """Idle for seconds, not minutes: the report says so, and terminating them needs a human."""
+    leaked = {c.info.backend_pid for c in leak}
+    p = params(env, env.headroom() + 1, idle_threshold_s=300)
+    approver = Approver(
+        "db-connection-pool-exhausted",
+        {"approve": approve, "approver": "bob", "reason": "checked the leaky app"},
+    )
+    approver.start()
+
+    state = db_connection_pool_exhausted(params=p, return_state=True)
+
+    approver.join(5)
+    assert approver.error is None and approver.paused_run == state.state_details.flow_run_id
+    # what the human sees: how long, below which threshold, whose, and every session in the plan
+    held = rf"below the 300s threshold, held by {env.app_role}/{LEAKY_APP} \({LEAK}\)"
+    assert re.search(
+        rf"{LEAK} are idle only {AGES}, {held}: their application may be using them",
+        approver.description,
+    ), approver.description
+    assert all(f"pid={pid} " in approver.description for pid in leaked)
+    report = read_incident_report(state.state_details.flow_run_id)
+    assert "busy connections alone" not in report
+    seen = re.search(rf"\| idle connections \| FAILING \| {LEAK} idle for {AGES}, {held}; ", report)
+    assert seen, report
+    youngest, oldest = float(seen[1]), float(seen[2] or seen[1])
+    assert 2 <= youngest <= oldest < 300
+    sessions = evidence(report, "client sessions")
+    assert sessions["idle_over_threshold"] == {"count": 0}
+    below = sessions["idle_below_threshold"]
+    assert below["count"] == LEAK
+    assert below["by_role_application"] == {f"{env.app_role}/{LEAKY_APP}": LEAK}
+    assert 2 <= below["idle_s"]["youngest"] <= below["idle_s"]["oldest"] < 300
+    assert "none is idle over the threshold; terminating also the 25 idle for less" in report
+
+    if not approve:
+        assert state.is_failed()
+        assert "rejected by bob: checked the leaky app" in state.message
+        assert leaked <= env.live_pids()
+        for conn in leak:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        return
+    assert state.is_completed(), state.message
+    summary: ConnectionPoolSummary = state.result()
+    assert summary.outcome is Outcome.RESOLVED
+    assert set(summary.terminate.terminated) == leaked
+    assert wait_until(lambda: not (env.live_pids() & leaked))
+    rows = read_actions_table(state.state_details.flow_run_id)
+    assert len(rows) == LEAK
+    assert all(r["before"]["state"] == "idle" and r["after"] == {"present": False} for r in rows)
+    assert f"Find why {env.app_role}/{LEAKY_APP} opened {LEAK} connection(s)" in summary.report

@@ -298,3 +298,41 @@ def test_no_policy_or_no_channels_sends_nothing(caplog: pytest.LogCaptureFixture
     warnings = [r for r in caplog.records if r.name == "runbooks.escalation"]
     assert len(warnings) == 2
     assert all("no escalation policy channels" in r.getMessage() for r in warnings)
+
+
+def test_a_dry_run_message_never_reaches_the_paging_channels(
+    moto: MotoServer, slack: HttpReceiver, webhook: HttpReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    topic_arn, queue_url = moto.topic_with_queue()
+    with HttpReceiver() as observe:
+        policy = EscalationPolicy(
+            notification_blocks=[save_slack_standin(slack)],
+            observe_notification_blocks=[save_slack_standin(observe)],
+            sns_topic_arn=topic_arn,
+            aws_endpoint_url=moto.endpoint_url,
+            aws_credentials=aws_credentials(moto),
+            webhook_url=f"{webhook.url}/escalations",
+        )
+        finding = message(dry_run=True, run_url="https://prefect.example/runs/flow-run/1")
+
+        [delivery] = send_escalation(finding, policy)
+
+        assert (
+            delivery.ok and delivery.channel == f"observe:{policy.observe_notification_blocks[0]}"
+        )
+        [note] = observe.wait_for(1)
+        text = note.json()["text"]
+        assert text.startswith(f"*{finding.subject()}*") and "[dry-run]" in text
+        assert "Mode: dry-run (nothing was changed, nobody was paged)" in text
+    time.sleep(1)  # a page would have arrived by now
+    assert slack.requests == [] and webhook.requests == []
+    with pytest.raises(TimeoutError):
+        moto.read_sns_notifications(queue_url, timeout_s=2)
+
+    # no observe channel: the finding goes nowhere, and the paging channels still hear nothing
+    caplog.set_level(logging.WARNING, logger="runbooks.escalation")
+    policy.observe_notification_blocks = []
+    assert send_escalation(finding, policy) == []
+    assert "no escalation policy channels configured for dry-run findings" in caplog.text
+    time.sleep(0.5)
+    assert slack.requests == [] and webhook.requests == []

@@ -191,6 +191,11 @@ def test_resets_stuck_events_in_batches_around_a_locked_one(
     assert summary.before.sample_ids == [str(i) for i in range(1, 11)]
     assert summary.reset.reset_count == 35
     assert summary.reset.batch_sizes == [10, 10, 10, 5]
+    # each batch's before and after are its rows' status as taken and as written
+    assert [c.detail["status"] for c in summary.reset.planned] == ["PROCESSING"] * 4
+    assert [c.detail for c in summary.reset.applied] == [
+        c.detail | {"status": "PENDING"} for c in summary.reset.planned
+    ]
     assert summary.after.count == 1 and summary.after.locked == 1
     after = env.rows()
     assert env.state(STUCK) == {"PENDING"}
@@ -240,6 +245,7 @@ def test_dry_run_changes_nothing(env: Env, seeded: psycopg.Connection) -> None:
     # without locking it cannot tell the consumer's row apart: it plans all 36
     assert summary.reset.batch_sizes == [10, 10, 10, 6]
     assert [c.detail["first_id"] for c in summary.reset.planned] == ["1", "11", "21", "31"]
+    assert {c.detail["status"] for c in summary.reset.planned} == {"PROCESSING"}
     # every row, with its system columns (xmin/xmax/ctid): not written, not even locked
     assert env.rows() == before
 

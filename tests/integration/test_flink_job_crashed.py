@@ -37,7 +37,7 @@ from tasks.flink import (
 )
 from tasks.kafka import get_consumer_lag
 from tests.approvals import Approver
-from tests.conftest import create_topic, produce_one_per_batch, unique
+from tests.conftest import create_topic, produce_one_per_batch, read_actions_table, unique
 from tests.fakes.flink_rest import (
     FakeFlink,
     FakeJob,
@@ -249,6 +249,12 @@ def test_restores_from_latest_checkpoint_and_waits_for_lag(
     report = published_report(state)
     assert report == result.report_markdown
     assert "**RESOLVED**" in report and CHECKPOINT_41 in report
+    # before: the plan to replace the failed job; after: the job Flink reported once submitted
+    [row] = read_actions_table(state.state_details.flow_run_id)
+    assert row["after"]["job_id"] == new_jid
+    assert row["after"]["state"] in ("INITIALIZING", "RUNNING")
+    assert row["before"]["replaces_job_id"] == failed.jid
+    assert row["before"]["new_job_id"] == new_jid and row["before"]["checkpoint_id"] == 41
     assert "java.lang.NullPointerException" in report  # newest root exception, as evidence
     assert "Verify match state accuracy after recovery" in report
     assert TOKEN not in report
@@ -518,6 +524,10 @@ def test_lost_response_is_retried_without_a_second_job(fake_flink: FakeFlink) ->
     new_jid = restore_job_id(failed.jid, 41)
     assert result.job_id == new_jid and result.changed
     assert "earlier attempt" in result.notes[0]
+    # the submission its lost answer hid is the "after": the job as Flink lists it
+    [after] = result.applied
+    assert after.detail["job_id"] == new_jid
+    assert after.detail["state"] in ("INITIALIZING", "RUNNING")
     assert len(fake_flink.runs()) == 1  # the retry looked before posting again
     assert len(fake_flink.calls_to("GET", "/jobs/overview")) == 2
     assert [j.jid for j in fake_flink.jobs_named(JOB) if j.state not in {"FAILED", "CANCELED"}] == [

@@ -41,6 +41,7 @@ from tests.gateway_proc import (
     post_alerts,
     prefect_events,
     serving,
+    started_now,
     wait_for_events,
 )
 from tests.servers import PrefectServer, free_port, wait_for_port
@@ -274,9 +275,13 @@ def test_gateway_killed_mid_stream_delivers_every_acknowledged_alert_once(tmp_pa
     relay = PrefectRelay(api, delay_s=0.15)  # slow deliveries: the kill finds events in the spool
     gateway = GatewayProcess(spool_path=tmp_path / "spool.sqlite3", prefect_api_url=relay.api_url)
     run = uuid.uuid4().hex[:8]
+    started = started_now()  # a notification re-sent after the restart is the same event
     notifications = [
         alertmanager_notification(
-            *(alert("StreamTest", run=run, seq=str(i), part=str(j)) for j in range(1 + i % 3))
+            *(
+                alert("StreamTest", starts_at=started, run=run, seq=str(i), part=str(j))
+                for j in range(1 + i % 3)
+            )
         )
         for i in range(80)
     ]

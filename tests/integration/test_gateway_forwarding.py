@@ -1,6 +1,7 @@
 """The gateway (real uvicorn) forwarding to the session's Prefect server: grouped, resolved,
 unicode and very long alerts arrive as events exactly once; re-sent and cooled-down alerts do not;
-delivery starts the moment an alert is accepted."""
+an alert still firing after the cooldown is a new event that starts another run; delivery starts
+the moment an alert is accepted."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,6 +19,7 @@ from prefect.settings import PREFECT_API_URL
 from pydantic import SecretStr
 
 from alert_gateway import GatewaySettings
+from tests.conftest import runs_of
 from tests.gateway_proc import (
     TOKEN,
     alert,
@@ -24,7 +27,9 @@ from tests.gateway_proc import (
     metric,
     post_alerts,
     prefect_events,
+    read_events,
     serving,
+    started_now,
     wait_for_events,
 )
 
@@ -55,12 +60,21 @@ def wait_until_delivered(url: str, timeout_s: float = 10) -> float:
 
 def test_grouped_notification_reaches_prefect_exactly_once(gateway: str) -> None:
     long_annotation = "Broker kafka-2 unreachable; détails: ✓ 日本語 🚨 " * 6000  # ~300 KB
+    started = started_now()
     alerts = [
-        alert("KafkaBrokerDown", pod=f"kafka-{i}", équipe="données ✓", 名前="ブローカー")
+        alert(
+            "KafkaBrokerDown",
+            starts_at=started,
+            pod=f"kafka-{i}",
+            équipe="données ✓",
+            名前="ブローカー",
+        )
         for i in range(30)
     ]
     alerts += [alert("KafkaBrokerDown", status="resolved", pod=f"old-{i}") for i in range(9)]
-    alerts.append(alert("KafkaBrokerDown", annotations={"description": long_annotation}))
+    alerts.append(
+        alert("KafkaBrokerDown", starts_at=started, annotations={"description": long_annotation})
+    )
     notification = alertmanager_notification(*alerts)
 
     reply = post_alerts(gateway, notification)
@@ -83,7 +97,7 @@ def test_grouped_notification_reaches_prefect_exactly_once(gateway: str) -> None
     assert first["resource"]["pod"] == "kafka-0"
     assert first["payload"]["receiver"] == "runbooks"
     assert first["payload"]["source"] == "alertmanager"
-    assert first["payload"]["startsAt"] == "2026-11-22T03:00:00Z"
+    assert first["payload"]["startsAt"] == started
     occurred = datetime.fromisoformat(first["occurred"])
     assert abs(datetime.now(UTC) - occurred) < timedelta(minutes=1)
     assert {by_id[i]["event"] for i in ids[30:39]} == {"alert.resolved"}
@@ -146,9 +160,64 @@ def test_refiring_within_cooldown_is_held_back_but_resolved_passes(gateway: str)
     assert metric(gateway, "runbooks_gateway_alerts_deduplicated", reason="cooldown") == 1
 
 
+def test_alert_still_firing_after_the_cooldown_starts_another_run(
+    tmp_path: Path, deployment_ids: dict[str, str]
+) -> None:
+    """Issue #9: the runbook run for an alert crashed (or ended without fixing it) and
+    Alertmanager keeps re-sending the alert with its original startsAt. Within the cooldown a
+    re-send is held back; after it, it is a new event, and the deployment's trigger starts a
+    second run."""
+    cooldown_s = 2.0
+    fingerprint = uuid.uuid4().hex[:16]
+    with serving(settings_for(tmp_path, cooldown_s=cooldown_s)) as gateway:
+        # started now, so the first two posts are well inside the first 2 s episode
+        crashed = alert(
+            "FlinkJobFailed",
+            starts_at=started_now(),
+            job_name="enrichment-job",
+            flink_cluster="flink-eu",
+        )
+        notification = alertmanager_notification({**crashed, "fingerprint": fingerprint})
+        first = post_alerts(gateway, notification).json()
+        resent = post_alerts(gateway, notification).json()  # e.g. a group_interval re-send
+        time.sleep(cooldown_s + 0.2)
+        still_firing = post_alerts(gateway, notification).json()
+        resent_again = post_alerts(gateway, notification).json()
+        wait_until_delivered(gateway)
+        assert metric(gateway, "runbooks_gateway_events_forwarded") == 2
+    assert [r["accepted"] for r in (first, resent, still_firing, resent_again)] == [1, 0, 1, 0]
+    [first_id], [later_id] = first["event_ids"], still_firing["event_ids"]
+    assert resent["event_ids"] == [first_id]
+    assert later_id != first_id
+
+    api = PREFECT_API_URL.value()
+    assert sorted(e["id"] for e in wait_for_events(api, [first_id, later_id])) == sorted(
+        [first_id, later_id]
+    )
+    events = read_events(api, {"resource": {"id": [f"alert.{fingerprint}"]}})
+    assert sorted(e["id"] for e in events) == sorted([first_id, later_id])
+    assert {e["event"] for e in events} == {"alert.firing"}
+    assert {e["payload"]["startsAt"] for e in events} == {crashed["startsAt"]}
+
+    def runs() -> list[dict[str, Any]]:
+        return [
+            r
+            for r in runs_of(deployment_ids["flink-job-crashed"])
+            if (r["parameters"]["params"].get("alert") or {}).get("fingerprint") == fingerprint
+        ]
+
+    # a liveness bound, not a speed goal: Prefect's trigger service lags on a loaded machine
+    deadline = time.monotonic() + 90
+    while len(runs()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(runs()) == 2  # one per event: Prefect has only these two for this alert
+
+
 def test_concurrent_copies_of_an_alert_become_one_event(gateway: str) -> None:
     """Sixteen senders (Alertmanager replicas in a cluster all notify) post the same alert at once."""
-    notification = alertmanager_notification(alert("KafkaBrokerDown", pod="kafka-3"))
+    notification = alertmanager_notification(
+        alert("KafkaBrokerDown", starts_at=started_now(), pod="kafka-3")
+    )
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         replies = list(pool.map(lambda _: post_alerts(gateway, notification), range(16)))
     assert {r.status_code for r in replies} == {202}

@@ -14,6 +14,7 @@ be produced by one broker: tests/unit/test_kafka_health_decisions.py covers them
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -21,6 +22,7 @@ import yaml
 from confluent_kafka.admin import AdminClient
 from prefect import flow
 from prefect.client.orchestration import get_client
+from prefect.flow_runs import resume_flow_run
 from prefect.settings import PREFECT_RESULTS_PERSIST_BY_DEFAULT, temporary_settings
 
 from blocks.kafka import KafkaCluster
@@ -53,11 +55,16 @@ def broker_id(broker: KafkaBroker) -> int:
 
 
 def save_blocks(
-    broker: KafkaBroker, api: FakeKubernetesApi | None, expected_brokers: int = 1
+    broker: KafkaBroker,
+    api: FakeKubernetesApi | None,
+    expected_brokers: int = 1,
+    bootstrap: str | None = None,
 ) -> tuple[str, str | None]:
     kafka = unique("kafka")
     KafkaCluster(
-        bootstrap_servers=broker.bootstrap, request_timeout_s=1, expected_brokers=expected_brokers
+        bootstrap_servers=bootstrap or broker.bootstrap,
+        request_timeout_s=1,
+        expected_brokers=expected_brokers,
     ).save(kafka, overwrite=True)
     if api is None:
         return kafka, None
@@ -134,7 +141,11 @@ def test_check_isr_reads_the_broker_each_time(own_kafka_broker: KafkaBroker) -> 
 
     assert before.reachable and before.caught_up
     assert before.broker_ids == [the_broker] == [before.controller_id]
-    assert before.cluster_id == "tansu_cluster" and before.topics == 1 and before.partitions == 3
+    assert (
+        before.cluster_id == own_kafka_broker.cluster_id
+        and before.topics == 1
+        and before.partitions == 3
+    )
     assert not after.reachable and not after.caught_up and "transport failure" in after.error
     assert after.missing_brokers == 1
 
@@ -176,7 +187,7 @@ def test_one_broker_pod_down_is_restarted_and_verified(
     recreated = api.pod(NS, crashing)
     assert recreated.uid != old_uid and recreated.ready
     # the checks read the real broker: its cluster id and controller are in the report
-    assert f"cluster tansu_cluster, controller {first}" in result.report
+    assert f"cluster {kafka_broker.cluster_id}, controller {first}" in result.report
     assert "| ISR caught up | OK |" in result.report and "verified" in result.report
     assert f"delete_pod | {NS}/{crashing} | applied" in result.report
     assert f"kubectl logs -n {NS} {crashing} --previous" in result.report
@@ -320,6 +331,41 @@ def test_restarting_several_pods_needs_approval(
     assert sorted(c.path for c in api.calls_of("DELETE")) == [f"{PODS}/{name}" for name in down]
     assert all(api.pod(NS, name).uid != uids[name] and api.pod(NS, name).ready for name in down)
     assert "| approved | alice |" in report
+
+
+def test_one_cluster_by_two_host_names_has_one_lock(
+    kafka_broker: KafkaBroker, api: FakeKubernetesApi
+) -> None:
+    """Issue #9 defect 4: the lock is the cluster's (its id), not its bootstrap text's."""
+    first = broker_id(kafka_broker)
+    add_broker_pods(api, first, first + 1, first + 2)
+    by_address = save_blocks(kafka_broker, api, bootstrap=f"127.0.0.1:{kafka_broker.port}")
+    by_name = save_blocks(kafka_broker, api, bootstrap=f"localhost:{kafka_broker.port}")
+    approver = Approver("kafka-cluster-down", None)
+    approver.start()
+    holding: list = []
+    holder = threading.Thread(
+        target=lambda: holding.append(
+            kafka_cluster_down(params(by_address, max_pod_restarts=2), return_state=True)
+        ),
+        daemon=True,
+    )
+    holder.start()
+    assert approver.seen_paused.wait(60), approver.error
+
+    # short approval timeout: without a shared lock this run would also pause for approval
+    skip = SafetyParams(on_busy_target="skip", approval_timeout_s=3, budget_max_actions=1000)
+    state = kafka_cluster_down(params(by_name, max_pod_restarts=2, safety=skip), return_state=True)
+
+    assert state.is_completed(), state.message
+    assert state.result().outcome == Outcome.TARGET_BUSY
+    report = report_of(state)
+    assert "NOT ACTED: TARGET BUSY" in report
+    assert f"kafka-cluster localhost:{kafka_broker.port} busy: another run" in report
+    resume_flow_run(approver.paused_run, run_input={"approve": False, "reason": "test over"})
+    holder.join(60)
+    assert holding[0].is_failed() and "rejected" in holding[0].message
+    assert api.calls_of("DELETE") == []
 
 
 def test_budget_stops_restarting_the_same_pod(

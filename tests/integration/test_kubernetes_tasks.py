@@ -101,8 +101,14 @@ def test_restart_deletes_exactly_that_pod_once(api: FakeKubernetesApi) -> None:
     first = run_restart(cluster, "kafka-1", old.uid)
     again = run_restart(cluster, "kafka-1", old.uid)
 
-    assert first.applied and first.planned == first.applied and not first.dry_run
-    assert first.applied[0].detail["reason"] == "CrashLoopBackOff"
+    assert not first.dry_run
+    (planned,), (applied,) = first.planned, first.applied
+    assert (applied.action, applied.target) == (planned.action, planned.target)
+    assert planned.detail["uid"] == old.uid and planned.detail["reason"] == "CrashLoopBackOff"
+    # "after" is the pod the API shows once deleted: the StatefulSet's replacement, starting
+    replacement = api.pod(NS, "kafka-1")
+    assert applied.detail["uid"] == replacement.uid != old.uid
+    assert applied.detail["restarts"] == 0 and applied.detail["reason"] != "CrashLoopBackOff"
     (delete,) = api.calls_of("DELETE")
     assert delete.path == f"{POD_PATH}/kafka-1"
     assert delete.body["preconditions"] == {"uid": old.uid}
@@ -137,7 +143,10 @@ def test_terminating_pod_is_not_deleted_again(api: FakeKubernetesApi) -> None:
     api.termination_grace_s = 30
     pod = api.add_pod(NS, "kafka-1", ready=False)
     cluster = cluster_for(api)
-    run_restart(cluster, "kafka-1", pod.uid)
+    first = run_restart(cluster, "kafka-1", pod.uid)
+    # within its grace period the deleted pod lingers: "after" shows it terminating
+    assert first.planned[0].detail["terminating"] is False
+    assert first.applied[0].detail == first.planned[0].detail | {"terminating": True}
 
     again = run_restart(cluster, "kafka-1", pod.uid)
 

@@ -1,8 +1,10 @@
 """`runbooks up` (what `make up` runs): server, gateway, blocks, every deployment served; an
-Alertmanager webhook runs a runbook end to end; Ctrl-C stops it all."""
+Alertmanager webhook runs a runbook end to end; Ctrl-C or SIGTERM stops it all; after `kill -9`
+of it alone, none of its processes is left."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -211,6 +213,150 @@ def _approve_a_manual_run(api: str, postgres: PostgresServer) -> None:
             latest = read_incident_report(run_id)
         assert "| terminate idle connections | approved | carol | hung migration |" in latest
     finally:
+        victim.close()
+        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
+        admin.close()
+
+
+def _served(api: str) -> None:
+    expected = {spec.name for spec in load_catalog()}
+
+    def deployments():
+        found = httpx.post(f"{api}/deployments/filter", timeout=5, json={}).json()
+        return expected <= {d["name"] for d in found}
+
+    _poll(deployments, 300, "every runbook registered")
+    time.sleep(3)  # the runner starts (and installs its signal handlers) right after
+
+
+def test_sigterm_stops_up_cleanly(runbooks_up) -> None:
+    port, gateway_port, proc = runbooks_up
+    api = f"http://127.0.0.1:{port}/api"
+    _served(api)
+    proc.send_signal(signal.SIGTERM)  # as `systemctl stop` or `docker stop` does: to us alone
+    out, _ = proc.communicate(timeout=60)  # stderr included
+    assert "was never awaited" not in out, out[-3000:]
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopping" in out  # the way Ctrl-C stops it
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{gateway_port}/healthz", timeout=2)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{api}/health", timeout=2)
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, start time) of a process from /proc, None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def _descendants(root: int) -> dict[int, tuple[int, int]]:
+    """Every process below `root`: pid -> (parent pid, start time)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+            table[int(entry.name)] = stat[1:]
+    below: dict[int, tuple[int, int]] = {}
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, (ppid, _) in table.items() if ppid in frontier} - set(below)
+        below.update({pid: table[pid] for pid in frontier})
+    return below
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()[:300]
+    except OSError:
+        return b""
+
+
+def _alive(pid: int, started: int) -> bool:
+    """The same process (not a reused pid) still exists and is not a zombie."""
+    stat = _stat(pid)
+    return stat is not None and stat[2] == started and stat[0] != "Z"
+
+
+def test_kill_9_of_up_alone_leaves_none_of_its_processes(
+    runbooks_up, postgres: PostgresServer
+) -> None:
+    port, _, proc = runbooks_up
+    api = f"http://127.0.0.1:{port}/api"
+    _served(api)
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        PostgresDatabase(
+            host="127.0.0.1",
+            port=postgres.port,
+            dbname="postgres",
+            user=postgres.user,
+            password=postgres.password,
+        ).save("orphans-db", overwrite=True)
+    db = f"orphans_{uuid.uuid4().hex[:8]}"
+    admin = psycopg.connect(postgres.conninfo(), autocommit=True)
+    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+    victim = psycopg.connect(
+        postgres.conninfo(dbname=db), application_name="orphans-victim", autocommit=True
+    )
+    victim.execute("SELECT 1")  # idle: terminated without asking for approval
+    tree: dict[int, tuple[int, int]] = {}
+    try:
+        time.sleep(1.2)
+        [deployment] = httpx.post(
+            f"{api}/deployments/filter",
+            timeout=5,
+            json={"deployments": {"name": {"any_": ["db-connection-pool-exhausted"]}}},
+        ).json()
+        created = httpx.post(
+            f"{api}/deployments/{deployment['id']}/create_flow_run",
+            timeout=10,
+            json={
+                "parameters": {
+                    "params": {
+                        "db_block": "orphans-db",
+                        "idle_threshold_s": 1,
+                        "databases": [db],
+                        "target_headroom_percent": 0,
+                        # never reached: the run keeps verifying for 10 minutes
+                        "min_free_connections": 10_000,
+                        "verify_timeout_s": 600,
+                        "safety": {"escalation_block": None},
+                    }
+                },
+            },
+        )
+        created.raise_for_status()
+        run_id = created.json()["id"]
+        pid = victim.info.backend_pid
+
+        def verifying() -> bool:
+            live = {p for (p,) in admin.execute("SELECT pid FROM pg_stat_activity").fetchall()}
+            state = httpx.get(f"{api}/flow_runs/{run_id}", timeout=5).json()["state"]["type"]
+            return pid not in live and state == "RUNNING"
+
+        _poll(verifying, 120, "the run terminated the idle session and is verifying")
+        tree = _descendants(proc.pid)
+        # the flow run's process, forked from the fork server that `runbooks up` started
+        assert any(b"multiprocessing.forkserver" in _cmdline(ppid) for ppid, _ in tree.values()), {
+            p: _cmdline(p) for p in tree
+        }
+
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 30
+        while (
+            left := [p for p, (_, t) in tree.items() if _alive(p, t)]
+        ) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, {p: _cmdline(p) for p in left}
+    finally:
+        for p, (_, started) in tree.items():
+            if _alive(p, started):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGKILL)
         victim.close()
         admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
         admin.close()

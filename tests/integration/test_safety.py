@@ -9,6 +9,7 @@ in for Slack and from a moto SNS topic.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -34,7 +35,7 @@ from runbooks.params import AlertContext, OnBusyTarget, SafetyParams
 from runbooks.report import Outcome
 from runbooks.safety import Target, budget_variable
 from tests.approvals import Approver
-from tests.conftest import read_incident_report, unique
+from tests.conftest import read_flow_run, read_incident_report, read_run_logs, unique
 from tests.gateway_proc import read_events
 from tests.moto_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, MotoServer
 from tests.pg_env import Env, env, wait_until  # noqa: F401 - env: a fixture
@@ -67,8 +68,12 @@ def oncall(slack: HttpReceiver, moto: MotoServer) -> tuple[str, str]:
 
 @pytest.fixture
 def target(env: Env) -> Iterator[Target]:
-    """The server every test acts on; its remediation budget starts empty in each test."""
-    t = Target("postgres", f"{env.server.host}:{env.server.port}")
+    """The server every test acts on, known by its system_identifier; its remediation budget
+    starts empty in each test."""
+    (identifier,) = env.admin.execute(
+        "SELECT system_identifier FROM pg_control_system()"
+    ).fetchone()
+    t = Target("postgres", f"{env.server.host}:{env.server.port}", str(identifier))
     Variable.unset(budget_variable(t, STEP))
     yield t
     Variable.unset(budget_variable(t, STEP))
@@ -164,7 +169,9 @@ def now() -> str:
 
 
 def count(events: list[dict], name: str) -> int:
-    return sum(1 for e in events if e["event"] == name)
+    """How many changes the events named ``name`` record (one event lists every target of an
+    action in a step)."""
+    return sum(e["payload"]["count"] for e in events if e["event"] == name)
 
 
 def test_budget_stops_a_remediation_loop_and_escalates_once(
@@ -225,6 +232,19 @@ def test_budget_stops_a_remediation_loop_and_escalates_once(
         target, started, lambda ev: count(ev, "runbook.action.skipped") >= 17 * 3
     )
     assert count(events, "runbook.action.executed") == 9
+    # one event per run and status, not one per session: 3 executions, 17 refusals
+    assert len([e for e in events if e["event"] == "runbook.action.executed"]) == 3
+    skipped = [e for e in events if e["event"] == "runbook.action.skipped"]
+    assert len(skipped) == 17
+    assert all(
+        "remediation budget spent" in e["resource"]["prefect.resource.name"] for e in skipped
+    )
+    # the alert that started the runs is linked from every action
+    links = [[r for r in e["related"] if r["prefect.resource.role"] == "alert"] for e in events]
+    assert all(
+        [r["prefect.resource.id"] for r in found] == [f"alert.{alert.fingerprint}"]
+        for found in links
+    )
 
 
 def test_second_run_waits_for_the_lock_then_finds_nothing_to_do(
@@ -266,15 +286,30 @@ def test_second_run_waits_for_the_lock_then_finds_nothing_to_do(
     assert two.outcome is Outcome.NO_ACTION_NEEDED and two.terminate is None
     assert "for another run to finish" in two.report
     assert "| terminate idle connections | approved | alice | batch job hung |" in one.report
-    # each session was terminated once, by run 1: the audit log says so too
+    # each session was terminated once, by run 1: the audit log says so too, in one event whose
+    # feed line (the resource's name) says what, on what and which sessions, without the raw JSON
     events = events_settle(target, started, lambda ev: count(ev, "runbook.action.executed") >= 4)
-    executed = [e for e in events if e["event"] == "runbook.action.executed"]
-    assert len(executed) == 4
-    assert {e["payload"]["action"] for e in executed} == {"terminate_backend"}
-    assert all(e["resource"]["prefect.resource.id"] == target.resource_id for e in executed)
-    assert all(
-        any(r["prefect.resource.role"] == "flow-run" for r in e["related"]) for e in executed
+    [executed] = [e for e in events if e["event"] == "runbook.action.executed"]
+    resource = executed["resource"]
+    assert resource["prefect.resource.id"] == target.resource_id
+    assert resource["prefect.resource.name"].startswith(
+        f"terminate_backend ×4 on {target.label}: {env.db} pid={{"
     )
+    for pid in everyone:
+        assert str(pid) in resource["prefect.resource.name"]
+    assert (resource["runbook.action"], resource["runbook.count"]) == ("terminate_backend", "4")
+    assert resource["runbook.step"] == STEP and resource["runbook.mode"] == "live"
+    payload = executed["payload"]
+    assert (payload["action"], payload["status"], payload["count"]) == (
+        "terminate_backend",
+        "executed",
+        4,
+    )
+    assert {int(c["target"].split("pid=")[1].split()[0]) for c in payload["changes"]} == everyone
+    # by which run: Prefect relates the flow run (a link in the feed, with its name)
+    [run] = [r for r in executed["related"] if r["prefect.resource.role"] == "flow-run"]
+    assert run["prefect.resource.id"] == f"prefect.flow-run.{first_state.state_details.flow_run_id}"
+    assert run["prefect.resource.name"]
     # secrets stay out of the audit trail
     assert env.password not in json.dumps(events) and env.password not in one.report
 
@@ -316,6 +351,47 @@ def test_rejection_leaves_the_target_untouched_and_a_busy_target_is_skipped(
     assert "rejected by bob" in note.json()["text"]
 
 
+def test_one_server_by_two_host_names_has_one_lock_and_one_budget(
+    env: Env, sessions: Sessions, target: Target
+) -> None:
+    """Issue #9 defect 4: blocks saying 127.0.0.1 and localhost reach one server, so a run
+    through either waits for the other and spends the same budget."""
+    by_address, by_name = env.block(host="127.0.0.1"), env.block(host="localhost")
+    conns = [*sessions.idle(2), sessions.in_transaction()]
+    sessions.settle()
+    approver = Approver(FLOW, None)
+    approver.start()
+    first, first_out = run_in_thread(params(env, by_address, include_idle_in_transaction=True))
+    assert approver.seen_paused.wait(60), approver.error
+    # the other name finds the server locked; without the lock it would act (approval_timeout_s
+    # keeps the old code from waiting long for an approval nobody gives)
+    skip = params(
+        env, by_name, safety={"on_busy_target": OnBusyTarget.SKIP, "approval_timeout_s": 3}
+    )
+    state = db_connection_pool_exhausted(params=skip, return_state=True)
+    assert state.is_completed(), state.message
+    busy = read_incident_report(state.state_details.flow_run_id)
+    assert "NOT ACTED: TARGET BUSY" in busy
+    assert f"postgres localhost:{env.server.port} busy: another run is acting on it" in busy
+    assert sessions.pids(conns) <= env.live_pids()
+    from prefect.flow_runs import resume_flow_run
+
+    resume_flow_run(
+        approver.paused_run, run_input={"approve": True, "approver": "dave", "reason": "leak"}
+    )
+    first.join(60)
+    assert first_out[0].is_completed(), first_out[0].message
+    assert not sessions.pids(conns) & env.live_pids()
+    # that termination is counted for the server, whichever name the next block uses
+    sessions.idle(2)
+    sessions.settle()
+    again = params(env, by_name, safety={"budget_max_actions": 1})
+    spent = db_connection_pool_exhausted(params=again, return_state=True)
+    assert spent.is_failed()
+    assert "budget of 1 per 1h spent (1 already)" in spent.message
+    assert len(Variable.get(budget_variable(target, STEP))["executed"]) == 1
+
+
 def test_approval_timeout_rejects_and_escalates(
     env: Env, sessions: Sessions, target: Target, oncall: tuple[str, str], slack: HttpReceiver
 ) -> None:
@@ -333,6 +409,11 @@ def test_approval_timeout_rejects_and_escalates(
 
     assert state.is_failed()
     assert "nobody answered within 2s" in state.message
+    # an expected outcome: one clear log line, no traceback
+    logs = read_run_logs(state.state_details.flow_run_id)
+    assert not any("Traceback" in log["message"] for log in logs)
+    [line] = [log for log in logs if log["level"] >= logging.ERROR]
+    assert line["message"].startswith("outcome ESCALATED: Escalated to a human: ")
     report = read_incident_report(state.state_details.flow_run_id)
     assert "nobody answered within 2s" in report and "ESCALATED" in report
     assert "| terminate idle connections | timed out | - |" in report
@@ -390,6 +471,46 @@ def test_observe_tag_plans_and_changes_nothing(
     assert summary.outcome is Outcome.PLANNED
     assert len(summary.terminate.planned) == 3 and summary.terminate.applied == []
     assert "OBSERVE" in summary.report
+    run = read_flow_run(state.state_details.flow_run_id)
+    assert {"observe", "dry-run"} <= set(run["tags"]) and run["name"].startswith("observe: ")
     time.sleep(0.5)
     assert env.live_pids() == before
     assert sessions.pids(conns) <= env.live_pids()
+
+
+def test_a_dry_run_that_would_escalate_pages_nobody_and_completes(
+    env: Env, target: Target, oncall: tuple[str, str], slack: HttpReceiver, moto: MotoServer
+) -> None:
+    """The weekly dry-run finds a pool exhausted by busy sessions: a finding, not a page."""
+    policy, queue_url = oncall
+    block = env.block()
+
+    dry = params(env, block, dry_run=True, safety={"escalation_block": policy})
+    state = db_connection_pool_exhausted(params=dry, return_state=True)
+
+    assert state.is_completed(), state.message
+    assert state.message.startswith("Would escalate to a human: ")
+    report = read_incident_report(state.state_details.flow_run_id)
+    assert "| Outcome | **DRY-RUN: WOULD ESCALATE** |" in report
+    assert "Nothing was planned: the run would escalate before acting." in report
+    run = read_flow_run(state.state_details.flow_run_id)
+    assert "dry-run" in run["tags"] and run["name"].startswith("dry-run: ")
+    with pytest.raises(TimeoutError):
+        moto.read_sns_notifications(queue_url, timeout_s=2)
+    assert slack.requests == []
+
+    # the same input, live: pages on every channel and fails, with one log line and no traceback
+    live = params(env, block, safety={"escalation_block": policy})
+    state = db_connection_pool_exhausted(params=live, return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith("Escalated to a human: ")
+    [page] = slack.wait_for(1)
+    assert FLOW in page.json()["text"]
+    assert moto.read_sns_notifications(queue_url)
+    report = read_incident_report(state.state_details.flow_run_id)
+    assert "Nothing was changed: escalated before acting." in report
+    logs = read_run_logs(state.state_details.flow_run_id)
+    assert not any("Traceback" in log["message"] for log in logs)
+    assert [log["message"] for log in logs if log["level"] >= logging.ERROR] == [
+        f"outcome ESCALATED: {state.message}"
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import signal
@@ -27,13 +28,15 @@ from tasks.wal_format import (
     H_SEQ,
     H_SOURCE,
     MARKER_FILE,
+    QUARANTINE_FILE,
     WalReader,
     WalWriter,
     list_segments,
     read_marker,
+    read_quarantine,
 )
 from tests.approvals import Approver
-from tests.conftest import create_topic, unique
+from tests.conftest import create_topic, read_actions_table, read_incident_report, unique
 from tests.servers import KafkaBroker
 
 pytestmark = pytest.mark.integration
@@ -133,13 +136,15 @@ def consume_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 
 
 
 def assert_exactly_once_in_order(
-    landed: list[Landed], written: list[tuple[str, int, bytes]]
+    landed: list[Landed], written: list[tuple[str, int, bytes]], lost: set[int] = frozenset()
 ) -> None:
+    """Every written event but the ``lost`` positions is in the topic once, in order per source."""
+    written = [w for i, w in enumerate(written) if i not in lost]
     assert len(landed) == len(written), (
         f"{len(landed)} records in the topic, {len(written)} in the WAL"
     )
     assert sorted((r.source, r.seq, r.value) for r in landed) == sorted(written)
-    assert sorted(r.position for r in landed) == list(range(len(written)))
+    assert sorted(r.position for r in landed) == sorted(set(range(len(written) + len(lost))) - lost)
     by_source: dict[str, list[Landed]] = {}
     for r in sorted(landed, key=lambda r: (r.partition, r.offset)):
         assert r.key == r.source.encode()
@@ -228,6 +233,17 @@ def test_flow_drains_every_record_exactly_once_in_order(
     # delivered segments were deleted, the newest (the gateway writes into it) kept
     remaining = list_segments(tmp_path)
     assert len(remaining) == 1 and list(WalReader(tmp_path).records(marker.next_position)) == []
+    # the actions table's "after" is the marker and the segments as found once the drain is done
+    table = read_actions_table(state.state_details.flow_run_id)
+    rows = {r["action"]: r for r in table}
+    drained = {"marker": 1500, "pending": 0, "sent": 1500}
+    assert rows["produce_wal_records"]["before"]["positions"] == "0-1499"
+    assert rows["produce_wal_records"]["after"] == drained
+    assert rows["advance_wal_marker"]["before"] == {"from": 0, "to": 1500}
+    assert rows["advance_wal_marker"]["after"] == drained
+    deleted = [r for r in table if r["action"] == "delete_wal_segment"]
+    assert len(deleted) == segments - 1
+    assert all(r["status"] == "applied" and r["after"] == {"present": False} for r in deleted)
 
     # a second run finds nothing to do
     again = run_flow(block)
@@ -492,3 +508,215 @@ def test_drain_budget_stops_the_second_drain(kafka_broker: KafkaBroker, tmp_path
     assert_exactly_once_in_order(consume_topic(kafka_broker.bootstrap, topic, 300), written)
     assert wal_files(tmp_path) == wal_before
     assert read_marker(tmp_path).next_position == 300
+
+
+# --- torn writes and damaged records (issue 9, defect 7): WAL bytes changed by hand ----------
+
+
+def damage_record(directory: Path, position: int, index: int = -1) -> tuple[str, int, bytes]:
+    """Flip one bit of the record at ``position`` (default: its last value byte).
+
+    Returns the segment's name, the record's offset in it and its damaged bytes.
+    """
+    segments = list_segments(directory)
+    offset = 0
+    for r in WalReader(directory).records():
+        base, path = [s for s in segments if s[0] <= r.position][-1]
+        offset = 0 if r.position == base else offset
+        if r.position == position:
+            data = bytearray(path.read_bytes())
+            data[offset + (index % r.size)] ^= 0x01
+            path.write_bytes(bytes(data))
+            return path.name, offset, bytes(data[offset : offset + r.size])
+        offset += r.size
+    raise AssertionError(f"no record at position {position}")
+
+
+def quarantined(directory: Path) -> list[tuple[str, int, bytes, str, bool]]:
+    """(segment, offset, raw bytes, reason, escalated) of every quarantine entry."""
+    q = read_quarantine(directory)
+    return [
+        (e.segment, e.offset, base64.b64decode(e.raw_base64), e.reason, e.reported_at is not None)
+        for e in (q.entries if q else [])
+    ]
+
+
+def test_corrupt_record_in_an_older_segment_is_quarantined_and_the_rest_delivered(
+    kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
+    topic = create_topic(kafka_broker.bootstrap, unique("raw"))
+    written = write_events(tmp_path, 600)
+    segment, offset, raw = damage_record(tmp_path, 100)
+    assert segment != list_segments(tmp_path)[-1][1].name  # an older segment
+    source, seq, _ = written[100]
+    block = save_blocks(tmp_path, kafka_broker.bootstrap, topic)
+
+    state = run_flow(block)
+
+    assert state.is_failed()
+    assert (
+        f"1 damaged region(s) holding 1 event(s): {segment} byte {offset} ({len(raw)} bytes, "
+        "position 100): crc mismatch" in state.message
+    )
+    assert f"kept in {tmp_path / QUARANTINE_FILE}, not delivered" in state.message
+    # the sequence check names exactly the event that is missing
+    assert f"source {source}: gap, missing seq {seq} (1 event(s))" in state.message
+    report = read_incident_report(state.state_details.flow_run_id)
+    assert "**ESCALATED**" in report and "damaged WAL bytes kept in" in report
+    assert f'"segment": "{segment}"' in report and f'"offset": {offset}' in report
+    assert f'"claimed": "position 100, source \'{source}\', seq {seq}"' in report
+    # every intact record before and after it was delivered, exactly once
+    landed = consume_topic(kafka_broker.bootstrap, topic, 599)
+    assert_exactly_once_in_order(landed, written, lost={100})
+    assert read_marker(tmp_path).next_position == 600
+    assert quarantined(tmp_path) == [(segment, offset, raw, "crc mismatch", True)]
+
+    # the marker passed the damage: a re-run neither re-sends, nor re-quarantines, nor escalates
+    again = run_flow(block)
+    assert again.is_completed(), again.message
+    assert again.result().outcome == Outcome.NO_ACTION_NEEDED.value
+    assert len(consume_topic(kafka_broker.bootstrap, topic, 599)) == 599
+    assert quarantined(tmp_path) == [(segment, offset, raw, "crc mismatch", True)]
+
+
+def test_drain_killed_after_quarantining_quarantines_once_and_escalates_on_rerun(
+    kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
+    topic = create_topic(kafka_broker.bootstrap, unique("raw"))
+    written = write_events(tmp_path, 1200)
+    segment, offset, raw = damage_record(tmp_path, 1000, index=20)
+    # dies at the 650th delivery report: the damage is quarantined, the marker at 600 before it
+    victim = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.wal_drain_victim",
+            str(tmp_path),
+            kafka_broker.bootstrap,
+            topic,
+            "100",
+            "650",
+        ],
+        cwd=REPO,
+        timeout=120,
+        capture_output=True,
+    )
+    assert victim.returncode == -signal.SIGKILL, victim.stderr.decode()[-2000:]
+    assert read_marker(tmp_path).next_position == 600
+    assert quarantined(tmp_path) == [(segment, offset, raw, "crc mismatch", False)]
+
+    state = run_flow(save_blocks(tmp_path, kafka_broker.bootstrap, topic))
+
+    assert state.is_failed()
+    assert (
+        f"{segment} byte {offset} ({len(raw)} bytes, position 1000): crc mismatch" in state.message
+    )
+    source, seq, _ = written[1000]
+    assert f"source {source}: gap, missing seq {seq} (1 event(s))" in state.message
+    assert_exactly_once_in_order(
+        consume_topic(kafka_broker.bootstrap, topic, 1199), written, lost={1000}
+    )
+    assert read_marker(tmp_path).next_position == 1200
+    assert quarantined(tmp_path) == [(segment, offset, raw, "crc mismatch", True)]
+
+
+def test_damage_left_unescalated_by_an_unfinished_run_is_escalated_by_the_next(
+    kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
+    """A drain that quarantined and passed the damage, but whose run never escalated it."""
+    topic = create_topic(kafka_broker.bootstrap, unique("raw"))
+    write_events(tmp_path, 90)
+    segment, offset, raw = damage_record(tmp_path, 40)
+    block = save_blocks(tmp_path, kafka_broker.bootstrap, topic)
+    gateway, cluster = EdgeGateway.load(block), KafkaCluster.load(block)
+
+    @flow
+    def drain_only():
+        return drain_wal(gateway, cluster, dry_run=False, batch_size=50)
+
+    drained = drain_only()
+    assert (drained.sent, drained.acked_after) == (89, 90)
+    assert [d.first_position for d in drained.damaged] == [40]
+
+    state = run_flow(block)  # nothing pending any more
+    assert state.is_failed()
+    assert f"{segment} byte {offset} ({len(raw)} bytes, position 40): crc mismatch" in state.message
+    assert "**ESCALATED**" in read_incident_report(state.state_details.flow_run_id)
+
+    again = run_flow(block)  # escalated once
+    assert again.is_completed() and again.result().outcome == Outcome.NO_ACTION_NEEDED.value
+
+
+def test_flipped_last_record_is_reported_and_kept_not_cut(
+    kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
+    """Its length says it is complete: an event already acknowledged, not a torn write."""
+    topic = create_topic(kafka_broker.bootstrap, unique("raw"))
+    written = write_events(tmp_path, 300)
+    newest = list_segments(tmp_path)[-1][1]
+    segment, offset, raw = damage_record(tmp_path, 299)
+    assert segment == newest.name and offset + len(raw) == newest.stat().st_size
+    block = save_blocks(tmp_path, kafka_broker.bootstrap, topic)
+
+    state = run_flow(block)
+
+    assert state.is_failed()
+    assert (
+        f"{segment} byte {offset} ({len(raw)} bytes, position 299): crc mismatch" in state.message
+    )
+    report = read_incident_report(state.state_details.flow_run_id)
+    assert '"pending_events": 300' in report  # counted as pending, not silently dropped
+    assert_exactly_once_in_order(
+        consume_topic(kafka_broker.bootstrap, topic, 299), written, lost={299}
+    )
+    assert quarantined(tmp_path) == [(segment, offset, raw, "crc mismatch", True)]
+
+    # the gateway restarts: the damaged record stays, new events go to a new segment after it
+    size = newest.stat().st_size
+    more = write_events(tmp_path, 30, first_seq=dict.fromkeys(SOURCES, 101))
+    assert newest.stat().st_size == size and newest.read_bytes()[offset:] == raw
+    assert list_segments(tmp_path)[-1][0] == 300
+    gateway, cluster = EdgeGateway.load(block), KafkaCluster.load(block)
+
+    @flow
+    def drain_only():
+        return drain_wal(gateway, cluster, dry_run=False, batch_size=50)
+
+    drained = drain_only()
+    assert (drained.sent, drained.damaged, drained.acked_after) == (30, [], 330)
+    assert_exactly_once_in_order(
+        consume_topic(kafka_broker.bootstrap, topic, 329), written + more, lost={299}
+    )
+    assert len(quarantined(tmp_path)) == 1
+
+
+def test_power_cut_inside_a_record_header_is_a_torn_tail(
+    kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
+    """Only `WR` of the next record reached disk, then zero-filled blocks: drained, then repaired."""
+    topic = create_topic(kafka_broker.bootstrap, unique("raw"))
+    written = write_events(tmp_path, 300)
+    newest = list_segments(tmp_path)[-1][1]
+    size = newest.stat().st_size
+    with open(newest, "ab") as f:
+        f.write(b"WR" + bytes(4094))
+    block = save_blocks(tmp_path, kafka_broker.bootstrap, topic)
+
+    state = run_flow(block)
+
+    assert state.is_completed(), state.message
+    assert state.result().outcome == Outcome.RESOLVED.value
+    assert '"torn_tail_bytes_ignored": 4096' in read_incident_report(
+        state.state_details.flow_run_id
+    )
+    assert_exactly_once_in_order(consume_topic(kafka_broker.bootstrap, topic, 300), written)
+    assert not (tmp_path / QUARANTINE_FILE).exists()
+
+    # the gateway's writer opens the WAL again: it cuts the torn bytes, says so, and appends
+    with WalWriter(tmp_path, segment_max_bytes=16 * 1024) as wal:
+        assert wal.torn_bytes == 4096 and newest.stat().st_size == size
+    more = write_events(tmp_path, 30, first_seq=dict.fromkeys(SOURCES, 101))
+    again = run_flow(block)
+    assert again.is_completed(), again.message
+    assert again.result().outcome == Outcome.RESOLVED.value
+    assert_exactly_once_in_order(consume_topic(kafka_broker.bootstrap, topic, 330), written + more)

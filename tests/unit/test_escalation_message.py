@@ -60,6 +60,19 @@ def msg(**kw) -> EscalationMessage:
             {"severity": "P2", "runbook": "db-pool"},
             "[P2] db-pool escalated: budget spent on broker-2",
         ),
+        # what a dry-run found reads as what would have happened, never as a page
+        (
+            {"dry_run": True},
+            "[P1] [dry-run] kafka-cluster-down would have escalated: budget spent on broker-2",
+        ),
+        (
+            {"dry_run": True, "kind": "verification_failed"},
+            "[P1] [dry-run] kafka-cluster-down would have failed verification on broker-2",
+        ),
+        (
+            {"dry_run": True, "kind": "failed"},
+            "[P1] [dry-run] kafka-cluster-down failed on broker-2",
+        ),
     ],
 )
 def test_subject(overrides: dict, subject: str) -> None:
@@ -107,8 +120,9 @@ def test_subject_max_length(target: str | None, max_length: int, expected: str) 
                 "- reassign partitions (dry-run)",
                 "Run: http://ui/runs/flow-run/1",
             ],
-            ["Tried: nothing", "no Prefect UI URL"],
+            ["Tried: nothing", "no Prefect UI URL", "Mode:"],
         ),
+        ({"dry_run": True}, ["Mode: dry-run (nothing was changed, nobody was paged)"], []),
         (
             {"target": None, "flow_run_id": "abc"},
             [
@@ -229,6 +243,7 @@ def test_redact_url(url: str, redacted: str) -> None:
         ({"notification_blocks": ["oncall"]}, "block-type-slug"),
         ({"notification_blocks": ["slack-webhook/"]}, "block-type-slug"),
         ({"notification_blocks": ["Slack Webhook/oncall"]}, "block-type-slug"),
+        ({"observe_notification_blocks": ["oncall"]}, "block-type-slug"),
         ({"sns_topic_arn": "escalations"}, "SNS topic ARN"),
         ({"webhook_url": "hook.example/x"}, "http"),
         ({"aws_endpoint_url": "localhost:5000"}, "http"),

@@ -1,11 +1,15 @@
-"""Pure decisions of the gateway: cooldown/dedup, retry backoff, bearer token comparison."""
+"""Pure decisions of the gateway: cooldown/dedup, firing episodes, retry backoff, bearer token
+comparison."""
 
 from __future__ import annotations
+
+from datetime import datetime
 
 import pytest
 from pydantic import SecretStr
 
 from alert_gateway.auth import bearer_matches
+from alert_gateway.events import firing_episode
 from alert_gateway.forwarder import within_size
 from alert_gateway.spool import Decision, SpooledEvent, decide
 from runbooks.backoff import backoff_delay
@@ -17,7 +21,7 @@ COOLDOWN_CASES = [
     ("firing", False, None, 1000.0, 300.0, F),  # first time
     ("firing", True, None, 1000.0, 300.0, D),  # re-sent identical alert
     ("firing", True, 990.0, 1000.0, 300.0, D),
-    ("firing", True, 0.0, 1000.0, 300.0, D),  # re-sent long after: still the same event
+    ("firing", True, 0.0, 1000.0, 300.0, D),  # an id already spooled never passes (same episode)
     ("firing", False, 990.0, 1000.0, 300.0, C),  # fired again 10 s later
     ("firing", False, 700.1, 1000.0, 300.0, C),  # just inside the window
     ("firing", False, 700.0, 1000.0, 300.0, F),  # window over
@@ -34,6 +38,38 @@ COOLDOWN_CASES = [
 @pytest.mark.parametrize(("status", "spooled", "last", "now", "cooldown", "expected"), COOLDOWN_CASES)
 def test_decide(status: str, spooled: bool, last: float | None, now: float, cooldown: float, expected: Decision) -> None:
     assert decide(status, spooled, last, now, cooldown) is expected
+
+
+# status, startsAt, received at, cooldown_s -> episode (part of the event id: a new episode is a
+# new event, so an alert still firing after its run starts another one)
+EPISODE_CASES = [
+    ("firing", "2026-11-22T03:00:00Z", "2026-11-22T03:00:00Z", 300.0, 0),
+    ("firing", "2026-11-22T03:00:00Z", "2026-11-22T03:00:30Z", 300.0, 0),  # group_wait
+    ("firing", "2026-11-22T03:00:00Z", "2026-11-22T03:04:59.999999Z", 300.0, 0),
+    ("firing", "2026-11-22T03:00:00Z", "2026-11-22T03:05:00Z", 300.0, 1),  # boundary: next one
+    ("firing", "2026-11-22T03:00:00Z", "2026-11-22T03:05:30Z", 300.0, 1),  # group_interval
+    ("firing", "2026-11-22T03:00:00Z", "2026-11-22T07:00:30Z", 300.0, 48),  # repeat_interval 4h
+    ("firing", "2026-11-22T03:00:00Z", "2026-11-22T03:00:05Z", 2.0, 2),
+    # the same instant written differently is the same episode
+    ("firing", "2026-11-22T05:00:00+02:00", "2026-11-22T03:10:00Z", 300.0, 2),
+    ("firing", "2026-11-22t03:00:00z", "2026-11-22T03:10:00Z", 300.0, 2),
+    ("firing", "2026-11-22 03:00:00Z", "2026-11-22T03:10:00Z", 300.0, 2),
+    # nanoseconds are cut, not rounded up into the next episode
+    ("firing", "2026-11-22T02:55:00.999999999Z", "2026-11-22T03:00:00.999999Z", 300.0, 1),
+    ("firing", "2026-11-22T03:00:00Z", "2026-11-22T02:59:00Z", 300.0, 0),  # sender's clock ahead
+    ("firing", "2026-11-22T03:00:00Z", "2026-11-29T03:00:00Z", 0.0, 0),  # cooldown off: one event
+    ("firing", "0001-01-01T00:00:00Z", "2026-11-22T03:00:00Z", 300.0, 213_103_044),  # no overflow
+    ("resolved", "2026-11-22T03:00:00Z", "2026-11-22T07:00:30Z", 300.0, 0),  # one id per start
+    ("resolved", "2026-11-22T03:00:00Z", "2026-11-22T03:00:00Z", 300.0, 0),
+]
+
+
+@pytest.mark.parametrize(("status", "starts_at", "received", "cooldown", "expected"), EPISODE_CASES)
+def test_firing_episode(
+    status: str, starts_at: str, received: str, cooldown: float, expected: int
+) -> None:
+    at = datetime.fromisoformat(received).timestamp()
+    assert firing_episode(status, starts_at, at, cooldown) == expected
 
 
 # failures, initial, max, rand -> delay

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import uuid
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -170,7 +171,13 @@ INVALID = [
     (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "startsAt"), _DELETE, ("alerts", 0, "startsAt")),
     (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "startsAt"), "yesterday", ("alerts", 0, "startsAt")),
     (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "startsAt"), "2026-11-22", ("alerts", 0, "startsAt")),
+    # shaped like a time but not one: the event id counts episodes from startsAt
+    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "startsAt"), "2026-13-22T03:00:00Z", ("alerts", 0, "startsAt")),
+    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "startsAt"), "2026-02-30T03:00:00Z", ("alerts", 0, "startsAt")),
+    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "startsAt"), "0000-01-01T00:00:00Z", ("alerts", 0, "startsAt")),
+    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "startsAt"), "2026-11-22T03:00:00+24:00", ("alerts", 0, "startsAt")),
     (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "endsAt"), 0, ("alerts", 0, "endsAt")),
+    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "endsAt"), "2026-11-22T25:00:00Z", ("alerts", 0, "endsAt")),
     (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "fingerprint"), "", ("alerts", 0, "fingerprint")),
     (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "fingerprint"), "a/b c", ("alerts", 0, "fingerprint")),
     # "|" separates the parts of the event id's name: allowing it would make two alerts collide
@@ -205,6 +212,7 @@ MINIMAL = [
     (("externalURL",), _DELETE),
     (("alerts", 0, "startsAt"), "2026-11-22T03:00:00+05:30"),
     (("alerts", 0, "startsAt"), "2026-11-22 03:00:00Z"),
+    (("alerts", 0, "startsAt"), "2026-11-22t03:00:00.5z"),  # RFC 3339 allows lower case
     (("alerts", 0, "unknownField"), {"nested": True}),
 ]
 
@@ -246,12 +254,15 @@ def test_alert_without_fingerprint_gets_alertmanagers() -> None:
     assert alerts[0].fingerprint == "b4ab7c4e8d6676fb"
 
 
-# (fingerprint, status, startsAt) pairs that must give different event ids
+# (fingerprint, status, startsAt[, episode]) pairs that must give different event ids
 DISTINCT_IDS = [
     (("fp1", "firing", "2026-11-22T03:00:00Z"), ("fp2", "firing", "2026-11-22T03:00:00Z")),
     (("fp1", "firing", "2026-11-22T03:00:00Z"), ("fp1", "resolved", "2026-11-22T03:00:00Z")),
     (("fp1", "firing", "2026-11-22T03:00:00Z"), ("fp1", "firing", "2026-11-22T03:00:01Z")),
     (("fp1", "firing", "2026-11-22T03:00:00Z"), ("fp1", "firing", "2026-11-22T03:00:00.000Z")),
+    (("fp1", "firing", "2026-11-22T03:00:00Z", 0), ("fp1", "firing", "2026-11-22T03:00:00Z", 1)),
+    (("fp1", "firing", "2026-11-22T03:00:00Z", 1), ("fp1", "firing", "2026-11-22T03:00:00Z", 2)),
+    (("fp1", "firing", "2026-11-22T03:00:00Z", 1), ("fp1", "firing", "2026-11-22T03:00:00Z", 11)),
 ]
 
 
@@ -265,6 +276,10 @@ def test_event_id_is_stable_across_processes_and_releases() -> None:
     assert event_id("b4ab7c4e8d6676fb", "firing", "2021-10-12T09:51:03.157076+02:00") == uuid.UUID(
         "ef3f6f88-0d89-548a-9493-0720465a76c8"
     )
+    alert = ("b4ab7c4e8d6676fb", "firing", "2021-10-12T09:51:03.157076+02:00")
+    # episode 0 is the id from before episodes existed
+    assert event_id(*alert, 0) == uuid.UUID("ef3f6f88-0d89-548a-9493-0720465a76c8")
+    assert event_id(*alert, 3) == uuid.UUID("c1f39fde-83c7-54e2-9d63-49f767f935bc")
 
 
 def _alert(**changes: Any) -> Alert:
@@ -294,11 +309,23 @@ def test_event_shape_matches_the_triggers_in_prefect_yaml() -> None:
     }
 
 
-def test_resent_alert_is_the_same_event_at_any_time() -> None:
-    one, two = build_event(_alert()), build_event(_alert())
-    assert one["id"] == two["id"]
-    assert build_event(_alert(status="resolved"))["event"] == "alert.resolved"
-    assert build_event(_alert(status="resolved"))["id"] != one["id"]
+def test_resent_alert_is_the_same_event_within_an_episode() -> None:
+    started = datetime.fromisoformat("2026-11-22T03:00:00.123456Z")  # the sample's startsAt
+
+    def event_at(seconds: float, status: str = "firing") -> dict[str, Any]:
+        received = started + timedelta(seconds=seconds)
+        return build_event(_alert(status=status), occurred=received, cooldown_s=300)
+
+    first = event_at(30)
+    assert event_at(299.9)["id"] == first["id"]
+    assert first["id"] == build_event(_alert())["id"]  # episode 0: the id without an episode
+    assert event_at(300)["id"] != first["id"]  # still firing a cooldown later: a new event
+    assert event_at(300)["id"] == event_at(599)["id"] != event_at(600)["id"]
+    assert event_at(300)["occurred"] == (started + timedelta(seconds=300)).isoformat()
+    resolved = event_at(30, "resolved")
+    assert resolved["event"] == "alert.resolved"
+    assert resolved["id"] not in (first["id"], event_at(300)["id"])
+    assert event_at(86_400, "resolved")["id"] == resolved["id"]  # one resolved event per start
 
 
 # alert labels -> resource labels (beyond id and name) that must come out

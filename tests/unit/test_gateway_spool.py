@@ -1,14 +1,18 @@
 """The spool on a real SQLite file: WAL + full sync, dedup and cooldown in one transaction,
-undelivered events surviving a reopen, one gateway per spool, pruning."""
+a still-firing alert re-sent after the cooldown as a new event, undelivered events surviving a
+reopen, one gateway per spool, pruning."""
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from alert_gateway.events import build_event, encode_event
+from alert_gateway.models import Alert
 from alert_gateway.spool import Decision, NewEvent, Spool, SpoolLocked
 
 F, D, C = Decision.FORWARD, Decision.DUPLICATE, Decision.COOLDOWN
@@ -51,6 +55,53 @@ def test_accept_stores_new_events_and_decides_duplicates_and_cooldown(spool: Spo
     assert spool.accept([ev(5, "a")], now=1299.0, cooldown_s=300) == [C]
     assert spool.accept([ev(6, "a")], now=1300.0, cooldown_s=300) == [F]
     assert spool.accept([ev(7, "a")], now=1301.0, cooldown_s=300) == [C]
+
+
+STARTED = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
+
+# Alertmanager re-sends one alert (startsAt 03:00, cooldown 300 s) at these seconds after its start:
+# status, seconds, decision, which event it is (the same letter: the same id; None: held back)
+RESEND_TIMELINE = [
+    ("firing", 30, F, "a"),  # group_wait
+    ("firing", 31, D, "a"),  # an Alertmanager replica's copy
+    ("firing", 299, D, "a"),
+    ("firing", 310, C, None),  # episode 1, but only 280 s after the forwarded one
+    ("firing", 330, F, "b"),  # the run crashed, the alert still fires: a new event
+    ("firing", 335, D, "b"),
+    ("firing", 600, C, None),  # episode 2, 270 s after the last forwarded
+    ("firing", 629.9, C, None),
+    ("firing", 630, F, "c"),
+    ("firing", 14_430, F, "d"),  # repeat_interval 4h: episode 48
+    ("firing", 14_431, D, "d"),
+    ("resolved", 14_500, F, "r"),  # resolved passes the cooldown...
+    ("resolved", 14_560, D, "r"),
+    ("resolved", 90_000, D, "r"),  # ...once per start, however late the re-send
+]
+
+
+def test_still_firing_alert_is_a_new_event_once_per_cooldown(spool: Spool) -> None:
+    alert = Alert(
+        source="alertmanager",
+        status="firing",
+        fingerprint="fp",
+        labels={"alertname": "A"},
+        annotations={},
+        starts_at="2026-11-22T03:00:00Z",
+        ends_at=None,
+        generator_url="",
+        group_key="",
+        receiver="runbooks",
+    )
+    ids: dict[str, str] = {}
+    for status, seconds, expected, which in RESEND_TIMELINE:
+        received = STARTED + timedelta(seconds=seconds)
+        event = build_event(alert.model_copy(update={"status": status}), received, cooldown_s=300)
+        new = NewEvent(event["id"], "fp", status, encode_event(event))
+        assert spool.accept([new], now=received.timestamp(), cooldown_s=300) == [expected], seconds
+        if which is not None:
+            assert ids.setdefault(which, event["id"]) == event["id"], seconds
+    assert len(set(ids.values())) == len(ids)  # a, b, c, d and r are five events
+    assert [e.id for e in spool.pending(10)] == [ids[w] for w in "abcdr"]
 
 
 def test_delivered_event_stays_a_duplicate(spool: Spool) -> None:

@@ -16,7 +16,9 @@ from tasks.postgres import (
     IdleCriteria,
     PoolAction,
     PoolTargets,
+    classify_sessions,
     decide_pool_relief,
+    describe_idle,
     has_headroom,
     is_transient,
     skip_reason,
@@ -164,31 +166,172 @@ def test_pool_headroom(
 
 
 @pytest.mark.parametrize(
-    ("client", "candidates", "min_free", "action", "sufficient"),
+    ("client", "idle", "recent", "left_alone", "min_free", "action", "sufficient", "recently"),
     [
-        (50, 0, 5, PoolAction.NONE, True),  # healthy: nothing to do
-        (50, 20, 5, PoolAction.NONE, True),  # idle sessions alone are no reason to act
-        (95, 0, 5, PoolAction.ESCALATE, False),  # busy sessions alone exhaust the pool
-        (95, 10, 5, PoolAction.TERMINATE, True),  # 12 free after
-        (95, 3, 5, PoolAction.TERMINATE, True),  # exactly 5 free after
-        (95, 2, 5, PoolAction.TERMINATE, False),  # helps, but stays short of the target
-        (99, 1, 5, PoolAction.TERMINATE, False),
-        (97, 97, 97, PoolAction.TERMINATE, True),
+        (50, 0, 0, 0, 5, PoolAction.NONE, True, False),  # healthy: nothing to do
+        (50, 20, 0, 0, 5, PoolAction.NONE, True, False),  # idle sessions alone: no reason to act
+        (50, 0, 30, 0, 5, PoolAction.NONE, True, False),
+        (95, 0, 0, 0, 5, PoolAction.ESCALATE, False, False),  # busy sessions alone exhaust it
+        (95, 0, 0, 7, 5, PoolAction.ESCALATE, False, False),  # idle, but none the runbook's
+        (95, 10, 0, 0, 5, PoolAction.TERMINATE, True, False),  # 12 free after
+        (95, 3, 0, 0, 5, PoolAction.TERMINATE, True, False),  # exactly 5 free after
+        (95, 2, 0, 0, 5, PoolAction.TERMINATE, False, False),  # helps, but stays short
+        (99, 1, 0, 0, 5, PoolAction.TERMINATE, False, False),
+        (97, 97, 0, 0, 97, PoolAction.TERMINATE, True, False),
+        # a sudden pool leak: every idle session younger than the threshold
+        (97, 0, 25, 0, 5, PoolAction.TERMINATE, True, True),
+        (97, 0, 25, 3, 5, PoolAction.TERMINATE, True, True),
+        (97, 0, 2, 0, 5, PoolAction.TERMINATE, False, True),  # all it can, still short
+        # long-idle ones suffice: the recently idle ones are left to their application
+        (95, 10, 25, 0, 5, PoolAction.TERMINATE, True, False),
+        (95, 3, 25, 0, 5, PoolAction.TERMINATE, True, False),
+        # long-idle ones are not enough: the recently idle ones too
+        (95, 2, 25, 0, 5, PoolAction.TERMINATE, True, True),
+        (99, 1, 1, 0, 5, PoolAction.TERMINATE, False, True),
     ],
 )
 def test_whether_to_act(
-    client: int, candidates: int, min_free: int, action: PoolAction, sufficient: bool
+    client: int,
+    idle: int,
+    recent: int,
+    left_alone: int,
+    min_free: int,
+    action: PoolAction,
+    sufficient: bool,
+    recently: bool,
 ) -> None:
     targets = PoolTargets(target_headroom_percent=0, min_free_connections=min_free)
-    decision = decide_pool_relief(usage(client), candidates, targets)
-    assert (decision.action, decision.sufficient) == (action, sufficient)
-
-
-def test_escalation_reason_names_busy_connections() -> None:
     decision = decide_pool_relief(
-        usage(97), 0, PoolTargets(target_headroom_percent=10, min_free_connections=0)
+        usage(client), targets, idle=idle, recently_idle=recent, left_alone=left_alone
     )
-    assert "busy connections alone exhaust the pool" in decision.reason
+    assert (decision.action, decision.sufficient, decision.recently_idle) == (
+        action,
+        sufficient,
+        recently,
+    )
+
+
+@pytest.mark.parametrize(
+    ("idle", "recent", "left_alone", "words"),
+    [
+        (0, 0, 0, "no idle connection to terminate: busy connections alone exhaust the pool"),
+        (0, 0, 7, "no idle connection the runbook may terminate: 7 idle one(s) are excluded"),
+        (0, 25, 0, "none is idle over the threshold; terminating also the 25 idle for less"),
+        (1, 25, 0, "the 1 idle over the threshold are not enough; terminating also the 25"),
+        (10, 25, 0, "terminating 10 idle connection(s) should leave"),
+    ],
+)
+def test_decision_says_why(idle: int, recent: int, left_alone: int, words: str) -> None:
+    decision = decide_pool_relief(
+        usage(97),
+        PoolTargets(target_headroom_percent=0, min_free_connections=5),
+        idle=idle,
+        recently_idle=recent,
+        left_alone=left_alone,
+    )
+    assert words in decision.reason
+    assert ("needs approval" in decision.reason) is decision.recently_idle
+
+
+def session(pid: int, **overrides: Any) -> Backend:
+    return backend(pid=pid, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("sessions", "idle", "recent", "left_alone", "busy"),
+    [
+        ([], [], [], {}, 0),
+        # a sudden leak: idle, otherwise eligible, but younger than the threshold
+        ([session(1, idle_s=2.0), session(2, idle_s=17.0)], [], [2, 1], {}, 0),
+        ([session(1), session(2, idle_s=2.0)], [1], [2], {}, 0),
+        # oldest first
+        ([session(1, idle_s=400.0), session(2, idle_s=900.0)], [2, 1], [], {}, 0),
+        ([session(1, state="active", idle_s=0.0)], [], [], {}, 1),
+        ([session(1, state=None, idle_s=None)], [], [], {}, 1),
+        # idle ones the runbook never touches, whatever their age
+        (
+            [
+                session(1, usename="batch"),
+                session(2, usename="batch", idle_s=2.0),
+                session(3, application_name="ops-console"),
+                session(4, signalable=False),
+                session(5, state="idle in transaction"),
+                session(6, datname="billing"),
+            ],
+            [],
+            [],
+            {
+                "excluded role": 2,
+                "excluded application": 1,
+                "the runbook role may not terminate it (superuser session or no pg_signal_backend)": 1,
+                "state idle in transaction": 1,
+                "database not targeted": 1,
+            },
+            0,
+        ),
+        # neither the runbook's own session nor non-client processes count at all
+        ([session(1, own_session=True), session(2, backend_type="walsender")], [], [], {}, 0),
+    ],
+)
+def test_sessions_are_sorted_by_what_terminating_could_free(
+    sessions: list[Backend],
+    idle: list[int],
+    recent: list[int],
+    left_alone: dict[str, int],
+    busy: int,
+) -> None:
+    survey = classify_sessions(
+        sessions,
+        criteria(
+            exclude_roles=["batch"], exclude_applications=["ops-console"], databases=["orders"]
+        ),
+    )
+    assert [b.pid for b in survey.candidates] == idle
+    assert [b.pid for b in survey.recently_idle] == recent
+    assert survey.left_alone == left_alone
+    assert survey.busy == busy
+
+
+@pytest.mark.parametrize(
+    ("ages", "threshold", "words"),
+    [
+        ([2.1, 2.5, 2.9], 300.0, "3 idle for 2.1-2.9s (median 2.5s), below the 300s threshold"),
+        ([17.0] * 25, 300.0, "25 idle for 17s, below the 300s threshold"),
+        ([320.1, 400.0], 300.0, "2 idle for 320-400s (median 360s), over the 300s threshold"),
+        ([0.4], 0.5, "1 idle for 0.4s, below the 0.5s threshold"),
+    ],
+)
+def test_idle_sessions_are_described_by_age_and_holder(
+    ages: list[float], threshold: float, words: str
+) -> None:
+    text = describe_idle([session(i, idle_s=a) for i, a in enumerate(ages)], threshold)
+    assert text == f"{words}, held by orders_app/orders-api ({len(ages)})"
+
+
+def test_survey_says_what_it_saw() -> None:
+    survey = classify_sessions(
+        [
+            *(session(i, idle_s=2.0 + i / 10, application_name="leaky") for i in range(5)),
+            session(10, state="active"),
+            session(11, usename="batch"),
+        ],
+        criteria(exclude_roles=["batch"]),
+    )
+    assert survey.describe() == (
+        "5 idle for 2.0-2.4s (median 2.2s), below the 300s threshold, held by orders_app/leaky (5)"
+        "; 1 idle left alone (excluded role: 1); 1 busy"
+    )
+    assert survey.evidence() == {
+        "idle_threshold_s": 300.0,
+        "idle_over_threshold": {"count": 0},
+        "idle_below_threshold": {
+            "count": 5,
+            "idle_s": {"youngest": 2.0, "median": 2.2, "oldest": 2.4},
+            "by_role_application": {"orders_app/leaky": 5},
+        },
+        "idle_left_alone": {"excluded role": 1},
+        "busy": 1,
+    }
 
 
 @pytest.mark.parametrize(

@@ -119,6 +119,33 @@ def test_names_are_distinct_per_target_and_action() -> None:
     assert budget_variable(a, "restart") != budget_variable(a, "terminate")
 
 
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        # one PostgreSQL server (its system_identifier) reached by two host names
+        (
+            Target("postgres", "127.0.0.1:5432", "7313046425316312345"),
+            Target("postgres", "localhost:5432", "7313046425316312345"),
+        ),
+        (
+            Target("kafka-cluster", "127.0.0.1:9092", "cluster-id abc"),
+            Target("kafka-cluster", "localhost:9092,kafka-1:9092", "cluster-id abc"),
+        ),
+    ],
+)
+def test_one_identity_one_lock_budget_and_resource(a: Target, b: Target) -> None:
+    assert a.lock_name == b.lock_name
+    assert budget_variable(a, "restart") == budget_variable(b, "restart")
+    assert a.resource_id == b.resource_id
+    assert a.label != b.label  # the report still says which address the block used
+
+
+def test_same_name_other_identity_is_another_target() -> None:
+    # two servers behind one address over time (a failover to a new cluster) are not one target
+    a, b = Target("postgres", "db:5432", "1"), Target("postgres", "db:5432", "2")
+    assert a.lock_name != b.lock_name
+
+
 def test_scrub_masks_secrets_at_any_depth() -> None:
     data = {
         "host": "db",

@@ -15,9 +15,12 @@ from tasks.wal import (
     compare_delivery,
     decide,
     deletable_segments,
+    describe_damage,
     kafka_failure,
+    quarantined_positions,
     to_ranges,
 )
+from tasks.wal_format import WalDamage, segment_name
 
 WAIT, ESCALATE, DRAIN, NOTHING = (
     WalAction.WAIT_FOR_NETWORK,
@@ -28,28 +31,41 @@ WAIT, ESCALATE, DRAIN, NOTHING = (
 
 
 @pytest.mark.parametrize(
-    ("pending", "threshold", "reachable", "expected"),
+    ("pending", "threshold", "reachable", "expected", "damaged"),
     [
-        (0, 5000, False, NOTHING),
-        (0, 5000, True, NOTHING),
-        (0, 0, False, NOTHING),
-        (1, 5000, False, WAIT),
-        (50, 5000, False, WAIT),  # the seed's 30-second blip
-        (4999, 5000, False, WAIT),
-        (5000, 5000, False, WAIT),  # "if > 5,000: investigate": 5,000 itself is still self-healing
-        (5001, 5000, False, ESCALATE),
-        (9999, 5000, False, ESCALATE),
-        (12000, 5000, False, ESCALATE),  # past capacity: still the human's call
-        (1, 0, False, ESCALATE),
-        (1, 5000, True, DRAIN),
-        (5000, 5000, True, DRAIN),
-        (5001, 5000, True, DRAIN),  # network is back: drain, whatever the size
-        (10000, 5000, True, DRAIN),
-        (3, 2, True, DRAIN),
+        (0, 5000, False, NOTHING, 0),
+        (0, 5000, True, NOTHING, 0),
+        (0, 0, False, NOTHING, 0),
+        (1, 5000, False, WAIT, 0),
+        (50, 5000, False, WAIT, 0),  # the seed's 30-second blip
+        (4999, 5000, False, WAIT, 0),
+        (
+            5000,
+            5000,
+            False,
+            WAIT,
+            0,
+        ),  # "if > 5,000: investigate": 5,000 itself is still self-healing
+        (5001, 5000, False, ESCALATE, 0),
+        (9999, 5000, False, ESCALATE, 0),
+        (12000, 5000, False, ESCALATE, 0),  # past capacity: still the human's call
+        (1, 0, False, ESCALATE, 0),
+        (1, 5000, True, DRAIN, 0),
+        (5000, 5000, True, DRAIN, 0),
+        (5001, 5000, True, DRAIN, 0),  # network is back: drain, whatever the size
+        (10000, 5000, True, DRAIN, 0),
+        (3, 2, True, DRAIN, 0),
+        # damage after the marker needs a drain even with no intact event pending: it is
+        # quarantined and escalated; it holds no event, or its events count as pending
+        (0, 5000, True, DRAIN, 1),
+        (0, 5000, False, WAIT, 1),
+        (1, 5000, True, DRAIN, 1),
     ],
 )
-def test_decide(pending: int, threshold: int, reachable: bool, expected: WalAction) -> None:
-    assert decide(pending, threshold, reachable) is expected
+def test_decide(
+    pending: int, threshold: int, reachable: bool, expected: WalAction, damaged: int
+) -> None:
+    assert decide(pending, threshold, reachable, damaged) is expected
 
 
 @pytest.mark.parametrize(
@@ -133,7 +149,9 @@ def _events(spec: str) -> list[tuple[str, int]]:
         ("", None, []),
     ],
 )
-def test_check_sequences(events: str, baseline: dict[str, int] | None, expected_problems: list[str]) -> None:
+def test_check_sequences(
+    events: str, baseline: dict[str, int] | None, expected_problems: list[str]
+) -> None:
     report = check_sequences(_events(events), baseline)
     assert report.problems() == expected_problems
     assert report.ok is (not expected_problems)
@@ -153,7 +171,13 @@ def _found(spec: str) -> list[TopicRecord]:
         part, rest = tok.split(":")
         src_seq, pos = rest.split("@p")
         out.append(
-            TopicRecord(partition=int(part), offset=offset, position=int(pos), source=src_seq[0], seq=int(src_seq[1:]))
+            TopicRecord(
+                partition=int(part),
+                offset=offset,
+                position=int(pos),
+                source=src_seq[0],
+                seq=int(src_seq[1:]),
+            )
         )
     return out
 
@@ -172,13 +196,78 @@ def _found(spec: str) -> list[TopicRecord]:
     ],
 )
 def test_compare_delivery(
-    found: str, start: int, end: int, missing: list[str], duplicated: list[int], reordered: list[int]
+    found: str,
+    start: int,
+    end: int,
+    missing: list[str],
+    duplicated: list[int],
+    reordered: list[int],
 ) -> None:
     report = compare_delivery("t", _found(found), start, end)
     assert [str(m) for m in report.missing] == missing
     assert report.duplicated == duplicated
     assert report.reordered == reordered
     assert report.ok is (not (missing or duplicated or reordered))
+
+
+@pytest.mark.parametrize(
+    ("found", "quarantined", "missing", "expected", "delivered"),
+    [
+        ("0:a1@p0 0:a3@p2", [1], [], 2, 2),  # the damaged position is not expected
+        ("0:a1@p0", [1], ["2"], 2, 1),  # but the others still are
+        ("0:a1@p0 0:a2@p1 0:a3@p2", [1], [], 2, 2),  # found anyway (sent before the damage)
+        ("", [0, 1, 2], [], 0, 0),
+        ("0:a1@p0 0:a3@p2", [5, 9], ["1"], 3, 2),  # quarantined elsewhere: no effect here
+    ],
+)
+def test_compare_delivery_with_quarantined_positions(
+    found: str, quarantined: list[int], missing: list[str], expected: int, delivered: int
+) -> None:
+    report = compare_delivery("t", _found(found), 0, 3, quarantined=quarantined)
+    assert [str(m) for m in report.missing] == missing
+    assert (report.expected, report.delivered) == (expected, delivered)
+    assert report.ok is (not missing)
+
+
+def _damage(first: int, positions: int) -> WalDamage:
+    return WalDamage(
+        segment=segment_name(0),
+        offset=7 * first,
+        length=40,
+        first_position=first,
+        positions=positions,
+        reason="crc mismatch",
+        sha256="0" * 64,
+    )
+
+
+@pytest.mark.parametrize(
+    ("damage", "positions", "described"),
+    [
+        ([], set(), "0 damaged region(s) holding 0 event(s): "),
+        (
+            [(3, 1)],
+            {3},
+            "1 damaged region(s) holding 1 event(s): 00000000000000000000.wal byte 21 "
+            "(40 bytes, position 3): crc mismatch",
+        ),
+        (
+            [(3, 2), (9, 0)],
+            {3, 4},
+            "2 damaged region(s) holding 2 event(s): 00000000000000000000.wal "
+            "byte 21 (40 bytes, position 3..4): crc mismatch; 00000000000000000000.wal byte 63 (40 bytes, "
+            "no position (before 9)): crc mismatch",
+        ),
+        ([(1, 1), (2, 1), (3, 1), (4, 1)], {1, 2, 3, 4}, "; and 1 more"),
+    ],
+)
+def test_quarantined_positions_and_description(
+    damage: list[tuple[int, int]], positions: set[int], described: str
+) -> None:
+    regions = [_damage(first, n) for first, n in damage]
+    assert quarantined_positions(regions) == positions
+    text = describe_damage(regions)
+    assert text.startswith(described) or text.endswith(described)
 
 
 @pytest.mark.parametrize(
