@@ -57,8 +57,12 @@ def fired_label_sets() -> dict[str, list[dict[str, str]]]:
 
 def run_tool(*argv: str) -> subprocess.CompletedProcess[str]:
     binary = shutil.which(argv[0])
-    assert binary, f"{argv[0]} not installed: run `make test` (installs prometheus and prometheus-alertmanager)"
-    return subprocess.run([binary, *argv[1:]], capture_output=True, text=True, timeout=60, check=False)
+    assert binary, (
+        f"{argv[0]} not installed: run `make test` (installs prometheus and prometheus-alertmanager)"
+    )
+    return subprocess.run(
+        [binary, *argv[1:]], capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def test_promtool_accepts_the_rules() -> None:
@@ -70,7 +74,9 @@ def test_promtool_accepts_the_rules() -> None:
 def test_every_rule_fires_in_promtool_unit_tests() -> None:
     result = run_tool("promtool", "test", "rules", str(RULE_TESTS))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert set(fired_label_sets()) == set(rules()), "every rule needs a promtool case where it fires"
+    assert set(fired_label_sets()) == set(rules()), (
+        "every rule needs a promtool case where it fires"
+    )
 
 
 def test_amtool_accepts_the_alertmanager_config() -> None:

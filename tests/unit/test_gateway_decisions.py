@@ -35,8 +35,12 @@ COOLDOWN_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("status", "spooled", "last", "now", "cooldown", "expected"), COOLDOWN_CASES)
-def test_decide(status: str, spooled: bool, last: float | None, now: float, cooldown: float, expected: Decision) -> None:
+@pytest.mark.parametrize(
+    ("status", "spooled", "last", "now", "cooldown", "expected"), COOLDOWN_CASES
+)
+def test_decide(
+    status: str, spooled: bool, last: float | None, now: float, cooldown: float, expected: Decision
+) -> None:
     assert decide(status, spooled, last, now, cooldown) is expected
 
 
@@ -87,7 +91,9 @@ BACKOFF_CASES = [
 
 
 @pytest.mark.parametrize(("failures", "initial", "maximum", "rand", "expected"), BACKOFF_CASES)
-def test_backoff_delay(failures: int, initial: float, maximum: float, rand: float, expected: float) -> None:
+def test_backoff_delay(
+    failures: int, initial: float, maximum: float, rand: float, expected: float
+) -> None:
     assert backoff_delay(failures, initial, maximum, rand) == pytest.approx(expected, rel=1e-5)
 
 

@@ -161,28 +161,142 @@ INVALID = [
     (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts",), _DELETE, ("alerts",)),
     (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts",), [], ("alerts",)),
     (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts",), {"a": 1}, ("alerts",)),
-    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "status"), _DELETE, ("alerts", 0, "status")),
-    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "status"), "pending", ("alerts", 0, "status")),
-    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 1, "labels"), _DELETE, ("alerts", 1, "labels")),
-    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 1, "labels"), {}, ("alerts", 1, "labels")),
-    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "labels", "zone"), 1, ("alerts", 0, "labels", "zone")),
-    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "labels", "zone"), None, ("alerts", 0, "labels", "zone")),
-    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "annotations"), ["x"], ("alerts", 0, "annotations")),
-    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "startsAt"), _DELETE, ("alerts", 0, "startsAt")),
-    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "startsAt"), "yesterday", ("alerts", 0, "startsAt")),
-    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "startsAt"), "2026-11-22", ("alerts", 0, "startsAt")),
+    (
+        AlertmanagerWebhook,
+        ALERTMANAGER_SAMPLE,
+        ("alerts", 0, "status"),
+        _DELETE,
+        ("alerts", 0, "status"),
+    ),
+    (
+        AlertmanagerWebhook,
+        ALERTMANAGER_SAMPLE,
+        ("alerts", 0, "status"),
+        "pending",
+        ("alerts", 0, "status"),
+    ),
+    (
+        AlertmanagerWebhook,
+        ALERTMANAGER_SAMPLE,
+        ("alerts", 1, "labels"),
+        _DELETE,
+        ("alerts", 1, "labels"),
+    ),
+    (
+        AlertmanagerWebhook,
+        ALERTMANAGER_SAMPLE,
+        ("alerts", 1, "labels"),
+        {},
+        ("alerts", 1, "labels"),
+    ),
+    (
+        AlertmanagerWebhook,
+        ALERTMANAGER_SAMPLE,
+        ("alerts", 0, "labels", "zone"),
+        1,
+        ("alerts", 0, "labels", "zone"),
+    ),
+    (
+        AlertmanagerWebhook,
+        ALERTMANAGER_SAMPLE,
+        ("alerts", 0, "labels", "zone"),
+        None,
+        ("alerts", 0, "labels", "zone"),
+    ),
+    (
+        AlertmanagerWebhook,
+        ALERTMANAGER_SAMPLE,
+        ("alerts", 0, "annotations"),
+        ["x"],
+        ("alerts", 0, "annotations"),
+    ),
+    (
+        AlertmanagerWebhook,
+        ALERTMANAGER_SAMPLE,
+        ("alerts", 0, "startsAt"),
+        _DELETE,
+        ("alerts", 0, "startsAt"),
+    ),
+    (
+        AlertmanagerWebhook,
+        ALERTMANAGER_SAMPLE,
+        ("alerts", 0, "startsAt"),
+        "yesterday",
+        ("alerts", 0, "startsAt"),
+    ),
+    (
+        AlertmanagerWebhook,
+        ALERTMANAGER_SAMPLE,
+        ("alerts", 0, "startsAt"),
+        "2026-11-22",
+        ("alerts", 0, "startsAt"),
+    ),
     # shaped like a time but not one: the event id counts episodes from startsAt
-    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "startsAt"), "2026-13-22T03:00:00Z", ("alerts", 0, "startsAt")),
-    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "startsAt"), "2026-02-30T03:00:00Z", ("alerts", 0, "startsAt")),
-    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "startsAt"), "0000-01-01T00:00:00Z", ("alerts", 0, "startsAt")),
-    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "startsAt"), "2026-11-22T03:00:00+24:00", ("alerts", 0, "startsAt")),
+    (
+        AlertmanagerWebhook,
+        ALERTMANAGER_SAMPLE,
+        ("alerts", 0, "startsAt"),
+        "2026-13-22T03:00:00Z",
+        ("alerts", 0, "startsAt"),
+    ),
+    (
+        AlertmanagerWebhook,
+        ALERTMANAGER_SAMPLE,
+        ("alerts", 0, "startsAt"),
+        "2026-02-30T03:00:00Z",
+        ("alerts", 0, "startsAt"),
+    ),
+    (
+        AlertmanagerWebhook,
+        ALERTMANAGER_SAMPLE,
+        ("alerts", 0, "startsAt"),
+        "0000-01-01T00:00:00Z",
+        ("alerts", 0, "startsAt"),
+    ),
+    (
+        AlertmanagerWebhook,
+        ALERTMANAGER_SAMPLE,
+        ("alerts", 0, "startsAt"),
+        "2026-11-22T03:00:00+24:00",
+        ("alerts", 0, "startsAt"),
+    ),
     (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "endsAt"), 0, ("alerts", 0, "endsAt")),
-    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "endsAt"), "2026-11-22T25:00:00Z", ("alerts", 0, "endsAt")),
-    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "fingerprint"), "", ("alerts", 0, "fingerprint")),
-    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "fingerprint"), "a/b c", ("alerts", 0, "fingerprint")),
+    (
+        AlertmanagerWebhook,
+        ALERTMANAGER_SAMPLE,
+        ("alerts", 0, "endsAt"),
+        "2026-11-22T25:00:00Z",
+        ("alerts", 0, "endsAt"),
+    ),
+    (
+        AlertmanagerWebhook,
+        ALERTMANAGER_SAMPLE,
+        ("alerts", 0, "fingerprint"),
+        "",
+        ("alerts", 0, "fingerprint"),
+    ),
+    (
+        AlertmanagerWebhook,
+        ALERTMANAGER_SAMPLE,
+        ("alerts", 0, "fingerprint"),
+        "a/b c",
+        ("alerts", 0, "fingerprint"),
+    ),
     # "|" separates the parts of the event id's name: allowing it would make two alerts collide
-    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "fingerprint"), "a|b", ("alerts", 0, "fingerprint")),
-    (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("alerts", 0, "fingerprint"), "f" * 129, ("alerts", 0, "fingerprint")),
+    (
+        AlertmanagerWebhook,
+        ALERTMANAGER_SAMPLE,
+        ("alerts", 0, "fingerprint"),
+        "a|b",
+        ("alerts", 0, "fingerprint"),
+    ),
+    (
+        AlertmanagerWebhook,
+        ALERTMANAGER_SAMPLE,
+        ("alerts", 0, "fingerprint"),
+        "f" * 129,
+        ("alerts", 0, "fingerprint"),
+    ),
     (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("truncatedAlerts",), -1, ("truncatedAlerts",)),
     (AlertmanagerWebhook, ALERTMANAGER_SAMPLE, ("groupLabels",), "x", ("groupLabels",)),
     (GrafanaWebhook, GRAFANA_SAMPLE, ("alerts",), _DELETE, ("alerts",)),
@@ -194,7 +308,9 @@ INVALID = [
 
 
 @pytest.mark.parametrize(("model", "sample", "path", "value", "loc"), INVALID)
-def test_invalid_payload_names_the_field(model: type, sample: dict, path: tuple, value: Any, loc: tuple) -> None:
+def test_invalid_payload_names_the_field(
+    model: type, sample: dict, path: tuple, value: Any, loc: tuple
+) -> None:
     with pytest.raises(ValidationError) as raised:
         model.model_validate_json(json.dumps(_mutated(sample, path, value)))
     assert loc in [e["loc"][: len(loc)] for e in raised.value.errors()]
@@ -234,8 +350,12 @@ def test_too_many_labels_for_prefect_is_invalid() -> None:
 FINGERPRINTS = [
     ({"alertname": "High memory usage", "team": "blue", "zone": "us-1"}, "b4ab7c4e8d6676fb"),
     (
-        {"alertname": "KafkaBrokerDown", "namespace": "streaming", "kafka_cluster": "prod-kafka",
-         "desc": "é—✓ 日本"},
+        {
+            "alertname": "KafkaBrokerDown",
+            "namespace": "streaming",
+            "kafka_cluster": "prod-kafka",
+            "desc": "é—✓ 日本",
+        },
         "bad18f6bc526a957",
     ),
     ({}, "cbf29ce484222325"),
@@ -289,7 +409,9 @@ def _alert(**changes: Any) -> Alert:
 
 def test_event_shape_matches_the_triggers_in_prefect_yaml() -> None:
     event = build_event(_alert())
-    assert event["id"] == str(event_id("b4ab7c4e8d6676fb", "firing", "2026-11-22T03:00:00.123456789Z"))
+    assert event["id"] == str(
+        event_id("b4ab7c4e8d6676fb", "firing", "2026-11-22T03:00:00.123456789Z")
+    )
     assert event["event"] == "alert.firing"
     assert event["resource"] == {
         "prefect.resource.id": "alert.b4ab7c4e8d6676fb",
@@ -330,8 +452,14 @@ def test_resent_alert_is_the_same_event_within_an_episode() -> None:
 
 # alert labels -> resource labels (beyond id and name) that must come out
 RESERVED_LABELS = [
-    ({"alertname": "A", "prefect.resource.id": "x"}, {"alertname": "A", "alert.label.prefect.resource.id": "x"}),
-    ({"alertname": "A", "prefect.resource.role": "flow"}, {"alertname": "A", "alert.label.prefect.resource.role": "flow"}),
+    (
+        {"alertname": "A", "prefect.resource.id": "x"},
+        {"alertname": "A", "alert.label.prefect.resource.id": "x"},
+    ),
+    (
+        {"alertname": "A", "prefect.resource.role": "flow"},
+        {"alertname": "A", "alert.label.prefect.resource.role": "flow"},
+    ),
     ({"alertname": "A", "prefectish": "ok"}, {"alertname": "A", "prefectish": "ok"}),
 ]
 
@@ -350,7 +478,9 @@ def test_alert_without_alertname_is_named_by_its_fingerprint() -> None:
 
 
 def test_nul_characters_are_replaced_everywhere() -> None:
-    event = build_event(_alert(labels={"alertname": "a\x00b", "k\x00": "v"}, annotations={"s": "\x00"}))
+    event = build_event(
+        _alert(labels={"alertname": "a\x00b", "k\x00": "v"}, annotations={"s": "\x00"})
+    )
     text = encode_event(event)
     assert "\\u0000" not in text and "\x00" not in text
     assert event["resource"]["alertname"] == "a\ufffdb"
@@ -358,7 +488,9 @@ def test_nul_characters_are_replaced_everywhere() -> None:
 
 def test_unicode_and_long_annotations_survive_encoding() -> None:
     long_text = "détails ✓ 日本語 🚨 " * 20_000
-    event = build_event(_alert(labels={"alertname": "Ünïcødé ✓", "équipe": "数据"}, annotations={"d": long_text}))
+    event = build_event(
+        _alert(labels={"alertname": "Ünïcødé ✓", "équipe": "数据"}, annotations={"d": long_text})
+    )
     decoded = json.loads(encode_event(event))
     assert decoded["payload"]["annotations"]["d"] == long_text
     assert decoded["resource"]["équipe"] == "数据"

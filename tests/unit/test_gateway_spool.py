@@ -43,13 +43,22 @@ def test_spool_is_wal_with_full_sync(spool: Spool) -> None:
 
 def test_accept_stores_new_events_and_decides_duplicates_and_cooldown(spool: Spool) -> None:
     decisions = spool.accept(
-        [ev(1, "a"), ev(1, "a"), ev(2, "a"), ev(3, "b"), ev(4, "a", "resolved"), ev(4, "a", "resolved")],
+        [
+            ev(1, "a"),
+            ev(1, "a"),
+            ev(2, "a"),
+            ev(3, "b"),
+            ev(4, "a", "resolved"),
+            ev(4, "a", "resolved"),
+        ],
         now=1000.0,
         cooldown_s=300,
     )
     assert decisions == [F, D, C, F, F, D]
     assert [(i, s) for i, s, _ in rows(spool.path)] == [
-        ("id-1", "pending"), ("id-3", "pending"), ("id-4", "pending"),
+        ("id-1", "pending"),
+        ("id-3", "pending"),
+        ("id-4", "pending"),
     ]
     # cooldown counts from the last *forwarded* firing, not from the suppressed one
     assert spool.accept([ev(5, "a")], now=1299.0, cooldown_s=300) == [C]
@@ -147,8 +156,12 @@ def test_rejected_event_leaves_the_queue_but_is_kept(spool: Spool) -> None:
     spool.mark_rejected("id-1", "Prefect refused the event (422)", now=2.0)
     assert [e.id for e in spool.pending(10)] == ["id-2"]
     with sqlite3.connect(spool.path) as db:
-        assert db.execute("SELECT state, attempts, last_error FROM events WHERE id = 'id-1'").fetchone() == (
-            "rejected", 2, "Prefect refused the event (422)",
+        assert db.execute(
+            "SELECT state, attempts, last_error FROM events WHERE id = 'id-1'"
+        ).fetchone() == (
+            "rejected",
+            2,
+            "Prefect refused the event (422)",
         )
 
 

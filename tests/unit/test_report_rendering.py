@@ -231,14 +231,17 @@ PAGE, OBSERVE, NOBODY = Notify.PAGE, Notify.OBSERVE, Notify.NOBODY
         (BudgetSpent("spent", notify=False), False, Outcome.ESCALATED, NOBODY, True),
         (VF, False, Outcome.FAILED, PAGE, True),
         (ValueError("bug"), False, Outcome.FAILED, PAGE, False),
-        (KeyboardInterrupt(), False, Outcome.FAILED, NOBODY, False),
+        # Ctrl-C / SIGTERM of the serving process mid-run: nobody would know otherwise
+        (KeyboardInterrupt(), False, Outcome.FAILED, PAGE, False),
+        (TargetBusy("held by run x", escalate=True), False, Outcome.TARGET_BUSY, PAGE, True),
         # a dry-run never pages: what it would escalate completes it, observe channels hear it
         (ESC, True, Outcome.WOULD_ESCALATE, OBSERVE, True),
         (VF, True, Outcome.WOULD_ESCALATE, OBSERVE, True),
         (ApprovalRejected("bob"), True, Outcome.WOULD_ESCALATE, OBSERVE, True),
         (BudgetSpent("spent", notify=False), True, Outcome.WOULD_ESCALATE, NOBODY, True),
         (ValueError("bug"), True, Outcome.FAILED, OBSERVE, False),
-        (KeyboardInterrupt(), True, Outcome.FAILED, NOBODY, False),
+        (KeyboardInterrupt(), True, Outcome.FAILED, OBSERVE, False),
+        (TargetBusy("held by run x", escalate=True), True, Outcome.WOULD_ESCALATE, OBSERVE, True),
     ],
 )
 def test_decide_ending(
@@ -246,6 +249,12 @@ def test_decide_ending(
 ) -> None:
     ending = decide_ending(exc, dry_run)
     assert (ending.outcome, ending.notify, ending.expected) == (outcome, notify, expected)
+
+
+def test_a_cancelled_run_pages_nobody() -> None:
+    """A person cancelled it (Prefect's cancellation interrupts the process): they know."""
+    ending = decide_ending(KeyboardInterrupt(), dry_run=False, cancelled=True)
+    assert (ending.notify, ending.kind) == (Notify.NOBODY, None)
 
 
 @pytest.mark.parametrize(
@@ -262,7 +271,12 @@ def test_decide_ending(
         ),
         (VF, False, "verification_failed", "Verification failed: lag still 9000"),
         (ValueError("bug"), False, "failed", "Run failed: ValueError: bug"),
-        (KeyboardInterrupt(), False, None, "Run failed: KeyboardInterrupt: "),
+        (
+            KeyboardInterrupt(),
+            False,
+            EscalationKind.INTERRUPTED,
+            "Run interrupted (KeyboardInterrupt) before it finished",
+        ),
         (
             ESC,
             True,
