@@ -604,6 +604,7 @@ _NOTHING_DONE: dict[Outcome | None, str] = {
     Outcome.WOULD_ESCALATE: "Nothing was planned: the run would escalate before acting.",
     Outcome.ESCALATED: "Nothing was changed: escalated before acting.",
     Outcome.FAILED: "Nothing was changed: the run failed before acting.",
+    Outcome.AWAITING_APPROVAL: "Nothing was changed yet: waiting for a human's approval.",
 }
 
 

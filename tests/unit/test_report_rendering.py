@@ -363,10 +363,16 @@ def test_before_after_cell(before: list, after: list, cell: str) -> None:
         (Outcome.WOULD_ESCALATE, "Nothing was planned: the run would escalate before acting."),
         (Outcome.ESCALATED, "Nothing was changed: escalated before acting."),
         (Outcome.FAILED, "Nothing was changed: the run failed before acting."),
+        (Outcome.AWAITING_APPROVAL, "Nothing was changed yet: waiting for a human's approval."),
     ],
 )
 def test_nothing_done_says_why(outcome: Outcome | None, sentence: str) -> None:
     assert nothing_done(outcome) == sentence
+
+
+@pytest.mark.parametrize("outcome", list(Outcome))
+def test_every_outcome_renders(outcome: Outcome) -> None:
+    assert nothing_done(outcome)
 
 
 @pytest.mark.parametrize(
