@@ -8,7 +8,6 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
 
-import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -110,11 +109,52 @@ def read_incident_report(flow_run_id: object) -> str:
     return _latest_artifact(flow_run_id, "markdown")
 
 
-def read_actions_table(flow_run_id: object) -> list[dict[str, Any]]:
-    """The rows of a run's actions table artifact, before/after decoded from their JSON."""
-    data = _latest_artifact(flow_run_id, "table")
-    rows = json.loads(data) if isinstance(data, str) else data
-    return [r | {k: json.loads(r[k]) if r[k] else None for k in ("before", "after")} for r in rows]
+def read_actions_table(flow_run_id: object, timeout_s: float = 20) -> list[dict[str, Any]]:
+    """Each change a run planned, with its before and after state, from its audit trail.
+
+    The ``runbook.action.*`` events carry every change's detail (the table artifact only
+    summarizes them for people): "before" is the detail the plan recorded, "after" what the
+    system showed once the change was applied. Events are stored asynchronously: the rows are
+    read once every planned change has its outcome.
+    """
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.gateway_proc import read_events
+
+    since = (datetime.now(UTC) - timedelta(days=1)).isoformat()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        events = read_events(
+            PREFECT_API_URL.value(),
+            {
+                "occurred": {"since": since},
+                "event": {"prefix": ["runbook.action."]},
+                "related": {"id": [f"prefect.flow-run.{flow_run_id}"]},
+            },
+        )
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        outcomes: dict[tuple[str, str], tuple[str, Any]] = {}
+        for event in sorted(events, key=lambda e: e["occurred"]):
+            status = event["event"].removeprefix("runbook.action.")
+            action = event["payload"]["action"]
+            for change in event["payload"]["changes"]:
+                key = (action, change["target"])
+                if status == "planned":
+                    rows[key] = {"action": action, "target": change["target"],
+                                 "before": change["detail"], "after": None, "status": "planned"}
+                else:
+                    outcomes[key] = (status, change["detail"])
+        if rows and all(k in outcomes for k in rows) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for key, row in rows.items():
+        status, detail = outcomes.get(key, ("planned", None))
+        row["status"] = "applied" if status == "executed" else status
+        row["after"] = detail if status == "executed" else None
+    return list(rows.values())
 
 
 def read_flow_run(flow_run_id: object) -> dict:

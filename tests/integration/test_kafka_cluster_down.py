@@ -189,7 +189,7 @@ def test_one_broker_pod_down_is_restarted_and_verified(
     # the checks read the real broker: its cluster id and controller are in the report
     assert f"cluster {kafka_broker.cluster_id}, controller {first}" in result.report
     assert "| ISR caught up | OK |" in result.report and "verified" in result.report
-    assert f"delete_pod | {NS}/{crashing} | applied" in result.report
+    assert f"delete_pod | 1 | {NS}/{crashing} | applied |" in result.report
     assert f"kubectl logs -n {NS} {crashing} --previous" in result.report
 
     # a re-run finds the cluster healthy and deletes nothing more
@@ -213,7 +213,7 @@ def test_dry_run_plans_the_restart_only(kafka_broker: KafkaBroker, api: FakeKube
     assert result.outcome == Outcome.PLANNED and result.restarted_pods == [] and not result.verified
     assert api.calls_of("DELETE") == []
     assert api.pod(NS, crashing).uid == old_uid
-    assert f"delete_pod | {NS}/{crashing} | planned (dry-run)" in result.report
+    assert f"delete_pod | 1 | {NS}/{crashing} | planned (dry-run) |" in result.report
     assert "DRY-RUN (nothing changed)" in result.report
 
 
@@ -361,7 +361,7 @@ def test_one_cluster_by_two_host_names_has_one_lock(
     assert state.result().outcome == Outcome.TARGET_BUSY
     report = report_of(state)
     assert "NOT ACTED: TARGET BUSY" in report
-    assert f"kafka-cluster localhost:{kafka_broker.port} busy: another run" in report
+    assert f"kafka-cluster localhost:{kafka_broker.port} busy: held by run" in report
     resume_flow_run(approver.paused_run, run_input={"approve": False, "reason": "test over"})
     holder.join(60)
     assert holding[0].is_failed() and "rejected" in holding[0].message
@@ -400,7 +400,7 @@ def test_budget_stops_restarting_the_same_pod(
     assert api.pod(ns, crashing).uid == restarted_uid
     report = report_of(again)
     assert "**ESCALATED**" in report
-    assert f"delete_pod | {ns}/{crashing} | remediation budget spent" in report
+    assert f"delete_pod | 1 | {ns}/{crashing} | remediation budget spent" in report
 
 
 def test_without_kubernetes_brokers_down_are_escalated(kafka_broker: KafkaBroker) -> None:
