@@ -1,12 +1,16 @@
-"""Run a benchmark: `python -m bench trigger-latency [--alerts 50]`, `python -m bench alert-storm`."""
+"""Run a benchmark: `python -m bench trigger-latency [--alerts 50]`, `python -m bench alert-storm`,
+`python -m bench restart-backlog [--alerts 50]`."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import alert_storm, trigger_latency
+from bench import alert_storm, restart_backlog, trigger_latency
 
-BENCHMARKS = {"trigger-latency": trigger_latency.main, "alert-storm": alert_storm.main}
+BENCHMARKS = {
+    "trigger-latency": trigger_latency.main, "alert-storm": alert_storm.main,
+    "restart-backlog": restart_backlog.main,
+}
 
 
 def main(argv: list[str]) -> int:

@@ -41,10 +41,18 @@ class RunbookSpec(BaseModel):
         return [_schedule(self.name, i, s) for i, s in enumerate(self.schedules, 1)]
 
     def trigger_objects(self) -> list[DeploymentTriggerTypes]:
+        seen: set[str] = set()
         for index, trigger in enumerate(self.triggers, 1):
             problem = trigger_name_problem(self.name, trigger)
             if problem:
                 raise ValueError(f"deployment {self.name}, trigger {index}: {problem}")
+            # the name is how a restart finds the automation to keep (serving/triggers.py)
+            if trigger["name"] in seen:
+                raise ValueError(
+                    f"deployment {self.name}, trigger {index}: the name {trigger['name']!r} is "
+                    "already used by another trigger of this deployment"
+                )
+            seen.add(trigger["name"])
         return _triggers.validate_python(self.triggers)
 
 

@@ -36,6 +36,8 @@ from prefect import get_client
 from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitCreate,
     GlobalConcurrencyLimitUpdate,
+    VariableCreate,
+    VariableUpdate,
 )
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
@@ -368,12 +370,7 @@ class TargetLock:
             since=datetime.now(UTC),
             awaiting_approval_until=awaiting_approval_until,
         )
-        Variable.set(
-            self.variable,
-            holder.model_dump(mode="json"),
-            tags=["runbooks", "target-lock"],
-            overwrite=True,
-        )
+        _put_variable(self.variable, holder.model_dump(mode="json"), ["runbooks", "target-lock"])
 
     def _clear_holder(self, lease_id: UUID) -> None:
         # read-then-unset is not atomic: at worst a new holder's record is lost, and waiters then
@@ -386,3 +383,27 @@ class TargetLock:
         # an unknown or expired lease is a no-op on the server: releasing twice is safe
         with get_client(sync_client=True) as client:
             client.release_concurrency_slots_with_lease(lease_id)
+
+
+def _put_variable(name: str, value: object, tags: list[str]) -> None:
+    """Create or replace a Prefect Variable, whatever another run does to it meanwhile.
+
+    Not ``Variable.set(overwrite=True)``: it reads, then updates, then reads again, and a finished
+    holder clearing its record in between (``release`` gives the slot back first, by design)
+    turned that into a 404 that failed the new holder's run (seen with 50 queued alerts for one
+    server, `python -m bench restart-backlog`).
+    """
+    with get_client(sync_client=True) as client:
+        for _ in range(5):
+            try:
+                client.update_variable(VariableUpdate(name=name, value=value, tags=tags))
+                return
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 404:
+                    raise
+            try:
+                client.create_variable(VariableCreate(name=name, value=value, tags=tags))
+                return
+            except ObjectAlreadyExists:
+                continue  # created by someone else meanwhile: replace it
+    raise RuntimeError(f"could not write the Prefect Variable {name!r}: it kept changing")

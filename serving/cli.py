@@ -169,13 +169,11 @@ def _up(
             )
             children.append(server)
         _wait_healthy(api_url, server)
-        if gateway_port is not None:
-            children.append(_start_gateway(host, gateway_port))
         slugs = register_block_types()
         print("registered block types:", ", ".join(slugs))
 
         from deployments.catalog import add_to_runner, flow_module, load_catalog
-        from serving import warm_start
+        from serving import triggers, warm_start
         from serving.pickup import EventDrivenRunner
 
         specs = load_catalog()
@@ -191,7 +189,13 @@ def _up(
         # stop() from inside the event loop, where Prefect hands back astop() un-awaited
         # ("coroutine 'Runner.astop' was never awaited"), and exits mid-loop
         runner.handle_sigterm = _terminate  # type: ignore[method-assign]
+        # an automation kept in place keeps matching alerts while we (re)apply the deployments
+        triggers.install()
         add_to_runner(runner, specs)
+        # Only now the gateway: alerts it accepted while we were down (its spool) reach
+        # Prefect once every deployment and its automations exist, and none lands in a restart.
+        if gateway_port is not None:
+            children.append(_start_gateway(host, gateway_port))
         print(f"\nPrefect UI: {os.environ['PREFECT_UI_URL']}\nrunbooks:")
         _print_runbooks()
         asyncio.run(runner.start())

@@ -1,20 +1,28 @@
-"""`prefect server start` for `runbooks up`: alert-triggered runs are created without a 2 s stall.
+"""`prefect server start` for `runbooks up`: one SQLite writer at a time, each waiting its turn.
 
-On SQLite, Prefect opens write transactions as ``BEGIN DEFERRED``: a transaction that reads
-before it writes cannot take the write lock if another connection committed in between, and
-fails at once with "database is locked" instead of waiting. Prefect answers 503 and its clients
-retry after 2 s (then 4, 8...). Prefect already starts the transactions where this bit them
-with ``BEGIN IMMEDIATE`` (flow and task run state changes, marking deployments ready: see the
-comment in ``prefect.server.models.deployments.mark_deployments_ready``); creating a flow run
-from a deployment, which is what an automation's run-deployment action does, is not one of
-them yet. With the gateway, the runner and the runs' own logs and events all writing, about
-one alert in three waited 2 s or more for its run (python -m bench trigger-latency).
+SQLite has one write lock per database. Prefect opens most of its write transactions
+(``session_context(begin_transaction=True)``) as ``BEGIN DEFERRED``: such a transaction reads
+first and asks for the write lock at its first write; if another connection committed after its
+read, SQLite cannot let it write (its snapshot is stale) and fails it at once with "database is
+locked", busy timeout or not. Prefect answers 503 and its clients retry after 2 s, 4 s, 8 s...;
+its own services (the one that marks runs Late, the event persister) log a traceback and try
+again at their next loop. Prefect starts a few transactions ``BEGIN IMMEDIATE`` for this reason
+(flow and task run state changes: see ``mark_deployments_ready``); the rest stay deferred.
 
-This launcher starts Prefect's own server command with that endpoint
-(``POST /api/deployments/{id}/create_flow_run``), and the ones that take and release a global
-concurrency slot (the runbooks' per-target lock, same read-then-write pattern), opening their
-transactions with ``BEGIN IMMEDIATE``: they wait for the write lock (SQLite's busy timeout)
-instead of failing. Nothing else changes. Pinned to prefect 3.8.8;
+That was harmless with one alert at a time. Restarting `runbooks up` with 50 alerts queued in the
+gateway (issue #9 defect 6) made it the common case: the automations creating 50 runs, the runner
+starting them, each run's state changes, logs and events, and the Late-runs service all wrote at
+once; 98-832 "database is locked" tracebacks per restart, runs marked Late and retried, and the
+last of 50 runs finished minutes late (`python -m bench restart-backlog`, README).
+
+This launcher starts Prefect's own server command with every transaction that Prefect opens
+through ``begin_transaction`` (1) begun ``IMMEDIATE``, so it holds the write lock from its first
+statement and can never be refused after reading, and (2) taken in turn within the server
+process (an ``asyncio.Lock`` per event loop), so the waiting happens in the event loop, holding
+no pooled connection and no worker thread, instead of inside SQLite's busy handler. Statements
+outside such transactions (Prefect's autocommit writes, other processes) still meet SQLite's
+busy timeout as before. A transaction opened inside one this task already holds neither waits
+for its turn nor is forced IMMEDIATE (it would wait for the outer one). Nothing else changes; pinned to prefect 3.8.8, and
 tests/integration/test_sqlite_server.py fails if the pieces it relies on change.
 
     python -m serving.sqlite_server --host 127.0.0.1 --port 4200   (= prefect server start ...)
@@ -22,53 +30,77 @@ tests/integration/test_sqlite_server.py fails if the pieces it relies on change.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
-import re
+import io
+import logging
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+import weakref
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-IMMEDIATE_ROUTES = re.compile(
-    # what an automation's run-deployment action (and `prefect deployment run`) calls
-    r"/deployments/[0-9a-fA-F-]{36}/create_flow_run$"
-    # taking and giving back a global concurrency slot: the runbooks' per-target lock
-    # (runbooks/safety.py), on the way to a run's first action
-    r"|/v2/concurrency_limits/(increment|decrement)(-with-lease)?$"
+# Whether the running task holds its loop's write turn (a nested transaction must not wait for it)
+_holding: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "runbooks_sqlite_write_turn", default=False
+)
+_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
 )
 
-_immediate: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "runbooks_sqlite_immediate", default=False
+
+def _turn() -> asyncio.Lock:
+    """The write turn of the running event loop (the server may run services on other loops)."""
+    loop = asyncio.get_running_loop()
+    lock = _turns.get(loop)
+    if lock is None:
+        lock = _turns[loop] = asyncio.Lock()
+    return lock
+
+
+# Who holds each loop's turn and since when: a watchdog names a holder that keeps it too long
+_holders: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[asyncio.Task, float]] = (
+    weakref.WeakKeyDictionary()
 )
+HELD_TOO_LONG_S = 10.0
+logger = logging.getLogger("runbooks.sqlite_server")
 
-Scope = MutableMapping[str, Any]
-ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
+
+async def _watch_turns(loop: asyncio.AbstractEventLoop) -> None:
+    """Log (once per holding) a task that has held the write turn for over HELD_TOO_LONG_S."""
+    reported: asyncio.Task | None = None
+    while True:
+        await asyncio.sleep(HELD_TOO_LONG_S / 2)
+        held = _holders.get(loop)
+        if held is None or held[0] is reported:
+            continue
+        task, since = held
+        if loop.time() - since > HELD_TOO_LONG_S:
+            reported = task
+            stack = io.StringIO()
+            task.print_stack(file=stack)
+            logger.warning(
+                "SQLite write turn held for %.0fs by %s:\n%s",
+                loop.time() - since, task.get_name(), stack.getvalue(),
+            )
 
 
-class ImmediateWriteRoutes:
-    """ASGI middleware: requests to `IMMEDIATE_ROUTES` begin their SQLite transactions IMMEDIATE."""
+def _turn_acquired() -> None:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    if task is not None:
+        _holders[loop] = (task, loop.time())
+    if loop not in _watchers:
+        _watchers[loop] = loop.create_task(_watch_turns(loop))
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if (
-            scope["type"] == "http"
-            and scope.get("method") == "POST"
-            and IMMEDIATE_ROUTES.search(scope.get("path", ""))
-        ):
-            token = _immediate.set(True)
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                _immediate.reset(token)
-            return
-        await self.app(scope, receive, send)
+_watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def install() -> None:
     """Patch this process's Prefect server (before it starts): see the module docstring."""
-    import prefect.server.api.server as server
     from prefect.server.database.configurations import AioSqliteConfiguration
 
     if getattr(AioSqliteConfiguration.begin_transaction, "_runbooks", False):
@@ -80,24 +112,24 @@ def install() -> None:
         self: AioSqliteConfiguration, session: Any, with_for_update: bool = False
     ) -> AsyncIterator[Any]:
         # with_for_update is what makes Prefect's SQLite configuration say BEGIN IMMEDIATE
-        immediate = with_for_update or _immediate.get()
-        async with original_begin(self, session, with_for_update=immediate) as transaction:
-            yield transaction
+        if _holding.get():
+            # nested in a transaction this task holds (on another connection): as Prefect asks,
+            # since IMMEDIATE here would wait on SQLite's lock for the outer transaction
+            async with original_begin(self, session, with_for_update) as transaction:
+                yield transaction
+            return
+        async with _turn():
+            token = _holding.set(True)
+            _turn_acquired()
+            try:
+                async with original_begin(self, session, with_for_update=True) as transaction:
+                    yield transaction
+            finally:
+                _holding.reset(token)
+                _holders.pop(asyncio.get_running_loop(), None)
 
     begin_transaction._runbooks = True  # type: ignore[attr-defined]
     AioSqliteConfiguration.begin_transaction = begin_transaction  # type: ignore[method-assign]
-
-    original_create_app = server.create_app
-
-    def create_app(*args: Any, **kwargs: Any) -> Any:
-        # the served app and the in-process client of Prefect's automations share this app
-        app = original_create_app(*args, **kwargs)
-        if not getattr(app, "_runbooks_immediate_writes", False):
-            app.add_middleware(ImmediateWriteRoutes)
-            app._runbooks_immediate_writes = True
-        return app
-
-    server.create_app = create_app
 
 
 def main(argv: list[str]) -> None:

@@ -9,15 +9,10 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -29,186 +24,18 @@ from psycopg import sql
 from blocks.escalation import EscalationPolicy
 from blocks.postgres import PostgresDatabase
 from runbooks.locks import LEASE_S
-from tests.conftest import read_incident_report
 from tests.pg_env import free_connections
 from tests.receivers import HttpReceiver, save_slack_standin
-from tests.servers import PostgresServer, free_port
-
-ROOT = Path(__file__).resolve().parents[2]
-FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
-
-
-def _poll(fn, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = fn()
-            if last:
-                return last
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(0.5)
-    raise AssertionError(f"{what} not reached in {timeout_s}s (last: {last!r})")
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (children in other sessions included), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-@dataclass
-class Up:
-    """`runbooks up` as a user runs it, on fixed ports and one PREFECT_HOME across restarts."""
-
-    home: Path
-    port: int = field(default_factory=free_port)
-    gateway_port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None
-    env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def log(self) -> Path:
-        self.home.mkdir(parents=True, exist_ok=True)
-        return self.home / "runbooks-up.log"
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
-
-    @property
-    def api(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RUNBOOKS_"))}
-        env.update(
-            PREFECT_HOME=str(self.home),
-            PREFECT_SERVER_ANALYTICS_ENABLED="false",
-            RUNBOOKS_GATEWAY_TOKEN="crash-test-token",
-            RUNBOOKS_GATEWAY_SPOOL_PATH=str(self.home / "spool.sqlite3"),
-        )
-        env.update(self.env)
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "serving.cli",
-                "up",
-                "--port",
-                str(self.port),
-                "--gateway-port",
-                str(self.gateway_port),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=self.log.open("a"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-        def served() -> bool:
-            found = httpx.post(
-                f"{self.api}/deployments/filter",
-                timeout=5,
-                json={"deployments": {"name": {"any_": ["db-connection-pool-exhausted"]}}},
-            ).json()
-            return bool(found)
-
-        _poll(served, 180, "runbooks up serving its deployments")
-
-    def kill_everything(self) -> set[int]:
-        """SIGKILL every process of ours at once, as a power cut would; returns their pids."""
-        assert self.proc is not None
-        pids = descendants(self.proc.pid) | {self.proc.pid}
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait(10)
-        _poll(lambda: not any(alive(p) for p in pids), 20, "every killed process gone")
-        return pids
-
-    def interrupt(self) -> None:
-        """Ctrl-C in the terminal: SIGINT to the foreground process group."""
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGINT)
-        self.proc.wait(60)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.kill_everything()
-
-    def run(self, run_id: str) -> dict:
-        return httpx.get(f"{self.api}/flow_runs/{run_id}", timeout=5).json()
-
-    def start_run(self, params: dict) -> str:
-        [deployment] = httpx.post(
-            f"{self.api}/deployments/filter",
-            timeout=5,
-            json={"deployments": {"name": {"any_": ["db-connection-pool-exhausted"]}}},
-        ).json()
-        created = httpx.post(
-            f"{self.api}/deployments/{deployment['id']}/create_flow_run",
-            timeout=10,
-            json={"parameters": {"params": params}},
-        )
-        created.raise_for_status()
-        return created.json()["id"]
-
-    def wait_final(self, run_id: str, timeout_s: float = 120) -> dict:
-        _poll(lambda: self.run(run_id)["state"]["type"] in FINAL, timeout_s, f"run {run_id} final")
-        return self.run(run_id)
-
-    def wait_suspended(self, run_id: str) -> None:
-        """Until the run's process has ended with the run suspended (no process holds it)."""
-
-        def finished_suspended() -> bool:
-            logs = httpx.post(
-                f"{self.api}/logs/filter",
-                timeout=5,
-                json={"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200},
-            ).json()
-            return any("Finished in state Suspended" in log["message"] for log in logs)
-
-        _poll(finished_suspended, 90, "the run's process ended, the run suspended")
-
-    def report(self, run_id: str) -> str:
-        with temporary_settings(updates={PREFECT_API_URL: self.api}):
-            return read_incident_report(run_id)
-
+from tests.servers import PostgresServer
+from tests.up import RunbooksUp, poll
 
 # each test starts `runbooks up` once or twice (about 10 s each on an idle machine)
 pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture
-def up(tmp_path: Path) -> Iterator[Up]:
-    server = Up(home=tmp_path / "prefect-home")
+def up(tmp_path: Path) -> Iterator[RunbooksUp]:
+    server = RunbooksUp(home=tmp_path / "prefect-home")
     yield server
     server.stop()
     print("runbooks up output (shown by pytest when the test failed):\n" + server.log_tail())
@@ -237,7 +64,7 @@ def live_pids(postgres: PostgresServer) -> set[int]:
         return {p for (p,) in admin.execute("SELECT pid FROM pg_stat_activity").fetchall()}
 
 
-def save_db_block(up: Up, postgres: PostgresServer, name: str = "crash-db") -> str:
+def save_db_block(up: RunbooksUp, postgres: PostgresServer, name: str = "crash-db") -> str:
     with temporary_settings(updates={PREFECT_API_URL: up.api}):
         PostgresDatabase(
             host="127.0.0.1",
@@ -270,7 +97,7 @@ def pool_params(postgres: PostgresServer, db: str, **overrides) -> dict:
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigkill"])
-def test_pending_approval_survives_a_restart(up: Up, postgres: PostgresServer, how: str) -> None:
+def test_pending_approval_survives_a_restart(up: RunbooksUp, postgres: PostgresServer, how: str) -> None:
     up.start()
     save_db_block(up, postgres)
     with idle_session(postgres, in_transaction=True) as (db, pid):
@@ -278,7 +105,7 @@ def test_pending_approval_survives_a_restart(up: Up, postgres: PostgresServer, h
         run_id = up.start_run(pool_params(postgres, db))
         up.wait_suspended(run_id)
         keyset = up.run(run_id)["state"]["state_details"]["run_input_keyset"]
-        _poll(
+        poll(
             lambda: (
                 httpx.get(
                     f"{up.api}/flow_runs/{run_id}/input/{keyset['description']}", timeout=5
@@ -315,7 +142,7 @@ def test_pending_approval_survives_a_restart(up: Up, postgres: PostgresServer, h
 
 
 def test_killed_holder_releases_its_lock_and_busy_runs_escalate(
-    up: Up, postgres: PostgresServer, slack: HttpReceiver
+    up: RunbooksUp, postgres: PostgresServer, slack: HttpReceiver
 ) -> None:
     # a lease longer than the restart takes: what frees the lock must be the next run seeing
     # that the holder's process is gone, not the lease running out meanwhile
@@ -331,7 +158,7 @@ def test_killed_holder_releases_its_lock_and_busy_runs_escalate(
         holder = up.start_run(
             pool_params(postgres, db, min_free_connections=10_000, verify_timeout_s=600)
         )
-        _poll(lambda: pid not in live_pids(postgres), 90, "the holder acted")
+        poll(lambda: pid not in live_pids(postgres), 90, "the holder acted")
         assert up.run(holder)["state"]["type"] == "RUNNING"
 
         # a run that gives up waiting for a live holder escalates and names it
@@ -366,7 +193,7 @@ def test_killed_holder_releases_its_lock_and_busy_runs_escalate(
 
 
 def test_unanswered_approval_times_out_and_escalates(
-    up: Up, postgres: PostgresServer, slack: HttpReceiver
+    up: RunbooksUp, postgres: PostgresServer, slack: HttpReceiver
 ) -> None:
     """A suspended run has no process to notice its deadline: the serving process resumes it."""
     up.start()
@@ -402,7 +229,7 @@ def test_unanswered_approval_times_out_and_escalates(
 
 
 def test_dead_holders_lease_survives_a_server_restart_and_expires(
-    up: Up, postgres: PostgresServer
+    up: RunbooksUp, postgres: PostgresServer
 ) -> None:
     """With nobody waiting, the server itself frees a dead holder's slot after a restart."""
     up.start()
@@ -412,7 +239,7 @@ def test_dead_holders_lease_survives_a_server_restart_and_expires(
         holder = up.start_run(
             pool_params(postgres, db, min_free_connections=10_000, verify_timeout_s=600)
         )
-        _poll(lambda: pid not in live_pids(postgres), 90, "the holder acted")
+        poll(lambda: pid not in live_pids(postgres), 90, "the holder acted")
         assert up.run(holder)["state"]["type"] == "RUNNING"
 
     def lock_slots() -> list[int]:
@@ -424,4 +251,4 @@ def test_dead_holders_lease_survives_a_server_restart_and_expires(
     up.start()
     # stock Prefect kept the lease in the server's memory: this slot stayed taken forever.
     # Bound: the lease (renewed until the kill) + the repossessor's loop, plus the restart itself
-    _poll(lambda: lock_slots() == [0], LEASE_S + 15 + 60, "the dead holder's slot freed")
+    poll(lambda: lock_slots() == [0], LEASE_S + 15 + 60, "the dead holder's slot freed")

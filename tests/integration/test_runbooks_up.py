@@ -25,23 +25,10 @@ from deployments.catalog import load_catalog
 from tests.conftest import read_incident_report
 from tests.pg_env import free_connections
 from tests.servers import PostgresServer, free_port
+from tests.up import poll
 
 ROOT = Path(__file__).resolve().parents[2]
 GATEWAY_TOKEN = "up-test-token-" + uuid.uuid4().hex
-
-
-def _poll(fn, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = fn()
-            if last:
-                return last
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(0.5)
-    raise AssertionError(f"{what} not reached in {timeout_s}s (last: {last!r})")
 
 
 @pytest.fixture
@@ -75,7 +62,7 @@ def test_up_serves_every_runbook_and_stops_cleanly(runbooks_up, postgres: Postgr
         names = {d["name"] for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=5).json()}
         return names if expected <= names else None
 
-    served = _poll(deployments, 180, "every deployment of prefect.yaml registered")
+    served = poll(deployments, 180, "every deployment of prefect.yaml registered")
     assert expected <= served
 
     triggered = {spec.name for spec in load_catalog() if spec.triggers}
@@ -84,7 +71,7 @@ def test_up_serves_every_runbook_and_stops_cleanly(runbooks_up, postgres: Postgr
         found = httpx.post(f"{api}/automations/filter", json={}, timeout=5).json()
         return found if len(found) >= len(triggered) else None
 
-    assert all(a["enabled"] for a in _poll(automations, 60, "an automation per trigger"))
+    assert all(a["enabled"] for a in poll(automations, 60, "an automation per trigger"))
 
     # maintenance schedules: Prefect's scheduler creates the upcoming runs of scheduled deployments
     scheduled = {spec.name for spec in load_catalog() if spec.schedules}
@@ -96,7 +83,7 @@ def test_up_serves_every_runbook_and_stops_cleanly(runbooks_up, postgres: Postgr
         names = {ids.get(r["deployment_id"]) for r in runs}
         return names if scheduled <= names else None
 
-    assert scheduled <= _poll(scheduled_runs, 90, "the scheduler created the scheduled runs")
+    assert scheduled <= poll(scheduled_runs, 90, "the scheduler created the scheduled runs")
 
     block_types = {b["slug"] for b in httpx.post(f"{api}/block_types/filter", json={}, timeout=5).json()}
     assert "runbooks-kafka-cluster" in block_types
@@ -135,7 +122,7 @@ def test_up_serves_every_runbook_and_stops_cleanly(runbooks_up, postgres: Postgr
             "flow_runs": {"state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED"]}}}}).json()
         return runs[0] if runs else None
 
-    run = _poll(finished_run, 90, "the alert's runbook run finished")
+    run = poll(finished_run, 90, "the alert's runbook run finished")
     assert run["state"]["type"] == "COMPLETED", run["state"]
     assert run["parameters"]["params"]["db_block"] == "up-test-db"
     assert run["parameters"]["params"]["alert"]["fingerprint"] == "0123456789abcdef"
@@ -190,21 +177,21 @@ def _approve_a_manual_run(api: str, postgres: PostgresServer) -> None:
         def state() -> str:
             return httpx.get(f"{api}/flow_runs/{run_id}", timeout=5).json()["state"]["type"]
 
-        _poll(lambda: state() == "PAUSED", 90, "the run paused for approval")
+        poll(lambda: state() == "PAUSED", 90, "the run paused for approval")
         keyset = httpx.get(f"{api}/flow_runs/{run_id}", timeout=5).json()["state"]["state_details"][
             "run_input_keyset"]
 
         def form_saved() -> bool:  # the run saves its resume form (schema, then plan) after pausing
             return httpx.get(f"{api}/flow_runs/{run_id}/input/{keyset['description']}", timeout=5).is_success
 
-        _poll(form_saved, 30, "the resume form with the plan")
+        poll(form_saved, 30, "the resume form with the plan")
         plan = httpx.get(f"{api}/flow_runs/{run_id}/input/{keyset['description']}", timeout=5).json()
         assert f"pid={pid}" in plan and "inside a transaction" in plan
         assert pid in {p for (p,) in admin.execute("SELECT pid FROM pg_stat_activity").fetchall()}
         resumed = httpx.post(f"{api}/flow_runs/{run_id}/resume", timeout=10, json={
             "run_input": {"approve": True, "approver": "carol", "reason": "hung migration"}})
         assert resumed.json().get("status") == "ACCEPT", resumed.text
-        _poll(lambda: state() in ("COMPLETED", "FAILED", "CRASHED"), 60, "the approved run finished")
+        poll(lambda: state() in ("COMPLETED", "FAILED", "CRASHED"), 60, "the approved run finished")
         final = httpx.get(f"{api}/flow_runs/{run_id}", timeout=5).json()["state"]
         assert final["type"] == "COMPLETED", final["message"]
         live = {p for (p,) in admin.execute("SELECT pid FROM pg_stat_activity").fetchall()}
@@ -225,7 +212,7 @@ def _served(api: str) -> None:
         found = httpx.post(f"{api}/deployments/filter", timeout=5, json={}).json()
         return expected <= {d["name"] for d in found}
 
-    _poll(deployments, 300, "every runbook registered")
+    poll(deployments, 300, "every runbook registered")
     time.sleep(3)  # the runner starts (and installs its signal handlers) right after
 
 
@@ -337,7 +324,7 @@ def test_kill_9_of_up_alone_leaves_none_of_its_processes(
             state = httpx.get(f"{api}/flow_runs/{run_id}", timeout=5).json()["state"]["type"]
             return pid not in live and state == "RUNNING"
 
-        _poll(verifying, 120, "the run terminated the idle session and is verifying")
+        poll(verifying, 120, "the run terminated the idle session and is verifying")
         tree = _descendants(proc.pid)
         # the flow run's process, forked from the fork server that `runbooks up` started
         assert any(b"multiprocessing.forkserver" in _cmdline(ppid) for ppid, _ in tree.values()), {

@@ -54,6 +54,15 @@ def test_an_unnamed_trigger_is_refused(tmp_path) -> None:
         load_catalog(tmp_path / "prefect.yaml")
 
 
+def test_two_triggers_of_one_deployment_may_not_share_a_name(tmp_path) -> None:
+    document = yaml.safe_load(PREFECT_YAML.read_text())
+    flink = next(d for d in document["deployments"] if d["name"] == "flink-job-crashed")
+    flink["triggers"].append(dict(flink["triggers"][0]))
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(document))
+    with pytest.raises(ValueError, match="flink-job-crashed, trigger 2: the name .* already used"):
+        load_catalog(tmp_path / "prefect.yaml")
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_descriptions_describe_the_symptom_not_a_document(spec) -> None:
     texts = [spec.description or ""] + [f"{t.name} {t.description}" for t in spec.trigger_objects()]
