@@ -59,10 +59,12 @@ class StadiumNetworkFlapParams(RunbookParams):
         10.0, gt=0, le=300, description="Seconds between reachability probes while waiting."
     )
     batch_size: int = Field(
-        500,
+        5000,
         ge=1,
-        le=10_000,
-        description="Records per Kafka transaction (the marker moves per batch).",
+        le=50_000,
+        description="Records per Kafka transaction. The marker moves after each commit, "
+        "written while the next batch is sent; a drain killed in between finds the batch in "
+        "the topic.",
     )
 
 

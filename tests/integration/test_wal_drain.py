@@ -361,6 +361,52 @@ def test_drain_killed_halfway_then_rerun_loses_and_duplicates_nothing(
     assert read_marker(tmp_path).next_position == 1200
 
 
+@pytest.mark.parametrize("commits", [1, 7])
+def test_drain_killed_between_commit_and_marker_write_rerun_finds_the_batch_in_the_topic(
+    kafka_broker: KafkaBroker, tmp_path: Path, commits: int
+) -> None:
+    """The marker lags the committed transactions: the topic read from its scan_from covers them."""
+    topic = create_topic(kafka_broker.bootstrap, unique("raw"))
+    written = write_events(tmp_path, 1200)
+    # dies as its Nth commit returns: that batch is committed, the marker write covering it
+    # has not started (the drain waited for the one before it)
+    victim = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.wal_drain_victim",
+            str(tmp_path),
+            kafka_broker.bootstrap,
+            topic,
+            "100",
+            "0",
+            str(commits),
+        ],
+        cwd=REPO,
+        timeout=120,
+        capture_output=True,
+    )
+    assert victim.returncode == -signal.SIGKILL, victim.stderr.decode()[-2000:]
+    marker = read_marker(tmp_path)
+    assert marker.next_position == (commits - 1) * 100
+    at_crash = consume_topic(kafka_broker.bootstrap, topic, commits * 100)
+    assert sorted(r.position for r in at_crash) == list(range(commits * 100))
+    # every committed record the marker does not cover lies at or after its scan_from
+    uncovered = [r for r in at_crash if r.position >= marker.next_position]
+    assert uncovered and all(r.offset >= marker.scan_from[r.partition] for r in uncovered)
+
+    state = run_flow(save_blocks(tmp_path, kafka_broker.bootstrap, topic))
+
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary.outcome == Outcome.RESOLVED.value
+    assert summary.pending_before == 1200 - marker.next_position
+    assert summary.already_in_kafka == 100  # found in the topic and skipped
+    assert summary.drained == summary.pending_before - 100
+    assert_exactly_once_in_order(consume_topic(kafka_broker.bootstrap, topic, 1200), written)
+    assert read_marker(tmp_path).next_position == 1200
+
+
 def test_waits_for_the_network_then_drains(own_kafka_broker: KafkaBroker, tmp_path: Path) -> None:
     topic = create_topic(own_kafka_broker.bootstrap, unique("raw"))
     written = write_events(tmp_path, 300)

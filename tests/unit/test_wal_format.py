@@ -18,6 +18,8 @@ from tasks.wal_format import (
     WalMarker,
     WalReader,
     WalWriter,
+    _decode_run,
+    _parse,
     decode_record,
     encode_record,
     list_segments,
@@ -346,3 +348,34 @@ def test_decode_record_names_every_problem(data: bytes, problem: str | None) -> 
     with pytest.raises(WalCorruption) as err:
         decode_record(data)
     assert problem in str(err.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.lists(st.binary(max_size=40), min_size=1, max_size=8),
+    sources=st.lists(st.sampled_from(["a", "bé", "c" * 300]), min_size=8, max_size=8),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), max_size=3),
+    cut=st.integers(0, 10_000),
+)
+def test_fast_decoding_stops_exactly_where_the_careful_parse_finds_a_problem(
+    values: list[bytes], sources: list[str], flips: list[tuple[int, int]], cut: int
+) -> None:
+    """The hot loop (one unpack per record) accepts what ``_parse`` accepts, nothing more."""
+    data = bytearray(
+        b"".join(
+            encode_record(7 + i, sources[i], i, 1000 + i, value) for i, value in enumerate(values)
+        )
+    )
+    for at, mask in flips:
+        data[at % len(data)] ^= mask
+    data = bytes(data[: max(1, len(data) - cut % (len(data) + 1))])
+    expected, offset, position = [], 0, 7
+    while offset < len(data):
+        parsed = _parse(data, offset)
+        if isinstance(parsed, str) or parsed.position != position:
+            break
+        expected.append(parsed)
+        offset, position = offset + parsed.size, position + 1
+    fast: list = []
+    assert _decode_run(data, 0, 7, fast) == (offset, position)
+    assert fast == expected
