@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -412,12 +413,24 @@ def test_waits_for_the_network_then_drains(own_kafka_broker: KafkaBroker, tmp_pa
     written = write_events(tmp_path, 300)
     block = save_blocks(tmp_path, own_kafka_broker.bootstrap, topic, request_timeout_s=1)
     own_kafka_broker.pause()
-    timer = threading.Timer(4.0, own_kafka_broker.resume)
-    timer.start()
+    # the network comes back 2.5 s after the runbook starts waiting for it (not after a fixed
+    # time from here: on a loaded machine the steps before the wait can take longer than that)
+    timers: list[threading.Timer] = []
+
+    class ResumeOnceWaiting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting up to" in record.getMessage() and not timers:
+                timers.append(threading.Timer(2.5, own_kafka_broker.resume))
+                timers[0].start()
+
+    handler = ResumeOnceWaiting()
+    logging.getLogger("prefect.flow_runs").addHandler(handler)
     try:
         state = run_flow(block, pending_threshold=5000, network_wait_s=60)
     finally:
-        timer.cancel()
+        logging.getLogger("prefect.flow_runs").removeHandler(handler)
+        for timer in timers:
+            timer.cancel()
         own_kafka_broker.resume()
 
     assert state.is_completed(), state.message
