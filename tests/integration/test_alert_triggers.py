@@ -22,6 +22,10 @@ CASES = {
         {"alertname": "KafkaBrokerDown", "namespace": "streaming", "kafka_cluster": "prod-kafka"},
         {"kafka_block": "prod-kafka", "namespace": "streaming"},
     ),
+    "kafka-consumer-lag-high": (
+        {"alertname": "KafkaConsumerLagHigh", "kafka_cluster": "prod-kafka", "consumergroup": "billing"},
+        {"kafka_block": "prod-kafka", "group": "billing"},
+    ),
     "flink-job-crashed": (
         {"alertname": "FlinkJobFailed", "job_name": "enrichment-job", "flink_cluster": "flink-eu"},
         {"flink_block": "flink-eu", "job_name": "enrichment-job", "topic": "match-events-raw"},
