@@ -44,6 +44,24 @@ def scrub(value: Any) -> Any:
     return value
 
 
+# `password=...`, `"token": "..."`, `api_key: ...` inside free text (exception messages, payloads)
+_SECRET_ASSIGNMENT = re.compile(
+    r"""(?P<key>["']?[\w.-]*(?:pass(?:word|wd)?|pwd|secret|token|api[_-]?key|credential|private[_-]?key)"""
+    r"""[\w.-]*["']?\s*[=:]\s*)(?P<quote>["'])?(?P<value>(?(quote)[^"']*|[^"'\s,;&}]+))""",
+    re.I,
+)
+_BEARER = re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.I)
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^/\s:@]+:)[^@\s/]+@", re.I)
+
+
+def scrub_text(text: str) -> str:
+    """Free text with secret-looking values masked: ``key=value`` pairs whose key names a secret,
+    bearer/basic credentials and passwords in URLs."""
+    text = _SECRET_ASSIGNMENT.sub(lambda m: f"{m['key']}{m['quote'] or ''}**********", text)
+    text = _BEARER.sub(lambda m: f"{m[1]} **********", text)
+    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}**********@", text)
+
+
 @dataclass
 class ActionRow:
     """One change of the actions table: one target's before/after state."""
