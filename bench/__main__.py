@@ -1,12 +1,17 @@
-"""Run a benchmark: `python -m bench trigger-latency [--alerts 50]`, `python -m bench alert-storm`."""
+"""Run a benchmark: `python -m bench trigger-latency [--alerts 50]`, `python -m bench alert-storm`,
+`python -m bench dlq-triage`."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import alert_storm, trigger_latency
+from bench import alert_storm, dlq_triage, trigger_latency
 
-BENCHMARKS = {"trigger-latency": trigger_latency.main, "alert-storm": alert_storm.main}
+BENCHMARKS = {
+    "trigger-latency": trigger_latency.main,
+    "alert-storm": alert_storm.main,
+    "dlq-triage": dlq_triage.main,
+}
 
 
 def main(argv: list[str]) -> int:

@@ -45,13 +45,15 @@ def scrub(value: Any) -> Any:
 
 
 # `password=...`, `"token": "..."`, `api_key: ...` inside free text (exception messages, payloads)
+# Each starts at a literal (the secret's name, `://`): a leading wildcard would be tried at every
+# position of long texts (DLQ triage scrubs thousands of error messages).
 _SECRET_ASSIGNMENT = re.compile(
-    r"""(?P<key>["']?[\w.-]*(?:pass(?:word|wd)?|pwd|secret|token|api[_-]?key|credential|private[_-]?key)"""
+    r"""(?P<key>(?:pass(?:word|wd)?|pwd|secret|token|api[_-]?key|credential|private[_-]?key)"""
     r"""[\w.-]*["']?\s*[=:]\s*)(?P<quote>["'])?(?P<value>(?(quote)[^"']*|[^"'\s,;&}]+))""",
     re.I,
 )
 _BEARER = re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.I)
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^/\s:@]+:)[^@\s/]+@", re.I)
+_URL_PASSWORD = re.compile(r"(?P<scheme>://[^/\s:@]+:)[^@\s/]+@")
 
 
 def scrub_text(text: str) -> str:

@@ -151,7 +151,7 @@ def dlq_growing(params: DlqGrowingParams) -> DlqGrowingResult:
                 replayed = _replay_and_verify(report, guard, kafka, target, triage, params)
     return DlqGrowingResult(
         outcome=report.outcome or Outcome.FAILED,
-        triage=triage.model_copy(update={"records": []}) if triage else None,
+        triage=triage,
         replayed=replayed,
         report=report.to_markdown(),
     )
