@@ -467,6 +467,33 @@ def find_replayed(
     return found
 
 
+# librdkafka's types (module `cimpl`) are named only in helpers, never in a task's body: a task's
+# function is pickled by value when a served run starts, and those types cannot be.
+
+
+def _end_offsets(cluster: KafkaCluster, topic: str) -> dict[int, int]:
+    """Each partition's end offset now; a topic that does not exist is an error."""
+    timeout = cluster.request_timeout_s
+    consumer = _peek_consumer(cluster)
+    try:
+        md = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+        if md is None or md.error is not None:
+            raise ValueError(
+                f"source topic {topic!r} of the DLQ records not found: nothing replayed to it"
+            )
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
+            for p in md.partitions
+        }
+    finally:
+        consumer.close()
+
+
+def _undelivered(failures: list[str]) -> None:
+    reason = f"replay not delivered: {failures[:3] or 'flush timed out'}"
+    raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT, reason))
+
+
 @task(**runbook_task_options(KafkaException, when=is_retriable))
 def replay_dlq(
     cluster: KafkaCluster,
@@ -527,22 +554,9 @@ def replay_dlq(
     if state.in_progress:
         already = find_replayed(cluster, dlq_topic, state.scan_from, timeout)
     targets = sorted({t for _, t in sends})
-    consumer = _peek_consumer(cluster)
-    try:
-        for topic in targets:
-            if topic in state.scan_from:
-                continue
-            md = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
-            if md is None or md.error is not None:
-                raise ValueError(
-                    f"source topic {topic!r} of the DLQ records not found: nothing replayed to it"
-                )
-            state.scan_from[topic] = {
-                p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
-                for p in md.partitions
-            }
-    finally:
-        consumer.close()
+    for topic in targets:
+        if topic not in state.scan_from:
+            state.scan_from[topic] = _end_offsets(cluster, topic)
     # saved before the first send: whatever a crash leaves sent from here on, the scan finds
     state.in_progress = True
     _save_state(state_key, state)
@@ -573,12 +587,7 @@ def replay_dlq(
             )
             producer.poll(0)
         if producer.flush(timeout * 3) or failures:
-            raise KafkaException(
-                KafkaError(
-                    KafkaError._MSG_TIMED_OUT,
-                    f"replay not delivered: {failures[:3] or 'flush timed out'}",
-                )
-            )
+            _undelivered(failures)
         for msg, target in batch:
             p, o = msg.partition(), msg.offset()
             if (p, o) not in already:

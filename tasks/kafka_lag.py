@@ -44,22 +44,32 @@ class ConsumerLag(BaseModel):
     partitions: list[PartitionLag]
 
 
+# Partitions are passed as (topic, partition) pairs and made into TopicPartitions only here: a
+# task's function is pickled by value when a served run starts, and librdkafka's types (module
+# `cimpl`) cannot be, so a task's own body must not name them.
+
+
 def _end_offsets(
-    admin: AdminClient, tps: list[TopicPartition], timeout: float
+    admin: AdminClient, partitions: list[tuple[str, int]], timeout: float
 ) -> dict[tuple[str, int], int]:
     """Log end offset (high watermark) of each partition, in one ListOffsets round."""
-    if not tps:
+    if not partitions:
         return {}
-    futures = admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=timeout)
+    futures = admin.list_offsets(
+        {TopicPartition(t, p): OffsetSpec.latest() for t, p in partitions}, request_timeout=timeout
+    )
     return {(tp.topic, tp.partition): fut.result(timeout).offset for tp, fut in futures.items()}
 
 
 def _committed(
-    admin: AdminClient, group: str, tps: list[TopicPartition] | None, timeout: float
+    admin: AdminClient, group: str, partitions: list[tuple[str, int]] | None, timeout: float
 ) -> dict[tuple[str, int], int]:
-    """A group's committed offsets (all of them when ``tps`` is None); never-committed ones left out."""
+    """A group's committed offsets (all of them when ``partitions`` is None); never-committed
+    ones left out."""
     request = (
-        ConsumerGroupTopicPartitions(group, tps) if tps else ConsumerGroupTopicPartitions(group)
+        ConsumerGroupTopicPartitions(group, [TopicPartition(t, p) for t, p in partitions])
+        if partitions
+        else ConsumerGroupTopicPartitions(group)
     )
     result = admin.list_consumer_group_offsets([request], request_timeout=timeout)[group].result(
         timeout
@@ -90,7 +100,7 @@ def get_consumer_lag(cluster: KafkaCluster, group: str, topic: str) -> ConsumerL
     topic_md = metadata.topics.get(topic)
     if topic_md is None or topic_md.error is not None:
         raise ValueError(f"topic {topic!r} not found: {topic_md.error if topic_md else 'missing'}")
-    tps = [TopicPartition(topic, p) for p in sorted(topic_md.partitions)]
+    tps = [(topic, p) for p in sorted(topic_md.partitions)]
     committed = _committed(admin, group, tps, timeout)
     ends = _end_offsets(admin, tps, timeout)
     rows = [
@@ -185,7 +195,7 @@ def get_all_group_lag(cluster: KafkaCluster, groups: list[str] | None = None) ->
         for g, d in described.items()
     }
     every = sorted({tp for g in present for tp in (*committed[g], *assigned.get(g, ()))})
-    ends = _end_offsets(admin, [TopicPartition(t, p) for t, p in every], timeout)
+    ends = _end_offsets(admin, every, timeout)
     found: list[GroupLag] = []
     for g in wanted:
         if g not in described:

@@ -192,3 +192,21 @@ def test_unattended_group_is_called_out() -> None:
     assert sample("EMPTY", 0, (0, 5)).unattended
     assert not sample("STABLE", 1, (0, 5)).unattended
     assert not sample("EMPTY", 0, (5, 5)).unattended
+
+
+def test_kafka_tasks_pickle_for_a_served_run() -> None:
+    """A served run gets its flow, and the tasks it calls, pickled by value into a fresh process;
+    librdkafka's own types cannot be, so no task body may name them."""
+    import pickle
+
+    import cloudpickle
+
+    from tasks import kafka_dlq, kafka_lag
+
+    for task in (
+        kafka_lag.get_consumer_lag,
+        kafka_lag.get_all_group_lag,
+        kafka_dlq.peek_dlq,
+        kafka_dlq.replay_dlq,
+    ):
+        assert pickle.loads(cloudpickle.dumps(task)).name == task.name
