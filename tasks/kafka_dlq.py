@@ -170,7 +170,10 @@ def sample_value(value: bytes | None, max_chars: int) -> str:
     """A payload safe to show: JSON with secret-looking keys masked, other text scrubbed, cut."""
     if value is None:
         return "<null>"
-    if not payload_decodes(value) or (len(value) > 5 and value[0] == 0):
+    if len(value) > 5 and value[0] == 0:
+        schema_id = struct.unpack(">I", value[1:5])[0]
+        return f"<wire format, schema id {schema_id}, {len(value) - 5} bytes: {value[5:21].hex()}…>"
+    if not payload_decodes(value):
         return f"<{len(value)} bytes, binary: {value[:16].hex()}…>"
     text = value.decode("utf-8")
     try:

@@ -156,7 +156,7 @@ SAMPLES = [
         "wire format shown as hex",
         b"\x00\x00\x00\x00\x2a\x02",
         200,
-        "<6 bytes, binary: 000000002a02…>",
+        "<wire format, schema id 42, 1 bytes: 02…>",
     ),
     ("null", None, 200, "<null>"),
 ]
