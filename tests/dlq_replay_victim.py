@@ -17,7 +17,8 @@ from confluent_kafka import Producer, TopicPartition
 
 from blocks.kafka import KafkaCluster
 from flows.kafka.dlq_growing import dlq_target
-from tasks.kafka_dlq import FailureKind, replay_dlq
+from tasks.kafka_dlq import FailureKind
+from tasks.kafka_dlq_replay import replay_dlq
 
 
 class _DyingProducer(Producer):

@@ -21,15 +21,8 @@ from runbooks.params import BlockName, RunbookParams
 from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.safety import Budget, Guard, Target
 from tasks.kafka import get_cluster_id
-from tasks.kafka_dlq import (
-    DlqTriage,
-    FailureKind,
-    ReplayResult,
-    find_replayed,
-    offset_ranges,
-    peek_dlq,
-    replay_dlq,
-)
+from tasks.kafka_dlq import DlqTriage, FailureKind, offset_ranges, peek_dlq
+from tasks.kafka_dlq_replay import ReplayResult, find_replayed, replay_dlq
 
 # Replaying the same DLQ again and again means the fix did not hold: a human should look.
 REPLAY_BUDGET = Budget(max_actions=5, window_s=3600)

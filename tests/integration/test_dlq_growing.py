@@ -19,7 +19,8 @@ from blocks.kafka import KafkaCluster
 from flows.kafka.dlq_growing import DlqGrowingParams, dlq_growing
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
-from tasks.kafka_dlq import REPLAYED_FROM, FailureKind, peek_dlq, read_records
+from tasks.kafka_dlq import FailureKind, peek_dlq, read_records
+from tasks.kafka_dlq_replay import REPLAYED_FROM
 from tests.conftest import create_topic, read_incident_report, unique
 from tests.dlq_records import EXPECTED_PER_ROUND, SECRETS, dlq_records, produce_records
 from tests.servers import KafkaBroker

@@ -10,15 +10,8 @@ import pytest
 from flows.kafka.dlq_growing import _needs_approval
 from runbooks.audit import scrub_text
 from runbooks.results import Change
-from tasks.kafka_dlq import (
-    REPLAYED_FROM,
-    FailureKind,
-    ReplayResult,
-    classify_record,
-    offset_ranges,
-    replay_headers,
-    sample_value,
-)
+from tasks.kafka_dlq import FailureKind, classify_record, offset_ranges, sample_value
+from tasks.kafka_dlq_replay import REPLAYED_FROM, ReplayResult, replay_headers
 from tests.dlq_records import avro_wire, connect_headers, protobuf_event, spring_headers
 
 SCHEMA, SER, PROC = FailureKind.SCHEMA, FailureKind.SERIALIZATION, FailureKind.PROCESSING

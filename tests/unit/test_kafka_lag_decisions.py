@@ -201,12 +201,12 @@ def test_kafka_tasks_pickle_for_a_served_run() -> None:
 
     import cloudpickle
 
-    from tasks import kafka_dlq, kafka_lag
+    from tasks import kafka_dlq, kafka_dlq_replay, kafka_lag
 
     for task in (
         kafka_lag.get_consumer_lag,
         kafka_lag.get_all_group_lag,
         kafka_dlq.peek_dlq,
-        kafka_dlq.replay_dlq,
+        kafka_dlq_replay.replay_dlq,
     ):
         assert pickle.loads(cloudpickle.dumps(task)).name == task.name
