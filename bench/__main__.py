@@ -14,6 +14,7 @@ BENCHMARKS = {
     "alert-storm": "bench.alert_storm",
     "restart-backlog": "bench.restart_backlog",  # [--alerts 50]
     "wal-drain": "bench.wal_drain",
+    "dlq-triage": "bench.dlq_triage",
 }
 
 

@@ -44,6 +44,26 @@ def scrub(value: Any) -> Any:
     return value
 
 
+# `password=...`, `"token": "..."`, `api_key: ...` inside free text (exception messages, payloads)
+# Each starts at a literal (the secret's name, `://`): a leading wildcard would be tried at every
+# position of long texts (DLQ triage scrubs thousands of error messages).
+_SECRET_ASSIGNMENT = re.compile(
+    r"""(?P<key>(?:pass(?:word|wd)?|pwd|secret|token|api[_-]?key|credential|private[_-]?key)"""
+    r"""[\w.-]*["']?\s*[=:]\s*)(?P<quote>["'])?(?P<value>(?(quote)[^"']*|[^"'\s,;&}]+))""",
+    re.I,
+)
+_BEARER = re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.I)
+_URL_PASSWORD = re.compile(r"(?P<scheme>://[^/\s:@]+:)[^@\s/]+@")
+
+
+def scrub_text(text: str) -> str:
+    """Free text with secret-looking values masked: ``key=value`` pairs whose key names a secret,
+    bearer/basic credentials and passwords in URLs."""
+    text = _SECRET_ASSIGNMENT.sub(lambda m: f"{m['key']}{m['quote'] or ''}**********", text)
+    text = _BEARER.sub(lambda m: f"{m[1]} **********", text)
+    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}**********@", text)
+
+
 @dataclass
 class ActionRow:
     """One change of the actions table: one target's before/after state."""

@@ -36,7 +36,7 @@ from tasks.flink import (
     get_latest_checkpoint,
     resubmit_from_checkpoint,
 )
-from tasks.kafka import get_consumer_lag
+from tasks.kafka_lag import get_consumer_lag
 
 RUNBOOK = "flink-job-crashed"
 

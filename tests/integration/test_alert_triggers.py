@@ -22,6 +22,14 @@ CASES = {
         {"alertname": "KafkaBrokerDown", "namespace": "streaming", "kafka_cluster": "prod-kafka"},
         {"kafka_block": "prod-kafka", "namespace": "streaming"},
     ),
+    "kafka-consumer-lag-high": (
+        {"alertname": "KafkaConsumerLagHigh", "kafka_cluster": "prod-kafka", "consumergroup": "billing"},
+        {"kafka_block": "prod-kafka", "group": "billing"},
+    ),
+    "dlq-growing": (
+        {"alertname": "KafkaDlqGrowing", "kafka_cluster": "prod-kafka", "topic": "payments.DLT"},
+        {"kafka_block": "prod-kafka", "dlq_topic": "payments.DLT"},
+    ),
     "flink-job-crashed": (
         {"alertname": "FlinkJobFailed", "job_name": "enrichment-job", "flink_cluster": "flink-eu"},
         {"flink_block": "flink-eu", "job_name": "enrichment-job", "topic": "match-events-raw"},

@@ -35,7 +35,7 @@ from tasks.flink import (
     restore_job_id,
     resubmit_from_checkpoint,
 )
-from tasks.kafka import get_consumer_lag
+from tasks.kafka_lag import get_consumer_lag
 from tests.approvals import Approver
 from tests.conftest import create_topic, produce_one_per_batch, read_actions_table, unique
 from tests.fakes.flink_rest import (

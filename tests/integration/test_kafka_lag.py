@@ -6,7 +6,7 @@ from confluent_kafka import Producer, TopicPartition
 from prefect import flow
 
 from blocks.kafka import KafkaCluster
-from tasks.kafka import get_consumer_lag
+from tasks.kafka_lag import get_consumer_lag
 from tests.conftest import create_topic, unique
 
 
