@@ -18,6 +18,7 @@ forgot the lease and kept the slot forever (issue #9). Three things fix that:
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import random
@@ -226,7 +227,12 @@ class TargetLock:
         """
         assert self.lease_id is not None
         self._stop.clear()
-        thread = threading.Thread(target=self._renew_until_stopped, name="target-lock", daemon=True)
+        # in this run's context: the Prefect settings in force here (e.g. a test harness's
+        # temporary API URL) are context variables, which a plain thread would not see
+        context = contextvars.copy_context()
+        thread = threading.Thread(
+            target=context.run, args=(self._renew_until_stopped,), name="target-lock", daemon=True
+        )
         thread.start()
         try:
             yield
