@@ -1,12 +1,17 @@
-"""Run a benchmark: `python -m bench trigger-latency [--alerts 50]`, `python -m bench alert-storm`."""
+"""Run a benchmark: `python -m bench trigger-latency [--alerts 50]`, `python -m bench alert-storm`,
+`python -m bench stuck-reset [--stuck 100000]`."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import alert_storm, trigger_latency
+from bench import alert_storm, stuck_reset, trigger_latency
 
-BENCHMARKS = {"trigger-latency": trigger_latency.main, "alert-storm": alert_storm.main}
+BENCHMARKS = {
+    "trigger-latency": trigger_latency.main,
+    "alert-storm": alert_storm.main,
+    "stuck-reset": stuck_reset.main,
+}
 
 
 def main(argv: list[str]) -> int:
