@@ -107,12 +107,23 @@ def main(argv: list[str]) -> int:
     print(f"PostgreSQL on port {pg.port} ({pg.datadir})")
     try:
         with prefect_server() as (api, env, _home):
-            from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+            import prefect.main  # noqa: F401  configures Prefect's logging, quieted below
+            from prefect.settings import (
+                PREFECT_API_URL,
+                PREFECT_HOME,
+                PREFECT_LOGGING_TO_API_ENABLED,
+                temporary_settings,
+            )
 
             # the project's flow and task run here, against that server, quietly
             for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
                 logging.getLogger(name).setLevel(logging.WARNING)
-            with temporary_settings({PREFECT_API_URL: api, PREFECT_HOME: env["PREFECT_HOME"]}):
+            settings = {
+                PREFECT_API_URL: api,
+                PREFECT_HOME: env["PREFECT_HOME"],
+                PREFECT_LOGGING_TO_API_ENABLED: False,
+            }
+            with temporary_settings(settings):
                 rounds = _run(pg, args, only)
     finally:
         pg.stop()

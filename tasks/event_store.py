@@ -143,7 +143,8 @@ MIN_BATCH_SIZE = 10
 # (a checkpoint, a cache miss) should not swing the size by more than one step.
 MAX_BATCH_STEP = 2.0
 # A pass ends at the end of the table; a second one from the start picks up rows that a consumer
-# held locked during the first (and let go since) or that became stuck behind it.
+# held locked during the first (and let go since) or that became stuck behind it, but only when
+# a quick look finds such a row: a pass over the primary key of a large table costs seconds.
 MAX_PASSES = 2
 # A dry-run plan lists at most this many chunks of ids (as many as an audit event lists in full).
 MAX_PLANNED_CHUNKS = 200
@@ -169,9 +170,9 @@ def next_batch_size(
     return max(smallest, min(largest, round(size * factor)))
 
 
-def next_pass_wanted(passes_done: int, last_pass_reset: int) -> bool:
-    """Start (again) from the lowest id: first of all, then once more if the last pass reset rows."""
-    return passes_done == 0 or (passes_done < MAX_PASSES and last_pass_reset > 0)
+def next_pass_wanted(passes_done: int, resettable_left: bool) -> bool:
+    """Start (again) from the lowest id: first of all, then once more if a row can be reset."""
+    return passes_done == 0 or (passes_done < MAX_PASSES and resettable_left)
 
 
 def describe_progress(reset_count: int, elapsed_s: float, left: int | None = None) -> str:
@@ -211,6 +212,11 @@ _RESET_BATCH = (
     " (SELECT string_agg(DISTINCT is_now::text, ',') FROM reset)"
 )
 _AFTER = " AND {id} > %(after)s"
+# Whether a stuck row is left that no one holds: a sequential scan that stops at the first one
+# (its lock lasts this statement only).
+_ANY_RESETTABLE = (
+    "SELECT EXISTS (SELECT 1 FROM {table} WHERE {stuck} LIMIT 1 FOR UPDATE SKIP LOCKED)"
+)
 
 # Chunks of batch_size ids, or larger ones when there would be more than MAX_PLANNED_CHUNKS.
 _PLAN_BATCHES = (
@@ -255,6 +261,11 @@ def reset_stuck_events(store: EventStore, dry_run: bool) -> ResetResult:
         return _reset_in_batches(conn, store)
 
 
+def _any_resettable(conn: psycopg.Connection, store: EventStore) -> bool:
+    (found,) = conn.execute(_sql(store, _ANY_RESETTABLE), _params(store)).fetchone()
+    return found
+
+
 def _reset_in_batches(conn: psycopg.Connection, store: EventStore) -> ResetResult:
     result = ResetResult(dry_run=False)
     first_batch = _sql(store, _RESET_BATCH.replace("{after}", ""))
@@ -263,8 +274,8 @@ def _reset_in_batches(conn: psycopg.Connection, store: EventStore) -> ResetResul
     target_s = store.batch_target_ms / 1000
     started = time.monotonic()
     deadline = started + store.time_budget_s
-    passes = pass_reset = 0
-    while next_pass_wanted(passes, pass_reset) and not result.out_of_time:
+    passes, more = 0, False
+    while next_pass_wanted(passes, more) and not result.out_of_time:
         passes, pass_reset, after = passes + 1, 0, None
         while True:
             if time.monotonic() >= deadline:
@@ -289,6 +300,8 @@ def _reset_in_batches(conn: psycopg.Connection, store: EventStore) -> ResetResul
                 break
             after = last_key
             size = next_batch_size(size, elapsed, target_s, smallest, largest)
+        # nothing reset in this pass: the next would find nothing either
+        more = bool(pass_reset) and not result.out_of_time and _any_resettable(conn, store)
     result.elapsed_s = time.monotonic() - started
     if result.out_of_time:
         result.notes.append(

@@ -61,19 +61,19 @@ def test_batch_bounds(batch_size: int, max_batch_size: int, bounds: tuple[int, i
 
 
 @pytest.mark.parametrize(
-    ("passes_done", "last_pass_reset", "wanted"),
+    ("passes_done", "resettable_left", "wanted"),
     [
-        (0, 0, True),  # the first pass always runs
-        (1, 35, True),  # it reset rows: once more from the start, for rows let go meanwhile
-        (1, 0, False),  # nothing to reset (all done or all locked): no second look
-        (2, 5, False),  # two passes at most: what is left is the verification's to judge
-        (2, 0, False),
+        (0, False, True),  # the first pass always runs
+        (1, True, True),  # a row was let go (or got stuck) behind it: once more from the start
+        (1, False, False),  # nothing left that anyone could reset: no second pass
+        (2, True, False),  # two passes at most: what is left is the verification's to judge
+        (2, False, False),
     ],
 )
-def test_a_second_pass_only_after_a_pass_that_reset_rows(
-    passes_done: int, last_pass_reset: int, wanted: bool
+def test_a_second_pass_only_when_a_resettable_row_is_left(
+    passes_done: int, resettable_left: bool, wanted: bool
 ) -> None:
-    assert next_pass_wanted(passes_done, last_pass_reset) is wanted
+    assert next_pass_wanted(passes_done, resettable_left) is wanted
 
 
 @pytest.mark.parametrize(
