@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
+import shutil
 import statistics
 import threading
 import time
@@ -127,6 +128,7 @@ def main(argv: list[str]) -> int:
                 rounds = _run(pg, args, only)
     finally:
         pg.stop()
+        shutil.rmtree(pg.datadir.parent, ignore_errors=True)  # a 2M-row table is ~1 GB
     _print(rounds, args)
     return 0 if all(r.left == 0 and r.rows == args.stuck for r in rounds) else 1
 

@@ -218,17 +218,32 @@ _ANY_RESETTABLE = (
     "SELECT EXISTS (SELECT 1 FROM {table} WHERE {stuck} LIMIT 1 FOR UPDATE SKIP LOCKED)"
 )
 
-# Chunks of batch_size ids, or larger ones when there would be more than MAX_PLANNED_CHUNKS.
-_PLAN_BATCHES = (
-    "WITH stuck AS ("
-    " SELECT {id}, {status} AS was, row_number() OVER (ORDER BY {id}) - 1 AS i,"
-    " count(*) OVER () AS total FROM {table} WHERE {stuck}),"
-    " chunked AS (SELECT {id}, was,"
-    " i / greatest(%(batch_size)s, ceil(total::numeric / %(chunks)s))::bigint AS chunk FROM stuck)"
-    " SELECT count(*)::int, (array_agg({id} ORDER BY {id}))[1]::text,"
-    " (array_agg({id} ORDER BY {id} DESC))[1]::text, string_agg(DISTINCT was::text, ',')"
-    " FROM chunked GROUP BY chunk ORDER BY chunk"
+# The plan: chunks of batch_size ids, or larger ones so there are at most MAX_PLANNED_CHUNKS.
+# Only each chunk's first and last row come back (position i, id, status; k the chunk size):
+# grouping every stuck row by chunk made the server sort them all again, on disk past ~50k.
+# One statement, so the count and the rows come from the same snapshot.
+_PLAN_EDGES = (
+    "WITH total AS (SELECT count(*) AS n FROM {table} WHERE {stuck}),"
+    " size AS (SELECT n, greatest(%(batch_size)s::bigint, (n + %(chunks)s - 1) / %(chunks)s)"
+    "  AS k FROM total),"
+    " stuck AS (SELECT {id} AS id, {status} AS was, row_number() OVER (ORDER BY {id}) - 1 AS i"
+    "  FROM {table} WHERE {stuck})"
+    " SELECT s.i, s.id::text, s.was::text, z.k FROM stuck AS s, size AS z"
+    " WHERE s.i %% z.k = 0 OR s.i %% z.k = z.k - 1 OR s.i = z.n - 1 ORDER BY s.i"
 )
+
+
+def plan_chunks(edges: list[tuple[int, str, str, int]]) -> list[tuple[int, str, str, str]]:
+    """(rows, first id, last id, statuses) per chunk, from its edge rows (i, id, status, k)."""
+    chunks: dict[int, list] = {}
+    for i, id_, status, k in edges:
+        chunk = chunks.setdefault(i // k, [i, id_, i, id_, set()])
+        chunk[2:4] = [i, id_]
+        chunk[4].add(status)
+    return [
+        (last - first + 1, first_id, last_id, ",".join(sorted(statuses)))
+        for first, first_id, last, last_id, statuses in chunks.values()
+    ]
 
 
 def _batch_change(store: EventStore, rows: int, first_id: str, last_id: str, status: str) -> Change:
@@ -252,10 +267,12 @@ def reset_stuck_events(store: EventStore, dry_run: bool) -> ResetResult:
     with store.database.connect(autocommit=True) as conn:
         if dry_run:
             # plain SELECT: no row is locked, so dry-run cannot delay a consumer
-            batches = conn.execute(
-                _sql(store, _PLAN_BATCHES),
-                _params(store, batch_size=store.batch_size, chunks=MAX_PLANNED_CHUNKS),
-            ).fetchall()
+            batches = plan_chunks(
+                conn.execute(
+                    _sql(store, _PLAN_EDGES),
+                    _params(store, batch_size=store.batch_size, chunks=MAX_PLANNED_CHUNKS),
+                ).fetchall()
+            )
             planned = [_batch_change(store, *b) for b in batches]
             return ResetResult(dry_run=True, planned=planned, batch_sizes=[b[0] for b in batches])
         return _reset_in_batches(conn, store)

@@ -15,6 +15,7 @@ from tasks.event_store import (
     judge_reset,
     next_batch_size,
     next_pass_wanted,
+    plan_chunks,
 )
 
 
@@ -95,6 +96,32 @@ def test_progress_names_rows_rate_and_what_is_left(
     reset_count: int, elapsed_s: float, left: int | None, text: str
 ) -> None:
     assert describe_progress(reset_count, elapsed_s, left) == text
+
+
+@pytest.mark.parametrize(
+    ("edges", "chunks"),
+    [
+        ([], []),
+        ([(0, "7", "PROCESSING", 10)], [(1, "7", "7", "PROCESSING")]),  # one row
+        (
+            # 36 rows in chunks of 10: each chunk's first and last row, and the very last
+            [(0, "1", "P", 10), (9, "10", "P", 10), (10, "11", "P", 10), (19, "20", "P", 10)]
+            + [(20, "21", "P", 10), (29, "30", "P", 10), (30, "31", "P", 10), (35, "36", "P", 10)],
+            [(10, "1", "10", "P"), (10, "11", "20", "P"), (10, "21", "30", "P")]
+            + [(6, "31", "36", "P")],
+        ),
+        (
+            # the last chunk holds one row
+            [(0, "a", "P", 2), (1, "b", "P", 2), (2, "c", "P", 2)],
+            [(2, "a", "b", "P"), (1, "c", "c", "P")],
+        ),
+        ([(i, str(i), "P", 1) for i in range(3)], [(1, str(i), str(i), "P") for i in range(3)]),
+    ],
+)
+def test_plan_chunks_from_their_edge_rows(
+    edges: list[tuple[int, str, str, int]], chunks: list[tuple[int, str, str, str]]
+) -> None:
+    assert plan_chunks(edges) == chunks
 
 
 def summary(count: int, resettable: int | None) -> StuckSummary:
