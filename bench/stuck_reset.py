@@ -24,10 +24,11 @@ while it ran.
 from __future__ import annotations
 
 import argparse
-import logging
 import multiprocessing
+import os
 import shutil
 import statistics
+import sys
 import threading
 import time
 import uuid
@@ -88,6 +89,7 @@ class Round:
     batches: int | None = None
     slowest_batch_s: float | None = None
     left: int = 0
+    timeline: list[str] = field(default_factory=list)
 
 
 def main(argv: list[str]) -> int:
@@ -108,24 +110,19 @@ def main(argv: list[str]) -> int:
     print(f"PostgreSQL on port {pg.port} ({pg.datadir})")
     try:
         with prefect_server() as (api, env, _home):
-            import prefect.main  # noqa: F401  configures Prefect's logging, quieted below
-            from prefect.settings import (
-                PREFECT_API_URL,
-                PREFECT_HOME,
-                PREFECT_LOGGING_TO_API_ENABLED,
-                temporary_settings,
+            # the project's flow and task run here, against that server, quietly; in the
+            # environment (not temporary_settings): the target lock renews its lease from a
+            # thread of its own, which a context-local setting does not reach
+            if "prefect" in sys.modules:
+                raise RuntimeError("Prefect was imported before its settings were made")
+            os.environ.update(
+                PREFECT_API_URL=api,
+                PREFECT_HOME=env["PREFECT_HOME"],
+                PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                PREFECT_LOGGING_LEVEL="WARNING",
+                PREFECT_LOGGING_TO_API_ENABLED="false",
             )
-
-            # the project's flow and task run here, against that server, quietly
-            for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-                logging.getLogger(name).setLevel(logging.WARNING)
-            settings = {
-                PREFECT_API_URL: api,
-                PREFECT_HOME: env["PREFECT_HOME"],
-                PREFECT_LOGGING_TO_API_ENABLED: False,
-            }
-            with temporary_settings(settings):
-                rounds = _run(pg, args, only)
+            rounds = _run(pg, args, only)
     finally:
         pg.stop()
         shutil.rmtree(pg.datadir.parent, ignore_errors=True)  # a 2M-row table is ~1 GB
@@ -184,7 +181,7 @@ def _measure(
     time.sleep(0.5 + args.before_s)  # connect and warm up, then the "before" window
     run = _contender(pg, contender, block)
     started = time.monotonic()
-    rows, batches, slowest = run()
+    rows, batches, slowest, timeline = run()
     ended = time.monotonic()
     stop.set()
     latencies: Latencies = receive.recv()
@@ -200,11 +197,12 @@ def _measure(
 
     return Round(
         number, contender, rows, ended - started, windows(started - args.before_s, started),
-        windows(started, ended), batches, slowest, left,
+        windows(started, ended), batches, slowest, left, timeline,
     )
 
 
-Outcome = tuple[int, int, float | None]  # rows reset, batches, the slowest batch's seconds
+# rows reset, batches, the slowest batch's seconds, the flow report's timeline
+Outcome = tuple[int, int, float | None, list[str]]
 
 
 def _contender(pg: PostgresServer, contender: str, block: str) -> Callable[[], Outcome]:
@@ -214,12 +212,13 @@ def _contender(pg: PostgresServer, contender: str, block: str) -> Callable[[], O
     from runbooks.params import SafetyParams
     from tasks.event_store import ResetResult, reset_stuck_events
 
-    def outcome(result: ResetResult) -> Outcome:
-        return result.reset_count, len(result.batch_sizes), result.slowest_batch_s
+    def outcome(result: ResetResult, report: str = "") -> Outcome:
+        timeline = report.partition("### Timeline\n")[2].partition("\n\n")[0].splitlines()
+        return result.reset_count, len(result.batch_sizes), result.slowest_batch_s, timeline
 
     def bare() -> Outcome:
         with psycopg.connect(pg.conninfo("bench"), autocommit=True) as conn:
-            return conn.execute(BARE).rowcount, 1, None
+            return conn.execute(BARE).rowcount, 1, None, []
 
     store = EventStore.load(block)
 
@@ -234,7 +233,8 @@ def _contender(pg: PostgresServer, contender: str, block: str) -> Callable[[], O
         state = event_processing_stuck(params=params, return_state=True)
         if not state.is_completed():
             raise RuntimeError(f"the flow run ended {state.type.value}: {state.message}")
-        return outcome(state.result().reset)
+        summary = state.result()
+        return outcome(summary.reset, summary.report)
 
     return {"bare": bare, "task": task, "flow": flow}[contender]
 
@@ -326,6 +326,10 @@ def _print(rounds: list[Round], args: argparse.Namespace) -> None:
         for r in rounds:
             print(f"{'before ' + LABELS[r.contender]:32} {_ms(r.before[index])}")
             print(f"{'during ' + LABELS[r.contender]:32} {_ms(r.during[index])}")
+    for r in rounds:
+        if r.timeline:
+            print(f"\nflow run's timeline (round {r.number}):")
+            print("\n".join(f"  {line}" for line in r.timeline))
     if len(rounds) > len({r.contender for r in rounds}):
         print("\nmedian over rounds:")
         for c in CONTENDERS:
