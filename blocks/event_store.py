@@ -30,7 +30,10 @@ class EventStore(Block):
     database: PostgresDatabase = Field(description="The PostgreSQL database holding the table.")
     schema_name: str = Field("public", description="Schema of the events table.")
     table: str = Field("events", description="Name of the events table.")
-    id_column: str = Field("id", description="Primary key column; batches are taken in its order.")
+    id_column: str = Field(
+        "id",
+        description="Primary key column; batches are taken in its order, each after the last.",
+    )
     status_column: str = Field("status", description="Column holding the event's status.")
     updated_at_column: str = Field(
         "updated_at",
@@ -45,11 +48,26 @@ class EventStore(Block):
         description="An event PROCESSING for longer than this many seconds is stuck (seed: 1 hour).",
     )
     batch_size: int = Field(
-        500, ge=1, le=10_000, description="Rows reset per transaction; small keeps locks short."
+        500,
+        ge=1,
+        le=100_000,
+        description="Rows in the first transaction; the next ones grow or shrink (up to "
+        "max_batch_size) so that each takes about batch_target_ms.",
     )
-    max_batches: int = Field(
-        100,
+    max_batch_size: int = Field(
+        20_000, ge=1, le=100_000, description="Most rows reset in one transaction."
+    )
+    batch_target_ms: float = Field(
+        75.0,
         ge=1,
         le=10_000,
-        description="At most this many batches per run; the next run continues.",
+        description="How long each transaction should take: its rows stay locked that long, so a "
+        "consumer touching one of them waits at most about this.",
+    )
+    time_budget_s: float = Field(
+        300.0,
+        gt=0,
+        le=86_400,
+        description="A run starts no new batch after this many seconds; it reports how many "
+        "events it reset and how many are left, escalates, and the next run continues.",
     )

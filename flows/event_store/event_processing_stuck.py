@@ -4,7 +4,7 @@ from prefect import flow
 from pydantic import BaseModel, Field
 
 from blocks.event_store import EventStore
-from runbooks.errors import VerificationFailed
+from runbooks.errors import Escalation, VerificationFailed
 from runbooks.params import BlockName, RunbookParams
 from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.safety import Budget, Target
@@ -13,6 +13,7 @@ from tasks.event_store import (
     ResetVerdict,
     StuckSummary,
     count_stuck_events,
+    describe_progress,
     judge_reset,
     reset_stuck_events,
 )
@@ -35,10 +36,17 @@ class StuckEventsParams(RunbookParams):
         None, gt=0, le=30 * 86400, description="Override: PROCESSING longer than this is stuck."
     )
     batch_size: int | None = Field(
-        None, ge=1, le=10_000, description="Override: rows reset per transaction."
+        None, ge=1, le=100_000, description="Override: rows in the first transaction."
     )
-    max_batches: int | None = Field(
-        None, ge=1, le=10_000, description="Override: at most this many batches in this run."
+    max_batch_size: int | None = Field(
+        None, ge=1, le=100_000, description="Override: most rows reset in one transaction."
+    )
+    time_budget_s: float | None = Field(
+        None,
+        gt=0,
+        le=86_400,
+        description="Override: start no new batch after this many seconds; what is left is "
+        "reported and escalated.",
     )
     approve_over: int = Field(
         1000,
@@ -94,13 +102,16 @@ def event_processing_stuck(params: StuckEventsParams) -> StuckEventsSummary:
             if params.dry_run:
                 report.finish(
                     Outcome.PLANNED,
-                    f"Would reset up to {sum(reset.batch_sizes)} event(s) in "
-                    f"{len(reset.batch_sizes)} batch(es); rows a consumer holds locked would be "
-                    "skipped.",
+                    f"Would reset up to {sum(reset.batch_sizes):,} event(s) in batches starting "
+                    f"at {store.batch_size} rows, sized to take about {store.batch_target_ms:g} ms "
+                    f"each, for at most {store.time_budget_s:g}s; rows a consumer holds locked "
+                    "would be skipped.",
                 )
                 return _summary(report, before, reset)
 
-            after = count_stuck_events(store, check_locks=True)
+            # after a budget ran out, probing every row left for locks would lock them all in
+            # one long transaction: count them instead
+            after = count_stuck_events(store, check_locks=not reset.out_of_time)
             report.evidence("stuck events after", after)
             verdict = judge_reset(reset.reset_count, after)
             report.check(
@@ -114,14 +125,19 @@ def event_processing_stuck(params: StuckEventsParams) -> StuckEventsSummary:
                     "find the consumer session in pg_stat_activity ('idle in transaction') and "
                     "check it for deadlocks; restart it if it hangs."
                 )
-            if verdict is ResetVerdict.INCOMPLETE:
-                why = (
-                    "the per-run batch limit was reached; run again"
-                    if reset.hit_batch_limit
-                    else "more events got stuck meanwhile: the consumer is still failing"
+            if verdict is ResetVerdict.INCOMPLETE and reset.out_of_time:
+                # progress, not a failure of the reset: but the symptom is still there, and
+                # whether to re-run now, raise the budget or first fix the consumer is a
+                # human's call
+                raise Escalation(
+                    f"time budget of {store.time_budget_s:g}s ended: "
+                    f"{describe_progress(reset.reset_count, reset.elapsed_s, after.count)}. "
+                    "The next run continues where this one stopped (or raise time_budget_s)"
                 )
+            if verdict is ResetVerdict.INCOMPLETE:
                 raise VerificationFailed(
-                    f"{after.resettable} stuck event(s) remain after the reset: {why}"
+                    f"{after.resettable} stuck event(s) remain after the reset: more events got "
+                    "stuck meanwhile: the consumer is still failing"
                 )
             if verdict is ResetVerdict.NOTHING_RESET:
                 report.finish(
@@ -132,8 +148,8 @@ def event_processing_stuck(params: StuckEventsParams) -> StuckEventsSummary:
             else:
                 report.finish(
                     Outcome.RESOLVED,
-                    f"Reset {reset.reset_count} event(s) to PENDING in {len(reset.batch_sizes)} "
-                    f"batch(es); {after.describe()}.",
+                    f"{describe_progress(reset.reset_count, reset.elapsed_s)}, in "
+                    f"{len(reset.batch_sizes)} batch(es); {after.describe()}.",
                 )
             return _summary(report, before, reset, after)
 
@@ -155,7 +171,8 @@ def _with_overrides(store: EventStore, params: StuckEventsParams) -> EventStore:
     overrides = {
         "stuck_after_s": params.stuck_after_s,
         "batch_size": params.batch_size,
-        "max_batches": params.max_batches,
+        "max_batch_size": params.max_batch_size,
+        "time_budget_s": params.time_budget_s,
     }
     return store.model_copy(update={k: v for k, v in overrides.items() if v is not None})
 

@@ -6,12 +6,12 @@ may only read and update that table.
 
 Rows per test: 35 stuck (PROCESSING, touched 3 hours ago, ids 1-35), one stuck row a
 consumer holds locked (id 36), fresh PROCESSING rows (101-105), old DONE (201-205) and
-old PENDING (301-303) rows.
+old PENDING (301-303) rows. The backlog tests have tables of their own: 60,000 stuck rows
+(even ids) mixed with 60,000 that are not.
 """
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
@@ -31,7 +31,7 @@ from flows.event_store.event_processing_stuck import (
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
 from tests.approvals import Approver
-from tests.conftest import unique
+from tests.conftest import read_incident_report, unique
 from tests.servers import PostgresServer
 
 pytestmark = pytest.mark.integration
@@ -45,6 +45,12 @@ PENDING = list(range(301, 304))
 NOT_STUCK = FRESH + DONE + PENDING
 # every test acts on the same table: the budget has its own test (on its own table)
 SAFETY = SafetyParams(budget_max_actions=1000, approval_poll_s=1)
+# more than the old per-run ceiling (100 batches of 500), small enough to seed in a moment
+BACKLOG = 60_000
+BATCHING_DEFAULTS = {
+    name: EventStore.model_fields[name].default
+    for name in ("batch_size", "max_batch_size", "batch_target_ms", "time_budget_s")
+}
 
 
 @dataclass
@@ -91,10 +97,56 @@ class Env:
             "status_column": "state",
             "updated_at_column": "touched_at",
             "stuck_after_s": 3600,
+            # fixed batches of 10 (they do not grow): the tests count transactions
             "batch_size": 10,
+            "max_batch_size": 10,
         }
         EventStore(**(fields | overrides)).save(name, overwrite=True)
         return name
+
+    def backlog_table(self) -> str:
+        """A table of its own: BACKLOG stuck rows at even ids; at odd ids, rows that are not
+        stuck (fresh PROCESSING, old DONE and PENDING). Returns its name."""
+        name = unique("Backlog")
+        table = sql.Identifier(SCHEMA, name)
+        self.admin.execute(
+            sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(table, self.table)
+        )
+        self.admin.execute(
+            sql.SQL(
+                "INSERT INTO {} SELECT id,"
+                " CASE WHEN id %% 2 = 0 OR id %% 5 = 0 THEN 'PROCESSING'"
+                "  WHEN id %% 3 = 0 THEN 'DONE' ELSE 'PENDING' END,"
+                " now() - CASE WHEN id %% 2 = 1 AND id %% 5 = 0 THEN interval '1 minute'"
+                "  ELSE interval '3 hours' END,"
+                " 'event ' || id FROM generate_series(1, %s) AS id"
+            ).format(table),
+            (2 * BACKLOG,),
+        )
+        self.admin.execute(sql.SQL("VACUUM ANALYZE {}").format(table))
+        self.admin.execute(
+            sql.SQL("GRANT SELECT, UPDATE ON {} TO {}").format(table, sql.Identifier(self.role))
+        )
+        return name
+
+    def stuck_count(self, table: str) -> int:
+        (count,) = self.admin.execute(
+            sql.SQL(
+                "SELECT count(*) FROM {} WHERE state = 'PROCESSING'"
+                " AND touched_at < now() - interval '1 hour'"
+            ).format(sql.Identifier(SCHEMA, table))
+        ).fetchone()
+        return count
+
+    def digest(self, table: str, where: str) -> str:
+        """One hash of the rows ``where`` selects, with their system columns (xmin: written)."""
+        (digest,) = self.admin.execute(
+            sql.SQL(
+                "SELECT md5(string_agg(concat_ws(',', event_id, state, touched_at, xmin, ctid),"
+                " ';' ORDER BY event_id)) FROM {} WHERE {}"
+            ).format(sql.Identifier(SCHEMA, table), sql.SQL(where))
+        ).fetchone()
+        return digest
 
     def rows(self, table: str = TABLE) -> dict[int, tuple]:
         """Every row with its system columns: a row written or locked would differ."""
@@ -256,7 +308,7 @@ def test_dry_run_changes_nothing(env: Env, seeded: psycopg.Connection) -> None:
     assert env.rows() == before
 
 
-def test_threshold_override_and_batch_limit(env: Env, seeded: psycopg.Connection) -> None:
+def test_threshold_override(env: Env, seeded: psycopg.Connection) -> None:
     block = env.block()
     before = env.rows()
 
@@ -264,18 +316,6 @@ def test_threshold_override_and_batch_limit(env: Env, seeded: psycopg.Connection
     relaxed = run(env, block, stuck_after_s=4 * 3600)
     assert relaxed.outcome is Outcome.NO_ACTION_NEEDED and relaxed.before.count == 0
     assert env.rows() == before
-
-    # a run stops after max_batches and says so; the next run finishes the job
-    started = time.monotonic()
-    state = event_processing_stuck(params=params(block, max_batches=2), return_state=True)
-    assert state.is_failed()
-    assert "15 stuck event(s) remain" in state.message and "batch limit" in state.message
-    assert env.state(STUCK[:20]) == {"PENDING"} and env.state(STUCK[20:]) == {"PROCESSING"}
-    assert time.monotonic() - started < 30
-
-    rest = run(env, block, max_batches=2)
-    assert rest.outcome is Outcome.RESOLVED and rest.reset.batch_sizes == [10, 5]
-    assert env.state(STUCK) == {"PENDING"} and env.state([LOCKED]) == {"PROCESSING"}
 
 
 @pytest.mark.parametrize("approve", [False, True])
@@ -339,3 +379,101 @@ def test_reset_budget_stops_the_second_reset(env: Env, seeded: psycopg.Connectio
     assert env.state(FRESH, table) == {"PROCESSING"}
     for i in [*STUCK, LOCKED]:
         assert stuck_again[i] == after_first[i]
+
+
+def test_a_backlog_beyond_the_old_ceiling_is_reset_with_defaults(env: Env) -> None:
+    table = env.backlog_table()
+    block = env.block(table=table, **BATCHING_DEFAULTS)
+    not_stuck = env.digest(table, "event_id % 2 = 1")
+    held = BACKLOG  # a stuck row in the middle of the table, which a consumer holds
+    consumer = psycopg.connect(env.server.conninfo(dbname=env.db))
+    consumer.execute(
+        sql.SQL("SELECT 1 FROM {} WHERE event_id = %s FOR UPDATE").format(
+            sql.Identifier(SCHEMA, table)
+        ),
+        (held,),
+    )
+    try:
+        summary = run(env, block, approve_over=10 * BACKLOG)
+        assert consumer.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    finally:
+        consumer.close()
+
+    assert summary.outcome is Outcome.RESOLVED, summary.report
+    assert summary.before.count == BACKLOG
+    reset = summary.reset
+    assert reset.reset_count == sum(reset.batch_sizes) == BACKLOG - 1
+    assert not reset.out_of_time
+    assert max(reset.batch_sizes) <= BATCHING_DEFAULTS["max_batch_size"]
+    assert summary.after.count == 1 and summary.after.locked == 1
+    assert env.stuck_count(table) == 1
+    # one transaction per batch
+    (transactions,) = env.admin.execute(
+        sql.SQL(
+            "SELECT count(DISTINCT xmin::text) FROM {} WHERE event_id %% 2 = 0 AND event_id <> %s"
+        ).format(sql.Identifier(SCHEMA, table)),
+        (held,),
+    ).fetchone()
+    assert transactions == len(reset.batch_sizes)
+    # each batch starts after the last one ended: the table is walked once, in id order
+    ranges = [(int(c.detail["first_id"]), int(c.detail["last_id"])) for c in reset.applied]
+    assert ranges == sorted(ranges)
+    assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert ranges[0][0] == 2 and ranges[-1][1] == 2 * BACKLOG
+    assert env.digest(table, "event_id % 2 = 1") == not_stuck
+    assert "event(s) reset to PENDING in" in summary.report
+
+
+def test_batches_grow_while_they_take_less_than_the_target(env: Env) -> None:
+    table = env.backlog_table()
+    # a target no batch comes near: each batch is twice the last, up to the largest
+    block = env.block(table=table, **(BATCHING_DEFAULTS | {"batch_target_ms": 10_000}))
+
+    summary = run(env, block, approve_over=10 * BACKLOG)
+
+    assert summary.outcome is Outcome.RESOLVED
+    assert summary.reset.batch_sizes == [500, 1000, 2000, 4000, 8000, 16_000, 20_000, 8500]
+    assert env.stuck_count(table) == 0
+
+
+def test_a_time_budget_that_ends_early_reports_what_is_left_and_escalates(env: Env) -> None:
+    table = env.backlog_table()
+    # batches of 10 rows cannot reset 60,000 in a second
+    slow = env.block(table=table, time_budget_s=1)
+    everything = env.digest(table, "true")
+
+    # the plan names every stuck row in at most 200 chunks of ids; nothing changes
+    plan = run(env, slow, dry_run=True)
+    assert plan.outcome is Outcome.PLANNED
+    assert sum(plan.reset.batch_sizes) == BACKLOG and len(plan.reset.planned) == 200
+    assert plan.reset.batch_sizes[0] == BACKLOG // 200
+    assert env.digest(table, "true") == everything
+
+    state = event_processing_stuck(
+        params=params(slow, approve_over=10 * BACKLOG), return_state=True
+    )
+
+    assert state.is_failed()
+    left = env.stuck_count(table)
+    done = BACKLOG - left
+    assert 0 < done < BACKLOG
+    # the reset rows are the lowest stuck ids: the batches walked the table in id order
+    (lowest_left,) = env.admin.execute(
+        sql.SQL(
+            "SELECT min(event_id) FROM {} WHERE state = 'PROCESSING'"
+            " AND touched_at < now() - interval '1 hour'"
+        ).format(sql.Identifier(SCHEMA, table))
+    ).fetchone()
+    assert lowest_left == 2 * done + 2
+    assert state.message.startswith("Escalated to a human: time budget of 1s ended: ")
+    assert f"{done:,} event(s) reset to PENDING in " in state.message
+    assert f"{left:,} still stuck, about " in state.message
+    assert "The next run continues" in state.message
+    report = read_incident_report(state.state_details.flow_run_id)
+    assert "| Outcome | **ESCALATED** |" in report
+    assert "| no resettable stuck events left | FAILING |" in report
+
+    # the next run, with the default budget, finishes the job
+    rest = run(env, env.block(table=table, **BATCHING_DEFAULTS), approve_over=10 * BACKLOG)
+    assert rest.outcome is Outcome.RESOLVED
+    assert rest.reset.reset_count == left and env.stuck_count(table) == 0

@@ -10,30 +10,118 @@ from tasks.event_store import (
     ResetVerdict,
     StuckSummary,
     _sql,
+    batch_bounds,
+    describe_progress,
     judge_reset,
-    next_batch_wanted,
+    next_batch_size,
+    next_pass_wanted,
+    plan_chunks,
 )
 
 
 @pytest.mark.parametrize(
-    ("last_batch", "batch_size", "batches_done", "max_batches", "wanted"),
+    ("size", "elapsed_s", "target_s", "smallest", "largest", "expected"),
     [
-        (10, 10, 1, 100, True),  # full batch: there may be more
-        (5, 10, 4, 100, False),  # partial batch: nothing unlocked is left
-        (0, 10, 0, 100, False),  # nothing stuck (or all locked)
-        (0, 10, 3, 100, False),
-        (10, 10, 3, 4, True),
-        (10, 10, 4, 4, False),  # per-run bound reached
-        (10, 10, 5, 4, False),
-        (1, 1, 1, 2, True),
-        (1, 1, 2, 2, False),
-        (9, 10, 1, 100, False),  # skipped locked rows make a batch short: that is the end
+        (500, 0.010, 0.075, 10, 20_000, 1000),  # far under target: at most doubles
+        (500, 0.050, 0.075, 10, 20_000, 750),  # under target: grows in proportion
+        (500, 0.075, 0.075, 10, 20_000, 500),  # on target: stays
+        (500, 0.100, 0.075, 10, 20_000, 375),  # over target: shrinks in proportion
+        (500, 2.000, 0.075, 10, 20_000, 250),  # one very slow batch: at most halves
+        (500, 0.0, 0.075, 10, 20_000, 1000),  # too fast to measure: doubles
+        (16_000, 0.010, 0.075, 10, 20_000, 20_000),  # never above the largest
+        (20_000, 0.010, 0.075, 10, 20_000, 20_000),
+        (15, 1.0, 0.075, 10, 20_000, 10),  # never below the smallest
+        (10, 0.001, 0.075, 10, 10, 10),  # smallest == largest: a fixed size
+        (1, 0.001, 0.075, 1, 20_000, 2),
+        (3, 0.2, 0.075, 1, 20_000, 2),  # rounds, 1.5 -> 2
     ],
 )
-def test_batching_continues_only_while_batches_come_back_full(
-    last_batch: int, batch_size: int, batches_done: int, max_batches: int, wanted: bool
+def test_batch_size_adapts_to_the_target_time_within_bounds(
+    size: int, elapsed_s: float, target_s: float, smallest: int, largest: int, expected: int
 ) -> None:
-    assert next_batch_wanted(last_batch, batch_size, batches_done, max_batches) is wanted
+    assert next_batch_size(size, elapsed_s, target_s, smallest, largest) == expected
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "max_batch_size", "bounds"),
+    [
+        (500, 20_000, (500, 10, 20_000)),  # the defaults
+        (10, 10, (10, 10, 10)),  # fixed batches of 10
+        (5, 20_000, (5, 5, 20_000)),  # a first batch below the floor lowers the floor
+        (50_000, 20_000, (20_000, 10, 20_000)),  # the first batch within the largest
+        (1, 1, (1, 1, 1)),
+    ],
+)
+def test_batch_bounds(batch_size: int, max_batch_size: int, bounds: tuple[int, int, int]) -> None:
+    store = EventStore(
+        database=PostgresDatabase(host="db", user="u"),
+        batch_size=batch_size,
+        max_batch_size=max_batch_size,
+    )
+    assert batch_bounds(store) == bounds
+
+
+@pytest.mark.parametrize(
+    ("passes_done", "resettable_left", "wanted"),
+    [
+        (0, False, True),  # the first pass always runs
+        (1, True, True),  # a row was let go (or got stuck) behind it: once more from the start
+        (1, False, False),  # nothing left that anyone could reset: no second pass
+        (2, True, False),  # two passes at most: what is left is the verification's to judge
+        (2, False, False),
+    ],
+)
+def test_a_second_pass_only_when_a_resettable_row_is_left(
+    passes_done: int, resettable_left: bool, wanted: bool
+) -> None:
+    assert next_pass_wanted(passes_done, resettable_left) is wanted
+
+
+@pytest.mark.parametrize(
+    ("reset_count", "elapsed_s", "left", "text"),
+    [
+        (100_000, 2.0, None, "100,000 event(s) reset to PENDING in 2.0s (50,000/s)"),
+        (
+            40_000,
+            2.0,
+            60_000,
+            "40,000 event(s) reset to PENDING in 2.0s (20,000/s); 60,000 still stuck, "
+            "about 3s more at this rate",
+        ),
+        (0, 1.0, 5, "0 event(s) reset to PENDING in 1.0s; 5 still stuck"),
+        (35, 0.0, 0, "35 event(s) reset to PENDING in 0.0s"),
+    ],
+)
+def test_progress_names_rows_rate_and_what_is_left(
+    reset_count: int, elapsed_s: float, left: int | None, text: str
+) -> None:
+    assert describe_progress(reset_count, elapsed_s, left) == text
+
+
+@pytest.mark.parametrize(
+    ("edges", "chunks"),
+    [
+        ([], []),
+        ([(0, "7", "PROCESSING", 10)], [(1, "7", "7", "PROCESSING")]),  # one row
+        (
+            # 36 rows in chunks of 10: each chunk's first and last row, and the very last
+            [(0, "1", "P", 10), (9, "10", "P", 10), (10, "11", "P", 10), (19, "20", "P", 10)]
+            + [(20, "21", "P", 10), (29, "30", "P", 10), (30, "31", "P", 10), (35, "36", "P", 10)],
+            [(10, "1", "10", "P"), (10, "11", "20", "P"), (10, "21", "30", "P")]
+            + [(6, "31", "36", "P")],
+        ),
+        (
+            # the last chunk holds one row
+            [(0, "a", "P", 2), (1, "b", "P", 2), (2, "c", "P", 2)],
+            [(2, "a", "b", "P"), (1, "c", "c", "P")],
+        ),
+        ([(i, str(i), "P", 1) for i in range(3)], [(1, str(i), str(i), "P") for i in range(3)]),
+    ],
+)
+def test_plan_chunks_from_their_edge_rows(
+    edges: list[tuple[int, str, str, int]], chunks: list[tuple[int, str, str, str]]
+) -> None:
+    assert plan_chunks(edges) == chunks
 
 
 def summary(count: int, resettable: int | None) -> StuckSummary:
@@ -52,7 +140,7 @@ def summary(count: int, resettable: int | None) -> StuckSummary:
     [
         (35, 0, 0, ResetVerdict.RESOLVED, 0),
         (35, 1, 0, ResetVerdict.RESOLVED, 1),  # one held by a live consumer: not ours to reset
-        (35, 3, 3, ResetVerdict.INCOMPLETE, 0),  # batch limit reached, or new events got stuck
+        (35, 3, 3, ResetVerdict.INCOMPLETE, 0),  # time budget ended, or new events got stuck
         (35, 4, 1, ResetVerdict.INCOMPLETE, 3),
         (0, 1, 0, ResetVerdict.NOTHING_RESET, 1),  # every stuck event is locked
         (0, 0, 0, ResetVerdict.NOTHING_RESET, 0),  # consumers finished them meanwhile
