@@ -67,6 +67,35 @@ OptionalBlockName = Annotated[BlockName | None, BeforeValidator(lambda v: None i
 """A block name or nothing; an empty form field counts as nothing."""
 
 
+# Kafka's own rule for topic names (and, for want of one, for consumer group ids from labels)
+_KAFKA_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def _kafka_name(what: str) -> Any:
+    def check(value: str | None) -> str | None:
+        # a name from an alert label is data: refused unless it is a plain Kafka name. A
+        # validator, not a schema pattern, for the reason given under BlockName
+        if value is not None and not _KAFKA_NAME.fullmatch(value):
+            raise ValueError(
+                f"{value[:80]!r} is not a Kafka {what} (1-249 letters, digits, '.', '_', '-')"
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+TopicName = Annotated[str, _kafka_name("topic name")]
+OptionalTopicName = Annotated[str | None, _kafka_name("topic name")]
+GroupId = Annotated[str, _kafka_name("consumer group id")]
+OptionalGroupId = Annotated[
+    str | None,
+    BeforeValidator(lambda v: None if v in ("", "None") else v),
+    _kafka_name("consumer group id"),
+]
+"""A consumer group id or nothing (every group). An empty form field, or a trigger's template
+rendering a label the alert does not have ("None"), counts as nothing."""
+
+
 class AlertContext(BaseModel):
     """The alert that started this run; filled in by the deployment trigger from the event."""
 

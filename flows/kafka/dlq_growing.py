@@ -8,16 +8,14 @@ records back to their source topic: exactly once (also across crashes), through 
 (lock, budget, approval above ``approve_over`` records), the DLQ offsets sent in the report.
 """
 
-import re
 from datetime import datetime
-from typing import Annotated
 
 from prefect import flow
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import BaseModel, Field
 
 from blocks.kafka import KafkaCluster
 from runbooks.errors import Escalation, VerificationFailed
-from runbooks.params import BlockName, RunbookParams
+from runbooks.params import BlockName, OptionalTopicName, RunbookParams, TopicName
 from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.safety import Budget, Guard, Target
 from tasks.kafka import get_cluster_id
@@ -26,20 +24,6 @@ from tasks.kafka_dlq_replay import ReplayResult, find_replayed, replay_dlq
 
 # Replaying the same DLQ again and again means the fix did not hold: a human should look.
 REPLAY_BUDGET = Budget(max_actions=5, window_s=3600)
-_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
-
-
-def _topic_name(value: str | None) -> str | None:
-    # a topic from an alert label is data: Kafka's own rule for topic names, nothing else
-    if value is not None and not _TOPIC.fullmatch(value):
-        raise ValueError(
-            f"{value[:80]!r} is not a Kafka topic name (letters, digits, '.', '_', '-')"
-        )
-    return value
-
-
-TopicName = Annotated[str, AfterValidator(_topic_name)]
-OptionalTopicName = Annotated[str | None, AfterValidator(_topic_name)]
 
 
 class DlqGrowingParams(RunbookParams):

@@ -9,16 +9,15 @@ not landed: until then the run recommends them and escalates with the evidence w
 over the escalation threshold and its lag is not falling. It changes nothing in Kafka.
 """
 
-import re
 import time
-from typing import Annotated, Self
+from typing import Self
 
 from prefect import flow
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from blocks.kafka import KafkaCluster
 from runbooks.errors import Escalation
-from runbooks.params import BlockName, RunbookParams
+from runbooks.params import BlockName, OptionalGroupId, RunbookParams
 from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from tasks.kafka_lag import (
     GroupFinding,
@@ -29,25 +28,6 @@ from tasks.kafka_lag import (
     needs_escalation,
 )
 
-_GROUP_ID = re.compile(r"[A-Za-z0-9._-]{1,249}")
-
-
-def _plain_group_id(value: str | None) -> str | None:
-    # Kafka sets no rule on group ids, but one from an alert label that is not a plain id is refused
-    # rather than passed on. A validator, not a schema pattern: see runbooks.params.BlockName.
-    if value is not None and not _GROUP_ID.fullmatch(value):
-        raise ValueError(
-            f"group {value[:80]!r} is not a consumer group id (letters, digits, '.', '_', '-')"
-        )
-    return value
-
-
-GroupId = Annotated[
-    str | None,
-    BeforeValidator(lambda v: None if v in ("", "None") else v),
-    AfterValidator(_plain_group_id),
-]
-
 
 class KafkaConsumerLagHighParams(RunbookParams):
     """Parameters of the kafka-consumer-lag-high runbook."""
@@ -55,7 +35,7 @@ class KafkaConsumerLagHighParams(RunbookParams):
     kafka_block: BlockName = Field(
         "default", description="Name of the Runbooks Kafka Cluster block."
     )
-    group: GroupId = Field(
+    group: OptionalGroupId = Field(
         None,
         description="Only this consumer group (the alert's consumergroup label); empty: every group.",
     )
