@@ -74,6 +74,9 @@ class TopicState(BaseModel):
     configs: dict[str, str | None] = Field(
         default_factory=dict, description="Values of the spec's configs (None: not set)."
     )
+    topic_id: str | None = Field(
+        None, description="The broker's id of this topic: a recreated topic has a new one."
+    )
 
 
 class TopicAction(StrEnum):
@@ -145,8 +148,7 @@ def decide_all(
     recreate: list[str],
 ) -> list[TopicDecision]:
     return [
-        decide_topic(s, states[s.name], allow_partition_increase, s.name in recreate)
-        for s in specs
+        decide_topic(s, states[s.name], allow_partition_increase, s.name in recreate) for s in specs
     ]
 
 
@@ -165,15 +167,20 @@ def plan_changes(
         spec, state = by_name[d.topic], states[d.topic]
         detail: dict[str, Any]
         if action is TopicAction.CREATE:
-            detail = {"partitions": spec.partitions, "replication_factor": spec.replication_factor,
-                      "configs": spec.configs}
+            detail = {
+                "partitions": spec.partitions,
+                "replication_factor": spec.replication_factor,
+                "configs": spec.configs,
+            }
         elif action is TopicAction.RAISE_PARTITIONS:
             detail = {"from": state.partitions, "to": spec.partitions}
         elif action is TopicAction.SET_CONFIGS:
             detail = {k: {"from": live, "to": want} for k, (live, want) in d.drifted.items()}
         else:
-            detail = {"partitions": {"from": state.partitions, "to": spec.partitions},
-                      "configs": spec.configs}
+            detail = {
+                "partitions": {"from": state.partitions, "to": spec.partitions},
+                "configs": spec.configs,
+            }
         changes.append(Change(action=action.value, target=d.topic, detail=detail))
     return changes
 
@@ -183,6 +190,7 @@ def plan_changes(
 
 
 def _read(cluster: KafkaCluster, specs: list[TopicSpec]) -> dict[str, TopicState]:
+    from confluent_kafka import TopicCollection
     from confluent_kafka.admin import ConfigResource, ResourceType
 
     admin = cluster.get_admin_client()  # held until the answers: dropping it aborts the requests
@@ -193,6 +201,17 @@ def _read(cluster: KafkaCluster, specs: list[TopicSpec]) -> dict[str, TopicState
     resources = [ConfigResource(ResourceType.TOPIC, s.name) for s in present]
     described = admin.describe_configs(resources, request_timeout=timeout) if resources else {}
     configs = {r.name: f.result(timeout) for r, f in described.items()}
+    names = [s.name for s in present]
+    ids = (
+        {
+            n: str(f.result(timeout).topic_id)
+            for n, f in admin.describe_topics(
+                TopicCollection(names), request_timeout=timeout
+            ).items()
+        }
+        if names
+        else {}
+    )
     for s in specs:
         if s not in present:
             states[s.name] = TopicState(name=s.name, exists=False)
@@ -205,6 +224,7 @@ def _read(cluster: KafkaCluster, specs: list[TopicSpec]) -> dict[str, TopicState
             partitions=len(parts),
             replication_factor=max((len(p.replicas) for p in parts.values()), default=0),
             configs={k: entries[k].value if k in entries else None for k in s.configs},
+            topic_id=ids.get(s.name),
         )
     return states
 
@@ -224,15 +244,21 @@ def _create(cluster: KafkaCluster, specs: list[TopicSpec]) -> None:
     from confluent_kafka.admin import NewTopic
 
     admin = cluster.get_admin_client()
-    new = [NewTopic(s.name, s.partitions, s.replication_factor, config=dict(s.configs)) for s in specs]
-    _wait_all(admin.create_topics(new, request_timeout=cluster.request_timeout_s),
-              cluster.request_timeout_s * 2)
+    new = [
+        NewTopic(s.name, s.partitions, s.replication_factor, config=dict(s.configs)) for s in specs
+    ]
+    _wait_all(
+        admin.create_topics(new, request_timeout=cluster.request_timeout_s),
+        cluster.request_timeout_s * 2,
+    )
 
 
 def _delete(cluster: KafkaCluster, names: list[str]) -> None:
     admin = cluster.get_admin_client()
-    _wait_all(admin.delete_topics(names, request_timeout=cluster.request_timeout_s),
-              cluster.request_timeout_s * 2)
+    _wait_all(
+        admin.delete_topics(names, request_timeout=cluster.request_timeout_s),
+        cluster.request_timeout_s * 2,
+    )
 
 
 def _set_configs(cluster: KafkaCluster, values: dict[str, dict[str, str]]) -> None:
@@ -251,8 +277,10 @@ def _set_configs(cluster: KafkaCluster, values: dict[str, dict[str, str]]) -> No
         )
         for topic, configs in values.items()
     ]
-    _wait_all(admin.incremental_alter_configs(resources, request_timeout=cluster.request_timeout_s),
-              cluster.request_timeout_s * 2)
+    _wait_all(
+        admin.incremental_alter_configs(resources, request_timeout=cluster.request_timeout_s),
+        cluster.request_timeout_s * 2,
+    )
 
 
 def _raise(cluster: KafkaCluster, counts: dict[str, int]) -> None:
@@ -260,8 +288,29 @@ def _raise(cluster: KafkaCluster, counts: dict[str, int]) -> None:
 
     admin = cluster.get_admin_client()
     new = [NewPartitions(topic, n) for topic, n in counts.items()]
-    _wait_all(admin.create_partitions(new, request_timeout=cluster.request_timeout_s),
-              cluster.request_timeout_s * 2)
+    _wait_all(
+        admin.create_partitions(new, request_timeout=cluster.request_timeout_s),
+        cluster.request_timeout_s * 2,
+    )
+
+
+def _read_back(
+    cluster: KafkaCluster, specs: list[TopicSpec], planned: list[Change]
+) -> list[Change]:
+    """The applied changes with what the broker shows afterwards (the audit's "after")."""
+    states = _read(cluster, [s for s in specs if s.name in {c.target for c in planned}])
+    return [
+        c.model_copy(
+            update={
+                "detail": {
+                    "partitions": states[c.target].partitions,
+                    "replication_factor": states[c.target].replication_factor,
+                    "configs": states[c.target].configs,
+                }
+            }
+        )
+        for c in planned
+    ]
 
 
 def _plan(
@@ -286,7 +335,7 @@ def create_missing_topics(
     if dry_run or not planned:
         return ChangeSet(dry_run=dry_run, planned=planned)
     _create(cluster, [s for s in specs if s.name in {c.target for c in planned}])
-    return ChangeSet(dry_run=False, planned=planned, applied=planned)
+    return ChangeSet(dry_run=False, planned=planned, applied=_read_back(cluster, specs, planned))
 
 
 @task(**runbook_task_options(KafkaException, when=is_retriable))
@@ -298,7 +347,7 @@ def restore_topic_configs(
     if dry_run or not planned:
         return ChangeSet(dry_run=dry_run, planned=planned)
     _set_configs(cluster, {c.target: {k: v["to"] for k, v in c.detail.items()} for c in planned})
-    return ChangeSet(dry_run=False, planned=planned, applied=planned)
+    return ChangeSet(dry_run=False, planned=planned, applied=_read_back(cluster, specs, planned))
 
 
 @task(**runbook_task_options(KafkaException, when=is_retriable))
@@ -310,21 +359,39 @@ def raise_topic_partitions(
     if dry_run or not planned:
         return ChangeSet(dry_run=dry_run, planned=planned)
     _raise(cluster, {c.target: c.detail["to"] for c in planned})
-    return ChangeSet(dry_run=False, planned=planned, applied=planned)
+    return ChangeSet(dry_run=False, planned=planned, applied=_read_back(cluster, specs, planned))
 
 
 @task(**runbook_task_options(KafkaException, when=is_retriable))
 def recreate_topics(
-    cluster: KafkaCluster, specs: list[TopicSpec], names: list[str], dry_run: bool
+    cluster: KafkaCluster, specs: list[TopicSpec], seen: dict[str, str | None], dry_run: bool
 ) -> ChangeSet:
-    """Delete and create again (from the spec) the topics in ``names``: every record is lost."""
-    planned, _ = _plan(cluster, specs, TopicAction.RECREATE, False, names)
+    """Delete and create again (from the spec) the topics in ``seen``: every record is lost.
+
+    ``seen`` maps each topic to its id when the run read it: a topic whose id changed since was
+    recreated already (by this task before a retry, or by someone else) and is left alone, and a
+    topic missing now (a retry after the delete) is only created, so nothing is recreated twice.
+    """
+    states = _read(cluster, specs)
+    by_name = {s.name: s for s in specs}
+    planned, notes = [], []
+    for name, topic_id in sorted(seen.items()):
+        state = states[name]
+        if state.exists and state.topic_id != topic_id:
+            notes.append(f"{name} was recreated since this run read it (new topic id): left alone")
+            continue
+        d = decide_topic(by_name[name], state, False, corrupt=True)
+        planned += plan_changes([d], specs, states, TopicAction.RECREATE)
+        planned += plan_changes([d], specs, states, TopicAction.CREATE)
     if dry_run or not planned:
-        return ChangeSet(dry_run=dry_run, planned=planned)
-    doomed = [c.target for c in planned]
-    _delete(cluster, doomed)
-    _create_when_deleted(cluster, [s for s in specs if s.name in doomed])
-    return ChangeSet(dry_run=False, planned=planned, applied=planned)
+        return ChangeSet(dry_run=dry_run, planned=planned, notes=notes)
+    doomed = [c.target for c in planned if c.action == TopicAction.RECREATE.value]
+    if doomed:
+        _delete(cluster, doomed)
+    _create_when_deleted(cluster, [by_name[c.target] for c in planned])
+    return ChangeSet(
+        dry_run=False, planned=planned, applied=_read_back(cluster, specs, planned), notes=notes
+    )
 
 
 def _create_when_deleted(cluster: KafkaCluster, specs: list[TopicSpec]) -> None:

@@ -124,7 +124,7 @@ def kafka_topics_validate(params: KafkaTopicsValidateParams) -> KafkaTopicsValid
             cluster_id = get_cluster_id(kafka)
             target = Target("kafka-topics", kafka.bootstrap_servers, cluster_id or "")
             with report.guard(target) as guard:
-                _repair(report, guard, kafka, decisions, params)
+                _repair(report, guard, kafka, decisions, states, params)
     return KafkaTopicsValidateResult(
         outcome=report.outcome or Outcome.FAILED, decisions=decisions, report=report.to_markdown()
     )
@@ -162,6 +162,7 @@ def _repair(
     guard: Guard,
     kafka: KafkaCluster,
     decisions: list[TopicDecision],
+    states: dict[str, TopicState],
     params: KafkaTopicsValidateParams,
 ) -> None:
     specs = params.topics
@@ -184,8 +185,10 @@ def _repair(
             "raise topic partitions",
             lambda dry_run: raise_topic_partitions(kafka, specs, dry_run),
             budget=REPAIR_BUDGET,
-            approval=lambda plan: "records with the same key go to a different partition from now "
-            "on: per-key order breaks across the change, and partitions cannot be removed again",
+            approval=lambda plan: (
+                "records with the same key go to a different partition from now "
+                "on: per-key order breaks across the change, and partitions cannot be removed again"
+            ),
         )
     corrupt = [d.topic for d in decisions if TopicAction.RECREATE in d.actions]
     if corrupt:
@@ -199,10 +202,11 @@ def _repair(
                     "again with the topic in confirm_data_loss"
                 )
         allowed = [t for t in corrupt if t not in behind or t in params.confirm_data_loss]
+        seen = {t: states[t].topic_id for t in allowed}
         if allowed:
             guard.act(
                 "recreate corrupt topics",
-                lambda dry_run: recreate_topics(kafka, specs, allowed, dry_run),
+                lambda dry_run: recreate_topics(kafka, specs, seen, dry_run),
                 budget=REPAIR_BUDGET,
                 approval=lambda plan: _recreate_danger(plan, behind),
             )

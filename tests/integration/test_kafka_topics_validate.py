@@ -44,7 +44,10 @@ class Topics:
     def set_configs(self, name: str, configs: dict[str, str]) -> None:
         from confluent_kafka.admin import AlterConfigOpType, ConfigEntry
 
-        entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in configs.items()]
+        entries = [
+            ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+            for k, v in configs.items()
+        ]
         resource = ConfigResource(ResourceType.TOPIC, name, incremental_configs=entries)
         self.admin.incremental_alter_configs([resource])[resource].result(10)
 
@@ -65,7 +68,10 @@ class Topics:
         consumer = KafkaCluster(bootstrap_servers=self.bootstrap).get_consumer(unique("peek"))
         try:
             parts = consumer.list_topics(name, timeout=10).topics[name].partitions
-            return [consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1] for p in parts]
+            return [
+                consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1]
+                for p in parts
+            ]
         finally:
             consumer.close()
 
@@ -73,7 +79,9 @@ class Topics:
         values = {
             "kafka_block": self.block,
             "topics": specs,
-            "safety": SafetyParams(escalation_block=None, approval_poll_s=1, approval_timeout_s=120),
+            "safety": SafetyParams(
+                escalation_block=None, approval_poll_s=1, approval_timeout_s=120
+            ),
         }
         return KafkaTopicsValidateParams(**{**values, **overrides})
 
@@ -136,7 +144,9 @@ def test_partitions_not_raised_without_permission_or_approval(topics: Topics) ->
 
     state = kafka_topics_validate(topics.params([spec(name, partitions=3)]), return_state=True)
     assert state.is_failed()  # escalated: the spec wants more partitions than allowed to raise
-    assert "allow_partition_increase is off" in read_incident_report(state.state_details.flow_run_id)
+    assert "allow_partition_increase is off" in read_incident_report(
+        state.state_details.flow_run_id
+    )
     assert topics.snapshot([name])[name][0] == 1
 
     approver = Approver(RUNBOOK, {"approve": False, "approver": "bob", "reason": "keyed topic"})
@@ -186,7 +196,8 @@ def test_recreate_refused_without_approval_done_with_it(topics: Topics) -> None:
     assert topics.end_offsets(name) == [3, 0], "rejected, yet the topic lost its records"
 
     approver = Approver(
-        RUNBOOK, {"approve": True, "approver": "alice", "reason": "corrupt"},
+        RUNBOOK,
+        {"approve": True, "approver": "alice", "reason": "corrupt"},
         ignore={approver.paused_run},
     )
     approver.start()
@@ -207,7 +218,9 @@ def test_recreate_refused_over_unread_records_unless_confirmed(topics: Topics) -
     consumer.commit(offsets=[TopicPartition(name, 0, 1)], asynchronous=False)
     consumer.close()
 
-    state = kafka_topics_validate(topics.params([spec(name, 1)], recreate=[name]), return_state=True)
+    state = kafka_topics_validate(
+        topics.params([spec(name, 1)], recreate=[name]), return_state=True
+    )
     assert state.is_failed()  # escalated: nobody was asked, nothing deleted
     report = read_incident_report(state.state_details.flow_run_id)
     assert f"{group} (2 records)" in report and "confirm_data_loss" in report
@@ -222,3 +235,32 @@ def test_recreate_refused_over_unread_records_unless_confirmed(topics: Topics) -
     assert approver.error is None and f"have not read all of {name}" in approver.description
     assert result.outcome is Outcome.RESOLVED, result.report
     assert topics.end_offsets(name) == [0]
+
+
+def test_recreate_task_never_recreates_twice(topics: Topics) -> None:
+    from tasks.kafka_topics import TopicSpec, read_topics, recreate_topics
+
+    cluster = KafkaCluster(bootstrap_servers=topics.bootstrap, request_timeout_s=5)
+    name = topics.existing(partitions=1, configs=CONFIGS)
+    produce_one_per_batch(topics.bootstrap, name, [b"1", b"2"], partition=0)
+    specs = [TopicSpec(**spec(name, 1))]
+    seen = {name: read_topics.fn(cluster, specs)[name].topic_id}
+    assert seen[name]
+
+    done = recreate_topics.fn(cluster, specs, seen, False)
+    assert [c.action for c in done.applied] == ["recreate_topic"]
+    assert done.applied[0].detail["configs"] == CONFIGS, "the audit's after is the state read back"
+    assert topics.end_offsets(name) == [0]
+    produce_one_per_batch(topics.bootstrap, name, [b"new"], partition=0)
+
+    # a retry with the id the run saw: the topic was recreated already, its new record stays
+    again = recreate_topics.fn(cluster, specs, seen, False)
+    assert again.planned == [] and "recreated since this run read it" in again.notes[0]
+    assert topics.end_offsets(name) == [1]
+
+    # a retry after the delete went through but the create did not: only created
+    for future in topics.admin.delete_topics([name]).values():
+        future.result(10)
+    fresh = recreate_topics.fn(cluster, specs, seen, False)
+    assert [c.action for c in fresh.applied] == ["create_topic"]
+    assert topics.snapshot([name])[name][0] == 1

@@ -25,36 +25,76 @@ C, R, S, X = (
     TopicAction.SET_CONFIGS,
     TopicAction.RECREATE,
 )
-SPEC = TopicSpec(name="orders", partitions=3, configs={"retention.ms": "1000", "cleanup.policy": "delete"})
+SPEC = TopicSpec(
+    name="orders", partitions=3, configs={"retention.ms": "1000", "cleanup.policy": "delete"}
+)
 GOOD = {"retention.ms": "1000", "cleanup.policy": "delete"}
 
 
 def state(exists=True, partitions=3, rf=1, configs=None) -> TopicState:
-    return TopicState(name="orders", exists=exists, partitions=partitions, replication_factor=rf,
-                      configs=GOOD if configs is None else configs)
+    return TopicState(
+        name="orders",
+        exists=exists,
+        partitions=partitions,
+        replication_factor=rf,
+        configs=GOOD if configs is None else configs,
+    )
 
 
 # (case, live state, allow_partition_increase, corrupt, actions, drifted keys, finding fragment)
 CASES = [
     ("matches", state(), False, False, [], [], None),
     ("missing", state(exists=False, partitions=0, configs={}), False, False, [C], [], None),
-    ("missing and corrupt: just created", state(exists=False), False, True, [C], [], "nothing to delete"),
+    (
+        "missing and corrupt: just created",
+        state(exists=False),
+        False,
+        True,
+        [C],
+        [],
+        "nothing to delete",
+    ),
     ("corrupt", state(), False, True, [X], [], None),
     ("corrupt wins over drift", state(partitions=1, configs={}), True, True, [X], [], None),
     ("fewer partitions, not allowed", state(partitions=2), False, False, [], [], "not raised"),
     ("fewer partitions, allowed", state(partitions=2), True, False, [R], [], None),
     ("more partitions: never lowered", state(partitions=5), True, False, [], [], "cannot remove"),
-    ("config drifted", state(configs={**GOOD, "retention.ms": "5"}), False, False, [S], ["retention.ms"], None),
-    ("config unset", state(configs={"retention.ms": "1000", "cleanup.policy": None}), False, False, [S],
-     ["cleanup.policy"], None),
+    (
+        "config drifted",
+        state(configs={**GOOD, "retention.ms": "5"}),
+        False,
+        False,
+        [S],
+        ["retention.ms"],
+        None,
+    ),
+    (
+        "config unset",
+        state(configs={"retention.ms": "1000", "cleanup.policy": None}),
+        False,
+        False,
+        [S],
+        ["cleanup.policy"],
+        None,
+    ),
     ("replication differs: report", state(rf=3), False, False, [], [], "reassignment"),
-    ("raise and drift together", state(partitions=1, configs={**GOOD, "cleanup.policy": "compact"}), True,
-     False, [R, S], ["cleanup.policy"], None),
+    (
+        "raise and drift together",
+        state(partitions=1, configs={**GOOD, "cleanup.policy": "compact"}),
+        True,
+        False,
+        [R, S],
+        ["cleanup.policy"],
+        None,
+    ),
 ]
 
 
-@pytest.mark.parametrize(("case", "live", "allow", "corrupt", "actions", "drifted", "finding"), CASES,
-                         ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("case", "live", "allow", "corrupt", "actions", "drifted", "finding"),
+    CASES,
+    ids=[c[0] for c in CASES],
+)
 def test_decide_topic(case, live, allow, corrupt, actions, drifted, finding) -> None:
     d = decide_topic(SPEC, live, allow, corrupt)
     assert d.actions == actions
@@ -101,8 +141,14 @@ def test_topic_names(name, problem) -> None:
 BAD_PARAMS = [
     ({"topics": [{"name": "a b", "partitions": 1}]}, "not a Kafka topic name"),
     ({"topics": [{"name": "a", "partitions": 0}]}, "greater than or equal to 1"),
-    ({"topics": [{"name": "a", "partitions": 1, "configs": {"Retention MS": "1"}}]}, "config names"),
-    ({"topics": [{"name": "a", "partitions": 1}, {"name": "a", "partitions": 2}]}, "more than once"),
+    (
+        {"topics": [{"name": "a", "partitions": 1, "configs": {"Retention MS": "1"}}]},
+        "config names",
+    ),
+    (
+        {"topics": [{"name": "a", "partitions": 1}, {"name": "a", "partitions": 2}]},
+        "more than once",
+    ),
     ({"topics": [{"name": "a", "partitions": 1}], "recreate": ["b"]}, "without a spec"),
     ({"topics": [{"name": "a", "partitions": 1}], "confirm_data_loss": [".."]}, "reserved"),
 ]
