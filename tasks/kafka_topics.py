@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from confluent_kafka import KafkaException
 from prefect import task
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 
 from blocks.kafka import KafkaCluster
 from runbooks.results import Change, ChangeSet
@@ -48,6 +48,17 @@ def _config_keys(configs: dict[str, str]) -> dict[str, str]:
     return configs
 
 
+def _config_text(configs: Any) -> Any:
+    # Kafka configs are strings; a spec written in YAML says `min.insync.replicas: 2` or
+    # `preallocate: false`: taken as Kafka spells them, "2" and "false"
+    if not isinstance(configs, dict):
+        return configs
+    return {
+        k: (str(v).lower() if isinstance(v, bool) else str(v)) if isinstance(v, int | float) else v
+        for k, v in configs.items()
+    }
+
+
 TopicName = Annotated[str, AfterValidator(_topic_name)]
 
 
@@ -57,7 +68,9 @@ class TopicSpec(BaseModel):
     name: TopicName = Field(description="Topic name.")
     partitions: int = Field(ge=1, le=100_000, description="Partition count.")
     replication_factor: int = Field(1, ge=1, le=32, description="Replicas of each partition.")
-    configs: Annotated[dict[str, str], AfterValidator(_config_keys)] = Field(
+    configs: Annotated[
+        dict[str, str], BeforeValidator(_config_text), AfterValidator(_config_keys)
+    ] = Field(
         default_factory=dict,
         description="Topic configs that must hold, e.g. retention.ms, cleanup.policy, "
         "min.insync.replicas; configs not named here are left alone.",

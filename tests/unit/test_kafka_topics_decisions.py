@@ -169,3 +169,10 @@ def test_topic_tasks_pickle_for_a_served_run() -> None:
         kafka_topics.recreate_topics,
     ):
         assert pickle.loads(cloudpickle.dumps(task)).name == task.name
+
+
+def test_config_values_written_as_yaml_numbers_and_booleans_are_kafka_strings() -> None:
+    spec = TopicSpec(
+        name="a", partitions=1, configs={"min.insync.replicas": 2, "preallocate": False}
+    )
+    assert spec.configs == {"min.insync.replicas": "2", "preallocate": "false"}
