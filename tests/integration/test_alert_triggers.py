@@ -30,6 +30,10 @@ CASES = {
         {"alertname": "KafkaDlqGrowing", "kafka_cluster": "prod-kafka", "topic": "payments.DLT"},
         {"kafka_block": "prod-kafka", "dlq_topic": "payments.DLT"},
     ),
+    "kafka-topics-validate": (
+        {"alertname": "KafkaTopicMissing", "kafka_cluster": "prod-kafka"},
+        {"kafka_block": "prod-kafka"},
+    ),
     "flink-job-crashed": (
         {"alertname": "FlinkJobFailed", "job_name": "enrichment-job", "flink_cluster": "flink-eu"},
         {"flink_block": "flink-eu", "job_name": "enrichment-job", "topic": "match-events-raw"},
