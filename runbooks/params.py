@@ -67,18 +67,27 @@ OptionalBlockName = Annotated[BlockName | None, BeforeValidator(lambda v: None i
 """A block name or nothing; an empty form field counts as nothing."""
 
 
-# Kafka's own rule for topic names (and, for want of one, for consumer group ids from labels)
+# Kafka's own rule for topic names (kafka.common.internals.Topic), and for want of one the rule
+# for consumer group ids from labels: legal characters, at most 249, not "." or ".."
 _KAFKA_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def kafka_name_problem(name: str, what: str = "topic name") -> str | None:
+    """Why ``name`` is not a legal Kafka topic name (or group id); None when it is."""
+    if name in (".", ".."):
+        return f"{name!r} is not a Kafka {what} ('.' and '..' are reserved)"
+    if not _KAFKA_NAME.fullmatch(name):
+        return f"{name[:80]!r} is not a Kafka {what} (1-249 letters, digits, '.', '_', '-')"
+    return None
 
 
 def _kafka_name(what: str) -> Any:
     def check(value: str | None) -> str | None:
         # a name from an alert label is data: refused unless it is a plain Kafka name. A
         # validator, not a schema pattern, for the reason given under BlockName
-        if value is not None and not _KAFKA_NAME.fullmatch(value):
-            raise ValueError(
-                f"{value[:80]!r} is not a Kafka {what} (1-249 letters, digits, '.', '_', '-')"
-            )
+        problem = None if value is None else kafka_name_problem(value, what)
+        if problem:
+            raise ValueError(problem)
         return value
 
     return AfterValidator(check)

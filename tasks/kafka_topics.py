@@ -16,29 +16,12 @@ from prefect import task
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 
 from blocks.kafka import KafkaCluster
+from runbooks.params import TopicName
 from runbooks.results import Change, ChangeSet
 from runbooks.retry import runbook_task_options
 from tasks.kafka import is_retriable
 
-# Kafka's own rule (kafka.common.internals.Topic): legal characters, at most 249, not "." or ".."
-_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _CONFIG_KEY = re.compile(r"[a-z][a-z0-9.]{0,99}")
-
-
-def topic_name_problem(name: str) -> str | None:
-    """Why ``name`` is not a legal Kafka topic name; None when it is."""
-    if name in (".", ".."):
-        return f"{name!r} is not a Kafka topic name ('.' and '..' are reserved)"
-    if not _TOPIC.fullmatch(name):
-        return f"{name[:80]!r} is not a Kafka topic name (1-249 letters, digits, '.', '_', '-')"
-    return None
-
-
-def _topic_name(name: str) -> str:
-    problem = topic_name_problem(name)
-    if problem:
-        raise ValueError(problem)
-    return name
 
 
 def _config_keys(configs: dict[str, str]) -> dict[str, str]:
@@ -59,7 +42,6 @@ def _config_text(configs: Any) -> Any:
     }
 
 
-TopicName = Annotated[str, AfterValidator(_topic_name)]
 
 
 class TopicSpec(BaseModel):

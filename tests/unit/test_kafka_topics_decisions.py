@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from flows.kafka.kafka_topics_validate import KafkaTopicsValidateParams
+from runbooks.params import kafka_name_problem
 from tasks import kafka_topics
 from tasks.kafka_topics import (
     TopicAction,
@@ -16,7 +17,6 @@ from tasks.kafka_topics import (
     TopicState,
     decide_topic,
     plan_changes,
-    topic_name_problem,
 )
 
 C, R, S, X = (
@@ -133,7 +133,7 @@ NAMES = [
 
 @pytest.mark.parametrize(("name", "problem"), NAMES)
 def test_topic_names(name, problem) -> None:
-    found = topic_name_problem(name)
+    found = kafka_name_problem(name)
     assert (found is None) if problem is None else (problem in found)
 
 
