@@ -167,7 +167,7 @@ def main(argv: list[str]) -> int:
         stadium_network_flap,
     )
     from runbooks.params import SafetyParams
-    from tasks.wal import DrainResult, drain_wal
+    from tasks.wal_drain import DrainResult, drain_wal
 
     commit_every = args.commit_every or StadiumNetworkFlapParams.model_fields["batch_size"].default
     work = Path(tempfile.mkdtemp(prefix="bench-wal-"))

@@ -21,7 +21,7 @@ from confluent_kafka import Producer
 
 from blocks.edge_gateway import EdgeGateway
 from blocks.kafka import KafkaCluster
-from tasks.wal import drain_wal
+from tasks.wal_drain import drain_wal
 
 
 class _DyingProducer(Producer):

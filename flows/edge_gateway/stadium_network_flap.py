@@ -11,21 +11,18 @@ from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_
 from runbooks.safety import Budget, Target
 from runbooks.waiting import poll_until
 from tasks.wal import (
-    DeliveryCheckpoint,
-    DrainResult,
     WalAction,
     WalStatus,
     check_kafka_reachable,
-    checkpoint_delivery,
     decide,
     describe_damage,
-    drain_wal,
     get_wal_identity,
     mark_quarantine_reported,
     measure_wal,
-    verify_delivery,
 )
+from tasks.wal_drain import DrainResult, drain_wal
 from tasks.wal_format import QUARANTINE_FILE, WalDamage
+from tasks.wal_topic import DeliveryCheckpoint, checkpoint_delivery, verify_delivery
 
 RUNBOOK = "stadium-network-flap"
 

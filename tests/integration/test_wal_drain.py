@@ -23,7 +23,8 @@ from blocks.kafka import KafkaCluster
 from flows.edge_gateway.stadium_network_flap import StadiumNetworkFlapParams, stadium_network_flap
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
-from tasks.wal import KafkaUnavailable, drain_wal
+from tasks.wal import KafkaUnavailable
+from tasks.wal_drain import drain_wal
 from tasks.wal_format import (
     H_POSITION,
     H_SEQ,

@@ -10,20 +10,18 @@ from hypothesis import strategies as st
 from tasks.wal import (
     DrainConflict,
     KafkaUnavailable,
-    TopicRecord,
     WalAction,
     _check_each,
     advance_marker,
     check_sequences,
-    compare_delivery,
     decide,
     deletable_segments,
     describe_damage,
-    kafka_failure,
     quarantined_positions,
     to_ranges,
 )
 from tasks.wal_format import WalDamage, segment_name
+from tasks.wal_topic import TopicRecord, compare_delivery, kafka_failure
 
 WAIT, ESCALATE, DRAIN, NOTHING = (
     WalAction.WAIT_FOR_NETWORK,
