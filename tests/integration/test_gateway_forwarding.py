@@ -19,6 +19,7 @@ from prefect.settings import PREFECT_API_URL
 from pydantic import SecretStr
 
 from alert_gateway import GatewaySettings
+from alert_gateway.forwarder import PRUNE_INTERVAL_S
 from tests.conftest import runs_of
 from tests.gateway_proc import (
     TOKEN,
@@ -117,14 +118,18 @@ def test_grouped_notification_reaches_prefect_exactly_once(gateway: str) -> None
 
 
 def test_delivery_starts_as_soon_as_an_alert_is_accepted(gateway: str) -> None:
-    """No polling interval between the 202 and the POST to Prefect (the latency goal is ~1 s)."""
+    """No polling interval between the 202 and the POST to Prefect: accepting an alert wakes the
+    forwarder, which otherwise sleeps PRUNE_INTERVAL_S (600 s). How fast is the benchmark's
+    business (python -m bench trigger-latency: about 0.01 s); a bound far below 600 s and far
+    above a loaded machine's hiccups proves the wake without timing it."""
+    assert PRUNE_INTERVAL_S >= 600
     latencies = []
     for _ in range(5):
         reply = post_alerts(gateway, alertmanager_notification(alert("LatencyProbe")))
         assert reply.status_code == 202
-        latencies.append(wait_until_delivered(gateway))
-    assert max(latencies) < 0.5, latencies
-    assert metric(gateway, "runbooks_gateway_forward_latency_seconds_bucket", le="0.5") == 5
+        latencies.append(wait_until_delivered(gateway, timeout_s=30))
+    assert max(latencies) < 30, latencies
+    assert metric(gateway, "runbooks_gateway_forward_latency_seconds_count") == 5
 
 
 def test_refiring_within_cooldown_is_held_back_but_resolved_passes(gateway: str) -> None:
