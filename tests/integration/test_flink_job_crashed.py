@@ -588,7 +588,7 @@ def test_server_error_is_retried(fake_flink: FakeFlink) -> None:
 
 def test_hung_jobmanager_times_out_and_is_retried(fake_flink: FakeFlink) -> None:
     add_crashed_job(fake_flink)
-    fake_flink.stall_next("GET", "/jobs/overview", 10)
+    fake_flink.stall_next("GET", "/jobs/overview", 20)
 
     @flow
     def look():
@@ -596,7 +596,8 @@ def test_hung_jobmanager_times_out_and_is_retried(fake_flink: FakeFlink) -> None
 
     started = time.monotonic()
     assert look().state == "FAILED"
-    assert time.monotonic() - started < 8  # the 10 s stall was not waited for
+    # the 20 s stall was not waited for (the bound leaves room for a loaded machine)
+    assert time.monotonic() - started < 15
     assert len(fake_flink.calls_to("GET", "/jobs/overview")) == 2
 
 
