@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import io
 import logging
 import sys
 import weakref
@@ -77,12 +76,32 @@ async def _watch_turns(loop: asyncio.AbstractEventLoop) -> None:
         task, since = held
         if loop.time() - since > HELD_TOO_LONG_S:
             reported = task
-            stack = io.StringIO()
-            task.print_stack(file=stack)
             logger.warning(
-                "SQLite write turn held for %.0fs by %s:\n%s",
-                loop.time() - since, task.get_name(), stack.getvalue(),
+                "SQLite write turn held for %.0fs by %s, awaiting in:\n%s",
+                loop.time() - since, task.get_name(), "\n".join(coroutine_stack(task.get_coro())),
             )
+
+
+def coroutine_stack(coro: Any) -> list[str]:
+    """Where a suspended coroutine waits, outermost first, following what each one awaits
+    (``Task.print_stack`` shows only the outermost frame of a task that awaits a future)."""
+    lines: list[str] = []
+    seen: set[int] = set()
+    while coro is not None and id(coro) not in seen and len(lines) < 200:
+        seen.add(id(coro))
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None) or getattr(
+            coro, "ag_frame", None
+        )
+        if frame is None:  # not a coroutine: a future (or its iterator) or another awaitable
+            lines.append(f"  awaiting {coro!r}"[:500])
+            return lines
+        lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        coro = (
+            getattr(coro, "cr_await", None)
+            or getattr(coro, "gi_yieldfrom", None)
+            or getattr(coro, "ag_await", None)
+        )
+    return lines
 
 
 def _turn_acquired() -> None:
