@@ -308,25 +308,30 @@ def test_dry_run_changes_nothing(kafka_broker: KafkaBroker, tmp_path: Path) -> N
     assert wal_files(tmp_path) == wal_before
 
 
+def victim_cmd(tmp_path: Path, bootstrap: str, topic: str, *args: str) -> list[str]:
+    """The drain in a subprocess (tests/wal_drain_victim.py), batches of 100."""
+    return [
+        sys.executable, "-m", "tests.wal_drain_victim", str(tmp_path), bootstrap, topic, "100",
+        *args,
+    ]
+
+
+def drain_until_killed(cmd: list[str]) -> None:
+    """Run the victim until it SIGKILLs itself at the point its arguments name."""
+    victim = subprocess.run(cmd, cwd=REPO, timeout=120, capture_output=True)
+    assert victim.returncode == -signal.SIGKILL, victim.stderr.decode()[-2000:]
+
+
 @pytest.mark.parametrize("kill", ["inside-delivery-report", "from-outside"])
 def test_drain_killed_halfway_then_rerun_loses_and_duplicates_nothing(
     kafka_broker: KafkaBroker, tmp_path: Path, kill: str
 ) -> None:
     topic = create_topic(kafka_broker.bootstrap, unique("raw"))
     written = write_events(tmp_path, 1200)
-    cmd = [
-        sys.executable,
-        "-m",
-        "tests.wal_drain_victim",
-        str(tmp_path),
-        kafka_broker.bootstrap,
-        topic,
-        "100",
-    ]
+    cmd = victim_cmd(tmp_path, kafka_broker.bootstrap, topic)
     if kill == "inside-delivery-report":
         # dies at the 650th delivery report: its transaction is open, the marker stands at 600
-        victim = subprocess.run([*cmd, "650"], cwd=REPO, timeout=120, capture_output=True)
-        assert victim.returncode == -signal.SIGKILL, victim.stderr.decode()[-2000:]
+        drain_until_killed([*cmd, "650"])
         assert read_marker(tmp_path).next_position == 600
     else:
         proc = subprocess.Popen([*cmd, "0"], cwd=REPO, stderr=subprocess.PIPE)
@@ -372,23 +377,7 @@ def test_drain_killed_between_commit_and_marker_write_rerun_finds_the_batch_in_t
     written = write_events(tmp_path, 1200)
     # dies as its Nth commit returns: that batch is committed, the marker write covering it
     # has not started (the drain waited for the one before it)
-    victim = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.wal_drain_victim",
-            str(tmp_path),
-            kafka_broker.bootstrap,
-            topic,
-            "100",
-            "0",
-            str(commits),
-        ],
-        cwd=REPO,
-        timeout=120,
-        capture_output=True,
-    )
-    assert victim.returncode == -signal.SIGKILL, victim.stderr.decode()[-2000:]
+    drain_until_killed(victim_cmd(tmp_path, kafka_broker.bootstrap, topic, "0", str(commits)))
     marker = read_marker(tmp_path)
     assert marker.next_position == (commits - 1) * 100
     at_crash = consume_topic(kafka_broker.bootstrap, topic, commits * 100)
@@ -646,22 +635,7 @@ def test_drain_killed_after_quarantining_quarantines_once_and_escalates_on_rerun
     written = write_events(tmp_path, 1200)
     segment, offset, raw = damage_record(tmp_path, 1000, index=20)
     # dies at the 650th delivery report: the damage is quarantined, the marker at 600 before it
-    victim = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.wal_drain_victim",
-            str(tmp_path),
-            kafka_broker.bootstrap,
-            topic,
-            "100",
-            "650",
-        ],
-        cwd=REPO,
-        timeout=120,
-        capture_output=True,
-    )
-    assert victim.returncode == -signal.SIGKILL, victim.stderr.decode()[-2000:]
+    drain_until_killed(victim_cmd(tmp_path, kafka_broker.bootstrap, topic, "650"))
     assert read_marker(tmp_path).next_position == 600
     assert quarantined(tmp_path) == [(segment, offset, raw, "crc mismatch", False)]
 
