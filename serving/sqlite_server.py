@@ -61,6 +61,10 @@ def _turn() -> asyncio.Lock:
 _holders: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[asyncio.Task, float]] = (
     weakref.WeakKeyDictionary()
 )
+# The watchdog task of each loop
+_watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task] = (
+    weakref.WeakKeyDictionary()
+)
 HELD_TOO_LONG_S = 10.0
 logger = logging.getLogger("runbooks.sqlite_server")
 
@@ -111,11 +115,6 @@ def _turn_acquired() -> None:
         _holders[loop] = (task, loop.time())
     if loop not in _watchers:
         _watchers[loop] = loop.create_task(_watch_turns(loop))
-
-
-_watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task] = (
-    weakref.WeakKeyDictionary()
-)
 
 
 def install() -> None:
