@@ -90,6 +90,7 @@ class Round:
     slowest_batch_s: float | None = None
     left: int = 0
     timeline: list[str] = field(default_factory=list)
+    lock_waits: dict[str, int] = field(default_factory=dict)
 
 
 def main(argv: list[str]) -> int:
@@ -136,6 +137,13 @@ def _run(pg: PostgresServer, args: argparse.Namespace, only: list[str]) -> list[
 
     with psycopg.connect(pg.conninfo(), autocommit=True) as root:
         root.execute("CREATE DATABASE bench")
+        # PostgreSQL itself logs every wait for a lock that lasts longer than deadlock_timeout:
+        # the writers' "no wait over 200 ms" measured at the server, apart from the client-side
+        # latency that a CPU-starved writer thread inflates on a shared machine
+        for setting in ("log_lock_waits = on", "deadlock_timeout = '200ms'",
+                        "log_line_prefix = '%m [%p] %a: '"):
+            root.execute(f"ALTER SYSTEM SET {setting}")
+        root.execute("SELECT pg_reload_conf()")
     database = PostgresDatabase(
         host=pg.host, port=pg.port, dbname="bench", user=pg.user, password=pg.password,
         application_name="runbooks-bench", statement_timeout_s=3600,
@@ -179,6 +187,8 @@ def _measure(
     )
     load.start()
     time.sleep(0.5 + args.before_s)  # connect and warm up, then the "before" window
+    log = pg.datadir.parent / "log"
+    log_from = log.stat().st_size
     run = _contender(pg, contender, block)
     started = time.monotonic()
     rows, batches, slowest, timeline = run()
@@ -198,7 +208,21 @@ def _measure(
     return Round(
         number, contender, rows, ended - started, windows(started - args.before_s, started),
         windows(started, ended), batches, slowest, left, timeline,
+        _lock_waits(log, log_from),
     )
+
+
+def _lock_waits(log: Any, offset: int) -> dict[str, int]:
+    """Per application name, the waits for a lock over deadlock_timeout the server logged."""
+    with open(log, "rb") as f:
+        f.seek(offset)
+        lines = f.read().decode(errors="replace").splitlines()
+    waits: dict[str, int] = {}
+    for line in lines:
+        if "still waiting for" in line:
+            app = line.partition("] ")[2].partition(":")[0] or "other"
+            waits[app] = waits.get(app, 0) + 1
+    return waits
 
 
 # rows reset, batches, the slowest batch's seconds, the flow report's timeline
@@ -247,7 +271,7 @@ def _load(conninfo: str, seeded: int, writers: int, claimers: int, write_rate: f
 
     def writer() -> None:
         mine = []
-        with psycopg.connect(conninfo, autocommit=True) as conn:
+        with psycopg.connect(conninfo, autocommit=True, application_name="bench-writer") as conn:
             interval = 1 / write_rate
             next_at = time.monotonic()
             while not stop.is_set():
@@ -265,7 +289,7 @@ def _load(conninfo: str, seeded: int, writers: int, claimers: int, write_rate: f
     def claimer() -> None:
         mine = []
         floor = seeded  # only the writers' new events: the stuck rows are not theirs
-        with psycopg.connect(conninfo, autocommit=True) as conn:
+        with psycopg.connect(conninfo, autocommit=True, application_name="bench-claimer") as conn:
             while not stop.is_set():
                 t0 = time.monotonic()
                 row = conn.execute(
@@ -326,6 +350,10 @@ def _print(rounds: list[Round], args: argparse.Namespace) -> None:
         for r in rounds:
             print(f"{'before ' + LABELS[r.contender]:32} {_ms(r.before[index])}")
             print(f"{'during ' + LABELS[r.contender]:32} {_ms(r.during[index])}")
+    print("\nwaits for a lock over 200 ms, logged by PostgreSQL (log_lock_waits):")
+    for r in rounds:
+        waits = ", ".join(f"{app} {n}" for app, n in sorted(r.lock_waits.items())) or "none"
+        print(f"  during {LABELS[r.contender]:16} {waits}")
     for r in rounds:
         if r.timeline:
             print(f"\nflow run's timeline (round {r.number}):")

@@ -18,6 +18,7 @@ in-process as before.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,26 @@ class Approval(RunInput):
     approve: bool = Field(False, description="Tick to let the run apply the plan shown above.")
     approver: str = Field("", description="Who decides (name or handle), for the report.")
     reason: str = Field("", description="Why; goes into the incident report.")
+
+
+class ConfirmedApproval(Approval):
+    """An approval that also makes the approver type what will be lost.
+
+    GitHub's "type the repository name to delete it": a tick is too easy to give at 3 a.m. to a
+    step that loses data nobody has read, so the names must be typed as well.
+    """
+
+    confirm: str = Field(
+        "",
+        description="Type the names the request above asks for (separated by commas) to confirm "
+        "that their data may be lost.",
+    )
+
+
+def confirmation_missing(typed: str, wanted: list[str]) -> list[str]:
+    """The names the approver was asked to type and did not (any order; commas or spaces)."""
+    given = {name for name in re.split(r"[\s,]+", typed) if name}
+    return sorted(set(wanted) - given)
 
 
 @dataclass

@@ -376,7 +376,7 @@ class TargetLock:
             since=datetime.now(UTC),
             awaiting_approval_until=awaiting_approval_until,
         )
-        _put_variable(self.variable, holder.model_dump(mode="json"), ["runbooks", "target-lock"])
+        put_variable(self.variable, holder.model_dump(mode="json"), ["runbooks", "target-lock"])
 
     def _clear_holder(self, lease_id: UUID) -> None:
         # read-then-unset is not atomic: at worst a new holder's record is lost, and waiters then
@@ -391,7 +391,7 @@ class TargetLock:
             client.release_concurrency_slots_with_lease(lease_id)
 
 
-def _put_variable(name: str, value: object, tags: list[str]) -> None:
+def put_variable(name: str, value: object, tags: list[str]) -> None:
     """Create or replace a Prefect Variable, whatever another run does to it meanwhile.
 
     Not ``Variable.set(overwrite=True)``: it reads, then updates, then reads again, and a finished

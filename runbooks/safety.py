@@ -63,10 +63,10 @@ from prefect.settings import PREFECT_UI_URL
 from prefect.variables import Variable
 from pydantic import BaseModel, Field
 
-from runbooks.approvals import Approval, request_approval
+from runbooks.approvals import Approval, ConfirmedApproval, confirmation_missing, request_approval
 from runbooks.audit import ActionRow, emit_action, scrub
 from runbooks.errors import ApprovalRejected, ApprovalTimedOut, BudgetSpent, TargetBusy
-from runbooks.locks import HolderStatus, LockBusy, LockHolder, TargetLock
+from runbooks.locks import HolderStatus, LockBusy, LockHolder, TargetLock, put_variable
 from runbooks.params import OnBusyTarget, SafetyParams
 from runbooks.results import ChangeSet
 from runbooks.text import artifact_key, escape_cell
@@ -198,18 +198,19 @@ def _load_ledger(target: Target, action: str) -> BudgetLedger:
 
 
 def _save_ledger(target: Target, ledger: BudgetLedger) -> None:
-    Variable.set(
+    put_variable(
         budget_variable(target, ledger.action),
         ledger.model_dump(mode="json"),
         tags=["runbooks", "remediation-budget"],
-        overwrite=True,
     )
 
 
 # --- approval ----------------------------------------------------------------------------------
 
 
-def approval_request(label: str, target: Target, danger: str, plan: ChangeSet) -> str:
+def approval_request(
+    label: str, target: Target, danger: str, plan: ChangeSet, confirm: list[str] | None = None
+) -> str:
     """The markdown shown above the resume form: what would happen and why it needs a human."""
     lines = [
         f"### Approval needed: {label} on {target.label}",
@@ -220,6 +221,13 @@ def approval_request(label: str, target: Target, danger: str, plan: ChangeSet) -
     ]
     lines += [f"| {c.action} | {escape_cell(c.target)} |" for c in plan.planned]
     lines += ["", "Approve to apply exactly this plan (re-checked against live state first)."]
+    if confirm:
+        names = ", ".join(f"`{escape_cell(n)}`" for n in confirm)
+        lines += [
+            "",
+            f"**Data may be lost: to approve, also type {names} in the confirm field.** "
+            "An approval without them changes nothing.",
+        ]
     return "\n".join(lines)
 
 
@@ -268,8 +276,13 @@ class Guard:
         *,
         budget: Budget | None = None,
         approval: Callable[[ChangeSet], str | None] | None = None,
+        confirm: Callable[[ChangeSet], list[str]] | None = None,
     ) -> ChangeSet:
-        """Plan, check budget and approval, execute; returns what was applied (or planned)."""
+        """Plan, check budget and approval, execute; returns what was applied (or planned).
+
+        ``confirm(plan)`` names what the approver must type to approve (data that would be lost);
+        it makes the step need approval even when ``approval`` names no danger.
+        """
         report = self.report
         budget = effective_budget(budget, report.params.safety)
         plan = change(True)
@@ -296,8 +309,9 @@ class Guard:
                 )
 
         danger = approval(plan) if approval else None
-        if danger:
-            self._ask_approval(label, plan, danger)
+        names = sorted(confirm(plan)) if confirm else []
+        if danger or names:
+            self._ask_approval(label, plan, danger or "data would be lost", names)
 
         if budget and ledger is not None:
             # spent before acting: a run that dies halfway still counts its attempt
@@ -376,7 +390,9 @@ class Guard:
         skipped = plan.model_copy(update={"notes": [*plan.notes, f"not applied: {reason}"]})
         self.report.record(label, skipped, status=reason)
 
-    def _ask_approval(self, label: str, plan: ChangeSet, danger: str) -> None:
+    def _ask_approval(
+        self, label: str, plan: ChangeSet, danger: str, confirm: list[str] | None = None
+    ) -> None:
         report = self.report
         safety = report.params.safety
         items = sorted(c.describe() for c in plan.planned)
@@ -384,8 +400,8 @@ class Guard:
         for round_ in range(1, MAX_APPROVAL_ROUNDS + 1):
             key = f"approval-{self._approvals}-{artifact_key(label)}"
             answer = request_approval(
-                Approval.with_initial_data(
-                    description=approval_request(label, self.target, danger, plan)
+                (ConfirmedApproval if confirm else Approval).with_initial_data(
+                    description=approval_request(label, self.target, danger, plan, confirm)
                 ),
                 key=key if round_ == 1 else f"{key}-{round_}",
                 timeout_s=safety.approval_timeout_s,
@@ -420,6 +436,14 @@ class Guard:
             raise ApprovalRejected(
                 f"{label} on {self.target.label} rejected by {who}: "
                 f"{form.reason or 'no reason given'}"
+            )
+        missing = confirmation_missing(getattr(form, "confirm", ""), confirm or [])
+        if missing:
+            reason = f"approved without typing {', '.join(missing)} in the confirm field"
+            report.approvals.append((label, "rejected", who, reason))
+            self._refuse(label, plan, f"{reason} (by {who})")
+            raise ApprovalRejected(
+                f"{label} on {self.target.label}: {who} {reason}; nothing was changed"
             )
         report.approvals.append((label, "approved", who, form.reason))
         report.step(f"{label}: approved by {who} ({form.reason or 'no reason given'})")

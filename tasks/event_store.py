@@ -83,16 +83,21 @@ def count_stuck_events(store: EventStore, check_locks: bool = False) -> StuckSum
     row, but it does lock for a moment, so it is meant for verifying after a reset.
     """
     with store.database.connect(autocommit=True) as conn:
-        rows = conn.execute(
+        # An aggregate and a sample, not one read with `count(*) OVER ()`: a window over every
+        # stuck row materializes and sorts them all (100k rows: most of this task's time), while
+        # the aggregate streams and `ORDER BY ... LIMIT` keeps only the sample (top-N heapsort).
+        # One statement, so both see the same snapshot.
+        count, oldest_age_s, sample = conn.execute(
             _sql(
                 store,
+                "SELECT count(*)::int, extract(epoch FROM now() - min({updated}))::float8,"
                 # qualified: a bare {id} in ORDER BY would sort by the text output column
-                "SELECT e.{id}::text, count(*) OVER ()::int,"
-                " extract(epoch FROM now() - min(e.{updated}) OVER ())::float8"
-                " FROM {table} AS e WHERE {stuck} ORDER BY e.{updated}, e.{id} LIMIT %(sample)s",
+                " ARRAY(SELECT e.{id}::text FROM {table} AS e WHERE {stuck}"
+                " ORDER BY e.{updated}, e.{id} LIMIT %(sample)s)"
+                " FROM {table} WHERE {stuck}",
             ),
             _params(store, sample=_SAMPLE_SIZE),
-        ).fetchall()
+        ).fetchone()
         resettable = None
         if check_locks:
             with conn.transaction(force_rollback=True):
@@ -107,9 +112,9 @@ def count_stuck_events(store: EventStore, check_locks: bool = False) -> StuckSum
     return StuckSummary(
         table=f"{store.schema_name}.{store.table}",
         stuck_after_s=store.stuck_after_s,
-        count=rows[0][1] if rows else 0,
-        oldest_age_s=rows[0][2] if rows else None,
-        sample_ids=[r[0] for r in rows],
+        count=count,
+        oldest_age_s=oldest_age_s,
+        sample_ids=list(sample),
         resettable=resettable,
     )
 

@@ -4,8 +4,9 @@ partitions".
 
 Compare each declared topic with the broker: create the missing ones, set drifted configs back,
 raise partitions when asked (approval: keys move to other partitions), recreate topics named
-corrupt (approval always; refused while a consumer group has not read all of it, unless the
-approver confirms by naming it in ``confirm_data_loss``); report what it must not fix (fewer
+corrupt (approval always; while a consumer group has not read all of a topic, the approver must
+also type its name on the form, unless ``confirm_data_loss`` named it when the run started);
+report what it must not fix (fewer
 partitions than the broker has, another replication factor). Every change goes through the guard
 and is verified by reading the topics again.
 """
@@ -71,7 +72,8 @@ class KafkaTopicsValidateParams(RunbookParams):
     confirm_data_loss: list[TopicName] = Field(
         default_factory=list,
         description="Topics of `recreate` that may be recreated although consumer groups have not "
-        "read all of them: the approver's confirmation that those records may be lost.",
+        "read all of them, confirmed in advance. Otherwise the approver confirms on the approval "
+        "form by typing the topic's name. Approval is asked either way.",
     )
     verify_timeout_s: float = Field(
         30, gt=0, le=600, description="How long to wait for the broker to show the changes."
@@ -167,7 +169,6 @@ def _repair(
 ) -> None:
     specs = params.topics
     wanted = {a for d in decisions for a in d.actions}
-    refused: list[str] = []
     if TopicAction.CREATE in wanted:
         guard.act(
             "create missing topics",
@@ -196,28 +197,25 @@ def _repair(
         for topic, groups in sorted(behind.items()):
             lag = ", ".join(f"{g} ({n} records)" for g, n in sorted(groups.items()))
             report.step(f"{topic}: consumer groups have not read all of it: {lag}")
-            if topic not in params.confirm_data_loss:
-                refused.append(
-                    f"{topic} not recreated: unread records of {lag}; to recreate it anyway, run "
-                    "again with the topic in confirm_data_loss"
-                )
-        allowed = [t for t in corrupt if t not in behind or t in params.confirm_data_loss]
-        seen = {t: states[t].topic_id for t in allowed}
-        if allowed:
-            guard.act(
-                "recreate corrupt topics",
-                lambda dry_run: recreate_topics(kafka, specs, seen, dry_run),
-                budget=REPAIR_BUDGET,
-                approval=lambda plan: _recreate_danger(plan, behind),
-            )
-    for why in refused:
-        report.step(why)
+        seen = {t: states[t].topic_id for t in corrupt}
+        guard.act(
+            "recreate corrupt topics",
+            lambda dry_run: recreate_topics(kafka, specs, seen, dry_run),
+            budget=REPAIR_BUDGET,
+            approval=lambda plan: _recreate_danger(plan, behind),
+            # unread records: the approver types the topic's name (unless confirmed in advance)
+            confirm=lambda plan: [
+                c.target
+                for c in plan.planned
+                if c.target in behind and c.target not in params.confirm_data_loss
+            ],
+        )
     if params.dry_run:
         report.finish(Outcome.PLANNED, "Planned the changes above; nothing was changed.")
         return
     _verify(report, guard, kafka, params)
     findings = [f"{d.topic}: {f}" for d in decisions for f in d.findings]
-    left = refused + [f for f in findings if "created, nothing to delete" not in f]
+    left = [f for f in findings if "created, nothing to delete" not in f]
     if left:
         raise Escalation("topics repaired as far as safe; a human must decide: " + "; ".join(left))
     report.finish(Outcome.RESOLVED, "Every declared topic matches its spec again (read back).")
@@ -227,10 +225,7 @@ def _recreate_danger(plan, behind: dict[str, dict[str, int]]) -> str:
     topics = ", ".join(c.target for c in plan.planned)
     unread = [t for t in behind if t in topics.split(", ")]
     return f"deleting {topics} loses every record in it" + (
-        f"; consumer groups have not read all of {', '.join(unread)} (confirmed in "
-        "confirm_data_loss)"
-        if unread
-        else ""
+        f"; consumer groups have not read all of {', '.join(unread)}" if unread else ""
     )
 
 

@@ -210,22 +210,52 @@ def test_recreate_refused_without_approval_done_with_it(topics: Topics) -> None:
     assert partitions == 2 and configs["retention.ms"] == "3600000"
 
 
-def test_recreate_refused_over_unread_records_unless_confirmed(topics: Topics) -> None:
+def test_recreate_over_unread_records_needs_the_name_typed(topics: Topics) -> None:
     name = topics.existing(partitions=1, configs=CONFIGS)
     produce_one_per_batch(topics.bootstrap, name, [b"1", b"2", b"3"], partition=0)
     group = unique("billing")
     consumer = KafkaCluster(bootstrap_servers=topics.bootstrap).get_consumer(group)
     consumer.commit(offsets=[TopicPartition(name, 0, 1)], asynchronous=False)
     consumer.close()
+    params = topics.params([spec(name, 1)], recreate=[name])
 
-    state = kafka_topics_validate(
-        topics.params([spec(name, 1)], recreate=[name]), return_state=True
+    # a tick alone (or the wrong name typed) changes nothing
+    approver = Approver(
+        RUNBOOK, {"approve": True, "approver": "alice", "reason": "corrupt", "confirm": "orders"}
     )
-    assert state.is_failed()  # escalated: nobody was asked, nothing deleted
+    approver.start()
+    state = kafka_topics_validate(params, return_state=True)
+    approver.join(10)
+    assert approver.error is None and f"have not read all of {name}" in approver.description
+    assert f"also type `{name}` in the confirm field" in approver.description
+    assert state.is_failed()
+    assert f"approved without typing {name} in the confirm field" in state.message
     report = read_incident_report(state.state_details.flow_run_id)
-    assert f"{group} (2 records)" in report and "confirm_data_loss" in report
+    assert f"{group} (2 records)" in report
     assert topics.end_offsets(name) == [3]
 
+    approver = Approver(
+        RUNBOOK,
+        {"approve": True, "approver": "alice", "reason": "replayed", "confirm": f" {name} "},
+        ignore={approver.paused_run},
+    )
+    approver.start()
+    result = kafka_topics_validate(params)
+    approver.join(10)
+    assert approver.error is None
+    assert result.outcome is Outcome.RESOLVED, result.report
+    assert topics.end_offsets(name) == [0]
+
+
+def test_recreate_over_unread_records_confirmed_in_advance(topics: Topics) -> None:
+    name = topics.existing(partitions=1, configs=CONFIGS)
+    produce_one_per_batch(topics.bootstrap, name, [b"1", b"2"], partition=0)
+    group = unique("billing")
+    consumer = KafkaCluster(bootstrap_servers=topics.bootstrap).get_consumer(group)
+    consumer.commit(offsets=[TopicPartition(name, 0, 1)], asynchronous=False)
+    consumer.close()
+
+    # still approved, but nothing to type: confirm_data_loss said so when the run started
     approver = Approver(RUNBOOK, {"approve": True, "approver": "alice", "reason": "replayed"})
     approver.start()
     result = kafka_topics_validate(
@@ -233,6 +263,7 @@ def test_recreate_refused_over_unread_records_unless_confirmed(topics: Topics) -
     )
     approver.join(10)
     assert approver.error is None and f"have not read all of {name}" in approver.description
+    assert "confirm field" not in approver.description
     assert result.outcome is Outcome.RESOLVED, result.report
     assert topics.end_offsets(name) == [0]
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import SecretStr
 
+from runbooks.approvals import confirmation_missing
 from runbooks.audit import scrub
 from runbooks.params import SafetyParams
 from runbooks.results import Change, ChangeSet
@@ -175,3 +176,29 @@ def test_approval_request_shows_the_plan() -> None:
     assert "postgres db:5432" in text and "rolls back work" in text
     assert "| terminate_backend | orders pid=1 (app/x\\|y) |" in text
     assert "orders pid=2" in text
+
+
+@pytest.mark.parametrize(
+    ("typed", "wanted", "missing"),
+    [
+        ("orders", ["orders"], []),
+        ("  orders ", ["orders"], []),
+        ("payments, orders", ["orders", "payments"], []),
+        ("orders payments,,", ["orders", "payments"], []),
+        ("", ["orders"], ["orders"]),
+        ("order", ["orders"], ["orders"]),  # a prefix is not the name
+        ("ORDERS", ["orders"], ["orders"]),  # topic names are case-sensitive
+        ("orders", ["orders", "payments"], ["payments"]),
+        ("anything", [], []),
+    ],
+)
+def test_confirmation_missing(typed: str, wanted: list[str], missing: list[str]) -> None:
+    assert confirmation_missing(typed, wanted) == missing
+
+
+def test_approval_request_asks_to_type_what_is_lost() -> None:
+    plan = ChangeSet(dry_run=True, planned=[Change(action="recreate", target="orders")])
+    target = Target("kafka-topics", "b:9092")
+    assert "confirm field" not in approval_request("recreate", target, "loses records", plan)
+    text = approval_request("recreate", target, "loses records", plan, ["orders"])
+    assert "also type `orders` in the confirm field" in text
