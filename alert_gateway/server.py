@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import signal
 import sys
 
 import uvicorn
@@ -54,4 +56,5 @@ def main(argv: list[str] | None = None) -> int:
         description="Forward Alertmanager and Grafana webhooks to Prefect as events.",
     )
     add_arguments(parser)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: stacks to the log
     return run_from_args(parser.parse_args(argv))

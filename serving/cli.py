@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from serving.lifetime import die_with_parent
+from serving.lifetime import die_with_parent, stacks_on_sigusr1
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The runner's poll: the fallback for runs whose Scheduled event was missed, and what starts
@@ -146,6 +146,7 @@ def _up(
         signal.raise_signal(signal.SIGINT)
 
     signal.signal(signal.SIGTERM, _terminate)
+    stacks_on_sigusr1()
     children: list[subprocess.Popen] = []
     server: subprocess.Popen | None = None
     try:

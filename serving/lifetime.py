@@ -54,3 +54,14 @@ def _die_with_forking_parent() -> None:
     if os.getppid() != _forking_pid:
         # the parent died between the fork and the prctl: nobody will send the signal now
         os._exit(1)
+
+
+def stacks_on_sigusr1() -> None:
+    """`kill -USR1 <pid>` writes every thread's stack to this process's stderr (its log).
+
+    For a process that hangs (a Ctrl-C that does not stop it, a stalled server): the tests call
+    it on a timeout before they kill the tree, so the log shows where it was stuck.
+    """
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)

@@ -151,6 +151,9 @@ def install() -> None:
 
 
 def main(argv: list[str]) -> None:
+    from serving.lifetime import stacks_on_sigusr1
+
+    stacks_on_sigusr1()
     install()
     from prefect.cli import app
 

@@ -182,7 +182,19 @@ class RunbooksUp:
         """Ctrl-C in the terminal: SIGINT to the foreground process group."""
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGINT)
-        self.proc.wait(60)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            # every process of ours writes its threads' stacks to the log (serving.lifetime)
+            for pid in descendants(self.proc.pid) | {self.proc.pid}:
+                try:
+                    os.kill(pid, signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass
+            time.sleep(2)
+            raise AssertionError(
+                f"runbooks up did not stop within 60 s of Ctrl-C; thread stacks in {self.log}"
+            ) from None
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
