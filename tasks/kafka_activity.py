@@ -12,7 +12,7 @@ import time
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 from prefect import task
 from pydantic import BaseModel, Field, computed_field
@@ -69,12 +69,23 @@ def _list_offsets(
 def _read_offsets(cluster: KafkaCluster, topics: list[str]) -> dict[str, TopicOffsets]:
     admin = cluster.get_admin_client()  # held until the answers: dropping it aborts the requests
     timeout = cluster.request_timeout_s
+    # all topics: asking for named ones would create them on brokers with auto.create.topics.enable
     metadata = admin.list_topics(timeout=timeout)
+    found = {
+        t: metadata.topics[t]
+        for t in topics
+        if t in metadata.topics
+        and (
+            metadata.topics[t].error is None
+            or metadata.topics[t].error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART
+        )
+    }
+    # a partition without a leader has no offsets to give (the runbook reports it as such)
     partitions = [
         (t, p)
-        for t in topics
-        if t in metadata.topics and metadata.topics[t].error is None
-        for p in sorted(metadata.topics[t].partitions)
+        for t, md in found.items()
+        for p in sorted(md.partitions)
+        if md.partitions[p].leader >= 0
     ]
     at = time.monotonic()
     low = _list_offsets(admin, partitions, OffsetSpec.earliest(), timeout) if partitions else {}
@@ -82,7 +93,7 @@ def _read_offsets(cluster: KafkaCluster, topics: list[str]) -> dict[str, TopicOf
     return {
         t: TopicOffsets(
             topic=t,
-            exists=any(tp[0] == t for tp in partitions),
+            exists=t in found,
             at=at,
             low={p: o for (tt, p), o in low.items() if tt == t},
             end={p: o for (tt, p), o in end.items() if tt == t},

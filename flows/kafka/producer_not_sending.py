@@ -21,6 +21,7 @@ from runbooks.params import BlockName, OptionalTopicName, RunbookParams
 from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from tasks.kafka import ClusterHealth, check_isr
 from tasks.kafka_activity import (
+    Activity,
     ExpectedTopic,
     TopicActivity,
     classify_activity,
@@ -184,9 +185,17 @@ def _conclude(report: IncidentReport, found: list[TopicActivity], health: Cluste
         )
         for a in problems
     )
+    missing = [a.topic for a in problems if a.activity is Activity.MISSING]
+    if missing:
+        report.follow_ups.insert(
+            0,
+            f"Create the missing topic(s) {', '.join(missing)} (kafka-topics-validate creates "
+            "declared topics) or fix the producer's topic name",
+        )
     raise Escalation(
         f"{len(problems)} topic(s) not receiving data as expected: {named}. The brokers answer "
-        f"({len(health.broker_ids)} broker(s)), so the producer side is at fault. No automatic "
-        "fix exists: the producer runs outside this runbook's reach; a human must restart or "
-        "repair it"
+        f"({len(health.broker_ids)} broker(s)), so the cause is on the producer side"
+        + (" or the topic is missing" if missing else "")
+        + ". No automatic fix exists: the producer runs outside this runbook's reach; a human "
+        "must restart or repair it"
     )

@@ -98,8 +98,9 @@ def test_live_stalled_and_empty_topics_told_apart(
     topics: tuple[str, str, str, str, dict[int, datetime]], kafka_broker: KafkaBroker
 ) -> None:
     kafka, live, stalled, empty, last = topics
+    gone = unique("gone")  # never created: producers writing to it fail
     groups_before = groups(kafka_broker.bootstrap)
-    state = producer_not_sending(params(kafka, [live, stalled, empty]), return_state=True)
+    state = producer_not_sending(params(kafka, [live, stalled, empty, gone]), return_state=True)
 
     assert state.is_failed()
     report = read_incident_report(state.state_details.flow_run_id)
@@ -119,6 +120,9 @@ def test_live_stalled_and_empty_topics_told_apart(
         )
     newest = max(last.values()).isoformat(timespec="seconds")
     assert f"{stalled} stalled:" in report and f"(last record {newest})" in report
+    assert f"| topic {gone} | FAILING | missing: the topic does not exist" in report
+    assert f"Create the missing topic(s) {gone}" in report
+    assert "3 topic(s) not receiving data as expected" in report
     assert "No automatic fix exists" in report
     assert "Read the producer's logs" in report
     # read without joining or creating a group: the broker knows the same groups as before

@@ -114,3 +114,38 @@ def test_reasons_name_the_evidence() -> None:
     never = classify_activity(expect(6), offsets((0, 0)), later((0, 0)), {}, NOW)
     assert never.reason == "no new record in 60s, and it has never received a record"
     assert PROBLEMS == {Activity.SLOW, Activity.STALLED, Activity.EMPTY, Activity.MISSING}
+
+
+@pytest.mark.parametrize(
+    ("topic", "topics", "checked"),
+    [
+        ("prices", [], [("prices", 1.0, 300.0)]),
+        ("prices", [expect(60, 30)], [("prices", 60.0, 30.0)]),
+        ("", [expect(60, 30)], [("prices", 60.0, 30.0)]),
+        # a trigger renders an alert without a topic label as "None"
+        ("None", [expect(60, 30)], [("prices", 60.0, 30.0)]),
+        ("orders", [expect(60, 30)], [("orders", 1.0, 300.0)]),
+    ],
+)
+def test_the_alerts_topic_with_its_expectation(topic, topics, checked) -> None:
+    from flows.kafka.producer_not_sending import ProducerNotSendingParams
+
+    params = ProducerNotSendingParams(topic=topic, topics=topics)
+    assert [(t.name, t.min_per_minute, t.window_s) for t in params.expected()] == checked
+
+
+@pytest.mark.parametrize(
+    ("topic", "topics", "error"),
+    [
+        (None, [], "no topic to check"),
+        ("prices; rm -rf /", [], "is not a Kafka topic name"),
+        (None, [expect(), expect()], "topics listed more than once: prices"),
+    ],
+)
+def test_params_refused(topic, topics, error) -> None:
+    from pydantic import ValidationError
+
+    from flows.kafka.producer_not_sending import ProducerNotSendingParams
+
+    with pytest.raises(ValidationError, match=error):
+        ProducerNotSendingParams(topic=topic, topics=topics)
