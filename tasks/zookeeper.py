@@ -68,7 +68,11 @@ class ZooKeeperServer(BaseModel):
 
     address: str = Field(description="host:port of its client port.")
     reachable: bool = Field(description="It accepted a connection and answered.")
-    ok: bool = Field(False, description="It answered imok to ruok (running, maybe without quorum).")
+    ok: bool | None = Field(
+        None,
+        description="It answered imok to ruok (running, maybe without quorum); None: ruok is "
+        "not allowed.",
+    )
     serving: bool = Field(False, description="It serves client requests (it is in a quorum).")
     mode: str | None = Field(None, description="leader, follower, observer or standalone.")
     outstanding: int | None = Field(None, description="Queued requests not yet answered.")
@@ -76,43 +80,46 @@ class ZooKeeperServer(BaseModel):
     zxid: str | None = Field(None, description="Last transaction id it has seen.")
     znodes: int | None = Field(None, description="Number of znodes it holds.")
     synced_followers: int | None = Field(
-        None, description="Followers in sync with it (leaders only)."
+        None, description="Followers in sync with it (leaders only; needs mntr)."
     )
-    quorum_size: int | None = Field(None, description="Voting members it knows (mntr).")
+    quorum_size: int | None = Field(None, description="Voting members it knows (needs mntr).")
+    refused: list[str] = Field(
+        default_factory=list,
+        description="Four-letter words its 4lw.commands.whitelist does not allow.",
+    )
     error: str | None = Field(None, description="Why it did not answer, or what it answered.")
 
 
 def ask_server(host: str, port: int, timeout_s: float) -> ZooKeeperServer:
-    """ruok, srvr and mntr of one server; a server that does not answer is a finding."""
+    """ruok, srvr and mntr of one server; a server that does not answer is a finding.
+
+    ZooKeeper's default whitelist allows only srvr: the mode and latency come from it, and the
+    words refused are listed (without mntr, a leader's synced followers are unknown).
+    """
     address = f"{host}:{port}"
     try:
-        ruok = four_letter_word(host, port, "ruok", timeout_s)
-        srvr = four_letter_word(host, port, "srvr", timeout_s)
-        mntr = four_letter_word(host, port, "mntr", timeout_s)
+        answers = {w: four_letter_word(host, port, w, timeout_s) for w in ("ruok", "srvr", "mntr")}
     except OSError as exc:
         return ZooKeeperServer(
             address=address, reachable=False, error=f"{type(exc).__name__}: {exc}"
         )
-    if NOT_WHITELISTED in srvr or NOT_WHITELISTED in mntr:
+    refused = [w for w, text in answers.items() if NOT_WHITELISTED in text]
+    ok = None if "ruok" in refused else answers["ruok"].strip() == "imok"
+    common = {"address": address, "reachable": True, "ok": ok, "refused": refused}
+    if "srvr" in refused:
         return ZooKeeperServer(
-            address=address,
-            reachable=True,
-            ok=ruok.strip() == "imok",
-            error="the four-letter words srvr/mntr are not allowed: add "
+            **common,
+            error="srvr is not allowed, so whether it serves is unknown: add "
             "4lw.commands.whitelist=ruok,srvr,mntr to its zoo.cfg",
         )
-    if NOT_SERVING in srvr:
+    if NOT_SERVING in answers["srvr"]:
         return ZooKeeperServer(
-            address=address,
-            reachable=True,
-            ok=ruok.strip() == "imok",
-            error="running but not serving requests: it is not in a quorum",
+            **common, error="running but not serving requests: it is not in a quorum"
         )
-    stat, metrics = parse_srvr(srvr), parse_mntr(mntr)
+    stat = parse_srvr(answers["srvr"])
+    metrics = {} if "mntr" in refused else parse_mntr(answers["mntr"])
     return ZooKeeperServer(
-        address=address,
-        reachable=True,
-        ok=ruok.strip() == "imok",
+        **common,
         serving=True,
         mode=stat.get("Mode") or metrics.get("zk_server_state"),
         outstanding=_int(stat.get("Outstanding") or metrics.get("zk_outstanding_requests")),
@@ -160,9 +167,12 @@ def judge_ensemble(servers: list[ZooKeeperServer]) -> EnsembleVerdict:
     leaders = [s for s in servers if s.serving and s.mode in ("leader", "standalone")]
     serving = [s for s in servers if s.serving]
     down = [s.address for s in servers if not s.reachable]
-    out = [s.address for s in servers if s.reachable and not s.serving]
-    refused = [s for s in servers if s.error and "4lw.commands.whitelist" in s.error]
+    refused = [s for s in servers if "srvr" in s.refused]
+    out = [s.address for s in servers if s.reachable and not s.serving and s not in refused]
     facts = [f"{len(serving)} of {size} server(s) serving"]
+    not_allowed = sorted({w for s in servers for w in s.refused})
+    if not_allowed:
+        facts.append(f"four-letter words not allowed: {', '.join(not_allowed)}")
     if down:
         facts.append(f"not answering: {', '.join(down)}")
     if out:
@@ -182,12 +192,14 @@ def judge_ensemble(servers: list[ZooKeeperServer]) -> EnsembleVerdict:
             leader=leader.address,
             reason="; ".join(facts),
         )
-    if refused and len(refused) + len(down) == total:
+    if refused:
+        # a leader may be among the servers that do not say: no verdict without them
         return EnsembleVerdict(
             verdict=QuorumVerdict.UNKNOWN,
             has_quorum=None,
             leader=None,
-            reason=f"{refused[0].error} ({', '.join(s.address for s in refused)})",
+            reason=f"{'; '.join(facts)}; {refused[0].error} "
+            f"({', '.join(s.address for s in refused)})",
         )
     if len(down) == total:
         return EnsembleVerdict(

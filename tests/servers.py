@@ -227,11 +227,13 @@ ZOOKEEPER_JAR = "/usr/share/java/zookeeper.jar"
 class ZooKeeperEnsemble:
     """``size`` ZooKeeper servers on free ports, each a JVM of its own (one: standalone).
 
-    The four-letter words are allowed (``4lw.commands.whitelist=*``); ticks are short (100 ms)
-    so that a leader notices a lost quorum, and an ensemble elects, within about a second.
+    The four-letter words are allowed (``4lw.commands.whitelist=*``; ``whitelist=None`` keeps
+    ZooKeeper's default, which allows only ``srvr``); ticks are short (100 ms) so that a leader
+    notices a lost quorum, and an ensemble elects, within about a second.
     """
 
     size: int = 3
+    whitelist: str | None = "*"
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="runbooks-zk-")))
     client_ports: list[int] = field(default_factory=list)
     procs: list[subprocess.Popen | None] = field(default_factory=list)
@@ -265,7 +267,9 @@ class ZooKeeperEnsemble:
             (node / "zoo.cfg").write_text(
                 "tickTime=100\ninitLimit=50\nsyncLimit=10\n"
                 f"dataDir={node / 'data'}\nclientPort={port}\nclientPortAddress=127.0.0.1\n"
-                "4lw.commands.whitelist=*\nadmin.enableServer=false\n" + servers
+                "admin.enableServer=false\n"
+                + (f"4lw.commands.whitelist={self.whitelist}\n" if self.whitelist else "")
+                + servers
             )
         self.procs = [None] * self.size
         for i in range(self.size):
@@ -322,8 +326,8 @@ class ZooKeeperEnsemble:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def start_zookeeper(size: int = 3) -> ZooKeeperEnsemble:
-    ensemble = ZooKeeperEnsemble(size=size)
+def start_zookeeper(size: int = 3, whitelist: str | None = "*") -> ZooKeeperEnsemble:
+    ensemble = ZooKeeperEnsemble(size=size, whitelist=whitelist)
     ensemble.start()
     ensemble.wait_until_serving()
     return ensemble

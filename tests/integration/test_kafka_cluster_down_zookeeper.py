@@ -25,7 +25,7 @@ from tasks.kafka import DiagnosisKind
 from tasks.zookeeper import QuorumVerdict, ZooKeeperHealth, check_zookeeper
 from tests.conftest import read_incident_report, unique
 from tests.fakes.kubernetes_api import FakeKubernetesApi
-from tests.servers import KafkaBroker, ZooKeeperEnsemble
+from tests.servers import KafkaBroker, ZooKeeperEnsemble, start_zookeeper
 
 pytestmark = pytest.mark.integration
 
@@ -212,3 +212,19 @@ def test_brokers_down_with_zookeeper_whole_is_a_broker_problem(
     )
     assert f"{NS}/{crashing} | planned (dry-run)" in result.report
     assert api.calls_of("DELETE") == []
+
+
+def test_default_whitelist_answers_srvr_only() -> None:
+    """ZooKeeper's default 4lw.commands.whitelist allows srvr alone: the mode and latency still
+    come from it, and the refused words are reported."""
+    server = start_zookeeper(1, whitelist=None)
+    try:
+        health = ensemble_check(server.connect)
+    finally:
+        server.stop()
+    assert health.verdict == QuorumVerdict.HEALTHY and health.has_quorum
+    (only,) = health.servers
+    assert only.mode == "standalone" and only.serving and only.outstanding == 0
+    assert only.refused == ["ruok", "mntr"] and only.ok is None
+    assert "four-letter words not allowed: mntr, ruok" in health.reason
+    assert health.broker_ids == []  # read through kazoo: no broker ever registered

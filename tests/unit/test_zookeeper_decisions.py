@@ -67,8 +67,12 @@ def leader(n: int, synced: int | None, quorum_size: int | None = None) -> ZooKee
 REFUSED = ZooKeeperServer(
     address="zk-0:2181",
     reachable=True,
-    ok=True,
-    error="the four-letter words srvr/mntr are not allowed: add 4lw.commands.whitelist=...",
+    refused=["ruok", "srvr", "mntr"],
+    error="srvr is not allowed, so whether it serves is unknown: add 4lw.commands.whitelist=...",
+)
+# ZooKeeper's default whitelist: srvr only
+SRVR_ONLY = ZooKeeperServer(
+    address="zk-0:2181", reachable=True, serving=True, mode="standalone", refused=["ruok", "mntr"]
 )
 
 H, D, L, U, K = (
@@ -99,6 +103,13 @@ ENSEMBLES = [
     ("none answers", [server(0, up=False), server(1, up=False)], U, False, None,
      "no ZooKeeper server answers"),
     ("four-letter words not allowed", [REFUSED], K, None, None, "4lw.commands.whitelist"),
+    ("one server refuses srvr, the others follow", [REFUSED, server(1), server(2)], K, None,
+     None, "2 of 3 server(s) serving; four-letter words not allowed: mntr, ruok, srvr"),
+    ("default whitelist: srvr only", [SRVR_ONLY], H, True, "zk-0:2181",
+     "four-letter words not allowed: mntr, ruok"),
+    ("a leader without mntr: its serving followers count", [
+     server(0), server(1, "leader", refused=["mntr"]), server(2)], H, True, "zk-1:2181",
+     "3 of 3 voters in sync"),
 ]
 
 
