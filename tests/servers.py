@@ -228,8 +228,8 @@ class ZooKeeperEnsemble:
     """``size`` ZooKeeper servers on free ports, each a JVM of its own (one: standalone).
 
     The four-letter words are allowed (``4lw.commands.whitelist=*``; ``whitelist=None`` keeps
-    ZooKeeper's default, which allows only ``srvr``); ticks are short (100 ms) so that a leader
-    notices a lost quorum, and an ensemble elects, within about a second.
+    ZooKeeper's default, which allows only ``srvr``); ticks are short (200 ms) so that a leader
+    notices a lost quorum, and an ensemble elects, within a few seconds (syncLimit: 2 s).
     """
 
     size: int = 3
@@ -265,7 +265,7 @@ class ZooKeeperEnsemble:
             (node / "data").mkdir(parents=True, exist_ok=True)
             (node / "data" / "myid").write_text(f"{i + 1}\n")
             (node / "zoo.cfg").write_text(
-                "tickTime=100\ninitLimit=50\nsyncLimit=10\n"
+                "tickTime=200\ninitLimit=50\nsyncLimit=10\n"
                 f"dataDir={node / 'data'}\nclientPort={port}\nclientPortAddress=127.0.0.1\n"
                 "admin.enableServer=false\n"
                 + (f"4lw.commands.whitelist={self.whitelist}\n" if self.whitelist else "")

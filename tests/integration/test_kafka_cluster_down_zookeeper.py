@@ -53,7 +53,7 @@ def registered(zookeeper: ZooKeeperEnsemble) -> Iterator[tuple[str, list[int]]]:
 
 def ensemble_check(connect: str) -> ZooKeeperHealth:
     cluster = KafkaCluster(
-        bootstrap_servers="unused:9092", zookeeper_connect=connect, request_timeout_s=2
+        bootstrap_servers="unused:9092", zookeeper_connect=connect, request_timeout_s=5
     )
     health = check_zookeeper.fn(cluster)
     assert health is not None
@@ -79,7 +79,7 @@ def save_kafka_block(broker: KafkaBroker, connect: str) -> str:
     name = unique("kafka")
     KafkaCluster(
         bootstrap_servers=broker.bootstrap,
-        request_timeout_s=1,
+        request_timeout_s=5,  # a loaded machine: a slow JVM answer is not a down server
         expected_brokers=1,
         zookeeper_connect=connect,
     ).save(name, overwrite=True)
