@@ -196,9 +196,9 @@ def _check_zookeeper(
     report: IncidentReport, kafka: KafkaCluster, grace_s: float
 ) -> ZooKeeperHealth | None:
     """The ensemble of a cluster on ZooKeeper (None for KRaft), recorded as checks."""
-    zookeeper = check_zookeeper(kafka)
-    if zookeeper is None:
+    if not kafka.zookeeper_connect:
         return None
+    zookeeper = check_zookeeper(kafka)
     if zookeeper.lost_quorum and grace_s:
         report.step(
             f"ZooKeeper without a leader ({zookeeper.reason}); checking again in {grace_s:.0f}s "
@@ -206,7 +206,7 @@ def _check_zookeeper(
         )
         time.sleep(grace_s)
         zookeeper = check_zookeeper(kafka)
-    assert zookeeper is not None
+    assert zookeeper is not None  # the block names an ensemble
     report.evidence("ZooKeeper ensemble", zookeeper)
     report.check(
         "ZooKeeper quorum", zookeeper.has_quorum is True, f"{zookeeper.verdict}: {zookeeper.reason}"
