@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 from prefect.blocks.core import Block
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from blocks.fields import BLOCK_CONFIG, OptionalSecretStr
+
+_HOST_PORT = re.compile(r"(?P<host>[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})")
+_CHROOT = re.compile(r"(/[A-Za-z0-9_.-]+)+")
+
+
+def parse_zookeeper_connect(connect: str) -> tuple[list[tuple[str, int]], str]:
+    """Kafka's ``zookeeper.connect`` (``host:port,host:port/chroot``) as servers and chroot
+    (empty when none); raises ValueError when it is not of that form."""
+    hosts, slash, chroot = connect.strip().partition("/")
+    chroot = f"/{chroot}" if slash else ""
+    if chroot and not _CHROOT.fullmatch(chroot):
+        raise ValueError(f"not a ZooKeeper chroot path: {chroot!r}")
+    servers: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        match = _HOST_PORT.fullmatch(item.strip())
+        if not match or not 0 < int(match["port"]) < 65536:
+            raise ValueError(f"not a ZooKeeper host:port: {item.strip()!r}")
+        servers.append((match["host"].strip("[]"), int(match["port"])))
+    if len(set(servers)) != len(servers):
+        raise ValueError("a ZooKeeper server is listed twice")
+    return servers, chroot
 
 
 class KafkaCluster(Block):
@@ -50,6 +72,22 @@ class KafkaCluster(Block):
         ge=1,
         description="How many brokers a healthy cluster has; fewer in the metadata means brokers are down.",
     )
+
+    zookeeper_connect: str | None = Field(
+        None,
+        description="Where the cluster still runs on ZooKeeper: the brokers' zookeeper.connect, "
+        "e.g. 'zk-0:2181,zk-1:2181,zk-2:2181/kafka' (every server of the ensemble, optional "
+        "chroot). The servers must allow the four-letter words ruok, srvr and mntr "
+        "(4lw.commands.whitelist). Empty: KRaft, no ZooKeeper to check.",
+    )
+
+    @field_validator("zookeeper_connect")
+    @classmethod
+    def _zookeeper_connect_form(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parse_zookeeper_connect(value)
+        return value.strip()
 
     def client_config(self, **overrides: Any) -> dict[str, Any]:
         """librdkafka configuration for this cluster (contains secrets: never log it)."""

@@ -94,7 +94,12 @@ def _kafka_name(what: str) -> Any:
 
 
 TopicName = Annotated[str, _kafka_name("topic name")]
-OptionalTopicName = Annotated[str | None, _kafka_name("topic name")]
+OptionalTopicName = Annotated[
+    str | None,
+    BeforeValidator(lambda v: None if v in ("", "None") else v),
+    _kafka_name("topic name"),
+]
+"""A topic name or nothing; an empty form field or an absent alert label ("None") is nothing."""
 GroupId = Annotated[str, _kafka_name("consumer group id")]
 OptionalGroupId = Annotated[
     str | None,

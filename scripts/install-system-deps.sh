@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite needs, only those missing, only when root.
 # The tests start their own throwaway servers (initdb/pg_ctl, prometheus-alertmanager); promtool
-# checks the example alerting rules. Nothing here starts a system service.
+# checks the example alerting rules; ZooKeeper (Debian's, Java) backs the ensemble checks of
+# kafka-cluster-down. Nothing here starts a system service.
 set -euo pipefail
 
 missing=()
@@ -9,6 +10,7 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
 command -v prometheus-alertmanager >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+[ -f /usr/share/zookeeper/bin/zkServer.sh ] || missing+=(zookeeper)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, computed_field
 from blocks.kafka import KafkaCluster
 from runbooks.retry import runbook_task_options
 from tasks.kubernetes import PodState
+from tasks.zookeeper import ZooKeeperHealth
 
 
 def is_retriable(exc: BaseException) -> bool:
@@ -144,6 +145,9 @@ class DiagnosisKind(StrEnum):
     BROKERS_DOWN = "BROKERS_DOWN"
     # nothing serves: not a one-pod fix
     CLUSTER_DOWN = "CLUSTER_DOWN"
+    # the ZooKeeper ensemble the brokers depend on has no quorum: restarting brokers cannot
+    # help, and ZooKeeper nodes are never restarted automatically
+    ZOOKEEPER_QUORUM_LOST = "ZOOKEEPER_QUORUM_LOST"
 
 
 class Diagnosis(BaseModel):
@@ -158,9 +162,17 @@ class Diagnosis(BaseModel):
 
 
 def diagnose(
-    health: ClusterHealth, pods: list[PodState] | None, broker_pod_name: str = "kafka-{broker_id}"
+    health: ClusterHealth,
+    pods: list[PodState] | None,
+    broker_pod_name: str = "kafka-{broker_id}",
+    zookeeper: ZooKeeperHealth | None = None,
 ) -> Diagnosis:
-    """Classify a health snapshot plus broker pod states (None or empty: no Kubernetes evidence).
+    """Classify a health snapshot plus broker pod states (None or empty: no Kubernetes evidence)
+    and, for a cluster on ZooKeeper, its ensemble's state.
+
+    An ensemble without quorum comes first: the brokers' trouble follows from it, and no broker
+    restart fixes it. With a quorum, the ensemble's facts (leader, registered broker ids) are
+    added to a brokers-down reason, which tells "brokers down" from "ZooKeeper lost quorum".
 
     ``broker_pod_name`` maps a broker id to its pod name. It matters when the metadata lacks
     expected brokers: a broker that hangs (e.g. stopped, or partitioned from the controller)
@@ -168,7 +180,40 @@ def diagnose(
     broker the metadata does not list count as down too. The pod selector must select broker
     pods only.
     """
-    pods = pods or []
+    found = _diagnose_kafka(health, pods or [], broker_pod_name)
+    if zookeeper is None:
+        return found
+    if zookeeper.lost_quorum:
+        kafka_side = (
+            f"Kafka: {found.reason}"
+            if found.kind != DiagnosisKind.HEALTHY
+            else "Kafka still serves, but its controller cannot change anything and brokers "
+            "whose ZooKeeper session expires drop out"
+        )
+        return Diagnosis(
+            kind=DiagnosisKind.ZOOKEEPER_QUORUM_LOST,
+            reason=f"ZooKeeper lost quorum ({zookeeper.reason}); {kafka_side}",
+            down_pods=found.down_pods,
+            missing_brokers=found.missing_brokers,
+        )
+    brokers_down = found.kind in (DiagnosisKind.BROKERS_DOWN, DiagnosisKind.CLUSTER_DOWN)
+    if brokers_down and zookeeper.has_quorum:
+        registered = (
+            f"brokers registered: {zookeeper.broker_ids}"
+            if zookeeper.broker_ids is not None
+            else f"registered brokers unread ({zookeeper.broker_ids_error})"
+        )
+        ensemble = f"{zookeeper.verdict}, leader {zookeeper.leader}; {registered}"
+        return found.model_copy(
+            update={
+                "reason": f"{found.reason}; ZooKeeper has quorum ({ensemble}): the brokers are "
+                "down, not ZooKeeper"
+            }
+        )
+    return found
+
+
+def _diagnose_kafka(health: ClusterHealth, pods: list[PodState], broker_pod_name: str) -> Diagnosis:
     not_up = [p for p in pods if not p.up]
     pod_names = [p.name for p in not_up]
     missing = health.missing_brokers

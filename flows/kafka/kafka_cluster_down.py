@@ -1,8 +1,10 @@
 """Kafka runbooks.
 
 ``kafka-cluster-down``: seed 000 "P1 Kafka Cluster Down", seed 001 "Kafka Broker Down" and
-seed 004 section 4.1 "Kafka is Down". Check broker and ISR state and the broker pods; restart
-a single down broker's pod and wait for the ISR to catch up; escalate a cluster-wide outage.
+seed 004 section 4.1 "Kafka is Down". Check broker and ISR state and the broker pods, and, for a
+cluster still on ZooKeeper, the ensemble (seed 000 P1 step 2, ``zkCli.sh stat``); restart a
+single down broker's pod and wait for the ISR to catch up; escalate a cluster-wide outage and a
+ZooKeeper ensemble without quorum (ZooKeeper nodes are never restarted automatically).
 """
 
 import time
@@ -27,6 +29,7 @@ from tasks.kafka import (
     get_cluster_id,
 )
 from tasks.kubernetes import PodsReady, PodState, list_pods, read_pods, restart_pod
+from tasks.zookeeper import QuorumVerdict, ZooKeeperHealth, check_zookeeper
 
 # A broker pod that needs restarting again and again has a cause a restart won't fix
 # (issue #4: "3 restarts of the same broker pod per hour").
@@ -78,6 +81,13 @@ class KafkaClusterDownParams(RunbookParams):
     )
     poll_interval_s: float = Field(
         5, gt=0, le=60, description="Pause between checks while verifying, in seconds."
+    )
+    zookeeper_election_grace_s: float = Field(
+        5,
+        ge=0,
+        le=120,
+        description="ZooKeeper found without a leader is checked once more after this many "
+        "seconds: an election in progress (after a leader died) looks the same for a moment.",
     )
 
     @field_validator("broker_pod_name")
@@ -139,10 +149,16 @@ def kafka_cluster_down(params: KafkaClusterDownParams) -> KafkaClusterDownResult
         )
         with report.guard(target) as guard:
             health, pods = observe()
+            zookeeper = _check_zookeeper(report, kafka, params.zookeeper_election_grace_s)
             _record_symptoms(report, health, pods, namespace, params.broker_selector)
-            diagnosis = diagnose(health, pods, params.broker_pod_name)
+            diagnosis = diagnose(health, pods, params.broker_pod_name, zookeeper)
             report.evidence("diagnosis", diagnosis)
             report.step(f"diagnosis {diagnosis.kind}: {diagnosis.reason}")
+            if zookeeper and zookeeper.verdict == QuorumVerdict.DEGRADED:
+                report.follow_ups.append(
+                    f"ZooKeeper keeps its quorum short of servers ({zookeeper.reason}): bring "
+                    "them back; one more loss stops the ensemble, and Kafka with it"
+                )
 
             if diagnosis.kind == DiagnosisKind.HEALTHY:
                 report.finish(Outcome.NO_ACTION_NEEDED, f"Kafka is healthy: {diagnosis.reason}.")
@@ -174,6 +190,48 @@ def kafka_cluster_down(params: KafkaClusterDownParams) -> KafkaClusterDownResult
 def _bootstrap_list(kafka: KafkaCluster) -> str:
     """The cluster's bootstrap addresses, in a stable order: blocks listing them differently agree."""
     return ",".join(sorted({s.strip() for s in kafka.bootstrap_servers.split(",") if s.strip()}))
+
+
+def _check_zookeeper(
+    report: IncidentReport, kafka: KafkaCluster, grace_s: float
+) -> ZooKeeperHealth | None:
+    """The ensemble of a cluster on ZooKeeper (None for KRaft), recorded as checks."""
+    if not kafka.zookeeper_connect:
+        return None
+    zookeeper = check_zookeeper(kafka)
+    if zookeeper.lost_quorum and grace_s:
+        report.step(
+            f"ZooKeeper without a leader ({zookeeper.reason}); checking again in {grace_s:.0f}s "
+            "in case an election is under way"
+        )
+        time.sleep(grace_s)
+        zookeeper = check_zookeeper(kafka)
+    assert zookeeper is not None  # the block names an ensemble
+    report.evidence("ZooKeeper ensemble", zookeeper)
+    report.check(
+        "ZooKeeper quorum", zookeeper.has_quorum is True, f"{zookeeper.verdict}: {zookeeper.reason}"
+    )
+    for server in zookeeper.servers:
+        observed = (
+            f"{server.mode}, outstanding {server.outstanding}, latency min/avg/max "
+            f"{server.latency_ms} ms, zxid {server.zxid}"
+            if server.serving
+            else server.error or "not serving"
+        )
+        report.check(f"ZooKeeper {server.address}", server.serving, observed)
+    registered = (
+        ", ".join(map(str, zookeeper.broker_ids)) or "none"
+        if zookeeper.broker_ids is not None
+        else zookeeper.broker_ids_error or "unread"
+    )
+    expected = kafka.expected_brokers
+    report.check(
+        "brokers registered in ZooKeeper",
+        zookeeper.broker_ids is not None
+        and (expected is None or len(zookeeper.broker_ids) >= expected),
+        f"{registered} (expected {expected or 'unspecified'})",
+    )
+    return zookeeper
 
 
 def _record_symptoms(
@@ -223,6 +281,13 @@ def _escalate_unless_one_pod_fix(
     diagnosis: Diagnosis, k8s: KubernetesCluster | None, params: KafkaClusterDownParams
 ) -> None:
     """Raise Escalation unless restarting a few identified broker pods is the fix."""
+    if diagnosis.kind == DiagnosisKind.ZOOKEEPER_QUORUM_LOST:
+        raise Escalation(
+            f"{diagnosis.reason}. Escalate to the team that runs ZooKeeper: bring its servers "
+            "back (a majority is needed) before anything else. ZooKeeper nodes are never "
+            "restarted automatically, and no broker was restarted: brokers cannot recover "
+            "without ZooKeeper"
+        )
     if diagnosis.kind == DiagnosisKind.CLUSTER_DOWN:
         raise Escalation(
             f"cluster-wide outage ({diagnosis.reason}): escalate to the infrastructure team; "
@@ -366,6 +431,15 @@ def _describe_pods(seen: PodsReady) -> str:
 
 
 def _follow_ups(namespace: str, diagnosis: Diagnosis) -> list[str]:
+    if diagnosis.kind == DiagnosisKind.ZOOKEEPER_QUORUM_LOST:
+        return [
+            "Check the ZooKeeper servers that do not answer or do not serve: their pods/hosts, "
+            "logs (disk full, out of memory, a corrupt snapshot or transaction log) and the "
+            "network between them (ports 2888/3888)",
+            "Check ZooKeeper from inside: zkCli.sh stat, or echo srvr | nc <server> 2181",
+            "Once a majority serves again, re-run this runbook: brokers whose sessions expired "
+            "re-register, and under-replicated partitions catch up",
+        ]
     pods = " ".join(diagnosis.down_pods) or "<broker-pod>"
     return [
         f"Read the down brokers' logs: kubectl logs -n {namespace or '<namespace>'} {pods} --previous",
