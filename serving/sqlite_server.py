@@ -22,7 +22,12 @@ process (an ``asyncio.Lock`` per event loop), so the waiting happens in the even
 no pooled connection and no worker thread, instead of inside SQLite's busy handler. Statements
 outside such transactions (Prefect's autocommit writes, other processes) still meet SQLite's
 busy timeout as before. A transaction opened inside one this task already holds neither waits
-for its turn nor is forced IMMEDIATE (it would wait for the outer one). Nothing else changes; pinned to prefect 3.8.8, and
+for its turn nor is forced IMMEDIATE (it would wait for the outer one). A task that waits more than
+``TURN_WAIT_S`` for its turn goes ahead without it, as stock Prefect would: nothing can wait on
+the turn for ever (a task the holder awaits, or a writer outside the turn that holds SQLite's lock
+the holder waits for). Prefect keeps the BEGIN mode in a context variable, which a task started
+inside a transaction inherits: such a task's plain reads no longer begin IMMEDIATE (they held
+SQLite's write lock outside the turn for as long as their session lived). Nothing else changes; pinned to prefect 3.8.8, and
 tests/integration/test_sqlite_server.py fails if the pieces it relies on change.
 
     python -m serving.sqlite_server --host 127.0.0.1 --port 4200   (= prefect server start ...)
@@ -39,10 +44,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-# Whether the running task holds its loop's write turn (a nested transaction must not wait for it)
-_holding: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "runbooks_sqlite_write_turn", default=False
+# The task that opened the outermost transaction of this context: a transaction nested in one the
+# running task holds must not wait for the turn. A task, not a flag: a context variable is copied
+# into every task started inside a transaction, and such a task is not inside it.
+_owner: contextvars.ContextVar[asyncio.Task | None] = contextvars.ContextVar(
+    "runbooks_sqlite_write_turn_owner", default=None
 )
+# A task that waits longer than this for the turn goes ahead without it, as stock Prefect does
+# (SQLite's busy timeout then arbitrates): a task the holder itself awaits would otherwise wait
+# forever, and a writer outside the turn that the holder waits for (SQLite's lock) for 60 s.
+TURN_WAIT_S = 5.0
 _turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
     weakref.WeakKeyDictionary()
 )
@@ -117,6 +128,49 @@ def _turn_acquired() -> None:
         _watchers[loop] = loop.create_task(_watch_turns(loop))
 
 
+def _inherited() -> bool:
+    """Whether this context's transaction belongs to another task (this one was started in it)."""
+    owner = _owner.get()
+    return owner is not None and owner is not asyncio.current_task()
+
+
+def _nested() -> bool:
+    """Whether a transaction opened now is inside one that holds the turn: opened by this very
+    task, or by the task that started this one and holds the turn now (e.g. ``asyncio.gather``
+    inside a transaction: the holder awaits this task, which must not wait for the holder)."""
+    owner = _owner.get()
+    if owner is None:
+        return False
+    if owner is asyncio.current_task():
+        return True
+    held = _holders.get(asyncio.get_running_loop())
+    return held is not None and held[0] is owner
+
+
+@asynccontextmanager
+async def _take_turn() -> AsyncIterator[bool]:
+    """Wait for the loop's write turn, at most TURN_WAIT_S; yields whether it was taken."""
+    turn = _turn()
+    try:
+        await asyncio.wait_for(turn.acquire(), TURN_WAIT_S)
+    except TimeoutError:
+        held = _holders.get(asyncio.get_running_loop())
+        logger.warning(
+            "waited %.0fs for the SQLite write turn (held by %s); going ahead without it, "
+            "awaiting in:\n%s",
+            TURN_WAIT_S, held[0].get_name() if held else "nobody",
+            "\n".join(coroutine_stack(held[0].get_coro())) if held else "",
+        )
+        yield False
+        return
+    try:
+        _turn_acquired()
+        yield True
+    finally:
+        _holders.pop(asyncio.get_running_loop(), None)
+        turn.release()
+
+
 def install() -> None:
     """Patch this process's Prefect server (before it starts): see the module docstring."""
     from prefect.server.database.configurations import AioSqliteConfiguration
@@ -124,30 +178,41 @@ def install() -> None:
     if getattr(AioSqliteConfiguration.begin_transaction, "_runbooks", False):
         return
     original_begin = AioSqliteConfiguration.begin_transaction
+    original_begin_stmt = AioSqliteConfiguration.begin_sqlite_stmt
 
     @asynccontextmanager
     async def begin_transaction(
         self: AioSqliteConfiguration, session: Any, with_for_update: bool = False
     ) -> AsyncIterator[Any]:
         # with_for_update is what makes Prefect's SQLite configuration say BEGIN IMMEDIATE
-        if _holding.get():
+        if _nested():
             # nested in a transaction this task holds (on another connection): as Prefect asks,
             # since IMMEDIATE here would wait on SQLite's lock for the outer transaction
             async with original_begin(self, session, with_for_update) as transaction:
                 yield transaction
             return
-        async with _turn():
-            token = _holding.set(True)
-            _turn_acquired()
+        async with _take_turn() as taken:
+            token = _owner.set(asyncio.current_task())
             try:
-                async with original_begin(self, session, with_for_update=True) as transaction:
+                async with original_begin(
+                    self, session, with_for_update=with_for_update or taken
+                ) as transaction:
                     yield transaction
             finally:
-                _holding.reset(token)
-                _holders.pop(asyncio.get_running_loop(), None)
+                _owner.reset(token)
+
+    def begin_sqlite_stmt(self: AioSqliteConfiguration, conn: Any) -> None:
+        # Prefect keeps the BEGIN mode in a context variable, which every task started inside a
+        # transaction inherits: such a task's plain reads would begin IMMEDIATE, outside the
+        # turn, and hold SQLite's write lock as long as their session lives. Its own
+        # transactions set the mode again (begin_transaction above), so here it is dropped.
+        if _inherited():
+            return
+        original_begin_stmt(self, conn)
 
     begin_transaction._runbooks = True  # type: ignore[attr-defined]
     AioSqliteConfiguration.begin_transaction = begin_transaction  # type: ignore[method-assign]
+    AioSqliteConfiguration.begin_sqlite_stmt = begin_sqlite_stmt  # type: ignore[method-assign]
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,160 @@
+"""The write turn of serving/sqlite_server.py on a real SQLite file, in this process: Prefect's own
+SQLite configuration (engine, sessions, BEGIN listener) with the patch installed.
+
+A raw sqlite3 connection with no busy timeout tells whether any connection of Prefect's holds the
+database's write lock: its `BEGIN IMMEDIATE` then fails at once with "database is locked".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from serving import sqlite_server
+
+
+def _write_lock_free(path: Path) -> bool:
+    probe = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        probe.execute("BEGIN IMMEDIATE")
+        probe.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError as exc:
+        assert "locked" in str(exc)
+        return False
+    finally:
+        probe.close()
+
+
+async def _config(path: Path):
+    from prefect.server.database.configurations import AioSqliteConfiguration
+
+    sqlite_server.install()
+    config = AioSqliteConfiguration(connection_url=f"sqlite+aiosqlite:///{path}")
+    return config, await config.engine()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "turns.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE t (x int)")
+    return path
+
+
+def test_a_task_started_inside_a_transaction_reads_without_the_write_lock(db: Path) -> None:
+    async def main() -> bool:
+        config, engine = await _config(db)
+        read_open = asyncio.Event()
+        checked = asyncio.Event()
+
+        async def reader() -> None:
+            # started inside the transaction below, so it inherits its context; it runs after
+            session = await config.session(engine)
+            async with session:
+                await session.execute(sa.text("SELECT count(*) FROM t"))
+                read_open.set()
+                await checked.wait()
+
+        session = await config.session(engine)
+        async with session, config.begin_transaction(session):
+            await session.execute(sa.text("INSERT INTO t VALUES (1)"))
+            task = asyncio.create_task(reader())
+        await read_open.wait()
+        free = await asyncio.to_thread(_write_lock_free, db)
+        checked.set()
+        await task
+        await engine.dispose()
+        return free
+
+    # Prefect's own BEGIN listener would say BEGIN IMMEDIATE for that read (the mode is a context
+    # variable the task inherited) and hold the write lock while the read session stays open
+    assert asyncio.run(main()), "a plain read holds SQLite's write lock"
+
+
+def test_a_task_the_holder_awaits_does_not_wait_for_the_turn(db: Path) -> None:
+    async def main() -> tuple[int, float]:
+        config, engine = await _config(db)
+
+        async def child() -> int:
+            session = await config.session(engine)
+            async with session, config.begin_transaction(session):
+                return (await session.execute(sa.text("SELECT count(*) FROM t"))).scalar_one()
+
+        started = time.monotonic()
+        session = await config.session(engine)
+        async with session, config.begin_transaction(session):
+            await session.execute(sa.text("SELECT 1"))
+            # asyncio.gather inside a transaction: the holder awaits a task of its own
+            [count] = await asyncio.wait_for(asyncio.gather(child()), 30)
+        await engine.dispose()
+        return count, time.monotonic() - started
+
+    count, took = asyncio.run(main())
+    assert count == 0 and took < 1.0
+
+
+def test_a_holder_waiting_for_a_waiter_is_not_stuck_for_ever(
+    db: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sqlite_server, "TURN_WAIT_S", 1.0)
+
+    async def main() -> tuple[list[str], float]:
+        config, engine = await _config(db)
+        order: list[str] = []
+        wrote = asyncio.Event()
+
+        async def other() -> None:
+            # started outside any transaction: it must take the turn like anyone else
+            session = await config.session(engine)
+            async with session, config.begin_transaction(session):
+                await session.execute(sa.text("SELECT count(*) FROM t"))
+                order.append("other")
+                wrote.set()
+
+        started = time.monotonic()
+        session = await config.session(engine)
+        async with session, config.begin_transaction(session):
+            await session.execute(sa.text("INSERT INTO t VALUES (1)"))
+            order.append("holder")
+            # a fresh context: another request, not a task of the holder's
+            task = asyncio.create_task(other(), context=contextvars.Context())
+            # the holder waits for a task that waits for the holder's turn
+            await asyncio.wait_for(wrote.wait(), 30)
+        await task
+        await engine.dispose()
+        return order, time.monotonic() - started
+
+    with caplog.at_level(logging.WARNING, logger="runbooks.sqlite_server"):
+        order, took = asyncio.run(main())
+    assert order == ["holder", "other"] and 1.0 <= took < 10
+    assert "going ahead without it" in caplog.text and "in main" in caplog.text
+
+
+def test_transactions_of_one_task_take_turns_with_another(db: Path) -> None:
+    async def main() -> list[str]:
+        config, engine = await _config(db)
+        order: list[str] = []
+
+        async def writer(name: str) -> None:
+            session = await config.session(engine)
+            async with session, config.begin_transaction(session):
+                order.append(f"{name} in")
+                await session.execute(sa.text("INSERT INTO t VALUES (1)"))
+                await asyncio.sleep(0.2)
+                order.append(f"{name} out")
+
+        await asyncio.gather(writer("a"), writer("b"))
+        await engine.dispose()
+        return order
+
+    assert asyncio.run(main()) == ["a in", "a out", "b in", "b out"]
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (2,)
