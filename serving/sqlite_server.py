@@ -52,8 +52,10 @@ _owner: contextvars.ContextVar[asyncio.Task | None] = contextvars.ContextVar(
 )
 # A task that waits longer than this for the turn goes ahead without it, as stock Prefect does
 # (SQLite's busy timeout then arbitrates): a task the holder itself awaits would otherwise wait
-# forever, and a writer outside the turn that the holder waits for (SQLite's lock) for 60 s.
-TURN_WAIT_S = 5.0
+# forever. Not shorter: on a loaded machine a holder's statements alone took 5-10 s at times
+# (`python -m bench restart-backlog`), and a deferred transaction that goes ahead meanwhile is
+# refused at its first write ("database is locked").
+TURN_WAIT_S = 15.0
 _turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
     weakref.WeakKeyDictionary()
 )
