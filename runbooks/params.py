@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from prefect.types.names import LOWERCASE_LETTERS_NUMBERS_AND_DASHES_ONLY_REGEX
 from pydantic import (
@@ -231,3 +231,16 @@ class RunbookParams(BaseModel):
         title="Safety",
         description="Locks, approvals, escalation and verification settings.",
     )
+
+
+_Named = TypeVar("_Named")
+
+
+def unique_names(items: list[_Named]) -> list[_Named]:
+    """A list validator (``AfterValidator``): each item's ``name`` at most once, e.g. a topic
+    declared twice with two different specs, where one would silently win."""
+    names = [item.name for item in items]  # type: ignore[attr-defined]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"listed more than once: {', '.join(twice)}")
+    return items

@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from blocks.kafka import KafkaCluster
 from runbooks.errors import Escalation, VerificationFailed
-from runbooks.params import BlockName, RunbookParams
+from runbooks.params import BlockName, RunbookParams, unique_names
 from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.safety import Budget, Guard, Target
 from tasks.kafka import get_cluster_id
@@ -41,13 +41,6 @@ from tasks.kafka_topics import (
 REPAIR_BUDGET = Budget(max_actions=5, window_s=3600)
 
 
-def _unique_names(specs: list[TopicSpec]) -> list[TopicSpec]:
-    names = [s.name for s in specs]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ValueError(f"topics declared more than once: {', '.join(twice)}")
-    return specs
-
 
 class KafkaTopicsValidateParams(RunbookParams):
     """Parameters of the kafka-topics-validate runbook."""
@@ -55,7 +48,7 @@ class KafkaTopicsValidateParams(RunbookParams):
     kafka_block: BlockName = Field(
         "default", description="Name of the Runbooks Kafka Cluster block."
     )
-    topics: Annotated[list[TopicSpec], AfterValidator(_unique_names)] = Field(
+    topics: Annotated[list[TopicSpec], AfterValidator(unique_names)] = Field(
         default_factory=list,
         description="The declared topics: name, partitions, replication factor, configs.",
     )

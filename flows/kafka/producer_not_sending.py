@@ -17,7 +17,7 @@ from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from blocks.kafka import KafkaCluster
 from runbooks.errors import Escalation
-from runbooks.params import BlockName, OptionalTopicName, RunbookParams
+from runbooks.params import BlockName, OptionalTopicName, RunbookParams, unique_names
 from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from tasks.kafka import ClusterHealth, check_isr
 from tasks.kafka_activity import (
@@ -28,14 +28,6 @@ from tasks.kafka_activity import (
     read_last_records,
     read_topic_offsets,
 )
-
-
-def _unique_names(topics: list[ExpectedTopic]) -> list[ExpectedTopic]:
-    names = [t.name for t in topics]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ValueError(f"topics listed more than once: {', '.join(twice)}")
-    return topics
 
 
 class ProducerNotSendingParams(RunbookParams):
@@ -49,7 +41,7 @@ class ProducerNotSendingParams(RunbookParams):
         description="Only this topic (the alert's topic label), with its expectation from "
         "`topics` or the defaults; empty: every topic of `topics`.",
     )
-    topics: Annotated[list[ExpectedTopic], AfterValidator(_unique_names)] = Field(
+    topics: Annotated[list[ExpectedTopic], AfterValidator(unique_names)] = Field(
         default_factory=list,
         description="Topics producers should keep writing to: name, fewest records per minute, "
         "and the silence (window) that makes a stall.",

@@ -139,7 +139,7 @@ def test_the_alerts_topic_with_its_expectation(topic, topics, checked) -> None:
     [
         (None, [], "no topic to check"),
         ("prices; rm -rf /", [], "is not a Kafka topic name"),
-        (None, [expect(), expect()], "topics listed more than once: prices"),
+        (None, [expect(), expect()], "listed more than once: prices"),
     ],
 )
 def test_params_refused(topic, topics, error) -> None:
