@@ -210,13 +210,19 @@ def test_recreate_refused_without_approval_done_with_it(topics: Topics) -> None:
     assert partitions == 2 and configs["retention.ms"] == "3600000"
 
 
-def test_recreate_over_unread_records_needs_the_name_typed(topics: Topics) -> None:
+def _read_in_part(topics: Topics, values: list[bytes]) -> tuple[str, str]:
+    """A one-partition topic holding ``values`` and a consumer group that has read only the first."""
     name = topics.existing(partitions=1, configs=CONFIGS)
-    produce_one_per_batch(topics.bootstrap, name, [b"1", b"2", b"3"], partition=0)
+    produce_one_per_batch(topics.bootstrap, name, values, partition=0)
     group = unique("billing")
     consumer = KafkaCluster(bootstrap_servers=topics.bootstrap).get_consumer(group)
     consumer.commit(offsets=[TopicPartition(name, 0, 1)], asynchronous=False)
     consumer.close()
+    return name, group
+
+
+def test_recreate_over_unread_records_needs_the_name_typed(topics: Topics) -> None:
+    name, group = _read_in_part(topics, [b"1", b"2", b"3"])
     params = topics.params([spec(name, 1)], recreate=[name])
 
     # a tick alone (or the wrong name typed) changes nothing
@@ -248,12 +254,7 @@ def test_recreate_over_unread_records_needs_the_name_typed(topics: Topics) -> No
 
 
 def test_recreate_over_unread_records_confirmed_in_advance(topics: Topics) -> None:
-    name = topics.existing(partitions=1, configs=CONFIGS)
-    produce_one_per_batch(topics.bootstrap, name, [b"1", b"2"], partition=0)
-    group = unique("billing")
-    consumer = KafkaCluster(bootstrap_servers=topics.bootstrap).get_consumer(group)
-    consumer.commit(offsets=[TopicPartition(name, 0, 1)], asynchronous=False)
-    consumer.close()
+    name, group = _read_in_part(topics, [b"1", b"2"])
 
     # still approved, but nothing to type: confirm_data_loss said so when the run started
     approver = Approver(RUNBOOK, {"approve": True, "approver": "alice", "reason": "replayed"})
