@@ -94,6 +94,8 @@ class RestoreResult(ChangeSet):
     start_offsets: dict[int, int] = Field(
         default_factory=dict, description="Where the restored records begin in the target."
     )
+    refused: str | None = Field(None, description="Why nothing was restored (a non-empty target).")
+    target_records: int = Field(0, description="Records in the target before the restore.")
     elapsed_s: float = 0.0
 
 
@@ -251,7 +253,8 @@ def restore_topic(
     """Restore backup ``backup_id`` of ``topic`` (default: the newest complete one) into
     ``target_topic`` (default: ``topic``), creating it with the backup's partitions if missing.
 
-    Refuses a target that holds records unless ``confirm_non_empty``; continues an interrupted
+    Refuses (``refused``, nothing planned) a target that holds records unless
+    ``confirm_non_empty``; continues an interrupted
     restore of the same backup into the same target without sending anything twice.
     """
     started = time.monotonic()
@@ -267,16 +270,25 @@ def restore_topic(
     state = RestoreState.model_validate(raw) if raw else None
     resuming = state is not None and state.completed_at is None
     now = read_target(cluster, target)
-    result = RestoreResult(dry_run=dry_run, backup_id=manifest.backup_id, target_topic=target)
+    result = RestoreResult(
+        dry_run=dry_run,
+        backup_id=manifest.backup_id,
+        target_topic=target,
+        target_records=sum(now.records.values()),
+    )
     if now.exists and now.partitions < needed:
         raise ValueError(
             f"{target} has {now.partitions} partitions, the backup {needed}: records would change "
             "partition; restore into a new topic instead"
         )
     if not resuming and now.exists and not now.empty and not confirm_non_empty:
-        raise ValueError(
-            f"{target} already holds {sum(now.records.values())} records: refusing to restore into "
-            "it without confirm_non_empty"
+        # the restored records would follow what is there; consumers would read both
+        return result.model_copy(
+            update={
+                "refused": f"{target} already holds {sum(now.records.values())} records: not "
+                "restoring into it unless confirm_non_empty is set",
+                "target_records": sum(now.records.values()),
+            }
         )
     if state is not None and not resuming and not confirm_non_empty:
         return result.model_copy(

@@ -34,6 +34,10 @@ CASES = {
         {"alertname": "KafkaTopicMissing", "kafka_cluster": "prod-kafka"},
         {"kafka_block": "prod-kafka"},
     ),
+    "kafka-topic-backup": (
+        {"alertname": "KafkaTopicBackupMissing", "kafka_cluster": "prod-kafka", "topic": "orders"},
+        {"kafka_block": "prod-kafka", "topic": "orders"},
+    ),
     "flink-job-crashed": (
         {"alertname": "FlinkJobFailed", "job_name": "enrichment-job", "flink_cluster": "flink-eu"},
         {"flink_block": "flink-eu", "job_name": "enrichment-job", "topic": "match-events-raw"},
