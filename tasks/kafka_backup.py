@@ -99,9 +99,9 @@ class BackupRef(BaseModel):
     plan: BackupPlan | None
 
 
-def list_backups(store: BackupStore, topic: str) -> list[BackupRef]:
+def list_backups(store: BackupStore, topic: str, s3: Any = None) -> list[BackupRef]:
     """The backups of ``topic`` in the store, oldest first (ids sort by time)."""
-    s3 = store.get_s3_client()
+    s3 = s3 or store.get_s3_client()
     top = backup_root(store.prefix, topic, "x")[:-2]  # <prefix>/<topic>/
     ids: list[str] = []
     for page in s3.get_paginator("list_objects_v2").paginate(
@@ -124,17 +124,20 @@ def list_backups(store: BackupStore, topic: str) -> list[BackupRef]:
     return refs
 
 
-def load_manifest(store: BackupStore, topic: str, backup_id: str | None) -> Manifest:
+def load_manifest(
+    store: BackupStore, topic: str, backup_id: str | None, s3: Any = None
+) -> Manifest:
     """The manifest of ``backup_id``, or of the newest complete backup of ``topic``."""
+    s3 = s3 or store.get_s3_client()  # a client costs ~0.3 s to build: one per task
     if backup_id is None:
-        complete = [b.backup_id for b in list_backups(store, topic) if b.complete]
+        complete = [b.backup_id for b in list_backups(store, topic, s3) if b.complete]
         if not complete:
             raise FileNotFoundError(
                 f"no complete backup of {topic} in s3://{store.bucket}/{store.prefix}"
             )
         backup_id = complete[-1]
     root = backup_root(store.prefix, topic, backup_id)
-    raw = get_json(store.get_s3_client(), store.bucket, root + MANIFEST)
+    raw = get_json(s3, store.bucket, root + MANIFEST)
     if raw is None:
         raise FileNotFoundError(f"backup s3://{store.bucket}/{root} has no manifest: incomplete")
     return Manifest.model_validate(raw)
@@ -252,8 +255,8 @@ def _resume_points(plan: BackupPlan, objects: dict[str, int]) -> dict[int, Resum
 class _Uploader:
     """Compresses and puts segments on worker threads, at most ``depth`` in flight."""
 
-    def __init__(self, store: BackupStore, root: str, level: int, threads: int):
-        self.s3 = store.get_s3_client()
+    def __init__(self, s3: Any, store: BackupStore, root: str, level: int, threads: int):
+        self.s3 = s3
         self.bucket, self.root, self.level = store.bucket, root, level
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="backup-put")
         self.pending: list[Future[SegmentInfo]] = []
@@ -336,12 +339,9 @@ def _copy_records(
     remaining = sum((e or 0) - s for s, e in todo.values())
     for msg in read_records(cluster, plan.topic, todo, deadline_s=read_deadline(remaining)):
         p = msg.partition()
-        headers = msg.headers()
-        key, value = msg.key(), msg.value()
-        content = record_content(key, value, headers or ())
         ts_type, ts = msg.timestamp()
         w = writers[p]
-        w.add(msg.offset(), ts, ts_type, content)
+        w.add(msg.offset(), ts, ts_type, record_content(msg.key(), msg.value(), msg.headers()))
         count += 1
         if w.size >= limit:
             uploader.submit(p, seqs[p], w)
@@ -377,7 +377,7 @@ def backup_topic(
     started = time.monotonic()
     s3 = store.get_s3_client()
     selection = _selection(from_offset, to_offset, from_time, to_time)
-    refs = {b.backup_id: b for b in list_backups(store, topic)}
+    refs = {b.backup_id: b for b in list_backups(store, topic, s3)}
     if backup_id is None:
         backup_id = backup_to_resume(
             [(b.backup_id, b.complete, b.plan.selection if b.plan else None) for b in refs.values()],
@@ -430,7 +430,7 @@ def backup_topic(
 
     if fresh:
         put_json(s3, store.bucket, root + PLAN, plan)
-    uploader = _Uploader(store, root, plan.compress_level, upload_threads)
+    uploader = _Uploader(s3, store, root, plan.compress_level, upload_threads)
     try:
         count = _copy_records(cluster, plan, resume, uploader)
     finally:
@@ -491,8 +491,8 @@ class BackupCheck(BaseModel):
 def check_backup(store: BackupStore, topic: str, backup_id: str, deep: bool = False) -> BackupCheck:
     """List the backup's objects and check them against its manifest (presence, sizes, counts,
     checksums); ``deep`` also downloads every segment and recomputes its digests."""
-    manifest = load_manifest(store, topic, backup_id)
     s3 = store.get_s3_client()
+    manifest = load_manifest(store, topic, backup_id, s3)
     root = backup_root(store.prefix, topic, backup_id)
     objects = list_objects(s3, store.bucket, root)
     problems = check_manifest(manifest, objects)

@@ -124,32 +124,31 @@ def _digests_from(
     bounds: dict[int, tuple[int, int | None]] = {p: (s, None) for p, s in starts.items()}
     for msg in read_records(cluster, topic, bounds, deadline_s=read_deadline(expected)):
         n, digest = out[msg.partition()]
-        digest.update(record_content(msg.key(), msg.value(), msg.headers() or ()))
+        digest.update(record_content(msg.key(), msg.value(), msg.headers()))
         out[msg.partition()] = (n + 1, digest)
     return out
 
 
-def _segments(
-    store: BackupStore, manifest: Manifest, partition: int
-) -> Iterator[list[tuple[Record, bytes]]]:
-    """The partition's records, one segment at a time, the next one downloading meanwhile."""
-    s3 = store.get_s3_client()
+def _segments(s3: Any, store: BackupStore, manifest: Manifest) -> Iterator[tuple[int, bytes]]:
+    """(partition, decompressed segment) of every segment, partition by partition in order,
+    the next ones downloading and decompressing (zlib releases the GIL) meanwhile. Decoding is
+    left to the caller's thread: on worker threads it contended with the sends for the GIL."""
     root = backup_root(store.prefix, manifest.topic, manifest.backup_id)
-    segs = sorted((s for s in manifest.segments if s.partition == partition), key=lambda s: s.seq)
+    segs = sorted(manifest.segments, key=lambda s: (s.partition, s.seq))
 
-    def fetch(key: str) -> list[tuple[Record, bytes]]:
-        body = s3.get_object(Bucket=store.bucket, Key=root + key)["Body"].read()
-        return list(iter_segment(decompress(body)))
+    def fetch(key: str) -> bytes:
+        return decompress(s3.get_object(Bucket=store.bucket, Key=root + key)["Body"].read())
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="restore-get") as pool:
-        ahead = deque(pool.submit(fetch, s.key) for s in segs[:2])
-        rest = iter(segs[2:])
+        ahead = deque((s.partition, pool.submit(fetch, s.key)) for s in segs[:3])
+        rest = iter(segs[3:])
         while ahead:
-            records = ahead.popleft().result()
+            partition, fut = ahead.popleft()
+            raw = fut.result()
             nxt = next(rest, None)
             if nxt is not None:
-                ahead.append(pool.submit(fetch, nxt.key))
-            yield records
+                ahead.append((nxt.partition, pool.submit(fetch, nxt.key)))
+            yield partition, raw
 
 
 def _create_topic(cluster: KafkaCluster, topic: str, partitions: int, replication: int) -> None:
@@ -169,6 +168,7 @@ def _create_topic(cluster: KafkaCluster, topic: str, partitions: int, replicatio
 
 
 def _produce(
+    s3: Any,
     cluster: KafkaCluster,
     store: BackupStore,
     manifest: Manifest,
@@ -182,6 +182,7 @@ def _produce(
     producer = cluster.get_producer(
         **{
             "enable.idempotence": True,
+            "enable.gapless.guarantee": True,
             "acks": "all",
             "linger.ms": 5,
             "batch.size": 1_000_000,
@@ -194,44 +195,74 @@ def _produce(
         if err is not None:
             failures.append(str(err))
 
-    sent: dict[int, int] = {}
-    for p in sorted(manifest.partitions):
-        left, prefix = skip.get(p, 0), hashlib.sha256()
-        n = 0
-        for records in _segments(store, manifest, p):
-            for rec, content in records:
-                if left:
-                    prefix.update(content)
-                    left -= 1
-                    if left == 0 and prefix.digest() != found[p][1].digest():
-                        raise RuntimeError(
-                            f"{target}[{p}] holds {skip[p]} records after the restore's start that "
-                            "are not the backup's first ones: something else writes to it"
-                        )
-                    continue
-                while True:
-                    try:
-                        producer.produce(
-                            target,
-                            key=rec.key,
-                            value=rec.value,
-                            headers=rec.headers or None,
-                            partition=p,
-                            timestamp=rec.timestamp if rec.timestamp > 0 else 0,
-                            on_delivery=delivered,
-                        )
-                        break
-                    except BufferError:
-                        producer.poll(0.05)
-                n += 1
-                if n % 1000 == 0:
-                    producer.poll(0)
-                    if failures:
-                        _undelivered(failures)
-        sent[p] = n
+    sent: dict[int, int] = {p: 0 for p in manifest.partitions}
+    left = {p: skip.get(p, 0) for p in manifest.partitions}
+    prefixes = {p: hashlib.sha256() for p in manifest.partitions}
+    produce, poll = producer.produce, producer.poll
+    for p, raw in _segments(s3, store, manifest):
+        records = iter_segment(raw, contents=bool(left[p]))
+        if left[p]:
+            records = _skip_restored(records, p, left, prefixes[p], skip[p], found[p][1], target)
+        pending: Record | None = None
+        count = 0
+        for rec, _ in records:
+            if pending is not None:
+                _send(produce, poll, target, p, pending, None)
+            pending = rec
+            count += 1
+            if count % 1000 == 0:
+                poll(0)
+        if pending is not None:
+            # a report for each segment's last record only: with gapless idempotence a record
+            # that fails fails every later one too (and a report per record costs as much as
+            # the send)
+            _send(produce, poll, target, p, pending, delivered)
+        sent[p] += count
+        if failures:
+            _undelivered(failures)
     if producer.flush(timeout * 6) or failures:
         _undelivered(failures)
     return sent
+
+
+def _skip_restored(
+    records: Iterator[tuple[Record, bytes]],
+    p: int,
+    left: dict[int, int],
+    prefix: Any,
+    restored: int,
+    found: Any,
+    target: str,
+) -> Iterator[tuple[Record, bytes]]:
+    """The records after those an interrupted run restored; those are checked by digest."""
+    for rec, content in records:
+        if not left[p]:
+            yield rec, content
+            continue
+        prefix.update(content)
+        left[p] -= 1
+        if left[p] == 0 and prefix.digest() != found.digest():
+            raise RuntimeError(
+                f"{target}[{p}] holds {restored} records after the restore's start that are not "
+                "the backup's first ones: something else writes to it"
+            )
+
+
+def _send(produce: Any, poll: Any, target: str, p: int, rec: Record, report: Any) -> None:
+    while True:
+        try:
+            produce(
+                target,
+                key=rec.key,
+                value=rec.value,
+                headers=rec.headers or None,
+                partition=p,
+                timestamp=rec.timestamp if rec.timestamp > 0 else 0,
+                on_delivery=report,
+            )
+            return
+        except BufferError:  # the local queue is full: let deliveries drain it
+            poll(0.05)
 
 
 def _undelivered(failures: list[str]) -> None:
@@ -258,9 +289,9 @@ def restore_topic(
     restore of the same backup into the same target without sending anything twice.
     """
     started = time.monotonic()
-    manifest = load_manifest(store, topic, backup_id)
-    target = target_topic or topic
     s3 = store.get_s3_client()
+    manifest = load_manifest(store, topic, backup_id, s3)
+    target = target_topic or topic
     root = backup_root(store.prefix, manifest.topic, manifest.backup_id)
     problems = check_manifest(manifest, list_objects(s3, store.bucket, root))
     if problems:
@@ -353,7 +384,7 @@ def restore_topic(
         # before the first send: whatever a crash leaves in the target, the next run finds
         put_json(s3, store.bucket, state_key(store, manifest, target), state)
     assert state is not None
-    sent = _produce(cluster, store, manifest, target, skip, found)
+    sent = _produce(s3, cluster, store, manifest, target, skip, found)
     state.completed_at = datetime.now(UTC)
     put_json(s3, store.bucket, state_key(store, manifest, target), state)
     return result.model_copy(
@@ -398,7 +429,7 @@ def check_restore(
         counts[p] += 1
         if index[p] >= len(segs.get(p, [])):
             continue  # more than backed up: counted, reported below
-        digests[p].update(record_content(msg.key(), msg.value(), msg.headers() or ()))
+        digests[p].update(record_content(msg.key(), msg.value(), msg.headers()))
         left[p] -= 1
         if left[p] == 0:
             seg = segs[p][index[p]]
