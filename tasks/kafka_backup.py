@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import time
+import uuid
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from prefect import task
 from pydantic import BaseModel, Field
 
@@ -153,7 +154,17 @@ def log_bounds(cluster: KafkaCluster, topic: str) -> dict[int, tuple[int, int]]:
     offset + 1, so the last batch is read from there and its last offset + 1 taken when larger.
     """
     timeout = cluster.request_timeout_s
-    consumer = peek_consumer(cluster)
+    # the end of a partition shows as an empty fetch, which the broker holds for
+    # fetch.wait.max.ms (500 ms by default): here nothing is waited for
+    consumer = cluster.get_consumer(
+        f"runbooks-backup-probe-{uuid.uuid4().hex[:12]}",
+        **{
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "isolation.level": "read_committed",
+            "fetch.wait.max.ms": 10,
+        },
+    )
     try:
         md = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
         if md is None or md.error is not None:
@@ -162,14 +173,23 @@ def log_bounds(cluster: KafkaCluster, topic: str) -> dict[int, tuple[int, int]]:
             p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
             for p in sorted(md.partitions)
         }
+        ends = {p: high for p, (_, high) in marks.items()}
+        probe = {p for p, (low, high) in marks.items() if high > low}
+        consumer.assign([TopicPartition(topic, p, max(marks[p][0], ends[p] - 1)) for p in probe])
+        deadline = time.monotonic() + max(30.0, timeout * 3)
+        while probe:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading the end of {topic} took over {timeout * 3:.0f}s")
+            for msg in consumer.consume(1000, timeout=0.5):
+                err = msg.error()
+                if err is None:
+                    ends[msg.partition()] = max(ends[msg.partition()], msg.offset() + 1)
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    probe.discard(msg.partition())
+                else:
+                    raise KafkaException(err)
     finally:
         consumer.close()
-    probe: dict[int, tuple[int, int | None]] = {
-        p: (max(low, high - 1), None) for p, (low, high) in marks.items() if high > low
-    }
-    ends = {p: high for p, (_, high) in marks.items()}
-    for msg in read_records(cluster, topic, probe, deadline_s=max(30.0, timeout * 3)) if probe else []:
-        ends[msg.partition()] = max(ends[msg.partition()], msg.offset() + 1)
     return {p: (low, ends[p]) for p, (low, _) in marks.items()}
 
 
