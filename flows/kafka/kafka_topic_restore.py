@@ -34,7 +34,7 @@ class KafkaTopicRestoreParams(RunbookParams):
     backup_store_block: BlockName = Field(
         "default", description="Name of the Runbooks Backup Store block (the S3 bucket)."
     )
-    topic: TopicName = Field(description="The topic the backup was made of.")
+    topic: TopicName = Field("match-events-raw", description="The topic the backup was made of.")
     backup_id: str | None = Field(
         None, description="Which backup (e.g. 20260105T030000Z); empty: the newest complete one."
     )
