@@ -29,14 +29,7 @@ from blocks.backup_store import BackupStore
 from blocks.kafka import KafkaCluster
 from runbooks.results import Change, ChangeSet
 from runbooks.retry import runbook_task_options
-from tasks.kafka_backup import (
-    get_json,
-    list_objects,
-    load_manifest,
-    log_bounds,
-    put_json,
-    read_deadline,
-)
+from tasks.kafka_backup import log_bounds, read_deadline
 from tasks.kafka_backup_format import (
     RESTORES,
     Manifest,
@@ -48,6 +41,7 @@ from tasks.kafka_backup_format import (
     record_content,
     restore_skip,
 )
+from tasks.kafka_backup_s3 import get_json, list_objects, load_manifest, put_json
 from tasks.kafka_dlq import read_records
 
 

@@ -18,8 +18,8 @@ from runbooks.params import BlockName, OptionalTopicName, RunbookParams, TopicNa
 from runbooks.report import Outcome, ends_as_reported, incident_report
 from runbooks.safety import Budget, Target
 from tasks.kafka import get_cluster_id
-from tasks.kafka_backup import load_manifest
 from tasks.kafka_backup_format import is_backup_id
+from tasks.kafka_backup_s3 import load_manifest
 from tasks.kafka_restore import RestoreCheck, RestoreResult, check_restore, restore_topic
 
 RESTORE_BUDGET = Budget(max_actions=3, window_s=3600)

@@ -21,8 +21,9 @@ from flows.kafka.kafka_topic_backup import KafkaTopicBackupParams, kafka_topic_b
 from flows.kafka.kafka_topic_restore import KafkaTopicRestoreParams, kafka_topic_restore
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
-from tasks.kafka_backup import backup_topic, check_backup, list_objects, load_manifest
+from tasks.kafka_backup import backup_topic, check_backup
 from tasks.kafka_backup_format import MANIFEST, backup_root, parse_segment_key
+from tasks.kafka_backup_s3 import list_objects, load_manifest
 from tasks.kafka_restore import check_restore, restore_topic
 from tests.approvals import Approver
 from tests.conftest import create_topic, read_incident_report, unique
