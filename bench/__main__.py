@@ -15,6 +15,7 @@ BENCHMARKS = {
     "restart-backlog": "bench.restart_backlog",  # [--alerts 50]
     "wal-drain": "bench.wal_drain",
     "dlq-triage": "bench.dlq_triage",
+    "topic-backup": "bench.topic_backup",  # [--records 100000] [--size 1024] [--repeats 3]
     "stuck-reset": "bench.stuck_reset",  # [--stuck 100000] [--rounds 1]
 }
 

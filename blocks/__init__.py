@@ -1,5 +1,6 @@
 """Prefect Blocks: configuration of the systems runbooks act on. Configuration only; each builds its client."""
 
+from blocks.backup_store import BackupStore
 from blocks.edge_gateway import EdgeGateway
 from blocks.escalation import EscalationPolicy
 from blocks.event_store import EventStore
@@ -9,6 +10,7 @@ from blocks.kubernetes import KubernetesCluster
 from blocks.postgres import PostgresDatabase
 
 __all__ = [
+    "BackupStore",
     "EdgeGateway",
     "EscalationPolicy",
     "EventStore",

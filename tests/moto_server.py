@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,21 +30,26 @@ class MotoServer:
     port: int = field(default_factory=free_port)
     region: str = REGION
     _proc: subprocess.Popen | None = None
+    # werkzeug logs every request to stderr: a pipe nobody reads fills up after a few hundred
+    # requests and the server hangs in its log write; a file never blocks
+    _log: Any = None
 
     @property
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> MotoServer:
+        self._log = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=self._log,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                self._log.seek(0)
+                err = self._log.read().decode(errors="replace")
                 raise RuntimeError(
                     f"moto server exited with {self._proc.returncode}: {err[-2000:]}"
                 )
@@ -64,9 +70,10 @@ class MotoServer:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait(10)
-            if self._proc.stderr:
-                self._proc.stderr.close()
             self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def client(self, service: str) -> Any:
         return boto3.client(

@@ -38,6 +38,10 @@ CASES = {
         {"alertname": "KafkaTopicNoNewMessages", "kafka_cluster": "prod-kafka", "topic": "match-events-raw"},
         {"kafka_block": "prod-kafka", "topic": "match-events-raw"},
     ),
+    "kafka-topic-backup": (
+        {"alertname": "KafkaTopicBackupMissing", "kafka_cluster": "prod-kafka", "topic": "orders"},
+        {"kafka_block": "prod-kafka", "topic": "orders"},
+    ),
     "flink-job-crashed": (
         {"alertname": "FlinkJobFailed", "job_name": "enrichment-job", "flink_cluster": "flink-eu"},
         {"flink_block": "flink-eu", "job_name": "enrichment-job", "topic": "match-events-raw"},

@@ -119,6 +119,7 @@ INVALID_INPUTS = [
     (blocks.KubernetesCluster, {"kubeconfig": SENTINEL}),
     (blocks.EscalationPolicy, {"webhook_token": SENTINEL, "attempts": 0}),
     (blocks.EventStore, {"database": {"host": "db", "password": SENTINEL}}),
+    (blocks.BackupStore, {"bucket": "x", "aws_secret_access_key": SENTINEL}),
 ]
 
 

@@ -1,0 +1,180 @@
+"""Topic backup and restore speed: `python -m bench topic-backup [--records 100000] [--size 1024] [--repeats 3]`.
+
+A throwaway broker (tansu) and a moto S3 server; a 4-partition topic gets ``--records`` records of
+``--size`` bytes (hex text: compresses about 2:1, like JSON), each with a key and a header. Then,
+alternately:
+
+- backup: the bare loop (assign, consume to the end, frame key/value/headers into a buffer, gzip
+  level 1 and put every 16 MB, one thread: what anyone would write) against ``backup_topic``
+  (the same plus timestamps and offsets, digests, parallel uploads, plan and manifest);
+- restore: a bare idempotent producer sending the records already in memory (acks=all,
+  linger 5 ms) into a new topic, against ``restore_topic`` (downloads, decompresses and decodes the
+  segments, then the same producer settings) into a new topic.
+
+Prints MB/s (key + value + header bytes) of each, the median of the repeats, and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import struct
+import time
+import uuid
+import zlib
+
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+
+from blocks.backup_store import BackupStore
+from blocks.kafka import KafkaCluster
+from tasks.kafka_backup import backup_topic
+from tasks.kafka_restore import restore_topic
+from tests.conftest import create_topic
+from tests.moto_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, MotoServer
+from tests.servers import start_kafka
+
+PARTITIONS = 4
+SEGMENT = 16 * 1024 * 1024
+
+
+def fill(bootstrap: str, topic: str, count: int, size: int) -> tuple[list[tuple], int]:
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
+    records, total = [], 0
+    for i in range(count):
+        key = f"key-{i % 5000}".encode()
+        value = os.urandom(size // 2).hex().encode()
+        headers = [("trace-id", uuid.uuid4().bytes)]
+        rec = (i % PARTITIONS, key, value, headers, 1_700_000_000_000 + i)
+        records.append(rec)
+        total += len(key) + len(value) + 8 + 16
+        producer.produce(topic, key=key, value=value, headers=headers, partition=rec[0], timestamp=rec[4])
+        if i % 10000 == 0:
+            producer.poll(0)
+    assert producer.flush(120) == 0
+    return records, total
+
+
+def bare_backup(bootstrap: str, topic: str, s3, bucket: str, run: str) -> int:
+    """Consume everything, frame it, gzip and put every 16 MB: one thread, no bookkeeping."""
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"bench-{run}", "enable.auto.commit": False,
+         "enable.partition.eof": True}
+    )
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
+    buffers = {p: bytearray() for p in range(PARTITIONS)}
+    parts = {p: 0 for p in range(PARTITIONS)}
+    count = 0
+    pack = struct.Struct(">ii").pack
+
+    def put(p: int) -> None:
+        c = zlib.compressobj(1, zlib.DEFLATED, 31)
+        body = c.compress(bytes(buffers[p])) + c.flush()
+        s3.put_object(Bucket=bucket, Key=f"bare/{run}/{p}/{parts[p]}", Body=body)
+        parts[p] += 1
+        buffers[p].clear()
+
+    open_parts = set(range(PARTITIONS))
+    while open_parts:
+        for msg in consumer.consume(1000, timeout=0.5):
+            if msg.error() is not None:
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    open_parts.discard(msg.partition())
+                continue
+            p, key, value = msg.partition(), msg.key() or b"", msg.value() or b""
+            buf = buffers[p]
+            buf += pack(len(key), len(value))
+            buf += key
+            buf += value
+            for hk, hv in msg.headers() or []:
+                buf += hk.encode()
+                buf += hv or b""
+            count += 1
+            if len(buf) >= SEGMENT:
+                put(p)
+    for p in range(PARTITIONS):
+        if buffers[p]:
+            put(p)
+    consumer.close()
+    return count
+
+
+def bare_restore(bootstrap: str, topic: str, records: list[tuple]) -> None:
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 5,
+         "batch.size": 1_000_000, "queue.buffering.max.kbytes": 256 * 1024}
+    )
+    for i, (p, key, value, headers, ts) in enumerate(records):
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value, headers=headers, partition=p, timestamp=ts)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        if i % 1000 == 0:
+            producer.poll(0)
+    assert producer.flush(120) == 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench topic-backup")
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    broker = start_kafka()
+    moto = MotoServer().start()
+    try:
+        s3 = moto.client("s3")
+        bucket = "bench-backups"
+        s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": moto.region})
+        store = BackupStore(
+            bucket=bucket, endpoint_url=moto.endpoint_url, region=moto.region,
+            aws_access_key_id=ACCESS_KEY_ID, aws_secret_access_key=SECRET_ACCESS_KEY,
+        )
+        cluster = KafkaCluster(bootstrap_servers=broker.bootstrap, request_timeout_s=10)
+        topic = create_topic(broker.bootstrap, "bench-backup-src", partitions=PARTITIONS)
+        started = time.monotonic()
+        records, total = fill(broker.bootstrap, topic, args.records, args.size)
+        mb = total / 1e6
+        print(f"filled {topic} with {len(records):,} records ({mb:.1f} MB) in {time.monotonic() - started:.1f} s")
+
+        rates: dict[str, list[float]] = {k: [] for k in ("bare_b", "task_b", "bare_r", "task_r")}
+        for i in range(args.repeats):
+            t0 = time.perf_counter()
+            n = bare_backup(broker.bootstrap, topic, s3, bucket, f"r{i}")
+            rates["bare_b"].append(mb / (time.perf_counter() - t0))
+            assert n == len(records), f"bare backup read {n}"
+            t0 = time.perf_counter()
+            result = backup_topic.fn(
+                cluster, store, topic, dry_run=False, backup_id=f"20990101T00000{i}Z-bench"
+            )
+            rates["task_b"].append(mb / (time.perf_counter() - t0))
+            assert result.manifest is not None and result.manifest.records == len(records)
+
+            target = create_topic(broker.bootstrap, f"bench-bare-restore-{i}", partitions=PARTITIONS)
+            t0 = time.perf_counter()
+            bare_restore(broker.bootstrap, target, records)
+            rates["bare_r"].append(mb / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            restored = restore_topic.fn(
+                cluster, store, topic, dry_run=False, backup_id=result.backup_id,
+                target_topic=f"bench-restore-{i}", replication_factor=1,
+            )
+            rates["task_r"].append(mb / (time.perf_counter() - t0))
+            assert sum(restored.sent.values()) == len(records)
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        print()
+        print(f"| {len(records):,} records x {args.size} B, {PARTITIONS} partitions | MB/s (median of {args.repeats}) | ratio |")
+        print("|---|---|---|")
+        print(f"| bare consume + gzip + put loop | {med['bare_b']:.1f} | 1.00x |")
+        print(f"| `backup_topic` (plan, segments, digests, manifest) | {med['task_b']:.1f} | **{med['task_b'] / med['bare_b']:.2f}x** |")
+        print(f"| bare idempotent produce loop (records in memory) | {med['bare_r']:.1f} | 1.00x |")
+        print(f"| `restore_topic` (get, gunzip, decode, produce, progress) | {med['task_r']:.1f} | **{med['task_r'] / med['bare_r']:.2f}x** |")
+        print(f"\nbackup: {result.manifest.bytes / 1e6:.1f} MB in {len(result.manifest.segments)} segments")
+        print("all runs (MB/s):", {k: [round(x, 1) for x in v] for k, v in rates.items()})
+    finally:
+        moto.stop()
+        broker.stop()
+    return 0

@@ -1,0 +1,97 @@
+"""Where Kafka topic backups live: an S3 (or S3-compatible) bucket and prefix."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from botocore.config import Config
+from prefect.blocks.core import Block
+from pydantic import Field, field_validator
+
+from blocks.fields import BLOCK_CONFIG, OptionalSecretStr
+
+
+class BackupStore(Block):
+    """An S3 bucket and key prefix that holds Kafka topic backups, and how to reach it.
+
+    Without access keys boto3's default chain is used (instance profile, IRSA, environment).
+
+    Example:
+        ```python
+        from blocks.backup_store import BackupStore
+        s3 = BackupStore.load("BLOCK_NAME").get_s3_client()
+        ```
+    """
+
+    _block_type_name = "Runbooks Backup Store"
+    _block_type_slug = "runbooks-backup-store"
+    _description = "An S3 bucket and prefix for Kafka topic backups, with credentials and timeouts."
+    model_config = BLOCK_CONFIG
+
+    bucket: str = Field(description="S3 bucket name.")
+    prefix: str = Field(
+        "kafka-backups",
+        description="Key prefix under which each topic's backups go (<prefix>/<topic>/<backup id>/).",
+    )
+    region: str | None = Field(None, description="AWS region of the bucket.")
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint override (a VPC endpoint, MinIO, or a local moto server)."
+    )
+    aws_access_key_id: str | None = Field(None, description="Access key id; empty: default chain.")
+    aws_secret_access_key: OptionalSecretStr = Field(None, description="Secret access key.")
+    aws_session_token: OptionalSecretStr = Field(None, description="Session token (temporary keys).")
+    timeout_s: float = Field(
+        30.0, gt=0, le=600, description="Connect and read timeout of every S3 request, in seconds."
+    )
+    max_attempts: int = Field(
+        5,
+        ge=1,
+        le=20,
+        description="Attempts per S3 request; boto3's standard mode retries only transient errors "
+        "(throttling, 5xx, connection errors).",
+    )
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, bucket: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+            raise ValueError("not an S3 bucket name (3-63 lowercase letters, digits, '.', '-')")
+        return bucket
+
+    @field_validator("prefix")
+    @classmethod
+    def _key_prefix(cls, prefix: str) -> str:
+        prefix = prefix.strip("/")
+        if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
+            raise ValueError("a key prefix of path segments without empty, '.' or '..' parts")
+        return prefix
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and not re.match(r"^https?://[^/\s]+", url):
+            raise ValueError("expected an http(s):// URL")
+        return url
+
+    def get_s3_client(self) -> Any:
+        """A boto3 S3 client with this store's credentials, timeouts and standard-mode retries."""
+        import boto3
+
+        session = boto3.Session(
+            aws_access_key_id=self.aws_access_key_id,
+            aws_secret_access_key=self.aws_secret_access_key.get_secret_value()
+            if self.aws_secret_access_key
+            else None,
+            aws_session_token=self.aws_session_token.get_secret_value()
+            if self.aws_session_token
+            else None,
+            region_name=self.region,
+        )
+        config = Config(
+            connect_timeout=self.timeout_s,
+            read_timeout=self.timeout_s,
+            retries={"max_attempts": self.max_attempts, "mode": "standard"},
+            max_pool_connections=16,
+        )
+        return session.client("s3", endpoint_url=self.endpoint_url, config=config)
