@@ -233,6 +233,14 @@ def split_points(
     return points
 
 
+def page_ranges(pages: int, parts: int) -> list[tuple[int, int | None]]:
+    """``parts`` consecutive ranges of page numbers [first, end) covering a table of ``pages``;
+    the last has no end (pages added since its size was read are included)."""
+    parts = max(1, min(parts, pages))
+    starts = [pages * k // parts for k in range(parts)]
+    return list(zip(starts, [*starts[1:], None], strict=True))
+
+
 def describe_progress(reset_count: int, elapsed_s: float, left: int | None = None) -> str:
     """How far a reset got, for the report: rows, time, rate and, when known, what is left."""
     text = f"{reset_count:,} event(s) reset to PENDING in {elapsed_s:.1f}s"
@@ -276,6 +284,14 @@ _UPTO = " AND {id} <= %(upto)s"
 _ANY_RESETTABLE = (
     "SELECT EXISTS (SELECT 1 FROM {table} WHERE {stuck} LIMIT 1 FOR UPDATE SKIP LOCKED)"
 )
+# After a split pass (a large table) the look is split too: each connection scans its share of
+# the table's pages (a TID range scan, PostgreSQL 14 and later), the last one up to the end.
+_ANY_RESETTABLE_IN_PAGES = (
+    "SELECT EXISTS (SELECT 1 FROM {table} WHERE ctid >= %(from_tid)s::tid{below} AND {stuck}"
+    " LIMIT 1 FOR UPDATE SKIP LOCKED)"
+)
+_BELOW = " AND ctid < %(to_tid)s::tid"
+TID_RANGE_SCAN_VERSION = 140000
 
 # The table's size in pages, for the sample's percentage (catalog only: no statistics needed).
 _TABLE_PAGES = (
@@ -351,9 +367,31 @@ def reset_stuck_events(store: EventStore, dry_run: bool) -> ResetResult:
         return _reset_in_batches(conn, store)
 
 
-def _any_resettable(conn: psycopg.Connection, store: EventStore) -> bool:
-    (found,) = conn.execute(_sql(store, _ANY_RESETTABLE), _params(store)).fetchone()
-    return found
+def _table_pages(conn: psycopg.Connection, store: EventStore) -> int:
+    row = conn.execute(_TABLE_PAGES, {"schema": store.schema_name, "table": store.table}).fetchone()
+    return row[0] if row else 0
+
+
+def _any_resettable(conn: psycopg.Connection, store: EventStore, connections: int = 1) -> bool:
+    """Whether a stuck row no one holds is left; looked for on ``connections`` connections side
+    by side, each in its share of the table's pages, when the server can scan a TID range."""
+    if connections > 1 and conn.info.server_version >= TID_RANGE_SCAN_VERSION:
+        ranges = page_ranges(_table_pages(conn, store), connections)
+    else:
+        ranges = []
+    if len(ranges) < 2:
+        (found,) = conn.execute(_sql(store, _ANY_RESETTABLE), _params(store)).fetchone()
+        return found
+
+    def look(first: int, end: int | None) -> bool:
+        statement = _ANY_RESETTABLE_IN_PAGES.replace("{below}", "" if end is None else _BELOW)
+        tids = {"from_tid": f"({first},0)", "to_tid": f"({end},0)"}
+        with store.database.connect(autocommit=True) as own:
+            (found,) = own.execute(_sql(store, statement), _params(store, **tids)).fetchone()
+        return found
+
+    with ThreadPoolExecutor(len(ranges), thread_name_prefix="reset-look") as pool:
+        return any(list(pool.map(lambda r: look(*r), ranges)))
 
 
 @dataclass
@@ -418,8 +456,7 @@ def _walk(
 
 def _split_rest(conn: psycopg.Connection, store: EventStore, after: Any) -> list[Any]:
     """Points splitting the stuck rows after ``after`` into ranges; none to stay one range."""
-    row = conn.execute(_TABLE_PAGES, {"schema": store.schema_name, "table": store.table}).fetchone()
-    percent = sample_percent(row[0] if row else 0)
+    percent = sample_percent(_table_pages(conn, store))
     fractions = [k / SPLIT_QUANTILES for k in range(1, SPLIT_QUANTILES)]
     sampled, quantiles = conn.execute(
         _sql(store, _SAMPLE_REST),
@@ -485,7 +522,12 @@ def _reset_in_batches(conn: psycopg.Connection, store: EventStore) -> ResetResul
             result.out_of_time |= w.out_of_time
         result.reset_count += pass_reset
         # nothing reset in this pass: the next would find nothing either
-        more = bool(pass_reset) and not result.out_of_time and _any_resettable(conn, store)
+        more = (
+            bool(pass_reset)
+            and not result.out_of_time
+            # a split pass ran len(walks) - 1 ranges side by side: the look is split as well
+            and _any_resettable(conn, store, connections=max(1, len(walks) - 1))
+        )
     result.elapsed_s = time.monotonic() - started
     if result.out_of_time:
         result.notes.append(

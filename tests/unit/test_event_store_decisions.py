@@ -15,6 +15,7 @@ from tasks.event_store import (
     judge_reset,
     next_batch_size,
     next_pass_wanted,
+    page_ranges,
     plan_chunks,
     sample_percent,
     split_points,
@@ -118,6 +119,23 @@ def test_a_large_rest_is_split_into_ranges_at_quantiles_of_sampled_ids(
 )
 def test_the_sample_reads_about_a_thousand_pages(pages: int, percent: float) -> None:
     assert sample_percent(pages) == pytest.approx(percent)
+
+
+@pytest.mark.parametrize(
+    ("pages", "parts", "ranges"),
+    [
+        (100, 2, [(0, 50), (50, None)]),  # the last share runs to the end, pages added included
+        (101, 2, [(0, 50), (50, None)]),
+        (100, 3, [(0, 33), (33, 66), (66, None)]),
+        (100, 1, [(0, None)]),
+        (1, 4, [(0, None)]),  # never more shares than pages
+        (0, 2, [(0, None)]),  # an empty table (or its size unknown): one look over all of it
+    ],
+)
+def test_the_look_for_a_row_left_is_split_by_pages(
+    pages: int, parts: int, ranges: list[tuple[int, int | None]]
+) -> None:
+    assert page_ranges(pages, parts) == ranges
 
 
 @pytest.mark.parametrize(
