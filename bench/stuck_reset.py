@@ -19,6 +19,7 @@ while it ran.
 
     python -m bench stuck-reset [--stuck 100000] [--rows N] [--rounds 1]
     python -m bench stuck-reset --stuck 1000000 --only task,flow
+    python -m bench stuck-reset --stuck 1000000 --only bare,task --parallel-ranges 1
 """
 
 from __future__ import annotations
@@ -105,6 +106,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--before-s", type=float, default=3.0, help="load measured before each")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--only", default=",".join(CONTENDERS), help="e.g. task,flow")
+    parser.add_argument(
+        "--parallel-ranges", type=int, default=None,
+        help="the block's parallel_ranges (default: the block's default)",
+    )
     args = parser.parse_args(argv)
     args.rows = args.rows or 2 * args.stuck
     only = [c for c in CONTENDERS if c in args.only.split(",")]
@@ -151,7 +156,8 @@ def _run(pg: PostgresServer, args: argparse.Namespace, only: list[str]) -> list[
         application_name="runbooks-bench", statement_timeout_s=3600,
     )
     block = f"bench-{uuid.uuid4().hex[:8]}"
-    EventStore(database=database, table="events").save(block)
+    ranges = {} if args.parallel_ranges is None else {"parallel_ranges": args.parallel_ranges}
+    EventStore(database=database, table="events", **ranges).save(block)
     results = []
     for n in range(args.rounds):
         for contender in only:

@@ -349,7 +349,9 @@ def reset_stuck_events(store: EventStore, dry_run: bool) -> ResetResult:
 
     Each batch is its own transaction, sized to take about ``batch_target_ms``, so row locks
     are short and consumers are never blocked for long. Rows a live transaction holds (a
-    consumer still working on them) are skipped, not waited on. No new batch starts after
+    consumer still working on them) are skipped, not waited on. A large backlog is split into
+    ``parallel_ranges`` ranges of ids, each reset in such batches on its own connection at the
+    same time (disjoint ranges: they never wait on each other). No new batch starts after
     ``time_budget_s``. A re-run finds nothing left to do; a retry after a failure continues
     where the committed batches stopped, and reports only its own batches.
     """
