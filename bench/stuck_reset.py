@@ -19,6 +19,7 @@ while it ran.
 
     python -m bench stuck-reset [--stuck 100000] [--rows N] [--rounds 1]
     python -m bench stuck-reset --stuck 1000000 --only task,flow
+    python -m bench stuck-reset --stuck 1000000 --only bare,task --parallel-ranges 1
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ class Round:
     left: int = 0
     timeline: list[str] = field(default_factory=list)
     lock_waits: dict[str, int] = field(default_factory=dict)
+    lock_kinds: set[str] = field(default_factory=set)
+    ranges: int | None = None
 
 
 def main(argv: list[str]) -> int:
@@ -103,6 +106,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--before-s", type=float, default=3.0, help="load measured before each")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--only", default=",".join(CONTENDERS), help="e.g. task,flow")
+    parser.add_argument(
+        "--parallel-ranges", type=int, default=None,
+        help="the block's parallel_ranges (default: the block's default)",
+    )
     args = parser.parse_args(argv)
     args.rows = args.rows or 2 * args.stuck
     only = [c for c in CONTENDERS if c in args.only.split(",")]
@@ -149,7 +156,8 @@ def _run(pg: PostgresServer, args: argparse.Namespace, only: list[str]) -> list[
         application_name="runbooks-bench", statement_timeout_s=3600,
     )
     block = f"bench-{uuid.uuid4().hex[:8]}"
-    EventStore(database=database, table="events").save(block)
+    ranges = {} if args.parallel_ranges is None else {"parallel_ranges": args.parallel_ranges}
+    EventStore(database=database, table="events", **ranges).save(block)
     results = []
     for n in range(args.rounds):
         for contender in only:
@@ -191,7 +199,7 @@ def _measure(
     log_from = log.stat().st_size
     run = _contender(pg, contender, block)
     started = time.monotonic()
-    rows, batches, slowest, timeline = run()
+    rows, batches, slowest, timeline, ranges = run()
     ended = time.monotonic()
     stop.set()
     latencies: Latencies = receive.recv()
@@ -208,25 +216,30 @@ def _measure(
     return Round(
         number, contender, rows, ended - started, windows(started - args.before_s, started),
         windows(started, ended), batches, slowest, left, timeline,
-        _lock_waits(log, log_from),
+        *_lock_waits(log, log_from), ranges=ranges,
     )
 
 
-def _lock_waits(log: Any, offset: int) -> dict[str, int]:
-    """Per application name, the waits for a lock over deadlock_timeout the server logged."""
+def _lock_waits(log: Any, offset: int) -> tuple[dict[str, int], set[str]]:
+    """Per application name, the waits for a lock over deadlock_timeout the server logged;
+    and what was waited for ("ShareLock on transaction", "ExclusiveLock on extension of
+    relation", ...)."""
     with open(log, "rb") as f:
         f.seek(offset)
         lines = f.read().decode(errors="replace").splitlines()
     waits: dict[str, int] = {}
+    kinds: set[str] = set()
     for line in lines:
         if "still waiting for" in line:
             app = line.partition("] ")[2].partition(":")[0] or "other"
             waits[app] = waits.get(app, 0) + 1
-    return waits
+            what = line.partition("still waiting for ")[2].partition(" after ")[0]
+            kinds.add(f"{app}: {' '.join(w for w in what.split() if not w[0].isdigit())}")
+    return waits, kinds
 
 
-# rows reset, batches, the slowest batch's seconds, the flow report's timeline
-Outcome = tuple[int, int, float | None, list[str]]
+# rows reset, batches, the slowest batch's seconds, the flow report's timeline, ranges of ids
+Outcome = tuple[int, int, float | None, list[str], int | None]
 
 
 def _contender(pg: PostgresServer, contender: str, block: str) -> Callable[[], Outcome]:
@@ -238,11 +251,12 @@ def _contender(pg: PostgresServer, contender: str, block: str) -> Callable[[], O
 
     def outcome(result: ResetResult, report: str = "") -> Outcome:
         timeline = report.partition("### Timeline\n")[2].partition("\n\n")[0].splitlines()
-        return result.reset_count, len(result.batch_sizes), result.slowest_batch_s, timeline
+        return (result.reset_count, len(result.batch_sizes), result.slowest_batch_s, timeline,
+                result.ranges)
 
     def bare() -> Outcome:
         with psycopg.connect(pg.conninfo("bench"), autocommit=True) as conn:
-            return conn.execute(BARE).rowcount, 1, None, []
+            return conn.execute(BARE).rowcount, 1, None, [], None
 
     store = EventStore.load(block)
 
@@ -336,7 +350,7 @@ def _print(rounds: list[Round], args: argparse.Namespace) -> None:
     print(f"\nstuck-event reset: {args.rows:,}-row table, {args.stuck:,} stuck; "
           f"{args.writers} writers ({args.write_rate:g} INSERT/s each), {args.claimers} claimers")
     print(f"{'':16} {'rows':>10} {'seconds':>8} {'rows/s':>9} {'x bare':>7} {'batches':>8}"
-          f" {'slowest':>8} {'left':>5}")
+          f" {'slowest':>8} {'ranges':>6} {'left':>5}")
     bare = {r.number: r.rows / r.seconds for r in rounds if r.contender == "bare"}
     for r in rounds:
         rate = r.rows / r.seconds
@@ -344,7 +358,7 @@ def _print(rounds: list[Round], args: argparse.Namespace) -> None:
         ratio = f"{rate / base:7.2f}" if base else f"{'-':>7}"
         slowest = f"{r.slowest_batch_s * 1000:6.0f}ms" if r.slowest_batch_s else f"{'-':>8}"
         print(f"{LABELS[r.contender]:16} {r.rows:10,} {r.seconds:8.2f} {rate:9,.0f} {ratio}"
-              f" {r.batches or 0:8d} {slowest} {r.left:5d}")
+              f" {r.batches or 0:8d} {slowest} {r.ranges or 1:6d} {r.left:5d}")
     for kind, index in (("writers' INSERT", 0), ("claimers' claim", 1)):
         print(f"\n{kind + ' latency (ms)':32} {'p50':>7} {'p99':>7} {'max':>7} {'n':>6}")
         for r in rounds:
@@ -354,6 +368,8 @@ def _print(rounds: list[Round], args: argparse.Namespace) -> None:
     for r in rounds:
         waits = ", ".join(f"{app} {n}" for app, n in sorted(r.lock_waits.items())) or "none"
         print(f"  during {LABELS[r.contender]:16} {waits}")
+        for kind in sorted(r.lock_kinds):
+            print(f"    {kind}")
     for r in rounds:
         if r.timeline:
             print(f"\nflow run's timeline (round {r.number}):")

@@ -64,6 +64,14 @@ class EventStore(Block):
         description="How long each transaction should take: its rows stay locked that long, so a "
         "consumer touching one of them waits at most about this.",
     )
+    parallel_ranges: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="A large backlog (over 100,000 stuck events left after the first batches) is "
+        "split into this many ranges of ids, each reset in its own batches on its own "
+        "connection, at the same time; 1 resets in one sequence of batches.",
+    )
     time_budget_s: float = Field(
         300.0,
         gt=0,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -134,6 +137,9 @@ class ResetResult(ChangeSet):
     out_of_time: bool = Field(
         False, description="Stopped when the time budget ended: more may remain."
     )
+    ranges: int = Field(
+        1, description="Most ranges of ids reset at the same time (one connection each)."
+    )
 
     @computed_field
     @property
@@ -180,6 +186,61 @@ def next_pass_wanted(passes_done: int, resettable_left: bool) -> bool:
     return passes_done == 0 or (passes_done < MAX_PASSES and resettable_left)
 
 
+# A large backlog is split into ranges of ids reset side by side, one connection each: every
+# batch writes each of its rows twice (the lock, then the update), which one backend does at
+# about half the rate of a single UPDATE; two backends on disjoint ranges never wait on each
+# other. A pass looks (once) whether to split after it has reset this many rows, so a small
+# reset never samples the table and stays one sequence of batches.
+SPLIT_CHECK_AFTER_ROWS = 5_000
+# ... and splits only when a sample estimates at least this many stuck rows after that point,
+# at least this many per range, with at least this many sampled rows per range to place the
+# boundaries.
+SPLIT_MIN_ROWS_LEFT = 100_000
+MIN_ROWS_PER_RANGE = 50_000
+MIN_SAMPLED_PER_RANGE = 100
+# The sample reads about this many pages (TABLESAMPLE SYSTEM), the whole table when smaller,
+# and places the boundaries at quantiles k/SPLIT_QUANTILES of the sampled stuck ids.
+SAMPLE_PAGES = 1_000
+SPLIT_QUANTILES = 64
+
+
+def sample_percent(table_pages: int) -> float:
+    """The TABLESAMPLE SYSTEM percentage that reads about SAMPLE_PAGES of the table's pages."""
+    return min(100.0, 100.0 * SAMPLE_PAGES / max(1, table_pages))
+
+
+def split_points(
+    parallel_ranges: int, sampled: int, percent: float, quantiles: list[Any]
+) -> list[Any]:
+    """Where to split the rest of a pass into ranges of ids: none (one range) unless it is large.
+
+    ``sampled`` stuck rows after the current id were found in a ``percent`` sample of the table;
+    ``quantiles`` are their ids at k/SPLIT_QUANTILES (k = 1..SPLIT_QUANTILES-1), in the
+    database's order. The points are ids: range i ends at point i (inclusive), the next starts
+    after it. Equal neighbours are dropped (many stuck rows under one id are impossible for a
+    primary key, but a small sample repeats), so fewer ranges than asked may result. The ids
+    are compared only for equality: any ordered type of primary key works.
+    """
+    left = sampled * 100.0 / percent if percent > 0 else 0.0
+    ranges = min(parallel_ranges, int(left // MIN_ROWS_PER_RANGE), sampled // MIN_SAMPLED_PER_RANGE)
+    if left < SPLIT_MIN_ROWS_LEFT or ranges < 2 or len(quantiles) != SPLIT_QUANTILES - 1:
+        return []
+    points: list[Any] = []
+    for i in range(1, ranges):
+        point = quantiles[round(i * SPLIT_QUANTILES / ranges) - 1]
+        if point is not None and (not points or point != points[-1]):
+            points.append(point)
+    return points
+
+
+def page_ranges(pages: int, parts: int) -> list[tuple[int, int | None]]:
+    """``parts`` consecutive ranges of page numbers [first, end) covering a table of ``pages``;
+    the last has no end (pages added since its size was read are included)."""
+    parts = max(1, min(parts, pages))
+    starts = [pages * k // parts for k in range(parts)]
+    return list(zip(starts, [*starts[1:], None], strict=True))
+
+
 def describe_progress(reset_count: int, elapsed_s: float, left: int | None = None) -> str:
     """How far a reset got, for the report: rows, time, rate and, when known, what is left."""
     text = f"{reset_count:,} event(s) reset to PENDING in {elapsed_s:.1f}s"
@@ -195,14 +256,14 @@ def describe_progress(reset_count: int, elapsed_s: float, left: int | None = Non
 
 
 # Locks the next batch in id order after ``{after}`` (the last id of the batch before, none for
-# the first batch of a pass): each batch starts where the last one ended, so the primary key is
+# the first batch of a pass), up to ``{upto}`` in a range of a split pass: each batch starts where the last one ended, so the primary key is
 # walked once per pass, where restarting from the lowest id re-read every row reset so far
 # (quadratic). The update finds its rows by ctid (a TID scan): joining back on the id made the
 # planner hash or merge join over the whole table for batches of a few thousand rows.
 # Returns (rows locked, rows reset, first id, last id as text, last id, status before, after).
 _RESET_BATCH = (
     "WITH picked AS MATERIALIZED ("
-    " SELECT ctid AS tid, {id} AS id, {status} AS was FROM {table} WHERE {stuck}{after}"
+    " SELECT ctid AS tid, {id} AS id, {status} AS was FROM {table} WHERE {stuck}{after}{upto}"
     "  ORDER BY {id} LIMIT %(batch_size)s FOR UPDATE SKIP LOCKED),"
     " reset AS ("
     " UPDATE {table} SET {status} = %(pending)s, {updated} = now()"
@@ -217,10 +278,33 @@ _RESET_BATCH = (
     " (SELECT string_agg(DISTINCT is_now::text, ',') FROM reset)"
 )
 _AFTER = " AND {id} > %(after)s"
+_UPTO = " AND {id} <= %(upto)s"
 # Whether a stuck row is left that no one holds: a sequential scan that stops at the first one
 # (its lock lasts this statement only).
 _ANY_RESETTABLE = (
     "SELECT EXISTS (SELECT 1 FROM {table} WHERE {stuck} LIMIT 1 FOR UPDATE SKIP LOCKED)"
+)
+# After a split pass (a large table) the look is split too: each connection scans its share of
+# the table's pages (a TID range scan, PostgreSQL 14 and later), the last one up to the end.
+_ANY_RESETTABLE_IN_PAGES = (
+    "SELECT EXISTS (SELECT 1 FROM {table} WHERE ctid >= %(from_tid)s::tid{below} AND {stuck}"
+    " LIMIT 1 FOR UPDATE SKIP LOCKED)"
+)
+_BELOW = " AND ctid < %(to_tid)s::tid"
+TID_RANGE_SCAN_VERSION = 140000
+
+# The table's size in pages, for the sample's percentage (catalog only: no statistics needed).
+_TABLE_PAGES = (
+    "SELECT pg_relation_size(c.oid) / current_setting('block_size')::bigint"
+    " FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace"
+    " WHERE n.nspname = %(schema)s AND c.relname = %(table)s"
+)
+# Stuck rows after an id in a sample of the table's pages, and quantiles of their ids
+# (percentile_disc returns ids of the column's own type: any ordered type).
+_SAMPLE_REST = (
+    "SELECT count(*)::bigint,"
+    " percentile_disc(%(fractions)s::float8[]) WITHIN GROUP (ORDER BY {id})"
+    " FROM {table} TABLESAMPLE SYSTEM (%(percent)s::real) WHERE {stuck} AND {id} > %(after)s"
 )
 
 # The plan: chunks of batch_size ids, or larger ones so there are at most MAX_PLANNED_CHUNKS.
@@ -265,7 +349,9 @@ def reset_stuck_events(store: EventStore, dry_run: bool) -> ResetResult:
 
     Each batch is its own transaction, sized to take about ``batch_target_ms``, so row locks
     are short and consumers are never blocked for long. Rows a live transaction holds (a
-    consumer still working on them) are skipped, not waited on. No new batch starts after
+    consumer still working on them) are skipped, not waited on. A large backlog is split into
+    ``parallel_ranges`` ranges of ids, each reset in such batches on its own connection at the
+    same time (disjoint ranges: they never wait on each other). No new batch starts after
     ``time_budget_s``. A re-run finds nothing left to do; a retry after a failure continues
     where the committed batches stopped, and reports only its own batches.
     """
@@ -283,47 +369,167 @@ def reset_stuck_events(store: EventStore, dry_run: bool) -> ResetResult:
         return _reset_in_batches(conn, store)
 
 
-def _any_resettable(conn: psycopg.Connection, store: EventStore) -> bool:
-    (found,) = conn.execute(_sql(store, _ANY_RESETTABLE), _params(store)).fetchone()
-    return found
+def _table_pages(conn: psycopg.Connection, store: EventStore) -> int:
+    row = conn.execute(_TABLE_PAGES, {"schema": store.schema_name, "table": store.table}).fetchone()
+    return row[0] if row else 0
+
+
+def _any_resettable(conn: psycopg.Connection, store: EventStore, connections: int = 1) -> bool:
+    """Whether a stuck row no one holds is left; looked for on ``connections`` connections side
+    by side, each in its share of the table's pages, when the server can scan a TID range."""
+    if connections > 1 and conn.info.server_version >= TID_RANGE_SCAN_VERSION:
+        ranges = page_ranges(_table_pages(conn, store), connections)
+    else:
+        ranges = []
+    if len(ranges) < 2:
+        (found,) = conn.execute(_sql(store, _ANY_RESETTABLE), _params(store)).fetchone()
+        return found
+
+    def look(first: int, end: int | None) -> bool:
+        statement = _ANY_RESETTABLE_IN_PAGES.replace("{below}", "" if end is None else _BELOW)
+        tids = {"from_tid": f"({first},0)", "to_tid": f"({end},0)"}
+        with store.database.connect(autocommit=True) as own:
+            (found,) = own.execute(_sql(store, statement), _params(store, **tids)).fetchone()
+        return found
+
+    with ThreadPoolExecutor(len(ranges), thread_name_prefix="reset-look") as pool:
+        return any(list(pool.map(lambda r: look(*r), ranges)))
+
+
+@dataclass
+class _Walk:
+    """The batches of one keyset walk: a pass, or one range of ids of a split pass."""
+
+    size: int
+    batches: list[tuple[int, str, str, str, str]] = field(default_factory=list)
+    reset: int = 0
+    slowest_s: float = 0.0
+    out_of_time: bool = False
+    ended: bool = False  # its range (or the table) has no more rows to lock
+    last_key: Any = None
+
+
+def _batch_statement(store: EventStore, after: bool, upto: bool) -> sql.Composed:
+    template = _RESET_BATCH.replace("{after}", _AFTER if after else "")
+    return _sql(store, template.replace("{upto}", _UPTO if upto else ""))
+
+
+def _walk(
+    conn: psycopg.Connection,
+    store: EventStore,
+    walk: _Walk,
+    deadline: float,
+    upto: Any = None,
+    pause_at: int | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Reset batches in id order after ``walk.last_key`` (up to ``upto`` when given), each its
+    own transaction, until the range ends or the time is up; or, with ``pause_at``, as soon as
+    the walk has reset that many rows (it continues from there when called again)."""
+    _, smallest, largest = batch_bounds(store)
+    target_s = store.batch_target_ms / 1000
+    statements = {
+        after: _batch_statement(store, after, upto is not None) for after in (False, True)
+    }
+    while pause_at is None or walk.reset < pause_at:
+        if stop is not None and stop.is_set():
+            return
+        if time.monotonic() >= deadline:
+            walk.out_of_time = True
+            return
+        t0 = time.perf_counter()
+        # autocommit: every batch commits on its own
+        locked, rows, first_id, last_id, last_key, was, status = conn.execute(
+            statements[walk.last_key is not None],
+            _params(store, batch_size=walk.size, after=walk.last_key, upto=upto),
+        ).fetchone()
+        elapsed = time.perf_counter() - t0
+        walk.slowest_s = max(walk.slowest_s, elapsed)
+        if rows:
+            walk.batches.append((rows, first_id, last_id, was, status))
+            walk.reset += rows
+        # SKIP LOCKED rows do not count against the LIMIT: a short batch is the range's end
+        if locked < walk.size:
+            walk.ended = True
+            return
+        walk.last_key = last_key
+        walk.size = next_batch_size(walk.size, elapsed, target_s, smallest, largest)
+
+
+def _split_rest(conn: psycopg.Connection, store: EventStore, after: Any) -> list[Any]:
+    """Points splitting the stuck rows after ``after`` into ranges; none to stay one range."""
+    percent = sample_percent(_table_pages(conn, store))
+    fractions = [k / SPLIT_QUANTILES for k in range(1, SPLIT_QUANTILES)]
+    sampled, quantiles = conn.execute(
+        _sql(store, _SAMPLE_REST),
+        _params(store, fractions=fractions, percent=percent, after=after),
+    ).fetchone()
+    return split_points(store.parallel_ranges, sampled, percent, list(quantiles or []))
+
+
+def _walk_ranges(
+    store: EventStore, after: Any, points: list[Any], size: int, deadline: float
+) -> list[_Walk]:
+    """The ranges (after, p1], (p1, p2], ... (pn, end) side by side, one connection each.
+
+    Disjoint ranges: no two connections ever want the same row. The first failure stops the
+    others after their current batch (committed batches stay; a retry continues) and is raised.
+    """
+    bounds = list(zip([after, *points], [*points, None], strict=True))
+    walks = [_Walk(size=size, last_key=lo) for lo, _ in bounds]
+    stop = threading.Event()
+
+    def run(walk: _Walk, upto: Any) -> None:
+        try:
+            with store.database.connect(autocommit=True) as conn:
+                _walk(conn, store, walk, deadline, upto=upto, stop=stop)
+        except BaseException:
+            stop.set()
+            raise
+
+    with ThreadPoolExecutor(len(walks), thread_name_prefix="reset-range") as pool:
+        futures = [pool.submit(run, walk, hi) for walk, (_, hi) in zip(walks, bounds, strict=True)]
+    for future in futures:
+        future.result()  # raises the first range's failure
+    return walks
 
 
 def _reset_in_batches(conn: psycopg.Connection, store: EventStore) -> ResetResult:
     result = ResetResult(dry_run=False)
-    first_batch = _sql(store, _RESET_BATCH.replace("{after}", ""))
-    next_batch = _sql(store, _RESET_BATCH.replace("{after}", _AFTER))
-    size, smallest, largest = batch_bounds(store)
-    target_s = store.batch_target_ms / 1000
+    first_size, _, _ = batch_bounds(store)
     started = time.monotonic()
     deadline = started + store.time_budget_s
     passes, more = 0, False
     while next_pass_wanted(passes, more) and not result.out_of_time:
-        passes, pass_reset, after = passes + 1, 0, None
-        while True:
-            if time.monotonic() >= deadline:
-                result.out_of_time = True
-                break
-            t0 = time.perf_counter()
-            # autocommit: every batch commits on its own
-            locked, rows, first_id, last_id, last_key, was, status = conn.execute(
-                first_batch if after is None else next_batch,
-                _params(store, batch_size=size, after=after),
-            ).fetchone()
-            elapsed = time.perf_counter() - t0
-            result.slowest_batch_s = max(result.slowest_batch_s, elapsed)
-            if rows:
+        passes += 1
+        walk = _Walk(size=first_size)
+        walks = [walk]
+        split = store.parallel_ranges > 1
+        _walk(conn, store, walk, deadline, pause_at=SPLIT_CHECK_AFTER_ROWS if split else None)
+        if not (walk.ended or walk.out_of_time):
+            points = _split_rest(conn, store, walk.last_key)
+            if points:
+                walks += _walk_ranges(store, walk.last_key, points, walk.size, deadline)
+                result.ranges = max(result.ranges, len(points) + 1)
+            else:
+                _walk(conn, store, walk, deadline)
+        pass_reset = 0
+        for w in walks:  # in id order: each range starts after the one before
+            for rows, first_id, last_id, was, status in w.batches:
                 result.planned.append(_batch_change(store, rows, first_id, last_id, was))
                 result.applied.append(_batch_change(store, rows, first_id, last_id, status))
                 result.batch_sizes.append(rows)
-                result.reset_count += rows
-                pass_reset += rows
-            # SKIP LOCKED rows do not count against the LIMIT: a short batch is the table's end
-            if locked < size:
-                break
-            after = last_key
-            size = next_batch_size(size, elapsed, target_s, smallest, largest)
+            pass_reset += w.reset
+            result.slowest_batch_s = max(result.slowest_batch_s, w.slowest_s)
+            result.out_of_time |= w.out_of_time
+        result.reset_count += pass_reset
         # nothing reset in this pass: the next would find nothing either
-        more = bool(pass_reset) and not result.out_of_time and _any_resettable(conn, store)
+        more = (
+            bool(pass_reset)
+            and not result.out_of_time
+            # a split pass ran len(walks) - 1 ranges side by side: the look is split as well
+            and _any_resettable(conn, store, connections=max(1, len(walks) - 1))
+        )
     result.elapsed_s = time.monotonic() - started
     if result.out_of_time:
         result.notes.append(

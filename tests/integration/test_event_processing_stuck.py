@@ -7,7 +7,8 @@ may only read and update that table.
 Rows per test: 35 stuck (PROCESSING, touched 3 hours ago, ids 1-35), one stuck row a
 consumer holds locked (id 36), fresh PROCESSING rows (101-105), old DONE (201-205) and
 old PENDING (301-303) rows. The backlog tests have tables of their own: 60,000 stuck rows
-(even ids) mixed with 60,000 that are not.
+(even ids) mixed with 60,000 that are not; and, to be split into ranges of ids reset side by
+side, 120,000 stuck rows among 240,000 with text ids in an order unrelated to the rows'.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ NOT_STUCK = FRESH + DONE + PENDING
 SAFETY = SafetyParams(budget_max_actions=1000, approval_poll_s=1)
 # more than the old per-run ceiling (100 batches of 500), small enough to seed in a moment
 BACKLOG = 60_000
+# enough for the reset to split into ranges (over SPLIT_MIN_ROWS_LEFT after the first batches)
+LARGE_BACKLOG = 120_000
 BATCHING_DEFAULTS = {
     name: EventStore.model_fields[name].default
     for name in ("batch_size", "max_batch_size", "batch_target_ms", "time_budget_s")
@@ -122,6 +125,35 @@ class Env:
                 " 'event ' || id FROM generate_series(1, %s) AS id"
             ).format(table),
             (2 * BACKLOG,),
+        )
+        self.admin.execute(sql.SQL("VACUUM ANALYZE {}").format(table))
+        self.admin.execute(
+            sql.SQL("GRANT SELECT, UPDATE ON {} TO {}").format(table, sql.Identifier(self.role))
+        )
+        return name
+
+    def text_id_table(self, stuck: int) -> str:
+        """A table of its own with text ids (md5 of n: unrelated to n's order), 2 * ``stuck``
+        rows: n even stuck, n odd not (fresh PROCESSING, old DONE or PENDING); payload 'event n'.
+        Returns its name."""
+        name = unique("Text Ids")
+        table = sql.Identifier(SCHEMA, name)
+        self.admin.execute(
+            sql.SQL(
+                "CREATE TABLE {} (event_id text PRIMARY KEY, state text NOT NULL,"
+                " touched_at timestamptz NOT NULL, payload text)"
+            ).format(table)
+        )
+        self.admin.execute(
+            sql.SQL(
+                "INSERT INTO {} SELECT md5(n::text),"
+                " CASE WHEN n %% 2 = 0 OR n %% 5 = 0 THEN 'PROCESSING'"
+                "  WHEN n %% 3 = 0 THEN 'DONE' ELSE 'PENDING' END,"
+                " now() - CASE WHEN n %% 2 = 1 AND n %% 5 = 0 THEN interval '1 minute'"
+                "  ELSE interval '3 hours' END,"
+                " 'event ' || n FROM generate_series(1, %s) AS n"
+            ).format(table),
+            (2 * stuck,),
         )
         self.admin.execute(sql.SQL("VACUUM ANALYZE {}").format(table))
         self.admin.execute(
@@ -477,3 +509,62 @@ def test_a_time_budget_that_ends_early_reports_what_is_left_and_escalates(env: E
     rest = run(env, env.block(table=table, **BATCHING_DEFAULTS), approve_over=10 * BACKLOG)
     assert rest.outcome is Outcome.RESOLVED
     assert rest.reset.reset_count == left and env.stuck_count(table) == 0
+
+
+def test_a_large_backlog_is_reset_in_ranges_side_by_side(env: Env) -> None:
+    table = env.text_id_table(LARGE_BACKLOG)
+    block = env.block(table=table, **BATCHING_DEFAULTS)
+    odd = "substr(payload, 7)::int % 2 = 1"
+    not_stuck = env.digest(table, odd)
+    stuck_before = env.digest(table, f"NOT ({odd})")
+    held = env.admin.execute("SELECT md5('1000')").fetchone()[0]  # a stuck row a consumer holds
+    consumer = psycopg.connect(env.server.conninfo(dbname=env.db))
+    consumer.execute(
+        sql.SQL("SELECT 1 FROM {} WHERE event_id = %s FOR UPDATE").format(
+            sql.Identifier(SCHEMA, table)
+        ),
+        (held,),
+    )
+    try:
+        summary = run(env, block, approve_over=10 * LARGE_BACKLOG)
+        # skipped, never waited on: the consumer's transaction is still open
+        assert consumer.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    finally:
+        consumer.close()
+
+    assert summary.outcome is Outcome.RESOLVED, summary.report
+    reset = summary.reset
+    assert reset.ranges == 2, "a backlog this large is split"
+    assert reset.reset_count == sum(reset.batch_sizes) == LARGE_BACKLOG - 1
+    assert not reset.out_of_time
+    assert max(reset.batch_sizes) <= BATCHING_DEFAULTS["max_batch_size"]
+    assert len(reset.planned) == len(reset.applied) == len(reset.batch_sizes)
+    assert {c.detail["status"] for c in reset.planned} == {"PROCESSING"}
+    assert {c.detail["status"] for c in reset.applied} == {"PENDING"}
+    # exactly the stuck rows changed, each once, one transaction per batch; nothing else did
+    assert env.digest(table, odd) == not_stuck
+    (rows, transactions, states, still_old, held_state) = env.admin.execute(
+        sql.SQL(
+            "SELECT count(*) FILTER (WHERE event_id <> %(held)s),"
+            " count(DISTINCT xmin::text) FILTER (WHERE event_id <> %(held)s),"
+            " array_agg(DISTINCT state) FILTER (WHERE event_id <> %(held)s),"
+            " count(*) FILTER (WHERE event_id <> %(held)s"
+            "  AND touched_at < now() - interval '1 hour'),"
+            " max(state) FILTER (WHERE event_id = %(held)s)"
+            " FROM {} WHERE NOT ({})"
+        ).format(sql.Identifier(SCHEMA, table), sql.SQL(odd.replace("%", "%%"))),
+        {"held": held},
+    ).fetchone()
+    assert rows == LARGE_BACKLOG - 1 and states == ["PENDING"] and still_old == 0
+    assert transactions == len(reset.batch_sizes)
+    assert held_state == "PROCESSING"
+    assert summary.after.count == 1 and summary.after.locked == 1
+    assert env.digest(table, f"NOT ({odd})") != stuck_before
+
+    # a re-run resets only the row the consumer let go of, and nothing else
+    everything_else = env.digest(table, f"event_id <> '{held}'")
+    again = run(env, block, approve_over=10 * LARGE_BACKLOG)
+    assert again.outcome is Outcome.RESOLVED
+    assert again.reset.reset_count == 1 and again.reset.ranges == 1
+    assert env.digest(table, f"event_id <> '{held}'") == everything_else
+    assert env.stuck_count(table) == 0

@@ -15,7 +15,10 @@ from tasks.event_store import (
     judge_reset,
     next_batch_size,
     next_pass_wanted,
+    page_ranges,
     plan_chunks,
+    sample_percent,
+    split_points,
 )
 
 
@@ -75,6 +78,64 @@ def test_a_second_pass_only_when_a_resettable_row_is_left(
     passes_done: int, resettable_left: bool, wanted: bool
 ) -> None:
     assert next_pass_wanted(passes_done, resettable_left) is wanted
+
+
+# quantiles k/64 (k = 1..63) of sampled ids 1000, 2000, ...: point k is k * 1000
+Q = [k * 1000 for k in range(1, 64)]
+
+
+@pytest.mark.parametrize(
+    ("parallel_ranges", "sampled", "percent", "quantiles", "points"),
+    [
+        (2, 20_000, 2.0, Q, [32_000]),  # ~1M left: split at the median
+        (3, 20_000, 2.0, Q, [21_000, 43_000]),  # thirds: quantiles 21/64 and 43/64
+        (4, 20_000, 2.0, Q, [16_000, 32_000, 48_000]),
+        (1, 20_000, 2.0, Q, []),  # parallel_ranges=1: always one range
+        (2, 1_000, 2.0, Q, []),  # ~50k left: under SPLIT_MIN_ROWS_LEFT, stays simple
+        (2, 2_000, 2.0, Q, [32_000]),  # ~100k left: just enough for two ranges
+        (4, 2_400, 2.0, Q, [32_000]),  # ~120k left: ranges of 50k at least, so two
+        (4, 3_000, 2.0, Q, [21_000, 43_000]),  # ~150k left: three
+        (8, 60_000, 10.0, Q, [8_000, 16_000, 24_000, 32_000, 40_000, 48_000, 56_000]),
+        (2, 150, 0.1, Q, []),  # ~150k left but 150 sampled: too few to place a boundary
+        (2, 200, 0.1, Q, [32_000]),
+        (2, 0, 100.0, [None] * 63, []),  # nothing sampled: percentile_disc gives NULLs
+        (2, 150_000, 100.0, Q[:10], []),  # not the quantiles asked for: one range
+        # a whole-table sample of a primary key repeats no id; a small one may: equal points merge
+        (3, 2_000, 1.0, [7] * 30 + [9] * 33, [7, 9]),
+        (4, 2_000, 1.0, [7] * 63, [7]),
+        # any ordered type: ids compared only for equality, the database's order kept
+        (2, 2_000, 1.0, [f"id-{k:02}" for k in range(1, 64)], ["id-32"]),
+    ],
+)
+def test_a_large_rest_is_split_into_ranges_at_quantiles_of_sampled_ids(
+    parallel_ranges: int, sampled: int, percent: float, quantiles: list, points: list
+) -> None:
+    assert split_points(parallel_ranges, sampled, percent, quantiles) == points
+
+
+@pytest.mark.parametrize(
+    ("pages", "percent"),
+    [(0, 100.0), (500, 100.0), (1_000, 100.0), (50_000, 2.0), (1_000_000, 0.1)],
+)
+def test_the_sample_reads_about_a_thousand_pages(pages: int, percent: float) -> None:
+    assert sample_percent(pages) == pytest.approx(percent)
+
+
+@pytest.mark.parametrize(
+    ("pages", "parts", "ranges"),
+    [
+        (100, 2, [(0, 50), (50, None)]),  # the last share runs to the end, pages added included
+        (101, 2, [(0, 50), (50, None)]),
+        (100, 3, [(0, 33), (33, 66), (66, None)]),
+        (100, 1, [(0, None)]),
+        (1, 4, [(0, None)]),  # never more shares than pages
+        (0, 2, [(0, None)]),  # an empty table (or its size unknown): one look over all of it
+    ],
+)
+def test_the_look_for_a_row_left_is_split_by_pages(
+    pages: int, parts: int, ranges: list[tuple[int, int | None]]
+) -> None:
+    assert page_ranges(pages, parts) == ranges
 
 
 @pytest.mark.parametrize(
