@@ -22,10 +22,8 @@ process (an ``asyncio.Lock`` per event loop), so the waiting happens in the even
 no pooled connection and no worker thread, instead of inside SQLite's busy handler. Statements
 outside such transactions (Prefect's autocommit writes, other processes) still meet SQLite's
 busy timeout as before. A transaction opened inside one this task already holds neither waits
-for its turn nor is forced IMMEDIATE (it would wait for the outer one). A task that waits more than
-``TURN_WAIT_S`` for its turn goes ahead without it, as stock Prefect would: nothing can wait on
-the turn for ever (a task the holder awaits, or a writer outside the turn that holds SQLite's lock
-the holder waits for). Prefect keeps the BEGIN mode in a context variable, which a task started
+for its turn nor is forced IMMEDIATE (it would wait for the outer one); nor does a task the
+holder started and awaits (``asyncio.gather`` inside a transaction). Prefect keeps the BEGIN mode in a context variable, which a task started
 inside a transaction inherits: such a task's plain reads no longer begin IMMEDIATE (they held
 SQLite's write lock outside the turn for as long as their session lived). Nothing else changes; pinned to prefect 3.8.8, and
 tests/integration/test_sqlite_server.py fails if the pieces it relies on change.
@@ -50,12 +48,9 @@ from typing import Any
 _owner: contextvars.ContextVar[asyncio.Task | None] = contextvars.ContextVar(
     "runbooks_sqlite_write_turn_owner", default=None
 )
-# A task that waits longer than this for the turn goes ahead without it, as stock Prefect does
-# (SQLite's busy timeout then arbitrates): a task the holder itself awaits would otherwise wait
-# forever. Not shorter: on a loaded machine a holder's statements alone took 5-10 s at times
-# (`python -m bench restart-backlog`), and a deferred transaction that goes ahead meanwhile is
-# refused at its first write ("database is locked").
-TURN_WAIT_S = 15.0
+# The event loop not running a callback for this long is logged with the loop thread's stack:
+# the 60 s stall of issue #9 blocked the whole loop (every timer fired late at once), not a turn.
+LOOP_BLOCKED_S = 10.0
 _turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
     weakref.WeakKeyDictionary()
 )
@@ -128,6 +123,7 @@ def _turn_acquired() -> None:
         _holders[loop] = (task, loop.time())
     if loop not in _watchers:
         _watchers[loop] = loop.create_task(_watch_turns(loop))
+        watch_loop(loop)
 
 
 def _inherited() -> bool:
@@ -149,28 +145,39 @@ def _nested() -> bool:
     return held is not None and held[0] is owner
 
 
-@asynccontextmanager
-async def _take_turn() -> AsyncIterator[bool]:
-    """Wait for the loop's write turn, at most TURN_WAIT_S; yields whether it was taken."""
-    turn = _turn()
-    try:
-        await asyncio.wait_for(turn.acquire(), TURN_WAIT_S)
-    except TimeoutError:
-        held = _holders.get(asyncio.get_running_loop())
-        logger.warning(
-            "waited %.0fs for the SQLite write turn (held by %s); going ahead without it, "
-            "awaiting in:\n%s",
-            TURN_WAIT_S, held[0].get_name() if held else "nobody",
-            "\n".join(coroutine_stack(held[0].get_coro())) if held else "",
-        )
-        yield False
-        return
-    try:
-        _turn_acquired()
-        yield True
-    finally:
-        _holders.pop(asyncio.get_running_loop(), None)
-        turn.release()
+def watch_loop(loop: asyncio.AbstractEventLoop, blocked_s: float = LOOP_BLOCKED_S) -> None:
+    """From a thread of its own, log the loop thread's stack whenever the loop has not run a
+    callback for ``blocked_s``: a synchronous call blocking the server (once per blocking)."""
+    import sys
+    import threading
+    import time
+    import traceback
+
+    loop_thread = threading.get_ident()
+    beat = [time.monotonic()]
+
+    def tick() -> None:
+        beat[0] = time.monotonic()
+
+    def watch() -> None:
+        reported = 0.0
+        while not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(tick)
+            except RuntimeError:  # closed meanwhile
+                return
+            time.sleep(min(1.0, blocked_s / 4))
+            since = beat[0]
+            if time.monotonic() - since > blocked_s and since != reported:
+                reported = since
+                frame = sys._current_frames().get(loop_thread)
+                logger.warning(
+                    "event loop blocked for %.0fs, its thread in:\n%s",
+                    time.monotonic() - since,
+                    "".join(traceback.format_stack(frame)) if frame else "(gone)",
+                )
+
+    threading.Thread(target=watch, name="runbooks-loop-watch", daemon=True).start()
 
 
 def install() -> None:
@@ -193,15 +200,15 @@ def install() -> None:
             async with original_begin(self, session, with_for_update) as transaction:
                 yield transaction
             return
-        async with _take_turn() as taken:
+        async with _turn():
             token = _owner.set(asyncio.current_task())
+            _turn_acquired()
             try:
-                async with original_begin(
-                    self, session, with_for_update=with_for_update or taken
-                ) as transaction:
+                async with original_begin(self, session, with_for_update=True) as transaction:
                     yield transaction
             finally:
                 _owner.reset(token)
+                _holders.pop(asyncio.get_running_loop(), None)
 
     def begin_sqlite_stmt(self: AioSqliteConfiguration, conn: Any) -> None:
         # Prefect keeps the BEGIN mode in a context variable, which every task started inside a
