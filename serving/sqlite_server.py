@@ -23,9 +23,11 @@ no pooled connection and no worker thread, instead of inside SQLite's busy handl
 outside such transactions (Prefect's autocommit writes, other processes) still meet SQLite's
 busy timeout as before. A transaction opened inside one this task already holds neither waits
 for its turn nor is forced IMMEDIATE (it would wait for the outer one); nor does a task the
-holder started and awaits (``asyncio.gather`` inside a transaction). Prefect keeps the BEGIN mode in a context variable, which a task started
-inside a transaction inherits: such a task's plain reads no longer begin IMMEDIATE (they held
-SQLite's write lock outside the turn for as long as their session lived). Nothing else changes; pinned to prefect 3.8.8, and
+holder started and awaits (``asyncio.gather`` inside a transaction). Prefect keeps the BEGIN mode
+in a context variable, which a task started inside a transaction inherits: such a task's plain
+reads no longer begin IMMEDIATE (they held SQLite's write lock outside the turn for as long as
+their session lived). A thread logs the loop thread's stack when the event loop is blocked for
+``LOOP_BLOCKED_S``. Nothing else changes; pinned to prefect 3.8.8, and
 tests/integration/test_sqlite_server.py fails if the pieces it relies on change.
 
     python -m serving.sqlite_server --host 127.0.0.1 --port 4200   (= prefect server start ...)
