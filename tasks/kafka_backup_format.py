@@ -30,9 +30,9 @@ import struct
 import zlib
 from collections.abc import Iterable, Iterator
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 FORMAT = "runbooks-kafka-backup/1"
 PLAN = "backup.json"
@@ -82,6 +82,18 @@ def parse_segment_key(relative: str) -> SegmentKey | None:
 
 def is_backup_id(value: str) -> bool:
     return bool(_BACKUP_ID.fullmatch(value))
+
+
+def _checked_backup_id(value: str | None) -> str | None:
+    if value in (None, "", "None"):  # an empty form field, or a label the alert does not have
+        return None
+    if not is_backup_id(value):
+        raise ValueError("a backup id looks like 20260105T030000Z")
+    return value
+
+
+OptionalBackupId = Annotated[str | None, AfterValidator(_checked_backup_id)]
+"""A backup id (``20260105T030000Z``) or nothing, as a runbook parameter."""
 
 
 def new_backup_id(now: datetime) -> str:

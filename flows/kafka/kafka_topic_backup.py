@@ -19,7 +19,7 @@ from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_
 from runbooks.safety import Budget, Target
 from tasks.kafka import get_cluster_id
 from tasks.kafka_backup import BackupCheck, BackupResult, backup_topic, check_backup
-from tasks.kafka_backup_format import is_backup_id
+from tasks.kafka_backup_format import OptionalBackupId
 
 # A backup is cheap to repeat but each one is a full copy: a few a day is plenty.
 BACKUP_BUDGET = Budget(max_actions=6, window_s=86400)
@@ -43,7 +43,7 @@ class KafkaTopicBackupParams(RunbookParams):
     )
     from_time: datetime | None = Field(None, description="Back up records from this time on.")
     to_time: datetime | None = Field(None, description="Back up records before this time.")
-    backup_id: str | None = Field(
+    backup_id: OptionalBackupId = Field(
         None,
         description="Continue this backup (e.g. 20260105T030000Z); empty: continue an interrupted "
         "backup of the same range if there is one, else start a new one.",
@@ -59,15 +59,6 @@ class KafkaTopicBackupParams(RunbookParams):
         description="Prometheus Pushgateway to push the last successful backup's time to "
         "(the KafkaTopicBackupMissing alert reads it); empty: nothing pushed.",
     )
-
-    @field_validator("backup_id")
-    @classmethod
-    def _backup_id(cls, value: str | None) -> str | None:
-        if value in (None, "", "None"):
-            return None
-        if not is_backup_id(value):
-            raise ValueError("a backup id looks like 20260105T030000Z")
-        return value
 
     @field_validator("pushgateway_url")
     @classmethod

@@ -9,7 +9,7 @@ checksums per segment against the manifest.
 """
 
 from prefect import flow
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from blocks.backup_store import BackupStore
 from blocks.kafka import KafkaCluster
@@ -18,7 +18,7 @@ from runbooks.params import BlockName, OptionalTopicName, RunbookParams, TopicNa
 from runbooks.report import Outcome, ends_as_reported, incident_report
 from runbooks.safety import Budget, Target
 from tasks.kafka import get_cluster_id
-from tasks.kafka_backup_format import is_backup_id
+from tasks.kafka_backup_format import OptionalBackupId
 from tasks.kafka_backup_s3 import load_manifest
 from tasks.kafka_restore import RestoreCheck, RestoreResult, check_restore, restore_topic
 
@@ -35,7 +35,7 @@ class KafkaTopicRestoreParams(RunbookParams):
         "default", description="Name of the Runbooks Backup Store block (the S3 bucket)."
     )
     topic: TopicName = Field("match-events-raw", description="The topic the backup was made of.")
-    backup_id: str | None = Field(
+    backup_id: OptionalBackupId = Field(
         None, description="Which backup (e.g. 20260105T030000Z); empty: the newest complete one."
     )
     target_topic: OptionalTopicName = Field(
@@ -52,15 +52,6 @@ class KafkaTopicRestoreParams(RunbookParams):
     verify_timeout_s: float = Field(
         120, gt=0, le=3600, description="How long to read the target back for verification."
     )
-
-    @field_validator("backup_id")
-    @classmethod
-    def _backup_id(cls, value: str | None) -> str | None:
-        if value in (None, "", "None"):
-            return None
-        if not is_backup_id(value):
-            raise ValueError("a backup id looks like 20260105T030000Z")
-        return value
 
 
 class KafkaTopicRestoreResult(BaseModel):

@@ -119,6 +119,26 @@ def test_backup_ids(value: str, ok: bool) -> None:
     assert is_backup_id(value) is ok
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, None), ("", None), ("None", None), ("20260105T030000Z", "20260105T030000Z"),
+     ("../x", ValueError), ("20260105", ValueError)],
+)
+@pytest.mark.parametrize("runbook", ["backup", "restore"])
+def test_backup_id_parameter(runbook: str, value: str | None, expected: object) -> None:
+    from pydantic import ValidationError
+
+    from flows.kafka.kafka_topic_backup import KafkaTopicBackupParams
+    from flows.kafka.kafka_topic_restore import KafkaTopicRestoreParams
+
+    params = {"backup": KafkaTopicBackupParams, "restore": KafkaTopicRestoreParams}[runbook]
+    if expected is ValueError:
+        with pytest.raises(ValidationError, match="a backup id looks like 20260105T030000Z"):
+            params(backup_id=value)
+    else:
+        assert params(backup_id=value).backup_id == expected
+
+
 def test_segment_keys_round_trip_and_sort_in_order() -> None:
     keys = [segment_key(3, seq, seq * 10, seq * 10 + 9) for seq in (0, 1, 10, 2)]
     assert [parse_segment_key(k) for k in keys][0] == SegmentKey(3, 0, 0, 9)
