@@ -13,6 +13,7 @@ side, 120,000 stuck rows among 240,000 with text ids in an order unrelated to th
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
@@ -413,23 +414,30 @@ def test_reset_budget_stops_the_second_reset(env: Env, seeded: psycopg.Connectio
         assert stuck_again[i] == after_first[i]
 
 
+@contextlib.contextmanager
+def _held_by_a_consumer(env: Env, table: str, event_id: object) -> Iterator[psycopg.Connection]:
+    """A consumer's open transaction holding one row locked, as a live consumer does."""
+    consumer = psycopg.connect(env.server.conninfo(dbname=env.db))
+    try:
+        consumer.execute(
+            sql.SQL("SELECT 1 FROM {} WHERE event_id = %s FOR UPDATE").format(
+                sql.Identifier(SCHEMA, table)
+            ),
+            (event_id,),
+        )
+        yield consumer
+    finally:
+        consumer.close()
+
+
 def test_a_backlog_beyond_the_old_ceiling_is_reset_with_defaults(env: Env) -> None:
     table = env.backlog_table()
     block = env.block(table=table, **BATCHING_DEFAULTS)
     not_stuck = env.digest(table, "event_id % 2 = 1")
     held = BACKLOG  # a stuck row in the middle of the table, which a consumer holds
-    consumer = psycopg.connect(env.server.conninfo(dbname=env.db))
-    consumer.execute(
-        sql.SQL("SELECT 1 FROM {} WHERE event_id = %s FOR UPDATE").format(
-            sql.Identifier(SCHEMA, table)
-        ),
-        (held,),
-    )
-    try:
+    with _held_by_a_consumer(env, table, held) as consumer:
         summary = run(env, block, approve_over=10 * BACKLOG)
         assert consumer.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
-    finally:
-        consumer.close()
 
     assert summary.outcome is Outcome.RESOLVED, summary.report
     assert summary.before.count == BACKLOG
@@ -518,19 +526,10 @@ def test_a_large_backlog_is_reset_in_ranges_side_by_side(env: Env) -> None:
     not_stuck = env.digest(table, odd)
     stuck_before = env.digest(table, f"NOT ({odd})")
     held = env.admin.execute("SELECT md5('1000')").fetchone()[0]  # a stuck row a consumer holds
-    consumer = psycopg.connect(env.server.conninfo(dbname=env.db))
-    consumer.execute(
-        sql.SQL("SELECT 1 FROM {} WHERE event_id = %s FOR UPDATE").format(
-            sql.Identifier(SCHEMA, table)
-        ),
-        (held,),
-    )
-    try:
+    with _held_by_a_consumer(env, table, held) as consumer:
         summary = run(env, block, approve_over=10 * LARGE_BACKLOG)
         # skipped, never waited on: the consumer's transaction is still open
         assert consumer.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
-    finally:
-        consumer.close()
 
     assert summary.outcome is Outcome.RESOLVED, summary.report
     reset = summary.reset
