@@ -110,6 +110,67 @@ OptionalGroupId = Annotated[
 rendering a label the alert does not have ("None"), counts as nothing."""
 
 
+# Where a service runs (tasks/workloads.py): "<platform>/<block name>"
+PLATFORM_KINDS = ("kubernetes", "docker", "supervisord")
+
+
+def platform_ref_problem(value: str) -> str | None:
+    """Why ``value`` is not ``kubernetes/NAME``, ``docker/NAME`` or ``supervisord/NAME``."""
+    platform, slash, name = value.partition("/")
+    if not slash or platform not in PLATFORM_KINDS:
+        return (
+            f"{value[:80]!r} is not a platform: write <platform>/<block name>, the platform one "
+            f"of {', '.join(PLATFORM_KINDS)}"
+        )
+    problem = block_name_problem(name)
+    return f"block name {name[:80]!r}: {problem}" if problem else None
+
+
+def _platform_ref(value: str) -> str:
+    problem = platform_ref_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+PlatformRef = Annotated[str, AfterValidator(_platform_ref)]
+"""``<platform>/<block name>``: which platform block says where a service runs."""
+
+# A service's name as the platforms spell them: Kubernetes object names (DNS-1123), Compose
+# service and container names, supervisord "group:program" names. A name from an alert label is
+# data: anything else (a path, a space, a glob) is refused before it reaches an API.
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,252}")
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def service_name_problem(name: str) -> str | None:
+    if not _SERVICE_NAME.fullmatch(name) or ".." in name:
+        return (
+            f"{name[:80]!r} is not a service name (a letter or digit, then up to 252 letters, "
+            "digits, '_', '.', ':' or '-')"
+        )
+    return None
+
+
+def _service_name(value: str | None) -> str | None:
+    problem = None if value is None else service_name_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _namespace(value: str | None) -> str | None:
+    if value is not None and not _NAMESPACE.fullmatch(value):
+        raise ValueError(f"{value[:80]!r} is not a Kubernetes namespace (DNS-1123 label)")
+    return value
+
+
+_EMPTY_IS_NONE = BeforeValidator(lambda v: None if v in ("", "None") else v)
+ServiceName = Annotated[str, AfterValidator(_service_name)]
+OptionalServiceName = Annotated[str | None, _EMPTY_IS_NONE, AfterValidator(_service_name)]
+OptionalNamespace = Annotated[str | None, _EMPTY_IS_NONE, AfterValidator(_namespace)]
+
+
 class AlertContext(BaseModel):
     """The alert that started this run; filled in by the deployment trigger from the event."""
 

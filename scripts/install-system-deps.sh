@@ -11,6 +11,11 @@ command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
 command -v prometheus-alertmanager >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 [ -f /usr/share/zookeeper/bin/zkServer.sh ] || missing+=(zookeeper)
+# a Docker-compatible engine for the Docker backend's tests: podman with runc (crun lacks a
+# capability here), and busybox-static as the root filesystem of the containers (no registry)
+command -v podman >/dev/null 2>&1 || missing+=(podman)
+command -v runc >/dev/null 2>&1 || missing+=(runc)
+dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
