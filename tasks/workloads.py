@@ -208,7 +208,10 @@ class WorkloadBackend(Protocol):
 # Block type of each platform, and the backend class that drives it (module:attribute),
 # imported when first used so that a runbook on one platform needs no other platform's client.
 PLATFORMS: dict[str, tuple[str, str]] = {
-    "kubernetes": ("blocks.kubernetes:KubernetesCluster", "tasks.kubernetes_apps:KubernetesBackend"),
+    "kubernetes": (
+        "blocks.kubernetes:KubernetesCluster",
+        "tasks.kubernetes_apps:KubernetesBackend",
+    ),
     "docker": ("blocks.docker_host:DockerHost", "tasks.docker_engine:DockerBackend"),
     "supervisord": ("blocks.supervisor:SupervisorHost", "tasks.supervisord:SupervisorBackend"),
 }
