@@ -58,6 +58,38 @@ CASES = {
         {"alertname": "EventsStuckInProcessing", "event_store": "events"},
         {"event_store_block": "events"},
     ),
+    "service-not-responding": (
+        {
+            "alertname": "KubePodCrashLooping",
+            "namespace": "shop",
+            "pod": "orders-api-7d9f8b6c5d-x2k4q",
+            "deployment": "orders-api",
+            "container": "api",
+            "runbooks_platform": "kubernetes/prod",
+        },
+        {"platform": "kubernetes/prod", "service": "orders-api", "namespace": "shop", "container": "api"},
+    ),
+    "service-oom": (
+        {"alertname": "ContainerOOMKilled", "service": "web", "runbooks_platform": "docker/edge-1"},
+        {"platform": "docker/edge-1", "service": "web", "namespace": None, "container": None},
+    ),
+    "consumers-too-slow": (
+        {
+            "alertname": "KafkaConsumersTooSlow",
+            "kafka_cluster": "prod-kafka",
+            "consumergroup": "stream-processor",
+            "service": "stream-processor",
+            "namespace": "streaming",
+            "runbooks_platform": "kubernetes/default",
+        },
+        {
+            "kafka_block": "prod-kafka",
+            "group": "stream-processor",
+            "platform": "kubernetes/default",
+            "service": "stream-processor",
+            "namespace": "streaming",
+        },
+    ),
 }
 
 
