@@ -3,21 +3,31 @@ seed 003 issue 1 (lag > 10,000; alert > 5,000) and its daily "check consumer lag
 seed 004 section 4.5 "lag increasing".
 
 Sample the lag of every consumer group (or the alert's group) twice, name the groups and
-partitions behind and why (no consumers, stuck, slow), and the action that would fix each. The
-fixes (restart a stuck consumer, scale consumers) need the Kubernetes workloads tasks, which have
-not landed: until then the run recommends them and escalates with the evidence when a group is
-over the escalation threshold and its lag is not falling. It changes nothing in Kafka.
+partitions behind and why (no consumers, stuck, slow), and the action that would fix each. A slow
+group whose consumer workload is listed in ``consumer_workloads`` is handed to the
+consumers-too-slow runbook (its own run, lock, budget and report, linked from this one), which
+scales the consumers; for the rest the run recommends the fix and escalates with the evidence when
+a group is over the escalation threshold and its lag is not falling. It changes nothing in Kafka.
 """
 
 import time
-from typing import Self
+from typing import Literal, Self
 
 from prefect import flow
 from pydantic import BaseModel, Field, model_validator
 
 from blocks.kafka import KafkaCluster
 from runbooks.errors import Escalation
-from runbooks.params import BlockName, OptionalGroupId, RunbookParams
+from runbooks.handoff import hand_off
+from runbooks.params import (
+    BlockName,
+    GroupId,
+    OptionalGroupId,
+    OptionalNamespace,
+    PlatformRef,
+    RunbookParams,
+    ServiceName,
+)
 from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from tasks.kafka_lag import (
     GroupFinding,
@@ -27,6 +37,22 @@ from tasks.kafka_lag import (
     get_all_group_lag,
     needs_escalation,
 )
+
+
+class ConsumerWorkload(BaseModel):
+    """The workload whose instances consume in a group (consumers-too-slow scales it)."""
+
+    group: GroupId = Field(description="The consumer group.")
+    platform: PlatformRef = Field(
+        description="Where the consumers run: kubernetes/<block>, docker/<block> or supervisord/<block>."
+    )
+    service: ServiceName = Field(
+        description="The consumer workload (Deployment, Compose service, group)."
+    )
+    namespace: OptionalNamespace = Field(
+        None, description="Kubernetes namespace; empty: the block's."
+    )
+    kind: Literal["Deployment", "StatefulSet"] = Field("Deployment", description="Kubernetes kind.")
 
 
 class KafkaConsumerLagHighParams(RunbookParams):
@@ -54,6 +80,11 @@ class KafkaConsumerLagHighParams(RunbookParams):
         gt=0,
         le=600,
         description="Time between the two lag samples that show the trend, in seconds.",
+    )
+    consumer_workloads: list[ConsumerWorkload] = Field(
+        default_factory=list,
+        description="Which workload consumes in which group: a slow group listed here is handed "
+        "to the consumers-too-slow runbook, which scales it.",
     )
 
     @model_validator(mode="after")
@@ -162,17 +193,53 @@ def _conclude(
             f"All {len(findings)} consumer group(s) are within {params.warn_lag} messages of the log end.",
         )
         return
-    # restarting or scaling consumers needs the Kubernetes workloads tasks (not landed): recommend
-    report.follow_ups += [f.action for f in behind]
-    escalate = [f for f in behind if needs_escalation(f, params.escalate_lag)]
+    handed = _hand_off_slow_groups(report, behind, params)
+    report.follow_ups += [f.action for f in behind if f.group not in handed]
+    escalate = [
+        f for f in behind if f.group not in handed and needs_escalation(f, params.escalate_lag)
+    ]
     named = "; ".join(f"group {f.group} {f.verdict}: {f.reason}" for f in (escalate or behind))
     if escalate:
         raise Escalation(
             f"{len(escalate)} consumer group(s) over {params.escalate_lag} messages behind and not falling: "
             f"{named}. Recommended: " + "; ".join(f.action for f in escalate)
         )
+    passed = "".join(
+        f" Group {group} is slow: handed to consumers-too-slow ({link})."
+        for group, link in handed.items()
+    )
     report.finish(
         Outcome.WAITING,
-        f"{len(behind)} group(s) behind, none over {params.escalate_lag} with lag not falling: {named}. "
-        "Nothing was changed; the recommended actions are listed below.",
+        f"{len(behind)} group(s) behind: {named}.{passed} "
+        + (
+            f"No other group is over {params.escalate_lag} with lag not falling; nothing was "
+            "changed here, the recommended actions are listed below."
+            if len(handed) < len(behind)
+            else "Nothing was changed by this run."
+        ),
     )
+
+
+def _hand_off_slow_groups(
+    report: IncidentReport, behind: list[GroupFinding], params: KafkaConsumerLagHighParams
+) -> dict[str, str]:
+    """Start consumers-too-slow for each slow group with a known workload; group -> run link."""
+    workloads = {w.group: w for w in params.consumer_workloads}
+    handed: dict[str, str] = {}
+    for finding in behind:
+        workload = workloads.get(finding.group)
+        if finding.verdict is not LagVerdict.SLOW or workload is None:
+            continue
+        link = hand_off(
+            "consumers-too-slow",
+            params,
+            {
+                "kafka_block": params.kafka_block,
+                "group": finding.group,
+                "lag_threshold": params.warn_lag,
+                **workload.model_dump(mode="json", exclude={"group"}),
+            },
+        )
+        report.step(f"group {finding.group} is slow: handed to consumers-too-slow, {link}")
+        handed[finding.group] = link
+    return handed

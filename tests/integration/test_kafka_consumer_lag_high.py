@@ -12,6 +12,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from blocks.kafka import KafkaCluster
 from flows.kafka.kafka_consumer_lag_high import KafkaConsumerLagHighParams, kafka_consumer_lag_high
+from flows.services.consumers_too_slow import ConsumersTooSlowParams
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
 from tasks.kafka_lag import LagVerdict, get_all_group_lag
@@ -139,3 +140,90 @@ def test_unknown_group_escalates(three_groups: str) -> None:
     assert "consumer group no-such-group is not known" in read_incident_report(
         state.state_details.flow_run_id
     )
+
+
+@pytest.fixture
+def slow_group(own_kafka_broker: KafkaBroker) -> Iterator[tuple[str, str]]:
+    """Group `slow`: a live member that commits every record it reads, one every 0.3 s, while a
+    producer writes 5 a second: behind, every partition moving, lag growing."""
+    import threading
+
+    from confluent_kafka import Producer
+
+    bootstrap = own_kafka_broker.bootstrap
+    topic = unique("clicks")
+    create_topic(bootstrap, topic, partitions=2)
+    stop = threading.Event()
+    member = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "slow",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "max.poll.interval.ms": 6000,
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 1000,
+        }
+    )
+    member.subscribe([topic])
+
+    def produce() -> None:
+        producer = Producer({"bootstrap.servers": bootstrap})
+        while not stop.is_set():
+            for p in (0, 1):
+                producer.produce(topic, b"x", partition=p)
+            producer.flush(5)
+            time.sleep(0.4)
+
+    def consume() -> None:
+        while not stop.is_set():
+            record = member.poll(0.2)
+            if record is not None and not record.error():
+                member.commit(record, asynchronous=False)
+                time.sleep(0.3)
+
+    threads = [threading.Thread(target=produce), threading.Thread(target=consume)]
+    for t in threads:
+        t.start()
+    kafka = unique("kafka")
+    KafkaCluster(bootstrap_servers=bootstrap, request_timeout_s=5).save(kafka, overwrite=True)
+    time.sleep(3)  # joined, committing, behind
+    yield kafka, topic
+    stop.set()
+    for t in threads:
+        t.join(10)
+    member.close()
+
+
+def test_slow_group_is_handed_to_consumers_too_slow(
+    slow_group: tuple[str, str], deployment_ids: dict[str, str]
+) -> None:
+    from tests.conftest import runs_of
+
+    kafka, _topic = slow_group
+    workload = {
+        "group": "slow",
+        "platform": "kubernetes/prod",
+        "service": "clicks-consumer",
+        "namespace": "web",
+    }
+    before = {r["id"] for r in runs_of(deployment_ids["consumers-too-slow"])}
+    result = kafka_consumer_lag_high(
+        params(
+            kafka, group="slow", escalate_lag=0, sample_interval_s=2, consumer_workloads=[workload]
+        )
+    )
+    assert [f.verdict for f in result.findings] == [LagVerdict.SLOW], result.findings
+    # not escalated although over escalate_lag and growing: the fixing runbook has it now
+    assert result.outcome is Outcome.WAITING, result.report
+    new = [r for r in runs_of(deployment_ids["consumers-too-slow"]) if r["id"] not in before]
+    assert len(new) == 1
+    handed = new[0]["parameters"]["params"]
+    assert {k: handed[k] for k in ("group", "platform", "service", "namespace", "kafka_block")} == {
+        **{k: v for k, v in workload.items()},
+        "kafka_block": kafka,
+    }
+    assert handed["lag_threshold"] == 0 and handed["dry_run"] is False
+    ConsumersTooSlowParams.model_validate(handed)  # the run it starts accepts them
+    assert "handed-off" in new[0]["tags"]
+    assert "handed to consumers-too-slow" in result.report and new[0]["id"] in result.report
