@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated
 
@@ -65,4 +66,66 @@ def probe_health(url: str, timeout_s: float = 5.0) -> HealthProbe:
         status=response.status_code,
         latency_ms=latency,
         error=error,
+    )
+
+
+class HeapProfile(BaseModel):
+    """A heap profile kept as evidence: Go pprof's text form, or a JVM heap dump's size."""
+
+    url: str
+    kind: str = Field(
+        description="pprof (Go /debug/pprof/heap?debug=1) or heapdump (JVM actuator)."
+    )
+    size_bytes: int | None = Field(None, description="Bytes the endpoint sent (up to the cap).")
+    truncated: bool = Field(False, description="The cap was reached before the end.")
+    in_use_bytes: int | None = Field(None, description="pprof: bytes in use, from its header.")
+    text: str | None = Field(None, description="pprof: the start of the profile, as evidence.")
+    error: str | None = None
+
+
+_PPROF_HEADER = re.compile(r"heap profile: \d+: (\d+) \[")
+
+
+def pprof_in_use(text: str) -> int | None:
+    """Bytes in use from a pprof heap profile's first line (``heap profile: 12: 4096 [...``)."""
+    match = _PPROF_HEADER.search(text.split("\n", 1)[0])
+    return int(match.group(1)) if match else None
+
+
+@task(**runbook_task_options())
+def fetch_heap_profile(
+    url: str, kind: str, timeout_s: float = 30.0, max_bytes: int = 1024**3, keep_chars: int = 20_000
+) -> HeapProfile:
+    """Download a heap profile once (a Go pprof heap profile, or a JVM heap dump, counted only).
+
+    A heap dump can be gigabytes: it is streamed, counted and dropped, never stored; reading stops
+    at ``max_bytes``. Failure is evidence too (the endpoint may not be exposed), not an error.
+    """
+    if kind == "pprof":
+        url = str(httpx.URL(url).copy_merge_params({"debug": "1"}))
+    size, chunks, truncated = 0, [], False
+    try:
+        with httpx.Client(timeout=timeout_s, follow_redirects=False, trust_env=False) as client:
+            with client.stream("GET", url) as response:
+                if response.status_code != 200:
+                    return HeapProfile(url=url, kind=kind, error=f"HTTP {response.status_code}")
+                for chunk in response.iter_bytes():
+                    size += len(chunk)
+                    if kind == "pprof" and sum(map(len, chunks)) < keep_chars:
+                        chunks.append(chunk)
+                    if size >= max_bytes:
+                        truncated = True
+                        break
+    except httpx.HTTPError as exc:
+        return HeapProfile(
+            url=url, kind=kind, size_bytes=size or None, error=f"{type(exc).__name__}: {exc}"[:300]
+        )
+    text = b"".join(chunks).decode("utf-8", "replace")[:keep_chars] if kind == "pprof" else None
+    return HeapProfile(
+        url=url,
+        kind=kind,
+        size_bytes=size,
+        truncated=truncated,
+        in_use_bytes=pprof_in_use(text) if text else None,
+        text=text,
     )

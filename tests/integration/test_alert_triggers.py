@@ -23,7 +23,11 @@ CASES = {
         {"kafka_block": "prod-kafka", "namespace": "streaming"},
     ),
     "kafka-consumer-lag-high": (
-        {"alertname": "KafkaConsumerLagHigh", "kafka_cluster": "prod-kafka", "consumergroup": "billing"},
+        {
+            "alertname": "KafkaConsumerLagHigh",
+            "kafka_cluster": "prod-kafka",
+            "consumergroup": "billing",
+        },
         {"kafka_block": "prod-kafka", "group": "billing"},
     ),
     "dlq-growing": (
@@ -35,7 +39,11 @@ CASES = {
         {"kafka_block": "prod-kafka"},
     ),
     "producer-not-sending": (
-        {"alertname": "KafkaTopicNoNewMessages", "kafka_cluster": "prod-kafka", "topic": "match-events-raw"},
+        {
+            "alertname": "KafkaTopicNoNewMessages",
+            "kafka_cluster": "prod-kafka",
+            "topic": "match-events-raw",
+        },
         {"kafka_block": "prod-kafka", "topic": "match-events-raw"},
     ),
     "kafka-topic-backup": (
@@ -67,11 +75,33 @@ CASES = {
             "container": "api",
             "runbooks_platform": "kubernetes/prod",
         },
-        {"platform": "kubernetes/prod", "service": "orders-api", "namespace": "shop", "container": "api"},
+        {
+            "platform": "kubernetes/prod",
+            "service": "orders-api",
+            "namespace": "shop",
+            "container": "api",
+        },
     ),
     "service-oom": (
         {"alertname": "ContainerOOMKilled", "service": "web", "runbooks_platform": "docker/edge-1"},
         {"platform": "docker/edge-1", "service": "web", "namespace": None, "container": None},
+    ),
+    "rollback-bad-deploy": (
+        {
+            "alertname": "ServiceHighErrorRate",
+            "namespace": "shop",
+            "deployment": "orders-api",
+            "runbooks_platform": "kubernetes/default",
+        },
+        {"platform": "kubernetes/default", "service": "orders-api", "namespace": "shop"},
+    ),
+    "service-high-memory": (
+        {
+            "alertname": "ContainerMemoryHigh",
+            "service": "web",
+            "runbooks_platform": "docker/edge-1",
+        },
+        {"platform": "docker/edge-1", "service": "web", "namespace": None},
     ),
     "consumers-too-slow": (
         {

@@ -13,6 +13,9 @@ from flows.services.consumers_too_slow import (
     drain_seconds,
     plan_consumer_scale,
 )
+from flows.services.rollback_bad_deploy import RollbackAction, plan_rollback
+from flows.services.rollback_bad_deploy import symptom as rollback_symptom
+from flows.services.service_high_memory import Relief, plan_memory_relief
 from flows.services.service_not_responding import ServiceNotRespondingParams, Verdict, diagnose
 from flows.services.service_oom import (
     OomAction,
@@ -24,9 +27,16 @@ from flows.services.service_oom import (
 )
 from runbooks.params import platform_ref_problem, service_name_problem
 from runbooks.quantities import MIB, format_memory, parse_memory
-from tasks.http_probe import HealthProbe, health_verdict
+from tasks.http_probe import HealthProbe, health_verdict, pprof_in_use
 from tasks.kafka_lag import GroupLag, PartitionLag
-from tasks.workloads import Autoscaler, Capability, Instance, WorkloadEvent, WorkloadStatus
+from tasks.workloads import (
+    Autoscaler,
+    Capability,
+    Instance,
+    Revision,
+    WorkloadEvent,
+    WorkloadStatus,
+)
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 ALL = list(Capability)
@@ -380,3 +390,166 @@ def test_health_url(url: str, ok: bool) -> None:
 )
 def test_health_verdict(code: int | None, error: str | None, ok: bool) -> None:
     assert health_verdict(code, error) is ok
+
+
+# --- rollback-bad-deploy ---------------------------------------------------------------------
+
+NOW = T0 + timedelta(hours=2)
+
+
+def rev(n: int, minutes_ago: float, current: bool = False) -> Revision:
+    return Revision(
+        revision=n,
+        created_at=NOW - timedelta(minutes=minutes_ago),
+        images=[f"app:{n}"],
+        current=current,
+    )
+
+
+ROLLBACKS = [
+    ("healthy", status(inst()), [rev(1, 300), rev(2, 10, True)], None, RollbackAction.NONE, None),
+    (
+        "failing after a recent rollout",
+        status(inst()),
+        [rev(1, 300), rev(2, 10, True)],
+        "HTTP 503",
+        RollbackAction.ROLLBACK,
+        1,
+    ),
+    (
+        "back to the newest earlier revision",
+        status(inst()),
+        [rev(1, 900), rev(3, 300), rev(4, 5, True)],
+        "HTTP 503",
+        RollbackAction.ROLLBACK,
+        3,
+    ),
+    (
+        "rollout too old to blame",
+        status(inst()),
+        [rev(1, 900), rev(2, 120, True)],
+        "HTTP 503",
+        RollbackAction.NOT_RECENT,
+        None,
+    ),
+    (
+        "first revision",
+        status(inst()),
+        [rev(1, 5, True)],
+        "HTTP 503",
+        RollbackAction.NO_PREVIOUS,
+        None,
+    ),
+    (
+        "docker keeps no history",
+        status(inst(), capabilities=[Capability.MEMORY_LIMIT]),
+        [],
+        "HTTP 503",
+        RollbackAction.NO_HISTORY,
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "seen", "history", "failing", "action", "to"), ROLLBACKS, ids=[r[0] for r in ROLLBACKS]
+)
+def test_plan_rollback(
+    case: str,
+    seen: WorkloadStatus,
+    history: list[Revision],
+    failing: str | None,
+    action: RollbackAction,
+    to: int | None,
+) -> None:
+    plan = plan_rollback(seen, history, failing, NOW, window_s=3600)
+    assert plan.action is action, plan.reason
+    assert plan.to_revision == to
+
+
+@pytest.mark.parametrize(
+    ("seen", "health", "alert", "unwell"),
+    [
+        (status(inst()), probe(True), None, False),
+        (status(inst()), probe(False), None, True),
+        (status(UNREADY), None, None, True),
+        (status(inst()), probe(True), "HighErrorRate", True),
+    ],
+)
+def test_symptom(
+    seen: WorkloadStatus, health: HealthProbe | None, alert: str | None, unwell: bool
+) -> None:
+    assert (rollback_symptom(seen, health, alert) is not None) is unwell
+
+
+# --- service-high-memory ---------------------------------------------------------------------
+
+
+def mem(name: str, used_mib: int | None, limit_mib: int | None) -> Instance:
+    return inst(
+        name,
+        memory_usage_bytes=None if used_mib is None else used_mib * MIB,
+        memory_limit_bytes=None if limit_mib is None else limit_mib * MIB,
+    )
+
+
+RELIEFS = [
+    ("all under", status(mem("a", 100, 512), mem("b", 200, 512)), "restart", None, Relief.NONE),
+    (
+        "one over: restart",
+        status(mem("a", 500, 512), mem("b", 200, 512)),
+        "restart",
+        None,
+        Relief.RESTART,
+    ),
+    (
+        "one over: scale",
+        status(mem("a", 500, 512), desired_replicas=1),
+        "scale",
+        None,
+        Relief.SCALE,
+    ),
+    (
+        "scale at max: restart",
+        status(*(mem(f"i{n}", 500, 512) for n in range(10)), desired_replicas=10),
+        "scale",
+        None,
+        Relief.RESTART,
+    ),
+    ("unmeasured, no alert", status(mem("a", None, 512)), "restart", None, Relief.UNMEASURED),
+    (
+        "unmeasured, alert firing",
+        status(mem("a", None, None)),
+        "restart",
+        "HighMemory",
+        Relief.RESTART,
+    ),
+    (
+        "no limit never counts as over",
+        status(mem("a", 5000, None), mem("b", 10, 512)),
+        "restart",
+        None,
+        Relief.NONE,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "seen", "relief", "alert", "action"), RELIEFS, ids=[r[0] for r in RELIEFS]
+)
+def test_plan_memory_relief(
+    case: str, seen: WorkloadStatus, relief: str, alert: str | None, action: Relief
+) -> None:
+    assert plan_memory_relief(seen, 0.9, relief, 10, alert).action is action
+
+
+@pytest.mark.parametrize(
+    ("text", "in_use"),
+    [
+        ("heap profile: 12: 4096 [345: 1048576] @ heap/1048576\n1: 4096 [1: 4096] @ 0x1", 4096),
+        ("heap profile: 0: 0 [0: 0] @ heap/524288\n", 0),
+        ("<html>not a profile</html>", None),
+    ],
+)
+def test_pprof_in_use(text: str, in_use: int | None) -> None:
+    assert pprof_in_use(text) == in_use
