@@ -8,6 +8,7 @@ from blocks.flink import FlinkCluster
 from blocks.kafka import KafkaCluster
 from blocks.kubernetes import KubernetesCluster
 from blocks.postgres import PostgresDatabase
+from blocks.supervisor import SupervisorHost
 
 __all__ = [
     "BackupStore",
@@ -18,4 +19,5 @@ __all__ = [
     "KafkaCluster",
     "KubernetesCluster",
     "PostgresDatabase",
+    "SupervisorHost",
 ]

@@ -27,6 +27,7 @@ from tests.servers import (
     start_postgres,
     start_zookeeper,
 )
+from tests.supervisor_server import SupervisorServer, start_supervisord
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -73,6 +74,15 @@ def zookeeper(zookeeper_ensemble: ZooKeeperEnsemble) -> Iterator[ZooKeeperEnsemb
     zookeeper_ensemble.wait_until_serving()
     yield zookeeper_ensemble
     zookeeper_ensemble.restore()
+
+
+@pytest.fixture(scope="session")
+def supervisord(kafka_broker: KafkaBroker) -> Iterator[SupervisorServer]:
+    """A supervisord running the test programs (tests/supervisor_server.py); its consumer group
+    reads from the session's broker, so the broker's address is in its configuration."""
+    server = start_supervisord(kafka_broker.bootstrap)
+    yield server
+    server.stop()
 
 
 @pytest.fixture

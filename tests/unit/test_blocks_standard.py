@@ -120,6 +120,8 @@ INVALID_INPUTS = [
     (blocks.EscalationPolicy, {"webhook_token": SENTINEL, "attempts": 0}),
     (blocks.EventStore, {"database": {"host": "db", "password": SENTINEL}}),
     (blocks.BackupStore, {"bucket": "x", "aws_secret_access_key": SENTINEL}),
+    (blocks.SupervisorHost, {"url": "http://sv:9001/RPC2", "password": SENTINEL}),
+    (blocks.SupervisorHost, {"url": f"http://admin:{SENTINEL}@sv:9001/RPC2"}),
 ]
 
 

@@ -1,0 +1,1 @@
+"""Small real programs the tests run under supervisord (tests/supervisor_server.py)."""
