@@ -48,6 +48,7 @@ PLATFORM = "supervisord"
 # supervisor.states.ProcessStates by name, as getProcessInfo's `statename` spells them
 ACTIVE_STATES = frozenset({"STARTING", "RUNNING", "BACKOFF"})  # supervisord's RUNNING_STATES
 ALIVE_STATES = frozenset({"STARTING", "RUNNING", "STOPPING"})  # a process with a pid
+STOPPED_STATES = frozenset({"STOPPED", "STOPPING"})  # stopped on purpose
 
 # one log tail: enough bytes for `lines` lines of ordinary length, within a bound
 LOG_BYTES_PER_LINE = 512
@@ -298,7 +299,9 @@ class SupervisorBackend:
             service=ref.name,
             exists=bool(processes),
             instances=[to_instance(info) for info in processes],
-            desired_replicas=sum(info["statename"] in ACTIVE_STATES for info in processes),
+            # wanted: every process nobody stopped on purpose. STOPPED is supervisorctl stop (or a
+            # scale-down); EXITED, BACKOFF and FATAL are processes that died and should run
+            desired_replicas=sum(info["statename"] not in STOPPED_STATES for info in processes),
             capabilities=(
                 [Capability.SCALE] if copies_of_one_program(processes, ref.name) else []
             ),

@@ -10,7 +10,6 @@ where no revision history is kept (a Docker host, supervisord), is escalated: a 
 answer there, or cannot be done.
 """
 
-from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum

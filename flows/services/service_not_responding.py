@@ -10,7 +10,6 @@ the health endpoint answers again. A service that does not come back, or keeps n
 is escalated with its last log lines as evidence.
 """
 
-from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
