@@ -79,7 +79,7 @@ def list_pods(cluster: KubernetesCluster, namespace: str, label_selector: str) -
         pods = core.list_namespaced_pod(
             namespace, label_selector=label_selector, _request_timeout=cluster.request_timeout_s
         )
-    return sorted((_pod_state(p) for p in pods.items), key=lambda p: p.name)
+    return sorted((pod_state(p) for p in pods.items), key=lambda p: p.name)
 
 
 @task(**_transient)
@@ -231,7 +231,7 @@ def _pods_ready(
 def _read_pod(core: CoreV1Api, namespace: str, name: str, timeout: float) -> PodState | None:
     """The pod's state, or None when it does not exist (404)."""
     try:
-        return _pod_state(core.read_namespaced_pod(name, namespace, _request_timeout=timeout))
+        return pod_state(core.read_namespaced_pod(name, namespace, _request_timeout=timeout))
     except ApiException as exc:
         if exc.status == 404:
             return None
@@ -255,7 +255,7 @@ def _reason_to_leave(
     return None
 
 
-def _pod_state(pod: V1Pod) -> PodState:
+def pod_state(pod: V1Pod) -> PodState:
     meta, status = pod.metadata, pod.status
     containers = (status.container_statuses if status else None) or []
     conditions = (status.conditions if status else None) or []

@@ -1,4 +1,4 @@
-"""A fake Kubernetes API server: the documented JSON of the pod endpoints the runbooks call.
+"""A fake Kubernetes API server: the documented JSON of the endpoints the runbooks call.
 
 No Kubernetes API server can run here (kind, k3s and envtest download binaries at run time),
 so tests point the real `kubernetes` client at this stdlib HTTP server. It serves exactly:
@@ -6,13 +6,26 @@ so tests point the real `kubernetes` client at this stdlib HTTP server. It serve
 - ``GET    /api/v1/namespaces/{ns}/pods?labelSelector=...``  (PodList)
 - ``GET    /api/v1/namespaces/{ns}/pods/{name}``              (Pod, or a 404 Status)
 - ``DELETE /api/v1/namespaces/{ns}/pods/{name}``              (Pod; honours ``preconditions.uid``)
+- ``GET    /api/v1/namespaces/{ns}/pods/{name}/log?container=&tailLines=&previous=`` (text)
+- ``GET    /api/v1/namespaces/{ns}/events?fieldSelector=...`` (EventList)
+- ``GET    /apis/metrics.k8s.io/v1beta1/namespaces/{ns}/pods`` (PodMetricsList; 404 until a
+  test gives a pod a memory usage, as when no metrics-server is installed)
+- apps/v1 Deployments, StatefulSets (get, list, patch, ``/scale``), ReplicaSets and
+  ControllerRevisions (get, list), autoscaling/v2 HorizontalPodAutoscalers (get, list,
+  patch), with the controllers that act on them: see tests/fakes/kubernetes_apps.py.
 
-It checks the bearer token, records every call, and keeps a small model of pods. Deleting a
-pod that has a controller behaves like a StatefulSet: the pod is recreated under the same name
-with a new uid, not Ready at first, Ready after ``recreated_ready_after_s`` (``None``: never).
-With ``termination_grace_s`` the deleted pod first lingers as terminating (``deletionTimestamp``
-set, still reporting its old readiness), as a real pod does during its grace period.
+It checks the bearer token, records every call (method, path, query, content type, body), and
+keeps a small model of pods. Deleting a pod whose controller is not modelled (a pod added with
+``add_pod``) behaves like a StatefulSet: the pod is recreated under the same name with a new
+uid, not Ready at first, Ready after ``recreated_ready_after_s`` (``None``: never); pods of a
+modelled Deployment or StatefulSet are replaced by its controller. With
+``termination_grace_s`` a deleted pod first lingers as terminating (``deletionTimestamp`` set,
+still reporting its old readiness), as a real pod does during its grace period.
 ``on_delete`` lets a test act on the world when a pod is deleted (e.g. resume a paused broker).
+
+Controllers act when the server *settles*, at the start of every request and of every test
+accessor: as with a real cluster, the answer to a PATCH is the object as stored, and what the
+controllers made of it shows from the next request on.
 """
 
 from __future__ import annotations
@@ -20,111 +33,29 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from tests.fakes.kubernetes_patch import label_selector
+from tests.fakes.kubernetes_pods import (
+    Call,
+    FakePod,
+    PodsAndEvents,
+    Response,
+    status_body,
+)
 from tests.servers import free_port
 
-
-@dataclass
-class Call:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    body: Any
+__all__ = ["Call", "FakeKubernetesApi", "FakePod"]
 
 
-@dataclass
-class FakePod:
-    namespace: str
-    name: str
-    labels: dict[str, str]
-    uid: str = field(default_factory=lambda: str(uuid.uuid4()))
-    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    # monotonic time from which the pod reports Ready; None: it never becomes Ready
-    ready_at: float | None = 0.0
-    # container waiting reason while not Ready, e.g. CrashLoopBackOff
-    waiting_reason: str | None = None
-    restarts: int = 0
-    owner: tuple[str, str] | None = ("StatefulSet", "kafka")
-    # while terminating: when deletion was requested, and the monotonic time it completes
-    deleted_at: datetime | None = None
-    gone_at: float | None = None
-
-    @property
-    def ready(self) -> bool:
-        return self.ready_at is not None and time.monotonic() >= self.ready_at
-
-    def to_json(self) -> dict[str, Any]:
-        """The pod as the API returns it (the fields a v1 Pod requires, and status)."""
-        ready = self.ready
-        started = _rfc3339(self.created_at)
-        if ready:
-            state: dict[str, Any] = {"running": {"startedAt": started}}
-        else:
-            reason = self.waiting_reason or "ContainerCreating"
-            state = {"waiting": {"reason": reason, "message": f"{reason} (fake)"}}
-        meta: dict[str, Any] = {
-            "name": self.name,
-            "namespace": self.namespace,
-            "uid": self.uid,
-            "labels": self.labels,
-            "creationTimestamp": started,
-            "resourceVersion": "1",
-        }
-        if self.deleted_at:
-            meta["deletionTimestamp"] = _rfc3339(self.deleted_at)
-        if self.owner:
-            kind, name = self.owner
-            meta["ownerReferences"] = [
-                {
-                    "apiVersion": "apps/v1",
-                    "kind": kind,
-                    "name": name,
-                    "uid": _owner_uid(name),
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ]
-        creating = not ready and self.waiting_reason is None
-        return {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": meta,
-            "spec": {"containers": [{"name": "kafka", "image": "apache/kafka:3.9.0"}]},
-            "status": {
-                "phase": "Pending" if creating else "Running",
-                "conditions": [
-                    {
-                        "type": "Ready",
-                        "status": "True" if ready else "False",
-                        "lastTransitionTime": started,
-                    }
-                ],
-                "containerStatuses": [
-                    {
-                        "name": "kafka",
-                        "image": "apache/kafka:3.9.0",
-                        "imageID": "",
-                        "ready": ready,
-                        "started": not creating,
-                        "restartCount": self.restarts,
-                        "state": state,
-                    }
-                ],
-            },
-        }
-
-
-class FakeKubernetesApi:
-    """In-memory pods behind a threaded HTTP server; use ``with FakeKubernetesApi.running() as api``."""
+class FakeKubernetesApi(PodsAndEvents):
+    """In-memory cluster behind a threaded HTTP server; ``with FakeKubernetesApi.running() as api``."""
 
     def __init__(
         self,
@@ -132,14 +63,22 @@ class FakeKubernetesApi:
         recreated_ready_after_s: float | None = 0.3,
         termination_grace_s: float = 0.0,
     ) -> None:
+        # imported here: kubernetes_apps builds on this module's pods
+        from tests.fakes.kubernetes_apps import FakeApps
+
         self.token = token
         self.recreated_ready_after_s = recreated_ready_after_s
         self.termination_grace_s = termination_grace_s
         self.on_delete: Callable[[FakePod], None] | None = None
         self.calls: list[Call] = []
         self._pods: dict[tuple[str, str], FakePod] = {}
+        self._events: list[dict[str, Any]] = []
+        # pod -> container -> memory working set in bytes (metrics-server); empty: no metrics API
+        self._usage: dict[tuple[str, str], dict[str, int]] = {}
         self._failures: list[tuple[str, int]] = []
-        self._lock = threading.Lock()
+        self._resource_version = 1000
+        self._lock = threading.RLock()
+        self.apps = FakeApps(self)
         self._server = ThreadingHTTPServer(("127.0.0.1", free_port()), _handler_for(self))
         self._server.daemon_threads = True
 
@@ -211,6 +150,13 @@ class FakeKubernetesApi:
             self._settle()
             return self._pods.get((namespace, name))
 
+    def pods(self, namespace: str, selector: str = "") -> list[FakePod]:
+        """The pods of ``namespace`` matching a label selector, terminating ones included."""
+        match = label_selector(selector)
+        with self._lock:
+            self._settle()
+            return [p for (ns, _), p in sorted(self._pods.items()) if ns == namespace and match(p.labels)]
+
     def mark_ready(self, namespace: str, name: str) -> None:
         """The pod's readiness probe starts passing."""
         with self._lock:
@@ -235,41 +181,48 @@ class FakeKubernetesApi:
 
     # request handling (called from server threads) ----------------------------------------
 
-    def _handle(
-        self, method: str, raw_path: str, headers: Any, body: Any
-    ) -> tuple[int, dict[str, Any]]:
+    def _handle(self, method: str, raw_path: str, headers: Any, body: Any) -> Response:
         parts = urlsplit(raw_path)
         query = parse_qs(parts.query)
         newly_deleted: FakePod | None = None
         with self._lock:
-            self.calls.append(Call(method, parts.path, query, body))
+            self.calls.append(Call(method, parts.path, query, body, headers.get("Content-Type")))
             self._settle()
             segments = parts.path.strip("/").split("/")
-            is_pods = segments[:3] == ["api", "v1", "namespaces"] and segments[4:5] == ["pods"]
+            is_core = segments[:3] == ["api", "v1", "namespaces"] and len(segments) >= 5
+            is_pods = is_core and segments[4] == "pods"
             failure = next((f for f in self._failures if f[0] == method), None)
             if headers.get("Authorization") != f"Bearer {self.token}":
-                response = _status(HTTPStatus.UNAUTHORIZED, "Unauthorized")
+                response = status_body(HTTPStatus.UNAUTHORIZED, "Unauthorized")
             elif failure:
                 self._failures.remove(failure)
-                response = _status(HTTPStatus(failure[1]), "injected failure")
+                response = status_body(HTTPStatus(failure[1]), "injected failure")
             elif is_pods and len(segments) == 5 and method == "GET":
                 response = self._list(segments[3], query.get("labelSelector", [""])[0])
             elif is_pods and len(segments) == 6 and method == "GET":
                 response = self._get(segments[3], segments[5])
             elif is_pods and len(segments) == 6 and method == "DELETE":
                 response, newly_deleted = self._delete(segments[3], segments[5], body or {})
+            elif is_pods and segments[6:] == ["log"] and method == "GET":
+                response = self._log(segments[3], segments[5], query)
+            elif is_core and segments[4:] == ["events"] and method == "GET":
+                response = self._list_events(segments[3], query)
+            elif segments[:3] == ["apis", "metrics.k8s.io", "v1beta1"] and method == "GET":
+                response = self._pod_metrics(segments[3:], query)
             else:
-                response = _status(HTTPStatus.NOT_FOUND, f"the server could not find {parts.path}")
+                response = self.apps.handle(
+                    method, segments, query, body, headers.get("Content-Type")
+                ) or status_body(HTTPStatus.NOT_FOUND, f"the server could not find {parts.path}")
         # outside the lock: the callback may take its time (e.g. signal a broker process)
         if newly_deleted is not None and self.on_delete:
             self.on_delete(newly_deleted)
         return response
 
-    def _list(self, namespace: str, selector: str) -> tuple[int, dict[str, Any]]:
+    def _list(self, namespace: str, selector: str) -> Response:
         try:
-            match = _selector(selector)
+            match = label_selector(selector)
         except ValueError as exc:
-            return _status(HTTPStatus.BAD_REQUEST, str(exc))
+            return status_body(HTTPStatus.BAD_REQUEST, str(exc))
         items = [
             p.to_json()
             for (ns, _), p in sorted(self._pods.items())
@@ -278,47 +231,47 @@ class FakeKubernetesApi:
         return HTTPStatus.OK, {
             "apiVersion": "v1",
             "kind": "PodList",
-            "metadata": {"resourceVersion": "1"},
+            "metadata": {"resourceVersion": str(self._resource_version)},
             "items": items,
         }
 
-    def _get(self, namespace: str, name: str) -> tuple[int, dict[str, Any]]:
+    def _get(self, namespace: str, name: str) -> Response:
         pod = self._pods.get((namespace, name))
         if pod is None:
-            return _status(HTTPStatus.NOT_FOUND, f'pods "{name}" not found', name=name)
+            return status_body(HTTPStatus.NOT_FOUND, f'pods "{name}" not found', name=name)
         return HTTPStatus.OK, pod.to_json()
 
     def _delete(
         self, namespace: str, name: str, options: dict[str, Any]
-    ) -> tuple[tuple[int, dict[str, Any]], FakePod | None]:
+    ) -> tuple[Response, FakePod | None]:
         """Start the pod's deletion; returns the response and the pod if this call deleted it."""
         pod = self._pods.get((namespace, name))
         if pod is None:
-            return _status(HTTPStatus.NOT_FOUND, f'pods "{name}" not found', name=name), None
+            return status_body(HTTPStatus.NOT_FOUND, f'pods "{name}" not found', name=name), None
         want_uid = (options.get("preconditions") or {}).get("uid")
         if want_uid and want_uid != pod.uid:
             message = (
                 f'Operation cannot be fulfilled on Pod "{name}": Precondition failed: '
                 f"UID in precondition: {want_uid}, UID in object meta: {pod.uid}"
             )
-            return _status(HTTPStatus.CONFLICT, message, name=name), None
+            return status_body(HTTPStatus.CONFLICT, message, name=name), None
         if pod.deleted_at is not None:
             # deleting a terminating pod again changes nothing
             return (HTTPStatus.OK, pod.to_json()), None
-        pod.deleted_at = datetime.now(UTC)
-        pod.gone_at = time.monotonic() + self.termination_grace_s
+        self.start_deletion(pod)
         response = (HTTPStatus.OK, pod.to_json())
         self._settle()
         return response, pod
 
     def _settle(self) -> None:
-        """Finish terminations whose grace period is over; controllers recreate their pods."""
+        """Finish terminations whose grace period is over; controllers do their work."""
         now = time.monotonic()
         for key, pod in list(self._pods.items()):
             if pod.gone_at is None or pod.gone_at > now:
                 continue
             del self._pods[key]
-            if pod.owner:
+            self._usage.pop(key, None)
+            if pod.owner and not pod.managed:
                 # same name, new uid, starting up: what a StatefulSet controller does
                 delay = self.recreated_ready_after_s
                 self._pods[key] = FakePod(
@@ -328,6 +281,7 @@ class FakeKubernetesApi:
                     owner=pod.owner,
                     ready_at=None if delay is None else now + delay,
                 )
+        self.apps.reconcile()
 
 
 def _handler_for(api: FakeKubernetesApi) -> type[BaseHTTPRequestHandler]:
@@ -337,57 +291,19 @@ def _handler_for(api: FakeKubernetesApi) -> type[BaseHTTPRequestHandler]:
             raw = self.rfile.read(length) if length else b""
             body = json.loads(raw) if raw else None
             status, payload = api._handle(self.command, self.path, self.headers, body)
-            data = json.dumps(payload).encode()
+            if isinstance(payload, str):
+                data, content_type = payload.encode(), "text/plain"
+            else:
+                data, content_type = json.dumps(payload).encode(), "application/json"
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
 
-        do_GET = do_DELETE = _serve
+        do_GET = do_DELETE = do_PATCH = do_POST = do_PUT = _serve
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
     return Handler
-
-
-def _selector(text: str) -> Callable[[dict[str, str]], bool]:
-    """Equality-based label selector (``a=b``, ``a==b``, ``a!=b``, ``a``), comma = AND."""
-    tests: list[Callable[[dict[str, str]], bool]] = []
-    for term in filter(None, (t.strip() for t in text.split(","))):
-        if "!=" in term:
-            k, v = term.split("!=", 1)
-            tests.append(lambda labels, k=k, v=v: labels.get(k) != v)
-        elif "=" in term:
-            k, v = term.replace("==", "=").split("=", 1)
-            tests.append(lambda labels, k=k, v=v: labels.get(k) == v)
-        elif " " in term or "(" in term:
-            raise ValueError(f"set-based selector {term!r} is not supported by this fake")
-        else:
-            tests.append(lambda labels, k=term: k in labels)
-    return lambda labels: all(t(labels) for t in tests)
-
-
-def _status(code: HTTPStatus, message: str, name: str | None = None) -> tuple[int, dict[str, Any]]:
-    """A v1 Status, the body Kubernetes returns with every error."""
-    body: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "Status",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": code.phrase.replace(" ", ""),
-        "code": int(code),
-    }
-    if name:
-        body["details"] = {"name": name, "kind": "pods"}
-    return int(code), body
-
-
-def _rfc3339(at: datetime) -> str:
-    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _owner_uid(name: str) -> str:
-    return str(uuid.uuid5(uuid.NAMESPACE_DNS, f"statefulset.{name}"))
