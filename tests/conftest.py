@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 
 # before prefect is imported: its settings are read at import; telemetry has no network here
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -99,6 +101,63 @@ def create_topic(bootstrap: str, name: str, partitions: int = 3) -> str:
     for fut in admin.create_topics([NewTopic(name, partitions, 1)]).values():
         fut.result(15)
     return name
+
+
+@contextlib.contextmanager
+def slow_consumer_group(bootstrap: str, group: str) -> Iterator[str]:
+    """A new topic (2 partitions) and a live member of ``group`` that commits every record it
+    reads, one every 0.3 s, while a producer writes 5 a second: behind, every partition moving,
+    lag growing. Yields the topic once the member is committing."""
+    import threading
+
+    from confluent_kafka import Consumer, Producer
+
+    topic = unique("clicks")
+    create_topic(bootstrap, topic, partitions=2)
+    stop = threading.Event()
+    member = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            # tansu holds a JoinGroup for the rebalance timeout (max.poll.interval.ms)
+            "max.poll.interval.ms": 6000,
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 1000,
+        }
+    )
+    member.subscribe([topic])
+    committed = threading.Event()
+
+    def produce() -> None:
+        producer = Producer({"bootstrap.servers": bootstrap})
+        while not stop.is_set():
+            for p in (0, 1):
+                producer.produce(topic, b"x", partition=p)
+            producer.flush(5)
+            time.sleep(0.4)
+
+    def consume() -> None:
+        while not stop.is_set():
+            record = member.poll(0.2)
+            if record is not None and not record.error():
+                member.commit(record, asynchronous=False)
+                committed.set()
+                time.sleep(0.3)
+
+    threads = [threading.Thread(target=produce), threading.Thread(target=consume)]
+    for t in threads:
+        t.start()
+    try:
+        assert committed.wait(30), f"the member of {group} never committed"
+        time.sleep(1)
+        yield topic
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        member.close()
 
 
 def produce_one_per_batch(bootstrap: str, topic: str, values: list[bytes], partition: int | None = None) -> None:

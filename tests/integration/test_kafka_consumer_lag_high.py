@@ -16,7 +16,13 @@ from flows.services.consumers_too_slow import ConsumersTooSlowParams
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
 from tasks.kafka_lag import LagVerdict, get_all_group_lag
-from tests.conftest import create_topic, produce_one_per_batch, read_incident_report, unique
+from tests.conftest import (
+    create_topic,
+    produce_one_per_batch,
+    read_incident_report,
+    slow_consumer_group,
+    unique,
+)
 from tests.servers import KafkaBroker
 
 pytestmark = pytest.mark.integration
@@ -144,55 +150,13 @@ def test_unknown_group_escalates(three_groups: str) -> None:
 
 @pytest.fixture
 def slow_group(own_kafka_broker: KafkaBroker) -> Iterator[tuple[str, str]]:
-    """Group `slow`: a live member that commits every record it reads, one every 0.3 s, while a
-    producer writes 5 a second: behind, every partition moving, lag growing."""
-    import threading
-
-    from confluent_kafka import Producer
-
-    bootstrap = own_kafka_broker.bootstrap
-    topic = unique("clicks")
-    create_topic(bootstrap, topic, partitions=2)
-    stop = threading.Event()
-    member = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": "slow",
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "max.poll.interval.ms": 6000,
-            "session.timeout.ms": 6000,
-            "heartbeat.interval.ms": 1000,
-        }
-    )
-    member.subscribe([topic])
-
-    def produce() -> None:
-        producer = Producer({"bootstrap.servers": bootstrap})
-        while not stop.is_set():
-            for p in (0, 1):
-                producer.produce(topic, b"x", partition=p)
-            producer.flush(5)
-            time.sleep(0.4)
-
-    def consume() -> None:
-        while not stop.is_set():
-            record = member.poll(0.2)
-            if record is not None and not record.error():
-                member.commit(record, asynchronous=False)
-                time.sleep(0.3)
-
-    threads = [threading.Thread(target=produce), threading.Thread(target=consume)]
-    for t in threads:
-        t.start()
-    kafka = unique("kafka")
-    KafkaCluster(bootstrap_servers=bootstrap, request_timeout_s=5).save(kafka, overwrite=True)
-    time.sleep(3)  # joined, committing, behind
-    yield kafka, topic
-    stop.set()
-    for t in threads:
-        t.join(10)
-    member.close()
+    """Group `slow`, behind and committing (tests.conftest.slow_consumer_group)."""
+    with slow_consumer_group(own_kafka_broker.bootstrap, "slow") as topic:
+        kafka = unique("kafka")
+        KafkaCluster(bootstrap_servers=own_kafka_broker.bootstrap, request_timeout_s=5).save(
+            kafka, overwrite=True
+        )
+        yield kafka, topic
 
 
 def test_slow_group_is_handed_to_consumers_too_slow(
