@@ -41,15 +41,20 @@ def _literal_block_name(name: str, info: ValidationInfo) -> str:
     problem = block_name_problem(name)
     if problem is None:
         return name
-    # `alert` is validated before any runbook field (RunbookParams declares it first)
-    alert = (info.data or {}).get("alert")
-    labels = sorted(k for k, v in alert.labels.items() if v == name) if alert else []
-    source = f" (from alert label {', '.join(labels)})" if labels else ""
-    shown = repr(name) if len(name) <= 80 else f"{name[:60]!r}... ({len(name)} characters)"
     raise ValueError(
-        f"{info.field_name or 'block'} {shown}{source} is not a block name: {problem}; "
+        f"{info.field_name or 'block'} {_shown(name, info)} is not a block name: {problem}; "
         "no block was loaded"
     )
+
+
+def _shown(value: str, info: ValidationInfo) -> str:
+    """The value, cut when long, and the alert label it came from, for an error message."""
+    # `alert` is validated before any runbook field (RunbookParams declares it first)
+    alert = (info.data or {}).get("alert")
+    labels = sorted(k for k, v in alert.labels.items() if v == value) if alert else []
+    source = f" (from alert label {', '.join(labels)})" if labels else ""
+    shown = repr(value) if len(value) <= 80 else f"{value[:60]!r}... ({len(value)} characters)"
+    return shown + source
 
 
 BlockName = Annotated[str, AfterValidator(_literal_block_name)]
@@ -119,17 +124,19 @@ def platform_ref_problem(value: str) -> str | None:
     platform, slash, name = value.partition("/")
     if not slash or platform not in PLATFORM_KINDS:
         return (
-            f"{value[:80]!r} is not a platform: write <platform>/<block name>, the platform one "
-            f"of {', '.join(PLATFORM_KINDS)}"
+            f"not a platform: write <platform>/<block name>, the platform one of "
+            f"{', '.join(PLATFORM_KINDS)}"
         )
     problem = block_name_problem(name)
-    return f"block name {name[:80]!r}: {problem}" if problem else None
+    return f"not a platform block: {problem}" if problem else None
 
 
-def _platform_ref(value: str) -> str:
+def _platform_ref(value: str, info: ValidationInfo) -> str:
     problem = platform_ref_problem(value)
     if problem:
-        raise ValueError(problem)
+        raise ValueError(
+            f"{info.field_name or 'platform'} {_shown(value, info)}: {problem}; no block was loaded"
+        )
     return value
 
 

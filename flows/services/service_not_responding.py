@@ -61,6 +61,7 @@ class ServiceNotRespondingParams(ServiceParams):
     )
     oom: OomPolicy = Field(
         default_factory=OomPolicy,
+        title="OOM policy",
         description="What to do when an instance was killed for memory (the service-oom path).",
     )
 

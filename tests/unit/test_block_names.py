@@ -53,7 +53,8 @@ def _runbook_params() -> list[type[BaseModel]]:
 
 
 def _block_fields(model: type[BaseModel]) -> list[str]:
-    return [name for name in model.model_fields if name.endswith("_block")]
+    # `platform` names a block too, as <platform>/<block name> (tasks/workloads.py)
+    return [name for name in model.model_fields if name.endswith("_block") or name == "platform"]
 
 
 @pytest.mark.parametrize("model", _runbook_params(), ids=lambda m: m.__name__)
@@ -62,19 +63,23 @@ def test_every_block_parameter_refuses_a_traversal_and_names_its_label(
 ) -> None:
     fields = _block_fields(model)
     assert fields, f"{model.__name__} has no *_block parameter"
-    bad = "no-such/../default"
     for field in fields:
+        bad = "docker/no-such/../default" if field == "platform" else "no-such/../default"
         data: dict[str, Any] = {
             field: bad,
             "alert": {"alertname": "X", "labels": {"alertname": "X", "cluster": bad}},
+            # the runbook's other required fields, valid: only the block name is wrong
+            **{k: "web" for k in ("service", "group") if k in model.model_fields},
         }
         with pytest.raises(ValidationError) as caught:
             model.model_validate(data)
         [error] = caught.value.errors()
         assert error["loc"] == (field,)
+        what = "not a platform block" if field == "platform" else "is not a block name"
         assert error["msg"] == (
-            f"Value error, {field} {bad!r} (from alert label cluster) is not a block name: "
-            f"{CHARSET}; no block was loaded"
+            f"Value error, {field} {bad!r} (from alert label cluster)"
+            + (": " if field == "platform" else " ")
+            + f"{what}: {CHARSET}; no block was loaded"
         )
         # no `pattern` in the run form's schema: Prefect's server would refuse to create the
         # run (the alert's automation action fails, silently), instead of the run failing
