@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from runbooks.params import (
     OptionalNamespace,
@@ -18,7 +18,15 @@ from runbooks.params import (
 from runbooks.quantities import format_memory
 from runbooks.report import IncidentReport
 from runbooks.safety import Target
-from tasks.workloads import Instance, WorkloadBackend, WorkloadRef, WorkloadStatus, workload_logs
+from tasks.http_probe import HealthProbe, HealthUrl, probe_health
+from tasks.workloads import (
+    Instance,
+    WorkloadBackend,
+    WorkloadRef,
+    WorkloadStatus,
+    workload_logs,
+    workload_status,
+)
 
 
 class ServiceParams(RunbookParams):
@@ -54,6 +62,27 @@ class ServiceParams(RunbookParams):
         where = f"{self.namespace}/" if self.namespace else ""
         kind = f"{self.kind.lower()}/" if self.platform.startswith("kubernetes/") else ""
         return Target("service", f"{self.platform}:{where}{kind}{self.service}")
+
+
+class HealthCheckParams(BaseModel):
+    """The service's own health endpoint, where it has one."""
+
+    health_url: HealthUrl | None = Field(
+        None,
+        description="The service's health endpoint (http or https), probed with GET; 2xx is "
+        "healthy. Empty: the platform's own view (running, ready) decides.",
+    )
+    health_timeout_s: float = Field(
+        5, gt=0, le=60, description="A health probe that takes longer has failed."
+    )
+
+
+def observe_service(
+    backend: WorkloadBackend, ref: WorkloadRef, params: HealthCheckParams
+) -> tuple[WorkloadStatus, HealthProbe | None]:
+    """The service as its platform shows it, and its health endpoint's answer (if it has one)."""
+    health = probe_health(params.health_url, params.health_timeout_s) if params.health_url else None
+    return workload_status(backend, ref), health
 
 
 def describe_instance(i: Instance) -> str:

@@ -10,7 +10,6 @@ with a consumer per partition already, say so (more replicas cannot help: each p
 by one consumer) and escalate. Verify that the lag falls.
 """
 
-
 import time
 from enum import StrEnum
 

@@ -10,18 +10,23 @@ where no revision history is kept (a Docker host, supervisord), is escalated: a 
 answer there, or cannot be done.
 """
 
-
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from prefect import flow
 from pydantic import BaseModel, Field
 
-from flows.services.common import ServiceParams, record_logs, record_status
+from flows.services.common import (
+    HealthCheckParams,
+    ServiceParams,
+    observe_service,
+    record_logs,
+    record_status,
+)
 from runbooks.errors import Escalation, VerificationFailed
 from runbooks.report import Outcome, ends_as_reported, incident_report
 from runbooks.safety import Budget
-from tasks.http_probe import HealthProbe, HealthUrl, probe_health
+from tasks.http_probe import HealthProbe
 from tasks.workloads import (
     Capability,
     Revision,
@@ -29,20 +34,15 @@ from tasks.workloads import (
     load_backend,
     rollback_workload,
     workload_history,
-    workload_status,
 )
 
 # one rollback of a service per hour: a second bad rollout that soon wants a person
 ROLLBACK_BUDGET = Budget(max_actions=1, window_s=3600)
 
 
-class RollbackBadDeployParams(ServiceParams):
+class RollbackBadDeployParams(ServiceParams, HealthCheckParams):
     """Parameters of the rollback-bad-deploy runbook."""
 
-    health_url: HealthUrl | None = Field(
-        None, description="The service's health endpoint; empty: the platform's readiness decides."
-    )
-    health_timeout_s: float = Field(5, gt=0, le=60, description="A slower probe has failed.")
     rollout_window_s: float = Field(
         3600,
         gt=0,
@@ -166,12 +166,7 @@ def rollback_bad_deploy(params: RollbackBadDeployParams) -> RollbackResult:
         with report.guard(params.target()) as guard:
 
             def look() -> tuple[WorkloadStatus, HealthProbe | None]:
-                health = (
-                    probe_health(params.health_url, params.health_timeout_s)
-                    if params.health_url
-                    else None
-                )
-                return workload_status(backend, ref), health
+                return observe_service(backend, ref, params)
 
             status, health = look()
             if health is not None:

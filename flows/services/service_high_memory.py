@@ -8,7 +8,6 @@ restart destroys what a leak hunt needs); then restart the service (3 per hour) 
 (``relief: scale``), and verify the use is back under the threshold.
 """
 
-
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Literal

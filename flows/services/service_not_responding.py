@@ -10,43 +10,40 @@ the health endpoint answers again. A service that does not come back, or keeps n
 is escalated with its last log lines as evidence.
 """
 
-
 from datetime import UTC, datetime
 from enum import StrEnum
 
 from prefect import flow
 from pydantic import BaseModel, Field
 
-from flows.services.common import ServiceParams, describe_instance, record_logs, record_status
+from flows.services.common import (
+    HealthCheckParams,
+    ServiceParams,
+    describe_instance,
+    observe_service,
+    record_logs,
+    record_status,
+)
 from flows.services.service_oom import OomPlan, OomPolicy, fix_oom
 from runbooks.errors import Escalation, VerificationFailed
 from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.safety import Budget, Guard
-from tasks.http_probe import HealthProbe, HealthUrl, probe_health
+from tasks.http_probe import HealthProbe
 from tasks.workloads import (
     WorkloadBackend,
     WorkloadRef,
     WorkloadStatus,
     load_backend,
     restart_workload,
-    workload_status,
 )
 
 # issue #12: "budget: 3 per hour per service"; a fourth restart in the hour is a crash loop
 RESTART_BUDGET = Budget(max_actions=3, window_s=3600)
 
 
-class ServiceNotRespondingParams(ServiceParams):
+class ServiceNotRespondingParams(ServiceParams, HealthCheckParams):
     """Parameters of the service-not-responding runbook."""
 
-    health_url: HealthUrl | None = Field(
-        None,
-        description="The service's health endpoint (http or https), probed with GET; 2xx is "
-        "healthy. Empty: the platform's own view (running, ready) decides.",
-    )
-    health_timeout_s: float = Field(
-        5, gt=0, le=60, description="A health probe that takes longer has failed."
-    )
     ready_timeout_s: float = Field(
         120,
         gt=0,
@@ -153,7 +150,7 @@ def service_not_responding(params: ServiceNotRespondingParams) -> ServiceNotResp
         ref = params.ref()
         with report.guard(params.target()) as guard:
             observed_at = datetime.now(UTC)
-            status, health = _observe(backend, ref, params)
+            status, health = observe_service(backend, ref, params)
             if health is not None:
                 report.check(
                     "health endpoint answers", health.ok, f"{health.url}: {health.describe()}"
@@ -199,13 +196,6 @@ def service_not_responding(params: ServiceNotRespondingParams) -> ServiceNotResp
     )
 
 
-def _observe(
-    backend: WorkloadBackend, ref: WorkloadRef, params: ServiceNotRespondingParams
-) -> tuple[WorkloadStatus, HealthProbe | None]:
-    health = probe_health(params.health_url, params.health_timeout_s) if params.health_url else None
-    return workload_status(backend, ref), health
-
-
 def _restart_and_verify(
     report: IncidentReport,
     guard: Guard,
@@ -237,7 +227,7 @@ def _restart_and_verify(
     back = guard.verify(
         "service answers after the restart",
         lambda: Recovery.model_validate(
-            dict(zip(("status", "health"), _observe(backend, ref, params), strict=True))
+            dict(zip(("status", "health"), observe_service(backend, ref, params), strict=True))
         ),
         lambda seen: seen.up,
         timeout_s=params.ready_timeout_s,

@@ -9,7 +9,6 @@ again within a window. A service with no limit, at the cap, or on a platform tha
 (supervisord) is escalated: a bigger limit is not the answer there.
 """
 
-
 import math
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
