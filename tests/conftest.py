@@ -18,6 +18,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from blocks.kafka import KafkaCluster
 from tests.moto_server import MotoServer
+from tests.podman import PodmanService, start_podman
 from tests.receivers import HttpReceiver
 from tests.servers import (
     KafkaBroker,
@@ -73,6 +74,15 @@ def zookeeper(zookeeper_ensemble: ZooKeeperEnsemble) -> Iterator[ZooKeeperEnsemb
     zookeeper_ensemble.wait_until_serving()
     yield zookeeper_ensemble
     zookeeper_ensemble.restore()
+
+
+@pytest.fixture(scope="session")
+def podman() -> Iterator[PodmanService]:
+    """A Docker-compatible engine (podman's API service) with storage of its own; its
+    containers are removed and its directory deleted at the end."""
+    service = start_podman()
+    yield service
+    service.stop()
 
 
 @pytest.fixture

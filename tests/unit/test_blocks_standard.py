@@ -120,6 +120,8 @@ INVALID_INPUTS = [
     (blocks.EscalationPolicy, {"webhook_token": SENTINEL, "attempts": 0}),
     (blocks.EventStore, {"database": {"host": "db", "password": SENTINEL}}),
     (blocks.BackupStore, {"bucket": "x", "aws_secret_access_key": SENTINEL}),
+    (blocks.DockerHost, {"base_url": "tcp://docker:2376", "tls_client_key": SENTINEL}),
+    (blocks.DockerHost, {"tls": True, "tls_client_cert": "x", "tls_client_key": SENTINEL}),
 ]
 
 
