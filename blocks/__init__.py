@@ -1,6 +1,7 @@
 """Prefect Blocks: configuration of the systems runbooks act on. Configuration only; each builds its client."""
 
 from blocks.backup_store import BackupStore
+from blocks.docker_host import DockerHost
 from blocks.edge_gateway import EdgeGateway
 from blocks.escalation import EscalationPolicy
 from blocks.event_store import EventStore
@@ -12,6 +13,7 @@ from blocks.supervisor import SupervisorHost
 
 __all__ = [
     "BackupStore",
+    "DockerHost",
     "EdgeGateway",
     "EscalationPolicy",
     "EventStore",

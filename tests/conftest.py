@@ -20,6 +20,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from blocks.kafka import KafkaCluster
 from tests.moto_server import MotoServer
+from tests.podman import PodmanService, start_podman
 from tests.receivers import HttpReceiver
 from tests.servers import (
     KafkaBroker,
@@ -85,6 +86,15 @@ def supervisord(kafka_broker: KafkaBroker) -> Iterator[SupervisorServer]:
     server = start_supervisord(kafka_broker.bootstrap)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def podman() -> Iterator[PodmanService]:
+    """A Docker-compatible engine (podman's API service) with storage of its own; its
+    containers are removed and its directory deleted at the end."""
+    service = start_podman()
+    yield service
+    service.stop()
 
 
 @pytest.fixture

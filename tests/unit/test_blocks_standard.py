@@ -122,6 +122,8 @@ INVALID_INPUTS = [
     (blocks.BackupStore, {"bucket": "x", "aws_secret_access_key": SENTINEL}),
     (blocks.SupervisorHost, {"url": "http://sv:9001/RPC2", "password": SENTINEL}),
     (blocks.SupervisorHost, {"url": f"http://admin:{SENTINEL}@sv:9001/RPC2"}),
+    (blocks.DockerHost, {"base_url": "tcp://docker:2376", "tls_client_key": SENTINEL}),
+    (blocks.DockerHost, {"tls": True, "tls_client_cert": "x", "tls_client_key": SENTINEL}),
 ]
 
 
