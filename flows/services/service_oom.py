@@ -30,6 +30,7 @@ from tasks.workloads import (
     WorkloadRef,
     WorkloadStatus,
     load_backend,
+    restart_workload,
     scale_workload,
     set_memory_limit,
     workload_events,
@@ -271,14 +272,36 @@ def fix_oom(
             "new OOM kills. Nothing was changed.",
         )
         return plan, False
+    _start_stopped(report, guard, backend, ref)
     return plan, _verify(report, guard, backend, ref, policy, changes, plan)
+
+
+def _start_stopped(
+    report: IncidentReport, guard: Guard, backend: WorkloadBackend, ref: WorkloadRef
+) -> None:
+    """Start what the OOM kill left stopped: on a Docker host a container killed for memory stays
+    exited after its limit is raised (as after ``docker update``), unless its restart policy
+    brings it back; Kubernetes and supervisord start their own."""
+    status = workload_status(backend, ref)
+    if all(i.running for i in status.instances):
+        return
+    since = datetime.now(UTC)
+    guard.act(
+        f"start the stopped instances of {ref.describe()} with the new limit",
+        lambda dry_run: restart_workload(backend, ref, since=since, dry_run=dry_run),
+    )
 
 
 def _danger(plan: ChangeSet) -> str | None:
     targets = ", ".join(c.target for c in plan.planned)
+    how = {str(c.detail.get("method")) for c in plan.planned if c.detail.get("method")}
+    if "recreate" in how:
+        effect = "the containers are recreated with it (same name, labels, command, env, mounts)"
+    else:
+        effect = "the platform replaces or updates the instances (Kubernetes rolls the pods)"
     return (
-        f"changes the memory limit of {targets}: Kubernetes rolls the pods; the service's own "
-        "definition still holds the old limit"
+        f"changes the memory limit of {targets}: {effect}; the service's own definition still "
+        "holds the old limit"
     )
 
 
@@ -306,14 +329,20 @@ def _verify(
         f"no new OOM kill for {policy.verify_window_s:.0f}s",
         look,
         # done early on a new kill (failed), else when the window has passed
-        lambda seen: not seen.new_kills and seen.elapsed_s >= policy.verify_window_s,
+        lambda seen: (
+            not seen.new_kills
+            and seen.elapsed_s >= policy.verify_window_s
+            and bool(seen.status.instances)
+            and all(i.running for i in seen.status.instances)
+        ),
         timeout_s=policy.verify_window_s + policy.poll_interval_s,
         interval_s=policy.poll_interval_s,
         describe=lambda seen: (
             f"new OOM kill of {', '.join(seen.new_kills)}"
             if seen.new_kills
-            else f"{len(seen.status.running)} instance(s) running, no OOM kill in "
-            f"{seen.elapsed_s:.0f}s; limit {format_memory(seen.status.memory_limit_bytes)}"
+            else f"{len(seen.status.running)} of {len(seen.status.instances)} instance(s) "
+            f"running, no OOM kill in {seen.elapsed_s:.0f}s; limit "
+            f"{format_memory(seen.status.memory_limit_bytes)}"
         ),
         give_up=lambda seen: bool(seen.new_kills),
     )
@@ -322,10 +351,16 @@ def _verify(
     report.evidence("after the change", last.status)
     if not watched.ok:
         record_logs(report, backend, ref, 50)
+        if last.new_kills:
+            raise VerificationFailed(
+                f"{ref.describe()} was killed for memory again after the change "
+                f"({', '.join(last.new_kills)}): more memory did not help; a person must look "
+                "(leak, load, or a limit the platform did not apply)"
+            )
         raise VerificationFailed(
-            f"{ref.describe()} was killed for memory again after the change "
-            f"({', '.join(last.new_kills) or 'no reading'}): more memory did not help; a person "
-            "must look (leak, load, or a limit the platform did not apply)"
+            f"{ref.describe()} is not running again after the change "
+            f"({len(last.status.running)} of {len(last.status.instances)} instance(s) running): "
+            "its last log lines are in the evidence"
         )
     done = "; ".join(c.describe() for c in changes.applied) or "nothing needed changing"
     report.finish(
