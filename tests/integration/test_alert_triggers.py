@@ -151,9 +151,53 @@ def params_model(entrypoint: str) -> type:
     return typing.get_type_hints(flow.fn)["params"]
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_alert_starts_its_runbook_with_labels(name: str, deployment_ids: dict[str, str]) -> None:
-    labels, expected = CASES[name]
+# the other triggers of deployments with more than one: (deployment, labels, parameters)
+MORE_CASES = [
+    (
+        "service-not-responding",
+        {"alertname": "KubeDeploymentReplicasMismatch", "namespace": "shop", "deployment": "cart",
+         "runbooks_platform": "kubernetes/default"},
+        {"platform": "kubernetes/default", "service": "cart", "namespace": "shop", "container": None},
+    ),
+    (
+        "service-not-responding",
+        {"alertname": "ServiceHealthCheckFailed", "service": "web", "runbooks_platform": "docker/edge-1",
+         "instance": "http://10.0.0.5:8080/health"},
+        {"platform": "docker/edge-1", "service": "web", "health_url": "http://10.0.0.5:8080/health"},
+    ),
+    (
+        "service-oom",
+        {"alertname": "KubeContainerOOMKilled", "namespace": "shop", "deployment": "orders-api",
+         "container": "api", "runbooks_platform": "kubernetes/default"},
+        {"platform": "kubernetes/default", "service": "orders-api", "namespace": "shop", "container": "api"},
+    ),
+    (
+        "service-high-memory",
+        {"alertname": "KubeContainerMemoryHigh", "namespace": "shop", "deployment": "orders-api",
+         "container": "api", "runbooks_platform": "kubernetes/default"},
+        {"platform": "kubernetes/default", "service": "orders-api", "namespace": "shop", "container": "api"},
+    ),
+]  # fmt: skip
+
+
+def test_every_trigger_has_a_case() -> None:
+    cased = {(n, labels["alertname"]) for n, (labels, _) in CASES.items()}
+    cased |= {(n, labels["alertname"]) for n, labels, _ in MORE_CASES}
+    for spec in load_catalog():
+        for trigger in spec.triggers:
+            alertnames = trigger["match"]["alertname"]
+            alertnames = [alertnames] if isinstance(alertnames, str) else alertnames
+            assert any((spec.name, a) in cased for a in alertnames), (spec.name, alertnames)
+
+
+@pytest.mark.parametrize(
+    ("name", "labels", "expected"),
+    [(n, *CASES[n]) for n in sorted(CASES)] + MORE_CASES,
+    ids=[*sorted(CASES), *(f"{n}-{labels['alertname']}" for n, labels, _ in MORE_CASES)],
+)
+def test_alert_starts_its_runbook_with_labels(
+    name: str, labels: dict[str, str], expected: dict[str, object], deployment_ids: dict[str, str]
+) -> None:
     before = {r["id"] for r in runs_of(deployment_ids[name])}
     fingerprint = post_alert_event(labels)
 
@@ -210,11 +254,16 @@ def test_automations_are_named_for_the_alerts_they_match(deployment_ids: dict[st
     for spec in load_catalog():
         if not spec.triggers:
             continue
-        (automation,) = by_deployment[deployment_ids[spec.name]]
-        alertnames = spec.triggers[0]["match"]["alertname"]
-        alertnames = [alertnames] if isinstance(alertnames, str) else alertnames
-        assert automation["name"] == f"{spec.name} on alert {', '.join(alertnames)}"
-        assert automation["description"].startswith(f"Runs {spec.name} when")
+        automations = by_deployment[deployment_ids[spec.name]]
+        assert len(automations) == len(spec.triggers), spec.name  # one per trigger
+        names = set()
+        for trigger in spec.triggers:
+            alertnames = trigger["match"]["alertname"]
+            alertnames = [alertnames] if isinstance(alertnames, str) else alertnames
+            names.add(f"{spec.name} on alert {', '.join(alertnames)}")
+        assert {a["name"] for a in automations} == names
+        for automation in automations:
+            assert automation["description"].startswith(f"Runs {spec.name} when")
 
 
 def test_deployment_descriptions_name_no_seed_documents(deployment_ids: dict[str, str]) -> None:
