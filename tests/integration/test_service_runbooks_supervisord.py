@@ -200,3 +200,24 @@ def test_slow_consumers_are_scaled_and_the_lag_falls(
     assert result.lag_after is not None and result.lag_before is not None
     assert result.lag_after < result.lag_before
     assert get_consumer_lag.fn(kafka_cluster, server.group, server.topic).total_lag < before
+
+
+def test_a_program_that_keeps_hanging_spends_the_budget_and_escalates(
+    sv: tuple[SupervisorServer, str],
+) -> None:
+    server, platform = sv
+    # one restart per window for this test (the runbook's own budget is 3 an hour)
+    budget = SafetyParams(escalation_block=None, budget_max_actions=1, budget_window_s=3600)
+    # budgets are kept per target in the session's Prefect server, and other tests restart
+    # `health` too: a namespace (ignored by supervisord, part of the target) makes this test's own
+    params = not_responding(platform, server, safety=budget, namespace=unique("budget"))
+    hang_health(server)
+    first = service_not_responding(params)
+    assert first.outcome is Outcome.RESOLVED, first.report
+
+    restarted = hang_health(server)
+    state = service_not_responding(params, return_state=True)
+    assert state.is_failed()
+    report = read_incident_report(state.state_details.flow_run_id)
+    assert "budget of 1 per" in report and "spent" in report
+    assert server.pids()["health:health"] == restarted, "no second restart within the budget"
