@@ -55,6 +55,10 @@ class SupervisorServer:
     password: str = field(default_factory=lambda: f"sv-{uuid.uuid4().hex}")
     topic: str = field(default_factory=lambda: f"sv-work-{uuid.uuid4().hex[:8]}")
     group: str = field(default_factory=lambda: f"sv-workers-{uuid.uuid4().hex[:8]}")
+    # a second consumer group of its own (`scaler`), for the consumers-too-slow runbook's test:
+    # `consumer`'s test counts its backlog exactly, whichever test runs first
+    scaler_topic: str = field(default_factory=lambda: f"sv-scale-{uuid.uuid4().hex[:8]}")
+    scaler_group: str = field(default_factory=lambda: f"sv-scalers-{uuid.uuid4().hex[:8]}")
     proc: subprocess.Popen | None = None
 
     @property
@@ -156,6 +160,16 @@ startsecs=1
 stopwaitsecs=5
 stdout_logfile={self.home}/%(program_name)s_%(process_num)02d.out
 redirect_stderr=true
+
+[program:scaler]
+command={python} {consumer} --bootstrap {self.bootstrap} --topic {self.scaler_topic} --group {self.scaler_group} --sleep-ms {CONSUMER_SLEEP_MS}
+process_name=%(program_name)s_%(process_num)02d
+numprocs={CONSUMERS}
+autostart=false
+startsecs=1
+stopwaitsecs=5
+stdout_logfile={self.home}/%(program_name)s_%(process_num)02d.out
+redirect_stderr=true
 """  # noqa: E501
 
     def start(self, timeout_s: float = 30) -> None:
@@ -208,7 +222,7 @@ redirect_stderr=true
                         os.kill(info["pid"], signal.SIGCONT)
                 group = name.partition(":")[0]
                 active = info["statename"] in ("STARTING", "RUNNING", "BACKOFF")
-                if group in ("consumer", "flaky") and active:
+                if group in ("consumer", "scaler", "flaky") and active:
                     rpc.supervisor.stopProcess(name, True)
                 elif group in ("health", "other") and info["statename"] != "RUNNING":
                     if active:

@@ -23,6 +23,7 @@ from runbooks.params import BlockName, GroupId
 from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.results import ChangeSet
 from runbooks.safety import Budget, Guard
+from tasks.kafka_activity import read_topic_offsets
 from tasks.kafka_lag import GroupLag, get_all_group_lag
 from tasks.workloads import (
     Capability,
@@ -102,9 +103,15 @@ def plan_consumer_scale(
     last: GroupLag,
     status: WorkloadStatus,
     params: ConsumersTooSlowParams,
+    partitions: int | None = None,
 ) -> ScalePlan:
-    """Scale, raise the autoscaler's minimum, or say why not (pure; tests/unit tables)."""
-    partitions = len({(p.topic, p.partition) for p in last.partitions})
+    """Scale, raise the autoscaler's minimum, or say why not (pure; tests/unit tables).
+
+    ``partitions``: of the topics the group consumes, as the broker has them; the group's own
+    view (partitions it committed or was assigned) can be short while its consumers start.
+    """
+    seen_partitions = len({(p.topic, p.partition) for p in last.partitions})
+    partitions = max(partitions or 0, seen_partitions)
     replicas = max(status.desired_replicas or 0, len(status.running))
     consumers = last.members if last.members is not None else len(status.running)
     lag, change = last.total_lag, last.total_lag - first.total_lag
@@ -201,7 +208,8 @@ def consumers_too_slow(params: ConsumersTooSlowParams) -> ConsumersTooSlowResult
             status = workload_status(backend, ref)
             record_status(report, status)
             report.evidence(f"group {params.group}", last)
-            plan = plan_consumer_scale(first, last, status, params)
+            partitions = _partitions(kafka, last)
+            plan = plan_consumer_scale(first, last, status, params, partitions)
             report.evidence("scale plan", plan)
             report.check("consumer lag", plan.action is ScaleAction.NONE, plan.reason)
             if plan.action is ScaleAction.NONE:
@@ -217,6 +225,13 @@ def consumers_too_slow(params: ConsumersTooSlowParams) -> ConsumersTooSlowResult
         lag_after=after,
         report=report.to_markdown(),
     )
+
+
+def _partitions(kafka: KafkaCluster, lag: GroupLag) -> int:
+    """Partitions of the topics the group consumes (each can have one consumer of the group)."""
+    topics = sorted({p.topic for p in lag.partitions})
+    found = read_topic_offsets(kafka, topics) if topics else {}
+    return sum(len(t.end) for t in found.values())
 
 
 def _lag(kafka: KafkaCluster, group: str) -> GroupLag:

@@ -144,15 +144,14 @@ def test_slow_consumers_are_scaled_and_the_lag_falls(
 ) -> None:
     server, platform = sv
     bootstrap = kafka_cluster.bootstrap_servers
-    with contextlib.suppress(Exception):  # the backend's own test may have made it already
-        create_topic(bootstrap, server.topic, partitions=3)
+    create_topic(bootstrap, server.scaler_topic, partitions=3)
     produce = [
         sys.executable,
         str(PROGRAMS / "kafka_producer.py"),
         "--bootstrap",
         bootstrap,
         "--topic",
-        server.topic,
+        server.scaler_topic,
         "--count",
         "3000",
         "--partitions",
@@ -160,21 +159,21 @@ def test_slow_consumers_are_scaled_and_the_lag_falls(
     ]
     subprocess.run(produce, check=True, timeout=60, capture_output=True)
     with server.rpc() as rpc:
-        rpc.supervisor.startProcess("consumer:consumer_00", True)
+        rpc.supervisor.startProcess("scaler:scaler_00", True)
     kafka = unique("kafka")
     kafka_cluster.save(kafka, overwrite=True)
     deadline = time.monotonic() + 30  # the consumer joined and committed: the broker knows the group
-    while get_all_group_lag.fn(kafka_cluster, [server.group])[0].state == "NOT_FOUND":
+    while get_all_group_lag.fn(kafka_cluster, [server.scaler_group])[0].state == "NOT_FOUND":
         assert time.monotonic() < deadline, "the consumer never committed"
         time.sleep(0.5)
-    before = get_consumer_lag.fn(kafka_cluster, server.group, server.topic).total_lag
+    before = get_consumer_lag.fn(kafka_cluster, server.scaler_group, server.scaler_topic).total_lag
     assert before > 1000
 
     params = ConsumersTooSlowParams(
         platform=platform,
-        service="consumer",
+        service="scaler",
         kafka_block=kafka,
-        group=server.group,
+        group=server.scaler_group,
         lag_threshold=100,
         max_drain_s=1,  # one consumer works it off too slowly for this test's taste
         sample_interval_s=2,
@@ -185,21 +184,21 @@ def test_slow_consumers_are_scaled_and_the_lag_falls(
     dry = consumers_too_slow(params.model_copy(update={"dry_run": True}))
     assert dry.outcome is Outcome.PLANNED, dry.report
     running = {n for n, i in server.infos().items() if i["statename"] == "RUNNING"}
-    assert {n for n in running if n.startswith("consumer:")} == {"consumer:consumer_00"}
+    assert {n for n in running if n.startswith("scaler:")} == {"scaler:scaler_00"}
 
     result = consumers_too_slow(params)
     assert result.outcome is Outcome.RESOLVED, result.report
     assert result.plan is not None and result.plan.action is ScaleAction.SCALE
     # tansu lists no group members: the consumers counted are the running processes
     assert (result.plan.consumers, result.plan.partitions, result.plan.target) == (1, 3, 2)
-    states = {n: i["statename"] for n, i in server.infos().items() if n.startswith("consumer:")}
+    states = {n: i["statename"] for n, i in server.infos().items() if n.startswith("scaler:")}
     assert [n for n, s in sorted(states.items()) if s == "RUNNING"] == [
-        "consumer:consumer_00",
-        "consumer:consumer_01",
+        "scaler:scaler_00",
+        "scaler:scaler_01",
     ]
     assert result.lag_after is not None and result.lag_before is not None
     assert result.lag_after < result.lag_before
-    assert get_consumer_lag.fn(kafka_cluster, server.group, server.topic).total_lag < before
+    assert get_consumer_lag.fn(kafka_cluster, server.scaler_group, server.scaler_topic).total_lag < before
 
 
 def test_a_program_that_keeps_hanging_spends_the_budget_and_escalates(

@@ -210,11 +210,12 @@ PARAMS = ConsumersTooSlowParams(
 )
 HPA = Autoscaler(name="consumer", min_replicas=1, max_replicas=8)
 
+# (case, first sample, last sample, workload, action, target, partitions of the group's topics)
 SCALE_PLANS = [
-    ("caught up", lag(500), lag(900), consumers(1), ScaleAction.NONE, None),
-    ("falling fast enough", lag(9000), lag(2000), consumers(1), ScaleAction.NONE, None),
-    ("falling too slowly", lag(9000), lag(8900), consumers(1), ScaleAction.SCALE, 2),
-    ("growing: double", lag(5000), lag(9000, members=2), consumers(2), ScaleAction.SCALE, 4),
+    ("caught up", lag(500), lag(900), consumers(1), ScaleAction.NONE, None, None),
+    ("falling fast enough", lag(9000), lag(2000), consumers(1), ScaleAction.NONE, None, None),
+    ("falling too slowly", lag(9000), lag(8900), consumers(1), ScaleAction.SCALE, 2, None),
+    ("growing: double", lag(5000), lag(9000, members=2), consumers(2), ScaleAction.SCALE, 4, None),
     (
         "doubling capped by partitions",
         lag(5000, partitions=3),
@@ -222,6 +223,16 @@ SCALE_PLANS = [
         consumers(2),
         ScaleAction.SCALE,
         3,
+        None,
+    ),
+    (
+        "the group committed on 2 of the topic's 4 partitions yet: the topic decides",
+        lag(5000, partitions=2),
+        lag(9000, members=None, partitions=2),
+        consumers(2),
+        ScaleAction.SCALE,
+        4,
+        4,
     ),
     (
         "a consumer per partition",
@@ -230,6 +241,7 @@ SCALE_PLANS = [
         consumers(4),
         ScaleAction.AT_PARTITIONS,
         None,
+        4,
     ),
     (
         "members unlisted: instances count",
@@ -237,6 +249,7 @@ SCALE_PLANS = [
         lag(9000, members=None),
         consumers(4),
         ScaleAction.AT_PARTITIONS,
+        None,
         None,
     ),
     (
@@ -246,6 +259,7 @@ SCALE_PLANS = [
         consumers(0),
         ScaleAction.NO_CONSUMERS,
         None,
+        None,
     ),
     (
         "at the replica cap",
@@ -253,6 +267,7 @@ SCALE_PLANS = [
         lag(9000, members=6, partitions=12),
         consumers(6),
         ScaleAction.AT_CAP,
+        None,
         None,
     ),
     (
@@ -262,6 +277,7 @@ SCALE_PLANS = [
         consumers(2, autoscaler=HPA),
         ScaleAction.RAISE_AUTOSCALER_MIN,
         4,
+        None,
     ),
     (
         "platform cannot scale",
@@ -270,12 +286,13 @@ SCALE_PLANS = [
         consumers(1, capabilities=[]),
         ScaleAction.CANNOT_SCALE,
         None,
+        None,
     ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("case", "first", "last", "seen", "action", "target"),
+    ("case", "first", "last", "seen", "action", "target", "topic_partitions"),
     SCALE_PLANS,
     ids=[p[0] for p in SCALE_PLANS],
 )
@@ -286,8 +303,9 @@ def test_plan_consumer_scale(
     seen: WorkloadStatus,
     action: ScaleAction,
     target: int | None,
+    topic_partitions: int | None,
 ) -> None:
-    plan = plan_consumer_scale(first, last, seen, PARAMS)
+    plan = plan_consumer_scale(first, last, seen, PARAMS, topic_partitions)
     assert plan.action is action, plan.reason
     assert plan.target == target
 
