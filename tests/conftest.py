@@ -114,10 +114,12 @@ def create_topic(bootstrap: str, name: str, partitions: int = 3) -> str:
 
 
 @contextlib.contextmanager
-def slow_consumer_group(bootstrap: str, group: str) -> Iterator[str]:
+def slow_consumer_group(bootstrap: str, group: str, *, commits: bool = True) -> Iterator[str]:
     """A new topic (2 partitions) and a live member of ``group`` that commits every record it
     reads, one every 0.3 s, while a producer writes 5 a second: behind, every partition moving,
-    lag growing. Yields the topic once the member is committing."""
+    lag growing. Yields the topic once the member committed. With ``commits=False`` the member
+    commits its first record only (the broker then knows the group's partitions) and keeps
+    reading without committing: the lag only grows."""
     import threading
 
     from confluent_kafka import Consumer, Producer
@@ -152,7 +154,8 @@ def slow_consumer_group(bootstrap: str, group: str) -> Iterator[str]:
         while not stop.is_set():
             record = member.poll(0.2)
             if record is not None and not record.error():
-                member.commit(record, asynchronous=False)
+                if commits or not committed.is_set():
+                    member.commit(record, asynchronous=False)
                 committed.set()
                 time.sleep(0.3)
 

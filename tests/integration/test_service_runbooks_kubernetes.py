@@ -279,7 +279,8 @@ def test_high_memory_keeps_the_heap_profile_then_restarts(
 @pytest.fixture
 def slow_group(kafka_broker: KafkaBroker) -> Iterator[tuple[str, str]]:
     group = unique("slow")
-    with slow_consumer_group(kafka_broker.bootstrap, group):
+    # a member that never commits: the lag only grows, whatever the timing of the samples
+    with slow_consumer_group(kafka_broker.bootstrap, group, commits=False):
         kafka = unique("kafka")
         KafkaCluster(bootstrap_servers=kafka_broker.bootstrap, request_timeout_s=5).save(
             kafka, overwrite=True
@@ -317,8 +318,9 @@ def test_slow_consumers_raise_the_autoscaler_minimum(
     assert deployment is not None and deployment["spec"]["replicas"] == 2, (
         "the HPA raised the replicas"
     )
-    # the fake's pods consume nothing, and the test's producer keeps writing: the lag cannot
-    # fall, so the run must say so (that it falls after scaling is shown on supervisord)
+    # the fake's pods consume nothing and the group's member commits nothing while the producer
+    # writes: the lag cannot fall, so the run must say so (that it falls after scaling is shown
+    # on supervisord)
     assert state.is_failed()
     report = read_incident_report(state.state_details.flow_run_id)
     assert ScaleAction.RAISE_AUTOSCALER_MIN.value in report
