@@ -191,7 +191,9 @@ def _approve_a_manual_run(api: str, postgres: PostgresServer) -> None:
         resumed = httpx.post(f"{api}/flow_runs/{run_id}/resume", timeout=10, json={
             "run_input": {"approve": True, "approver": "carol", "reason": "hung migration"}})
         assert resumed.json().get("status") == "ACCEPT", resumed.text
-        poll(lambda: state() in ("COMPLETED", "FAILED", "CRASHED"), 60, "the approved run finished")
+        # resumed, rescheduled, picked up by the served runner and run: under a loaded 2-core CI
+        # (17 deployments served) this took over 60 s once
+        poll(lambda: state() in ("COMPLETED", "FAILED", "CRASHED"), 120, "the approved run finished")
         final = httpx.get(f"{api}/flow_runs/{run_id}", timeout=5).json()["state"]
         assert final["type"] == "COMPLETED", final["message"]
         live = {p for (p,) in admin.execute("SELECT pid FROM pg_stat_activity").fetchall()}
