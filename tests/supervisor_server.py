@@ -100,8 +100,8 @@ class SupervisorServer:
     def config(self) -> str:
         python = sys.executable
         health = PROGRAMS / "health_service.py"
-        consumer = PROGRAMS / "kafka_consumer.py"
-        return f"""\
+        return (
+            f"""\
 [supervisord]
 nodaemon=true
 logfile={self.home}/supervisord.log
@@ -151,18 +151,17 @@ stopwaitsecs=2
 stdout_logfile={self.home}/flaky.out
 redirect_stderr=true
 
-[program:consumer]
-command={python} {consumer} --bootstrap {self.bootstrap} --topic {self.topic} --group {self.group} --sleep-ms {CONSUMER_SLEEP_MS}
-process_name=%(program_name)s_%(process_num)02d
-numprocs={CONSUMERS}
-autostart=false
-startsecs=1
-stopwaitsecs=5
-stdout_logfile={self.home}/%(program_name)s_%(process_num)02d.out
-redirect_stderr=true
+"""  # noqa: E501
+            + self._consumer_group("consumer", self.topic, self.group)
+            + self._consumer_group("scaler", self.scaler_topic, self.scaler_group)
+        )
 
-[program:scaler]
-command={python} {consumer} --bootstrap {self.bootstrap} --topic {self.scaler_topic} --group {self.scaler_group} --sleep-ms {CONSUMER_SLEEP_MS}
+    def _consumer_group(self, name: str, topic: str, group: str) -> str:
+        """A program of ``numprocs`` copies of the consumer, all of one group on one topic."""
+        consumer = PROGRAMS / "kafka_consumer.py"
+        return f"""
+[program:{name}]
+command={sys.executable} {consumer} --bootstrap {self.bootstrap} --topic {topic} --group {group} --sleep-ms {CONSUMER_SLEEP_MS}
 process_name=%(program_name)s_%(process_num)02d
 numprocs={CONSUMERS}
 autostart=false
