@@ -66,6 +66,11 @@ class PostgresServer:
             f"user={user or self.user} password={password or self.password} connect_timeout=5"
         )
 
+    @property
+    def log_path(self) -> Path:
+        """The server's log (pg_ctl -l): connections, authentication failures, errors."""
+        return self.datadir.parent / "log"
+
     def stop(self) -> None:
         subprocess.run(
             [*self._run_as, _pg_bin("pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "stop"],
@@ -97,7 +102,11 @@ def start_postgres(max_connections: int = 60) -> PostgresServer:
     )
     opts = (
         f"-p {port} -c listen_addresses=127.0.0.1 -k {base} -c max_connections={max_connections} "
-        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+        # statement statistics for event-store-slow; failed logins in the server log for
+        # access-audit (log_connections names each authentication failure's role and address)
+        "-c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all "
+        "-c log_connections=on -c log_line_prefix='%m [%p] %q%u@%d %r '"
     )
     subprocess.run(
         [*run_as, _pg_bin("pg_ctl"), "-D", str(datadir), "-o", opts, "-l", str(base / "log"),
