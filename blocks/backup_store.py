@@ -1,4 +1,4 @@
-"""Where Kafka topic backups live: an S3 (or S3-compatible) bucket and prefix."""
+"""Where backups live (Kafka topics, databases): an S3 (or S3-compatible) bucket and prefix."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ from blocks.fields import BLOCK_CONFIG, OptionalSecretStr
 
 
 class BackupStore(Block):
-    """An S3 bucket and key prefix that holds Kafka topic backups, and how to reach it.
+    """An S3 bucket and key prefix that holds backups, and how to reach it.
+
+    kafka-topic-backup writes `<prefix>/<topic>/<backup id>/`; database-backup writes
+    `<prefix>/postgres/<host>_<port>/<database>/<backup id>/`. Give each its own block (and
+    prefix) when their retention differs.
 
     Without access keys boto3's default chain is used (instance profile, IRSA, environment).
 
@@ -26,13 +30,14 @@ class BackupStore(Block):
 
     _block_type_name = "Runbooks Backup Store"
     _block_type_slug = "runbooks-backup-store"
-    _description = "An S3 bucket and prefix for Kafka topic backups, with credentials and timeouts."
+    _description = "An S3 bucket and prefix for backups (Kafka topics, databases), with credentials and timeouts."
     model_config = BLOCK_CONFIG
 
     bucket: str = Field(description="S3 bucket name.")
     prefix: str = Field(
         "kafka-backups",
-        description="Key prefix under which each topic's backups go (<prefix>/<topic>/<backup id>/).",
+        description="Key prefix under which the backups go (<prefix>/<topic>/<backup id>/ for Kafka "
+        "topics, <prefix>/postgres/<server>/<database>/<backup id>/ for databases).",
     )
     region: str | None = Field(None, description="AWS region of the bucket.")
     endpoint_url: str | None = Field(

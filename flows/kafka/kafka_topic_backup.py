@@ -20,6 +20,7 @@ from runbooks.safety import Budget, Target
 from tasks.kafka import get_cluster_id
 from tasks.kafka_backup import BackupCheck, BackupResult, backup_topic, check_backup
 from tasks.kafka_backup_format import OptionalBackupId
+from tasks.pushgateway import push_gauges
 
 # A backup is cheap to repeat but each one is a full copy: a few a day is plenty.
 BACKUP_BUDGET = Budget(max_actions=6, window_s=86400)
@@ -186,29 +187,22 @@ def _push_metrics(report: IncidentReport, params: KafkaTopicBackupParams, result
     """The time of the last good backup, for the alert on a missing backup."""
     if not params.pushgateway_url or result.manifest is None:
         return
-    from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
-
-    registry = CollectorRegistry()
-    labels = ["kafka_cluster", "topic"]
-    last = Gauge(
-        "runbooks_kafka_topic_backup_last_success_timestamp_seconds",
-        "When the last complete backup of the topic finished.",
-        labels,
-        registry=registry,
+    error = push_gauges(
+        params.pushgateway_url,
+        job="runbooks-kafka-topic-backup",
+        grouping_key={"kafka_cluster": params.kafka_block, "topic": params.topic},
+        gauges={
+            "runbooks_kafka_topic_backup_last_success_timestamp_seconds": (
+                "When the last complete backup of the topic finished.",
+                result.manifest.completed_at.timestamp(),
+            ),
+            "runbooks_kafka_topic_backup_records": (
+                "Records in the last backup.",
+                result.manifest.records,
+            ),
+        },
     )
-    records = Gauge(
-        "runbooks_kafka_topic_backup_records", "Records in the last backup.", labels, registry=registry
-    )
-    last.labels(params.kafka_block, params.topic).set(result.manifest.completed_at.timestamp())
-    records.labels(params.kafka_block, params.topic).set(result.manifest.records)
-    try:
-        push_to_gateway(
-            params.pushgateway_url,
-            job="runbooks-kafka-topic-backup",
-            registry=registry,
-            grouping_key={"kafka_cluster": params.kafka_block, "topic": params.topic},
-            timeout=10,
-        )
+    if error is None:
         report.step(f"pushed the backup's time to {params.pushgateway_url}")
-    except OSError as exc:  # the backup is good; the alert may fire: say why
-        report.step(f"could not push the backup's time to {params.pushgateway_url}: {exc}")
+    else:  # the backup is good; the alert may fire: say why
+        report.step(f"could not push the backup's time to {params.pushgateway_url}: {error}")

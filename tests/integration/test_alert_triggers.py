@@ -50,6 +50,10 @@ CASES = {
         {"alertname": "KafkaTopicBackupMissing", "kafka_cluster": "prod-kafka", "topic": "orders"},
         {"kafka_block": "prod-kafka", "topic": "orders"},
     ),
+    "database-backup": (
+        {"alertname": "PostgresBackupMissing", "database": "orders-db", "datname": "orders"},
+        {"db_block": "orders-db", "database": "orders"},
+    ),
     "flink-job-crashed": (
         {"alertname": "FlinkJobFailed", "job_name": "enrichment-job", "flink_cluster": "flink-eu"},
         {"flink_block": "flink-eu", "job_name": "enrichment-job", "topic": "match-events-raw"},

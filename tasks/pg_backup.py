@@ -1,0 +1,619 @@
+"""PostgreSQL backups to S3 and restore drills: pg_dump streamed into a multipart upload, the
+tables' rows and checksums read in the dump's own snapshot, pg_restore fed straight from S3.
+
+pg_dump and pg_restore are the tools: nothing else reads or writes PostgreSQL's dump format, and a
+DBA can restore any of these backups by hand with them (`aws s3 cp <key>/dump - | pg_restore`).
+They get the connection from libpq's environment variables (PGHOST, PGPASSWORD, ...), never on the
+command line (visible to every user in `ps`), and are started without a shell.
+
+The layout and the pure decisions are in tasks.db_backup_format.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import queue
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import IO, Any
+
+import psycopg
+from botocore.exceptions import BotoCoreError, ClientError
+from prefect import task
+from psycopg import sql
+from pydantic import BaseModel, Field
+
+from blocks.backup_store import BackupStore
+from blocks.postgres import PostgresDatabase
+from runbooks.audit import scrub_text
+from runbooks.results import Change, ChangeSet
+from runbooks.retry import runbook_task_options
+from tasks.db_backup_format import (
+    DUMP,
+    MANIFEST,
+    DumpManifest,
+    StoredBackup,
+    TableFingerprint,
+    backup_prefix,
+    human_bytes,
+    is_scratch_left_behind,
+    scratch_comment,
+    server_label,
+)
+from tasks.kafka_backup_s3 import get_json, put_json
+from tasks.postgres import is_transient
+
+PART_BYTES = 16 * 1024 * 1024  # S3 parts: at least 5 MiB; 16 MiB keeps 1 GB under 70 parts
+UPLOAD_THREADS = 3
+ENGINE = "postgres"
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, psycopg.OperationalError):
+        return is_transient(exc)
+    return isinstance(exc, BotoCoreError)  # connection errors; boto3 already retried 5xx
+
+
+backup_retries = runbook_task_options(psycopg.OperationalError, BotoCoreError, when=_transient)
+
+
+# --- the programs ---------------------------------------------------------------------------
+
+
+def pg_program(name: str, server_major: int | None = None) -> str:
+    """The pg_dump/pg_restore to use: the newest installed one, which must not be older than the
+    server (an older pg_dump refuses a newer server)."""
+    found = sorted(
+        glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+        key=lambda p: int(re.search(r"/(\d+)/bin/", p).group(1)),  # type: ignore[union-attr]
+    )
+    path = found[-1] if found else shutil.which(name)
+    if not path:
+        raise FileNotFoundError(f"{name} not found: install the PostgreSQL client (postgresql-client)")
+    if server_major is not None and found:
+        major = int(re.search(r"/(\d+)/bin/", path).group(1))  # type: ignore[union-attr]
+        if major < server_major:
+            raise RuntimeError(
+                f"{name} {major} is older than the server ({server_major}): install "
+                f"postgresql-client-{server_major}"
+            )
+    return path
+
+
+def _tool_version(path: str) -> str:
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
+    return out.stdout.strip()
+
+
+def libpq_env(db: PostgresDatabase, dbname: str) -> dict[str, str]:
+    """The environment pg_dump/pg_restore connect with: the block's settings, nothing inherited
+    from this process's own PG* variables (they would point somewhere else)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(
+        PGHOST=db.host,
+        PGPORT=str(db.port),
+        PGUSER=db.user,
+        PGDATABASE=dbname,
+        PGSSLMODE=db.sslmode,
+        PGCONNECT_TIMEOUT=str(db.connect_timeout_s),
+        PGAPPNAME=f"{db.application_name}-backup",
+        # identical text for the checksums on both sides
+        PGTZ="UTC",
+    )
+    if db.password is not None:
+        env["PGPASSWORD"] = db.password.get_secret_value()
+    return env
+
+
+def _connect(db: PostgresDatabase, dbname: str, autocommit: bool = True) -> psycopg.Connection:
+    conn = db.model_copy(update={"dbname": dbname}).connect(autocommit=autocommit)
+    # the settings a row's text depends on, the same in the source and in the scratch database;
+    # counting a large table takes longer than the block's statement timeout allows
+    conn.execute(
+        "SET TIME ZONE 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres';"
+        " SET extra_float_digits = 1; SET bytea_output = 'hex'; SET statement_timeout = 0"
+    )
+    return conn
+
+
+def _stderr_tail(f: IO[bytes], limit: int = 600) -> str:
+    f.seek(0)
+    text = f.read().decode(errors="replace").strip()
+    return scrub_text(text[-limit:]) if text else ""
+
+
+# --- fingerprints ---------------------------------------------------------------------------
+
+
+def user_tables(conn: psycopg.Connection) -> list[str]:
+    rows = conn.execute(
+        "SELECT n.nspname || '.' || c.relname FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+        " AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'"
+        " ORDER BY 1"
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def fingerprint_tables(
+    conn: psycopg.Connection, tables: list[str], checksums: bool
+) -> dict[str, TableFingerprint]:
+    """Rows and an order-independent checksum of each table, in ``conn``'s snapshot.
+
+    The checksum sums the first 64 bits of each row's md5 (as text in UTC/ISO settings): no
+    sorting and constant memory however large the table, and equal exactly when the multisets of
+    rows are (up to hash collisions).
+    """
+    out = {}
+    for name in tables:
+        schema, _, table = name.partition(".")
+        ident = sql.Identifier(schema, table)
+        if checksums:
+            query = sql.SQL(
+                "SELECT count(*), coalesce(sum(('x' || left(md5(t::text), 16))::bit(64)::bigint),"
+                " 0)::text FROM {} AS t"
+            ).format(ident)
+        else:
+            query = sql.SQL("SELECT count(*), NULL FROM {}").format(ident)
+        rows, checksum = conn.execute(query).fetchone()  # type: ignore[misc]
+        out[name] = TableFingerprint(rows=rows, checksum=checksum)
+    return out
+
+
+def _resolve_tables(conn: psycopg.Connection, wanted: list[str]) -> list[str]:
+    existing = user_tables(conn)
+    if not wanted:
+        return existing
+    missing = sorted(set(wanted) - set(existing))
+    if missing:
+        raise ValueError(f"no such table(s) to fingerprint: {', '.join(missing)}")
+    return sorted(set(wanted))
+
+
+# --- streaming upload -----------------------------------------------------------------------
+
+
+class _MultipartUpload:
+    """Parts read from a stream, put on worker threads; sha256 and size of the whole."""
+
+    def __init__(self, s3: Any, bucket: str, key: str):
+        self.s3, self.bucket, self.key = s3, bucket, key
+        self.upload_id: str | None = None
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="dump-part")
+        self.parts: list[Future[dict[str, Any]]] = []
+
+    def feed(self, stream: IO[bytes]) -> None:
+        number = 0
+        while True:
+            chunk = _read_full(stream, PART_BYTES)
+            if not chunk:
+                break
+            self.sha.update(chunk)
+            self.size += len(chunk)
+            number += 1
+            if number == 1 and len(chunk) < PART_BYTES:
+                # small dump: one plain PUT
+                self.s3.put_object(Bucket=self.bucket, Key=self.key, Body=chunk)
+                return
+            if self.upload_id is None:
+                self.upload_id = self.s3.create_multipart_upload(Bucket=self.bucket, Key=self.key)[
+                    "UploadId"
+                ]
+            while sum(not f.done() for f in self.parts) >= UPLOAD_THREADS * 2:
+                time.sleep(0.01)  # at most this many parts in memory
+            self.parts.append(self.pool.submit(self._put, number, chunk))
+        if number == 0:
+            self.s3.put_object(Bucket=self.bucket, Key=self.key, Body=b"")
+
+    def _put(self, number: int, body: bytes) -> dict[str, Any]:
+        r = self.s3.upload_part(
+            Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=body
+        )
+        return {"PartNumber": number, "ETag": r["ETag"]}
+
+    def complete(self) -> None:
+        try:
+            if self.upload_id is None:
+                return
+            parts = [f.result() for f in self.parts]
+            self.s3.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        finally:
+            self.pool.shutdown(wait=True)
+
+    def abort(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.upload_id is not None:
+            try:
+                self.s3.abort_multipart_upload(
+                    Bucket=self.bucket, Key=self.key, UploadId=self.upload_id
+                )
+            except (BotoCoreError, ClientError):
+                pass  # S3 lifecycle rules clean up what is left
+
+
+def _read_full(stream: IO[bytes], n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = stream.read(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf)
+
+
+# --- backup ---------------------------------------------------------------------------------
+
+
+class BackupResult(ChangeSet):
+    backup_id: str
+    location: str = Field(description="s3://bucket/key of the backup's folder.")
+    manifest: DumpManifest | None = None
+    database_bytes: int = 0
+    already_complete: bool = False
+
+
+def backup_location(store: BackupStore, db: PostgresDatabase, database: str) -> str:
+    return backup_prefix(store.prefix, ENGINE, server_label(db.host, db.port), database)
+
+
+@task(**backup_retries)
+def dump_database(
+    db: PostgresDatabase,
+    store: BackupStore,
+    database: str,
+    backup_id: str,
+    tables: list[str],
+    checksums: bool,
+    dry_run: bool,
+    system_identifier: str | None = None,
+) -> BackupResult:
+    """pg_dump (custom format) of ``database`` straight into S3, then its manifest.
+
+    The dump and the fingerprints share one exported snapshot (``pg_dump --snapshot``), so the
+    manifest's counts are exactly what the dump holds while writers go on. Idempotent: a backup
+    whose manifest exists is not taken again; a retried one overwrites its own dump object.
+    """
+    s3 = store.get_s3_client()
+    root = backup_location(store, db, database) + backup_id + "/"
+    location = f"s3://{store.bucket}/{root}"
+    existing = get_json(s3, store.bucket, root + MANIFEST)
+    with _connect(db, database) as conn:
+        (size,) = conn.execute("SELECT pg_database_size(current_database())").fetchone()  # type: ignore[misc]
+        change = Change(
+            action="pg_dump",
+            target=f"{database} -> {location}{DUMP}",
+            detail={"database_bytes": size, "format": "custom"},
+        )
+        result = BackupResult(
+            dry_run=dry_run, planned=[change], backup_id=backup_id, location=location,
+            database_bytes=size,
+        )
+        if existing is not None:
+            result.manifest = DumpManifest.model_validate(existing)
+            result.already_complete = True
+            result.notes.append(f"backup {backup_id} is already complete: not taken again")
+            return result
+        if dry_run:
+            return result
+        resolved = _resolve_tables(conn, tables)
+
+    (major,) = _server_major(db, database)
+    program = pg_program("pg_dump", major)
+    upload = _MultipartUpload(s3, store.bucket, root + DUMP)
+    started = time.monotonic()
+    # REPEATABLE READ: every statement of the transaction sees the exported snapshot
+    snap = _connect(db, database, autocommit=False)
+    try:
+        snap.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        snapshot_id, snapshot_at, version = snap.execute(  # type: ignore[misc]
+            "SELECT pg_export_snapshot(), now(), current_setting('server_version')"
+        ).fetchone()
+        fingerprints: dict[str, TableFingerprint] = {}
+        errors: list[BaseException] = []
+
+        def fingerprint() -> None:
+            try:
+                fingerprints.update(fingerprint_tables(snap, resolved, checksums))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the task's thread
+                errors.append(exc)
+
+        worker = threading.Thread(target=fingerprint, name="dump-fingerprints", daemon=True)
+        with tempfile.TemporaryFile() as stderr:
+            proc = subprocess.Popen(
+                [program, "--format=custom", "--no-password", f"--snapshot={snapshot_id}",
+                 ],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env=libpq_env(db, database),
+            )
+            worker.start()
+            try:
+                upload.feed(proc.stdout)  # type: ignore[arg-type]
+                rc = proc.wait(timeout=60)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                upload.abort()
+                raise
+            if rc != 0:
+                upload.abort()
+                raise RuntimeError(f"pg_dump of {database} failed (exit {rc}): {_stderr_tail(stderr)}")
+        upload.complete()
+        worker.join()
+        if errors:
+            raise errors[0]
+    finally:
+        snap.close()
+    seconds = time.monotonic() - started
+    head = s3.head_object(Bucket=store.bucket, Key=root + DUMP)
+    if head["ContentLength"] != upload.size:
+        raise RuntimeError(
+            f"the dump object has {head['ContentLength']} bytes in S3, {upload.size} were sent"
+        )
+    manifest = DumpManifest(
+        backup_id=backup_id,
+        database=database,
+        server=f"{db.host}:{db.port}",
+        system_identifier=system_identifier,
+        server_version=version,
+        tool=_tool_version(program),
+        snapshot_at=snapshot_at,
+        completed_at=datetime.now(UTC),
+        database_bytes=size,
+        size=upload.size,
+        sha256=upload.sha.hexdigest(),
+        dump_seconds=round(seconds, 3),
+        tables=fingerprints,
+    )
+    put_json(s3, store.bucket, root + MANIFEST, manifest)  # last: the backup is complete
+    result.manifest = manifest
+    result.applied.append(
+        change.model_copy(
+            update={"detail": change.detail | {"size": upload.size, "seconds": round(seconds, 1)}}
+        )
+    )
+    return result
+
+
+def _server_major(db: PostgresDatabase, database: str) -> tuple[int]:
+    with _connect(db, database) as conn:
+        (num,) = conn.execute("SHOW server_version_num").fetchone()  # type: ignore[misc]
+    return (int(num) // 10000,)
+
+
+@task(**backup_retries)
+def list_database_backups(store: BackupStore, location: str) -> list[StoredBackup]:
+    """Every backup below ``location`` (a backup_prefix), oldest first."""
+    s3 = store.get_s3_client()
+    found: dict[str, StoredBackup] = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix=location):
+        for obj in page.get("Contents", []):
+            backup_id, _, name = obj["Key"][len(location) :].partition("/")
+            b = found.setdefault(backup_id, StoredBackup(backup_id=backup_id, complete=False))
+            b.size += obj["Size"]
+            b.complete = b.complete or name == MANIFEST
+    return [found[k] for k in sorted(found)]
+
+
+@task(**backup_retries)
+def load_database_manifest(store: BackupStore, location: str, backup_id: str) -> DumpManifest:
+    raw = get_json(store.get_s3_client(), store.bucket, f"{location}{backup_id}/{MANIFEST}")
+    if raw is None:
+        raise FileNotFoundError(
+            f"backup s3://{store.bucket}/{location}{backup_id}/ has no manifest: incomplete"
+        )
+    return DumpManifest.model_validate(raw)
+
+
+@task(**backup_retries)
+def delete_backups(
+    store: BackupStore, location: str, backups: list[StoredBackup], reasons: dict[str, str],
+    dry_run: bool,
+) -> ChangeSet:
+    """Delete whole backups, the manifest first (a half-deleted backup reads as incomplete,
+    never as a complete backup missing its dump). Idempotent: gone objects are skipped."""
+    result = ChangeSet(dry_run=dry_run)
+    s3 = store.get_s3_client()
+    for b in backups:
+        change = Change(
+            action="delete_backup",
+            target=f"s3://{store.bucket}/{location}{b.backup_id}/",
+            detail={"bytes": b.size, "complete": b.complete, "why": reasons.get(b.backup_id, "")},
+        )
+        result.planned.append(change)
+        if dry_run:
+            continue
+        root = f"{location}{b.backup_id}/"
+        keys = [
+            o["Key"]
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix=root)
+            for o in page.get("Contents", [])
+        ]
+        keys.sort(key=lambda k: not k.endswith(MANIFEST))
+        for key in keys:
+            s3.delete_object(Bucket=store.bucket, Key=key)
+        result.applied.append(change)
+    return result
+
+
+# --- restore drill --------------------------------------------------------------------------
+
+
+class RestoreResult(ChangeSet):
+    scratch: str
+    seconds: float = 0.0
+    sha256: str = ""
+    size: int = 0
+    error: str | None = None
+
+
+@task(**runbook_task_options())
+def restore_into_scratch(
+    db: PostgresDatabase,
+    store: BackupStore,
+    location: str,
+    manifest: DumpManifest,
+    scratch: str,
+    run_id: str,
+    dry_run: bool,
+) -> RestoreResult:
+    """Create the scratch database (marked as this run's) and pg_restore the backup into it,
+    streamed from S3 while its sha256 is computed. Not retried: a half-restored scratch database
+    is dropped and a new drill starts clean.
+
+    pg_restore's failure is returned, not raised: with the checksum it explains a corrupted backup.
+    """
+    key = f"{location}{manifest.backup_id}/{DUMP}"
+    change = Change(
+        action="restore_backup",
+        target=f"s3://{store.bucket}/{key} -> {scratch}",
+        detail={"bytes": manifest.size, "backup_id": manifest.backup_id},
+    )
+    result = RestoreResult(dry_run=dry_run, planned=[change], scratch=scratch)
+    if dry_run:
+        return result
+    with _connect(db, db.dbname) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(scratch)))
+        conn.execute(
+            sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                sql.Identifier(scratch), sql.Literal(scratch_comment(run_id))
+            )
+        )
+        (num,) = conn.execute("SHOW server_version_num").fetchone()  # type: ignore[misc]
+    program = pg_program("pg_restore", int(num) // 10000)
+    s3 = store.get_s3_client()
+    sha = hashlib.sha256()
+    started = time.monotonic()
+    body = s3.get_object(Bucket=store.bucket, Key=key)["Body"]
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(
+            [program, "--no-owner", "--no-acl", "--exit-on-error", "--no-password",
+             f"--dbname={scratch}"],
+            stdin=subprocess.PIPE,
+            stderr=stderr,
+            stdout=subprocess.DEVNULL,
+            env=libpq_env(db, scratch),
+        )
+        # reading S3 on its own thread: pg_restore writes rows while the next chunk downloads
+        chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+
+        def download() -> None:
+            try:
+                for chunk in body.iter_chunks(1024 * 1024):
+                    chunks.put(chunk)
+            finally:
+                chunks.put(None)
+
+        reader = threading.Thread(target=download, name="restore-get", daemon=True)
+        reader.start()
+        broken = False
+        try:
+            while (chunk := chunks.get()) is not None:
+                sha.update(chunk)
+                result.size += len(chunk)
+                if not broken:
+                    try:
+                        proc.stdin.write(chunk)  # type: ignore[union-attr]
+                    except BrokenPipeError:
+                        broken = True  # pg_restore gave up; keep hashing to name the cause
+            try:
+                proc.stdin.close()  # type: ignore[union-attr]
+            except BrokenPipeError:
+                pass
+            rc = proc.wait(timeout=3600)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            reader.join(timeout=30)
+        if rc != 0:
+            result.error = f"exit {rc}: {_stderr_tail(stderr)}"
+    result.seconds = round(time.monotonic() - started, 3)
+    result.sha256 = sha.hexdigest()
+    result.applied.append(change.model_copy(update={"detail": change.detail | {"seconds": result.seconds}}))
+    return result
+
+
+@task(**backup_retries)
+def fingerprint_database(
+    db: PostgresDatabase, database: str, tables: list[str], checksums: bool
+) -> dict[str, TableFingerprint]:
+    """Rows and checksums of ``tables`` in ``database`` (those that exist)."""
+    with _connect(db, database) as conn:
+        existing = set(user_tables(conn))
+        return fingerprint_tables(conn, [t for t in tables if t in existing], checksums)
+
+
+class ScratchDatabase(BaseModel):
+    name: str
+    comment: str | None
+
+
+@task(**backup_retries)
+def scratch_databases(db: PostgresDatabase) -> list[ScratchDatabase]:
+    """Databases whose comment marks them as a drill's scratch database."""
+    with _connect(db, db.dbname) as conn:
+        rows = conn.execute(
+            "SELECT d.datname, shobj_description(d.oid, 'pg_database') FROM pg_database d"
+            " WHERE shobj_description(d.oid, 'pg_database') LIKE 'runbooks disaster-recovery%'"
+        ).fetchall()
+    return [ScratchDatabase(name=n, comment=c) for n, c in rows]
+
+
+@task(**backup_retries)
+def drop_scratch_databases(
+    db: PostgresDatabase, names: list[str], run_id: str, dry_run: bool, left_behind: bool = False
+) -> ChangeSet:
+    """DROP DATABASE ... WITH (FORCE), only for databases marked as a drill's scratch database:
+    this run's, or (``left_behind``) another drill's that died before dropping its own.
+    Idempotent: a database already gone is skipped."""
+    result = ChangeSet(dry_run=dry_run)
+    with _connect(db, db.dbname) as conn:
+        for name in names:
+            row = conn.execute(
+                "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+                (name,),
+            ).fetchone()
+            if row is None:
+                result.notes.append(f"{name} is already gone")
+                continue
+            comment = row[0]
+            ours = comment == scratch_comment(run_id) or (
+                left_behind and is_scratch_left_behind(comment, run_id)
+            )
+            if not ours:
+                result.notes.append(f"{name} is not a drill's scratch database: left alone")
+                continue
+            change = Change(action="drop_database", target=name, detail={"comment": comment})
+            result.planned.append(change)
+            if dry_run:
+                continue
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            result.applied.append(change)
+    return result
+
+
+def describe_manifest(m: DumpManifest) -> str:
+    rows = sum(t.rows for t in m.tables.values())
+    return (
+        f"backup {m.backup_id} of {m.database} ({human_bytes(m.size)} dump of a "
+        f"{human_bytes(m.database_bytes)} database, {len(m.tables)} tables, {rows} rows, taken "
+        f"in {m.dump_seconds:.1f}s)"
+    )
