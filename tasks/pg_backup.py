@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -144,29 +145,115 @@ def user_tables(conn: psycopg.Connection) -> list[str]:
     return [r[0] for r in rows]
 
 
+FINGERPRINT_WORKERS = 2  # connections reading the tables side by side
+_RANGE_PAGES = 16_384  # 128 MiB of 8 KiB pages: a larger table is read in page ranges in parallel
+
+
+def fingerprint_units(pages: dict[str, int], workers: int) -> list[tuple[str, int, int | None]]:
+    """(table, first page, end page or None for "to the end") pieces of work, largest tables
+    split into page ranges so that ``workers`` connections share the reading."""
+    units: list[tuple[str, int, int | None]] = []
+    for table, n in sorted(pages.items(), key=lambda kv: -kv[1]):
+        parts = min(max(1, n // _RANGE_PAGES), workers * 4)
+        if parts == 1:
+            units.append((table, 0, None))
+            continue
+        step = -(-n // parts)
+        for i in range(parts):
+            units.append((table, i * step, None if i == parts - 1 else (i + 1) * step))
+    return units
+
+
+def _unit_query(table: str, first: int, end: int | None, checksums: bool) -> sql.Composed:
+    schema, _, name = table.partition(".")
+    what = (
+        sql.SQL("count(*), coalesce(sum(('x' || left(md5(t::text), 16))::bit(64)::bigint), 0)")
+        if checksums
+        else sql.SQL("count(*), 0")
+    )
+    where = []
+    if first:
+        where.append(sql.SQL("ctid >= {}::tid").format(sql.Literal(f"({int(first)},0)")))
+    if end is not None:
+        where.append(sql.SQL("ctid < {}::tid").format(sql.Literal(f"({int(end)},0)")))
+    query = sql.SQL("SELECT {} FROM {} AS t").format(what, sql.Identifier(schema, name))
+    if where:  # a TID range scan (PostgreSQL 14+) reads only those pages
+        query = query + sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
+    return query
+
+
 def fingerprint_tables(
-    conn: psycopg.Connection, tables: list[str], checksums: bool
+    connect: Callable[[], psycopg.Connection],
+    tables: list[str],
+    checksums: bool,
+    snapshot_id: str | None = None,
+    workers: int = FINGERPRINT_WORKERS,
 ) -> dict[str, TableFingerprint]:
-    """Rows and an order-independent checksum of each table, in ``conn``'s snapshot.
+    """Rows and an order-independent checksum of each table, read on ``workers`` connections of
+    ``connect()``, all in the exported snapshot ``snapshot_id`` when one is given.
 
     The checksum sums the first 64 bits of each row's md5 (as text in UTC/ISO settings): no
-    sorting and constant memory however large the table, and equal exactly when the multisets of
-    rows are (up to hash collisions).
+    sorting and constant memory however large the table; sums of page ranges add up, so a large
+    table is read in ranges side by side. Equal exactly when the multisets of rows are (up to
+    hash collisions).
     """
-    out = {}
-    for name in tables:
-        schema, _, table = name.partition(".")
-        ident = sql.Identifier(schema, table)
-        if checksums:
-            query = sql.SQL(
-                "SELECT count(*), coalesce(sum(('x' || left(md5(t::text), 16))::bit(64)::bigint),"
-                " 0)::text FROM {} AS t"
-            ).format(ident)
-        else:
-            query = sql.SQL("SELECT count(*), NULL FROM {}").format(ident)
-        rows, checksum = conn.execute(query).fetchone()  # type: ignore[misc]
-        out[name] = TableFingerprint(rows=rows, checksum=checksum)
-    return out
+    if not tables:
+        return {}
+    conns = []
+    try:
+        for _ in range(workers):
+            conn = connect()
+            conn.autocommit = False
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            if snapshot_id:
+                conn.execute(
+                    sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id))
+                )
+            conns.append(conn)
+        rows = conns[0].execute(
+            "SELECT n.nspname || '.' || c.relname,"
+            " pg_relation_size(c.oid) / current_setting('block_size')::int"
+            " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname || '.' || c.relname = ANY(%s)",
+            (tables,),
+        ).fetchall()
+        units = fingerprint_units({t: int(p) for t, p in rows}, workers)
+        work: queue.Queue[tuple[str, int, int | None]] = queue.Queue()
+        for unit in units:
+            work.put(unit)
+        totals: dict[str, list[int]] = {t: [0, 0] for t in tables}
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+
+        def drain(conn: psycopg.Connection) -> None:
+            try:
+                while not errors:
+                    try:
+                        table, first, end = work.get_nowait()
+                    except queue.Empty:
+                        return
+                    query = _unit_query(table, first, end, checksums)
+                    count, total = conn.execute(query).fetchone()  # type: ignore[misc]
+                    with lock:
+                        totals[table][0] += count
+                        totals[table][1] += int(total)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=drain, args=(c,), daemon=True) for c in conns]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return {
+            t: TableFingerprint(rows=n, checksum=str(total) if checksums else None)
+            for t, (n, total) in totals.items()
+        }
+    finally:
+        for conn in conns:
+            conn.close()
 
 
 def _resolve_tables(conn: psycopg.Connection, wanted: list[str]) -> list[str]:
@@ -329,7 +416,11 @@ def dump_database(
 
         def fingerprint() -> None:
             try:
-                fingerprints.update(fingerprint_tables(snap, resolved, checksums))
+                fingerprints.update(
+                    fingerprint_tables(
+                        lambda: _connect(db, database), resolved, checksums, snapshot_id
+                    )
+                )
             except BaseException as exc:  # noqa: BLE001 - re-raised in the task's thread
                 errors.append(exc)
 
@@ -472,10 +563,13 @@ def restore_into_scratch(
     scratch: str,
     run_id: str,
     dry_run: bool,
+    jobs: int = 2,
 ) -> RestoreResult:
     """Create the scratch database (marked as this run's) and pg_restore the backup into it,
-    streamed from S3 while its sha256 is computed. Not retried: a half-restored scratch database
-    is dropped and a new drill starts clean.
+    with its sha256 computed as it downloads. With ``jobs`` > 1 and room on the local disk the
+    object is spooled to a file first and restored with that many connections (``pg_restore
+    --jobs`` must seek); otherwise pg_restore reads it straight from S3. Not retried: a
+    half-restored scratch database is dropped and a new drill starts clean.
 
     pg_restore's failure is returned, not raised: with the checksum it explains a corrupted backup.
     """
@@ -501,10 +595,55 @@ def restore_into_scratch(
     sha = hashlib.sha256()
     started = time.monotonic()
     body = s3.get_object(Bucket=store.bucket, Key=key)["Body"]
+    args = [program, "--no-owner", "--no-acl", "--exit-on-error", "--no-password",
+            f"--dbname={scratch}"]
+    spool_dir = tempfile.gettempdir()
+    if jobs > 1 and shutil.disk_usage(spool_dir).free > manifest.size * 2 + (1 << 30):
+        result.error = _restore_spooled(body, args, jobs, spool_dir, sha, result, db, scratch)
+    else:
+        result.error = _restore_streaming(body, args, sha, result, db, scratch)
+    result.seconds = round(time.monotonic() - started, 3)
+    result.sha256 = sha.hexdigest()
+    result.applied.append(change.model_copy(update={"detail": change.detail | {"seconds": result.seconds}}))
+    return result
+
+
+def _restore_spooled(
+    body: Any, args: list[str], jobs: int, spool_dir: str, sha: Any, result: RestoreResult,
+    db: PostgresDatabase, scratch: str,
+) -> str | None:
+    """Download to a local file (pg_restore --jobs needs to seek), then restore with ``jobs``
+    connections: tables load and indexes build side by side. A corrupted object is known before
+    pg_restore starts."""
+    with tempfile.NamedTemporaryFile(dir=spool_dir, prefix="drill-", suffix=".dump") as spool:
+        for chunk in body.iter_chunks(4 * 1024 * 1024):
+            sha.update(chunk)
+            result.size += len(chunk)
+            spool.write(chunk)
+        spool.flush()
+        with tempfile.TemporaryFile() as stderr:
+            proc = subprocess.Popen(
+                [*args, f"--jobs={jobs}", spool.name],
+                stderr=stderr,
+                stdout=subprocess.DEVNULL,
+                env=libpq_env(db, scratch),
+            )
+            try:
+                rc = proc.wait(timeout=6 * 3600)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            return f"exit {rc}: {_stderr_tail(stderr)}" if rc != 0 else None
+
+
+def _restore_streaming(
+    body: Any, args: list[str], sha: Any, result: RestoreResult, db: PostgresDatabase, scratch: str
+) -> str | None:
+    """Feed pg_restore from S3 as the object downloads: no local disk, one connection."""
     with tempfile.TemporaryFile() as stderr:
         proc = subprocess.Popen(
-            [program, "--no-owner", "--no-acl", "--exit-on-error", "--no-password",
-             f"--dbname={scratch}"],
+            args,
             stdin=subprocess.PIPE,
             stderr=stderr,
             stdout=subprocess.DEVNULL,
@@ -536,19 +675,14 @@ def restore_into_scratch(
                 proc.stdin.close()  # type: ignore[union-attr]
             except BrokenPipeError:
                 pass
-            rc = proc.wait(timeout=3600)
+            rc = proc.wait(timeout=6 * 3600)
         except BaseException:
             proc.kill()
             proc.wait()
             raise
         finally:
             reader.join(timeout=30)
-        if rc != 0:
-            result.error = f"exit {rc}: {_stderr_tail(stderr)}"
-    result.seconds = round(time.monotonic() - started, 3)
-    result.sha256 = sha.hexdigest()
-    result.applied.append(change.model_copy(update={"detail": change.detail | {"seconds": result.seconds}}))
-    return result
+        return f"exit {rc}: {_stderr_tail(stderr)}" if rc != 0 else None
 
 
 @task(**backup_retries)
@@ -558,7 +692,9 @@ def fingerprint_database(
     """Rows and checksums of ``tables`` in ``database`` (those that exist)."""
     with _connect(db, database) as conn:
         existing = set(user_tables(conn))
-        return fingerprint_tables(conn, [t for t in tables if t in existing], checksums)
+    return fingerprint_tables(
+        lambda: _connect(db, database), [t for t in tables if t in existing], checksums
+    )
 
 
 class ScratchDatabase(BaseModel):

@@ -83,6 +83,14 @@ class DrillParams(RunbookParams):
         description="The latest backup must be younger than this (the recovery point objective; "
         "daily backups: 26 h).",
     )
+    restore_jobs: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="pg_restore --jobs: connections loading tables and building indexes side by "
+        "side (the dump is spooled to local disk first, as --jobs needs); 1: pg_restore reads "
+        "straight from S3 without local disk.",
+    )
     compare_source: bool = Field(
         True,
         description="Also report the source database's current row counts next to the backup's "
@@ -165,7 +173,8 @@ def disaster_recovery_drill(params: DrillParams) -> DrillSummary:
                 restored = guard.act(
                     "restore the backup into a scratch database",
                     lambda dry_run: restore_into_scratch(
-                        restore_db, store, location, manifest, scratch, run_id, dry_run
+                        restore_db, store, location, manifest, scratch, run_id, dry_run,
+                        jobs=params.restore_jobs,
                     ),
                     budget=DRILL_BUDGET,
                 )

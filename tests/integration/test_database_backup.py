@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -17,10 +20,12 @@ from dataclasses import dataclass
 
 import psycopg
 import pytest
+from prefect.settings import PREFECT_API_URL
 from psycopg import sql
 
 from blocks.backup_store import BackupStore
 from blocks.postgres import PostgresDatabase
+from deployments.catalog import PROJECT_ROOT
 from flows.postgres.database_backup import DatabaseBackupParams, database_backup
 from flows.postgres.disaster_recovery_drill import DrillParams, disaster_recovery_drill
 from runbooks.params import SafetyParams
@@ -55,6 +60,13 @@ class Env:
         return self.admin.execute(
             sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, name))
         ).fetchone()[0]
+
+    def count_in(self, database: str, table: str) -> int:
+        schema, name = table.split(".")
+        with psycopg.connect(self.server.conninfo(dbname=database)) as conn:
+            return conn.execute(
+                sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, name))
+            ).fetchone()[0]
 
     def databases(self) -> set[str]:
         return {r[0] for r in self.admin.execute("SELECT datname FROM pg_database").fetchall()}
@@ -238,7 +250,8 @@ def test_retention_keeps_the_newest_complete_backups(env: Env) -> None:
     assert not any(ids[0] in k for k in env.keys())
 
 
-def test_corrupted_backup_fails_the_drill_with_the_reason(env: Env) -> None:
+@pytest.mark.parametrize("jobs", [1, 2], ids=["streamed", "spooled"])
+def test_corrupted_backup_fails_the_drill_with_the_reason(env: Env, jobs: int) -> None:
     summary = database_backup(params=backup_params(env))
     root = summary.location.removeprefix(f"s3://{env.store.bucket}/")
     s3 = env.s3()
@@ -249,7 +262,7 @@ def test_corrupted_backup_fails_the_drill_with_the_reason(env: Env) -> None:
     before = env.databases()
 
     state = disaster_recovery_drill(
-        params=drill_params(env, backup_id=summary.backup_id), return_state=True
+        params=drill_params(env, backup_id=summary.backup_id, restore_jobs=jobs), return_state=True
     )
 
     assert state.is_failed()
@@ -277,6 +290,31 @@ def test_drill_drops_a_scratch_database_left_by_a_dead_drill(env: Env) -> None:
     assert state.is_completed(), state.message
     assert left not in env.databases()
     assert unrelated in env.databases()
+
+
+def test_a_drill_killed_mid_restore_leaves_a_scratch_database_the_next_drill_drops(env: Env) -> None:
+    database_backup(params=backup_params(env))
+    before = env.databases()
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.db_drill_victim", env.db_block, env.store_block],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        timeout=180,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "PREFECT_API_URL": PREFECT_API_URL.value()},
+    )
+    assert proc.returncode == -9, f"victim did not die by SIGKILL: {proc.returncode} {proc.stderr[-2000:]!r}"
+    (left,) = env.databases() - before  # restored, never compared nor dropped
+    assert left.startswith(f"{env.db}_drill_")
+    assert env.count_in(left, "public.devices") == 3000
+
+    # the next drill takes the dead run's lock (its process is gone), drops the leftover, drills
+    state = disaster_recovery_drill(params=drill_params(env), return_state=True)
+
+    assert state.is_completed(), state.message
+    assert state.result().outcome is Outcome.RESOLVED
+    assert env.databases() == before
+    report = read_incident_report(state.state_details.flow_run_id)
+    assert left in report and "left by earlier drills" in report
 
 
 def test_password_is_in_no_log_or_report(env: Env) -> None:
