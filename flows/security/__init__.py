@@ -1,0 +1,1 @@
+"""Runbooks of access and credentials: rotation and audit."""
