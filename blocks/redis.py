@@ -37,9 +37,9 @@ class _TransientRetry(Retry):
 class RedisServer(Block):
     """How to reach a Redis server, with the timeouts every runbook connection uses.
 
-    With ACLs (Redis 6+), the runbook's user needs ``+ping +info +dbsize +client|list
-    +client|id +client|kill +client|setname +client|setinfo``, and ``+flushdb`` only if a
-    person may ever ask the redis-degraded runbook to flush the database.
+    With ACLs (Redis 6+), the runbook's user needs ``+ping +hello +auth +select +info +dbsize
+    +client|list +client|id +client|kill +client|setname`` (and ``+client|setinfo`` on Redis
+    7.2+), and ``+flushdb`` only if a person may ever ask redis-degraded to flush the database.
 
     Example:
         ```python
