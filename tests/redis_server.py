@@ -38,15 +38,14 @@ class RedisTestServer:
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def admin(self, db: int = 0, name: str = "test-admin", **kwargs) -> redis.Redis:
+        options = {"socket_timeout": 10, "decode_responses": True} | kwargs
         client = redis.Redis(
             host=self.host,
             port=self.port,
             db=db,
             password=self.admin_password,
-            decode_responses=True,
-            socket_timeout=10,
             client_name=name,
-            **kwargs,
+            **options,
         )
         client.ping()
         return client
