@@ -39,6 +39,7 @@ def read_redis_health(
     """PING a few times over ``window_s``, with INFO before and after (counters over the window)."""
     with server.client() as client:
         first = client.info()
+        first_at = time.monotonic()
         pings: list[float] = []
         for i in range(ping_samples):
             if i:
@@ -47,8 +48,8 @@ def read_redis_health(
             client.ping()
             pings.append(round((time.perf_counter() - started) * 1000, 3))
         last = client.info()
+        window = time.monotonic() - first_at
         dbsize = client.dbsize()
-    window = float(last.get("uptime_in_seconds", 0)) - float(first.get("uptime_in_seconds", 0))
     health = health_from_info(
         first,
         last,
@@ -56,7 +57,7 @@ def read_redis_health(
         ping_ms=pings,
         db=server.db,
         dbsize=dbsize,
-        window_s=max(window, window_s),
+        window_s=round(window, 2),
     )
     get_run_logger().info("redis %s: %s", health.address, health.describe())
     return health

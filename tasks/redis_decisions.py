@@ -382,7 +382,7 @@ def group_clients(clients: list[RedisClient], key: str) -> dict[str, dict[str, A
 
 
 def describe_clients(clients: list[RedisClient], what: str) -> str:
-    """E.g. '4 idle for 12-30s (median 20s), from 10.0.0.5 (3), 10.0.0.6 (1)'."""
+    """E.g. '4 idle for 12-30s (median 20s), from 10.0.0.5 (3), 10.0.0.6 (1), named api (4)'."""
     ages = _ages(clients)
     low, high = ages["youngest"], ages["oldest"]
     span = f"{low:g}s" if low == high else f"{low:g}-{high:g}s (median {ages['median']:g}s)"
@@ -404,7 +404,8 @@ class ClientSurvey(BaseModel):
 
     def describe(self) -> str:
         parts = [
-            describe_clients(self.candidates, f"idle over {self.idle_for_s:g}s for")
+            describe_clients(self.candidates, "idle for")
+            + f", over the {self.idle_for_s:g}s threshold"
             if self.candidates
             else f"no client idle over {self.idle_for_s:g}s that the runbook may kill"
         ]

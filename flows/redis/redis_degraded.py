@@ -108,10 +108,11 @@ class RedisDegradedSummary(BaseModel):
     """What a redis-degraded run saw and did."""
 
     outcome: Outcome
-    before: RedisHealth
+    before: RedisHealth | None = Field(None, description="None: the server did not answer.")
     findings: list[Finding]
-    clients: ClientSurvey
-    decision: RedisDecision
+    clients: ClientSurvey | None = None
+    decision: RedisDecision | None = None
+    handed_off: str | None = Field(None, description="Link to the service-not-responding run.")
     killed: KillResult | None = None
     flushed: FlushResult | None = None
     after: RedisHealth | None = None
@@ -143,6 +144,18 @@ def redis_degraded(params: RedisDegradedParams) -> RedisDegradedSummary:
             exclude_users=params.exclude_users,
         )
         before = _read_or_escalate(report, params, server, where)
+        if isinstance(before, str):
+            report.finish(
+                Outcome.WAITING,
+                f"Redis {where} does not answer; handed to service-not-responding, which restarts "
+                f"{params.service} on {params.platform}: {before}",
+            )
+            return RedisDegradedSummary(
+                outcome=report.outcome,
+                findings=classify_health(None, thresholds),
+                handed_off=before,
+                report=report.to_markdown(),
+            )
         findings = classify_health(before, thresholds)
         _check_health(report, before, findings, thresholds)
         clients = list_clients(server, criteria)
@@ -235,8 +248,10 @@ def redis_degraded(params: RedisDegradedParams) -> RedisDegradedSummary:
 
 def _read_or_escalate(
     report: IncidentReport, params: RedisDegradedParams, server: RedisServer, where: str
-) -> RedisHealth:
-    """PING + INFO; a server that does not answer, or refuses the block's login, is for a person."""
+) -> RedisHealth | str:
+    """PING + INFO; a server that does not answer, or refuses the block's login, is for a person,
+    or, for a server that does not answer where it runs is known, for service-not-responding
+    (returns the link to that run)."""
     try:
         return read_redis_health(server, params.ping_samples, params.sample_window_s)
     except redis.AuthenticationError as exc:
@@ -272,6 +287,7 @@ def _read_or_escalate(
                 {"platform": params.platform, "service": params.service},
             )
             report.step(f"handed to service-not-responding for {params.service}: {link}")
+            return link
         else:
             report.follow_ups.append(
                 f"Restart Redis at {where} if its process hangs (seed: docker-compose restart "

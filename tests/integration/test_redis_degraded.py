@@ -75,6 +75,7 @@ class Crowd:
     admin: redis.Redis
     ids: dict[str, int]  # name -> client id, for every connection but the idle victims
     victim_ids: set[int]
+    victims: dict[int, redis.Redis]  # by client id
     busy_errors: list[BaseException] = field(default_factory=list)
     blpop_result: list = field(default_factory=list)
 
@@ -109,7 +110,8 @@ def crowd(redis_server: RedisTestServer) -> Iterator[Crowd]:
     listener = open_("listener").pubsub()
     listener.subscribe("rb-news")
     assert listener.get_message(timeout=5)["type"] == "subscribe"
-    c = Crowd(admin, {}, {v.client_id() for v in victims})
+    by_id = {v.client_id(): v for v in victims}
+    c = Crowd(admin, {}, set(by_id), by_id)
 
     def block_forever() -> None:
         c.blpop_result.append(blocked.blpop([key], timeout=0))
@@ -348,3 +350,75 @@ def test_block_client_uses_the_block_settings(redis_server: RedisTestServer) -> 
         # the least-privileged user: what the runbook never needs, it may not do
         with pytest.raises(redis.exceptions.NoPermissionError):
             client.set("k", "v")
+
+
+def test_unreachable_server_is_handed_to_service_not_responding(
+    redis_server: RedisTestServer, deployment_ids: dict[str, str]
+) -> None:
+    from flows.services.service_not_responding import ServiceNotRespondingParams
+    from tests.conftest import runs_of
+
+    before = {r["id"] for r in runs_of(deployment_ids["service-not-responding"])}
+    p = params(
+        redis_server,
+        redis_block=save_block(redis_server, port=free_port()),
+        platform="docker/cache-host",
+        service="redis",
+    )
+
+    state = redis_degraded(params=p, return_state=True)
+
+    assert state.is_completed(), state.message
+    summary: RedisDegradedSummary = state.result()
+    assert summary.outcome is Outcome.WAITING
+    new = [r for r in runs_of(deployment_ids["service-not-responding"]) if r["id"] not in before]
+    assert len(new) == 1
+    handed = new[0]["parameters"]["params"]
+    assert (handed["platform"], handed["service"], handed["dry_run"]) == (
+        "docker/cache-host",
+        "redis",
+        False,
+    )
+    ServiceNotRespondingParams.model_validate(handed)  # the run it starts accepts them
+    assert new[0]["id"] in summary.report and "handed to service-not-responding" in summary.report
+
+
+def test_kill_rechecks_each_client_at_the_last_moment(
+    redis_server: RedisTestServer, crowd: Crowd
+) -> None:
+    """Clients that ran a command or left between listing and killing are left alone; a re-run
+    kills nothing twice and fails on nothing."""
+    from prefect import flow
+
+    from tasks.redis import kill_idle_clients, list_clients
+    from tasks.redis_decisions import KillCriteria
+
+    server = RedisServer.load(save_block(redis_server))
+    criteria = KillCriteria(idle_for_s=IDLE_S, exclude_names=EXCLUDED)
+
+    @flow
+    def find():
+        return list_clients(server, criteria).candidates
+
+    candidates = find()
+    assert {c.id for c in candidates} == crowd.victim_ids
+    by_id = {int(c["id"]): c for c in crowd.admin.client_list()}
+    turns_busy, leaves, *stay_idle = sorted(crowd.victim_ids)
+    assert all(by_id[i]["name"] == "victim-idle" for i in (turns_busy, leaves))
+    # after listing: one victim runs a command, one disconnects
+    crowd.victims[turns_busy].ping()
+    crowd.admin.client_kill_filter(_id=leaves)
+
+    @flow
+    def kill():
+        return kill_idle_clients(server, candidates, criteria, dry_run=False)
+
+    result = kill()
+    assert sorted(result.killed) == stay_idle
+    assert result.spared == [turns_busy] and result.gone == [leaves]
+    live = crowd.live_ids()
+    assert turns_busy in live and not live & {leaves, *stay_idle}
+
+    again = kill()
+    assert again.applied == [] and again.killed == []
+    assert set(again.gone) == {leaves, *stay_idle} and again.spared == [turns_busy]

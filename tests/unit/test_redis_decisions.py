@@ -135,7 +135,10 @@ def test_survey_groups_by_host_and_name_and_leaves_own_out() -> None:
         "api": {"count": 3, "idle_s": {"youngest": 400, "median": 900, "oldest": 1000}},
         "worker": {"count": 1, "idle_s": {"youngest": 10, "median": 10, "oldest": 10}},
     }
-    assert "2 idle over 300s for 400-1000s (median 700s), from 10.0.0.5 (2)" in survey.describe()
+    assert survey.describe().startswith(
+        "2 idle for 400-1000s (median 700s), from 10.0.0.5 (2), named api (2), over the 300s "
+        "threshold; 1 active in the last 300s; 1 left alone (a replica (replication link): 1)"
+    )
 
 
 INFO = {
