@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import redis
 
+from blocks.redis import RedisServer, is_transient
 from tasks.redis_decisions import (
     IDLE_TOO_BRIEFLY,
     Finding,
@@ -281,3 +283,30 @@ def test_decide(findings, killable, left_alone, flush, kill, flushes, escalate) 
     assert len(d.escalate) == len(escalate)
     for text, said in zip(escalate, d.escalate, strict=True):
         assert text in said
+
+
+# error -> whether another try may help (the block's client and the tasks retry only these)
+TRANSIENT_CASES = [
+    (redis.ConnectionError("Error 111 connecting"), True),
+    (redis.TimeoutError("Timeout reading from socket"), True),
+    (redis.BusyLoadingError("Redis is loading the dataset in memory"), True),
+    (redis.AuthenticationError("invalid username-password pair"), False),
+    (redis.ResponseError("NOPERM this user has no permissions"), False),
+    (ValueError("x"), False),
+]
+
+
+@pytest.mark.parametrize(("error", "transient"), TRANSIENT_CASES)
+def test_only_transient_errors_are_retried(error: Exception, transient: bool) -> None:
+    assert is_transient(error) is transient
+    client = RedisServer(host="localhost", retries=2).client()
+    retry = client.get_retry()
+    calls = []
+
+    def fail() -> None:
+        calls.append(1)
+        raise error
+
+    with pytest.raises(type(error)):
+        retry.call_with_retry(fail, lambda _: None)
+    assert len(calls) == (3 if transient and isinstance(error, redis.RedisError) else 1)
