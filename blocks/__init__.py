@@ -9,6 +9,7 @@ from blocks.flink import FlinkCluster
 from blocks.kafka import KafkaCluster
 from blocks.kubernetes import KubernetesCluster
 from blocks.postgres import PostgresDatabase
+from blocks.redis import RedisServer
 from blocks.supervisor import SupervisorHost
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "KafkaCluster",
     "KubernetesCluster",
     "PostgresDatabase",
+    "RedisServer",
     "SupervisorHost",
 ]

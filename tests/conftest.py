@@ -22,6 +22,7 @@ from blocks.kafka import KafkaCluster
 from tests.moto_server import MotoServer
 from tests.podman import PodmanService, start_podman
 from tests.receivers import HttpReceiver
+from tests.redis_server import RedisTestServer, start_redis
 from tests.servers import (
     KafkaBroker,
     PostgresServer,
@@ -335,3 +336,11 @@ def slack() -> Iterator[HttpReceiver]:
     """A local HTTP receiver standing in for Slack's incoming webhook."""
     with HttpReceiver() as receiver:
         yield receiver
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisTestServer]:
+    """A Redis primary (password, the runbook's ACL user) and a replica for the session."""
+    server = start_redis()
+    yield server
+    server.stop()

@@ -124,6 +124,10 @@ CASES = {
             "namespace": "streaming",
         },
     ),
+    "redis-degraded": (
+        {"alertname": "RedisRejectedConnections", "redis": "sessions-cache"},
+        {"redis_block": "sessions-cache"},
+    ),
 }
 
 
@@ -181,6 +185,10 @@ MORE_CASES = [
          "container": "api", "runbooks_platform": "kubernetes/default"},
         {"platform": "kubernetes/default", "service": "orders-api", "namespace": "shop", "container": "api"},
     ),
+    ("redis-degraded", {"alertname": "RedisTooManyClients", "redis": "sessions-cache"},
+     {"redis_block": "sessions-cache"}),
+    ("redis-degraded", {"alertname": "RedisMemoryHigh", "redis": "rate-limits"},
+     {"redis_block": "rate-limits"}),
 ]  # fmt: skip
 
 

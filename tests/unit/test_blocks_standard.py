@@ -124,6 +124,7 @@ INVALID_INPUTS = [
     (blocks.SupervisorHost, {"url": f"http://admin:{SENTINEL}@sv:9001/RPC2"}),
     (blocks.DockerHost, {"base_url": "tcp://docker:2376", "tls_client_key": SENTINEL}),
     (blocks.DockerHost, {"tls": True, "tls_client_cert": "x", "tls_client_key": SENTINEL}),
+    (blocks.RedisServer, {"port": 0, "password": SENTINEL}),
 ]
 
 

@@ -1,0 +1,1 @@
+"""Redis runbooks: one module per deployment, named for it."""
