@@ -148,6 +148,14 @@ class CredentialBackend(Protocol):
 
     def store(self, password: SecretStr) -> None: ...  # into the block clients load
 
+    def target(self) -> Any: ...  # the runbooks.safety.Target the rotation locks
+
+    def sessions(self) -> list[dict[str, Any]]: ...  # who is connected as this login now
+
+    def secret_fields(self) -> dict[str, Any]: ...  # Secrets Manager JSON, besides "password"
+
+    def persistence_note(self) -> str | None: ...  # why the change may not survive a restart
+
 
 # --- AWS Secrets Manager ------------------------------------------------------------------
 

@@ -4,13 +4,17 @@ clear, and (tasks.pg_access) what an access audit reads about them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg import sql
 from pydantic import SecretStr
 
 from blocks.postgres import PostgresDatabase
+from runbooks.safety import Target
 from tasks.credentials import LoginCheck
+from tasks.pg_access import role_sessions
+from tasks.postgres import get_system_identifier
 
 # SQLSTATE 28P01 invalid_password, 28000 invalid_authorization_specification (pg_hba reject, role
 # cannot log in); libpq reports a failed connection without SQLSTATE, by text
@@ -76,3 +80,20 @@ class PostgresCredential:
     def store(self, password: SecretStr) -> None:
         self.block = self.block.model_copy(update={"password": password})
         self.block.save(self.block_name, overwrite=True)
+
+    def target(self) -> Target:
+        sysid = get_system_identifier(self.admin)
+        return Target(
+            "postgres-role", f"{self.block.host}:{self.block.port}/{self.role}", f"{sysid}/{self.role}"
+        )
+
+    def sessions(self) -> list[dict[str, Any]]:
+        return [s.model_dump() for s in role_sessions(self.admin, self.role)]
+
+    def secret_fields(self) -> dict[str, Any]:
+        b = self.block
+        return {"engine": "postgres", "host": b.host, "port": b.port, "dbname": b.dbname,
+                "username": b.user}
+
+    def persistence_note(self) -> str | None:
+        return None  # ALTER ROLE is durable

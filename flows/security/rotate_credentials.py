@@ -1,5 +1,6 @@
 """Runbook: monthly rotation of a database password (seed 003 security: "monthly rotation of
-database admin password, access keys, service tokens").
+database admin password, access keys, service tokens"): a PostgreSQL role (tasks.pg_roles) or a
+Redis ACL user (tasks.redis_acl).
 
 Sets a new strong password on the server for the login a block holds, checks that the new one logs
 in and the old one no longer does (setting the old one back if not), and stores it where clients
@@ -17,11 +18,12 @@ from prefect_aws import AwsCredentials
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from blocks.postgres import PostgresDatabase
+from blocks.redis import RedisServer
 from runbooks.errors import Escalation, VerificationFailed
 from runbooks.params import BlockName, RunbookParams
 from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.results import Change, ChangeSet
-from runbooks.safety import Budget, Target
+from runbooks.safety import Budget
 from tasks.credentials import (
     CredentialBackend,
     LoginCheck,
@@ -34,9 +36,8 @@ from tasks.credentials import (
     save_pending,
     store_in_secrets_manager,
 )
-from tasks.pg_access import role_sessions
 from tasks.pg_roles import PostgresCredential
-from tasks.postgres import get_system_identifier
+from tasks.redis_acl import RedisCredential
 
 RUNBOOK = "rotate-credentials"
 
@@ -48,18 +49,19 @@ _SECRET_ID = re.compile(r"[A-Za-z0-9/_+=.@-]{1,512}")
 class RotateCredentialsParams(RunbookParams):
     """Run form of the rotate-credentials runbook."""
 
-    engine: Literal["postgres"] = Field(
-        "postgres", description="What kind of server the login is on."
+    engine: Literal["postgres", "redis"] = Field(
+        "postgres",
+        description="What kind of server the login is on: a PostgreSQL role ('Runbooks "
+        "PostgreSQL Database' blocks) or a Redis ACL user ('Runbooks Redis Server' blocks).",
     )
     login_block: BlockName = Field(
         "default",
-        description="Block whose user's password is rotated and which receives the new one "
-        "('Runbooks PostgreSQL Database').",
+        description="Block whose user's password is rotated and which receives the new one.",
     )
     admin_block: BlockName = Field(
         "admin",
-        description="Block of a login allowed to change that user's password (CREATEROLE; a "
-        "superuser for a superuser role).",
+        description="Block of a login allowed to change that user's password (PostgreSQL: "
+        "CREATEROLE, a superuser for a superuser role; Redis: ACL SETUSER and ACL SAVE).",
     )
     secret_id: str | None = Field(
         None,
@@ -108,11 +110,8 @@ def rotate_credentials(params: RotateCredentialsParams) -> RotateCredentialsSumm
     with incident_report(
         runbook=RUNBOOK, title="Credential Rotation", severity="P4", params=params
     ) as report:
-        block = PostgresDatabase.load(params.login_block)
-        admin = PostgresDatabase.load(params.admin_block)
-        login = PostgresCredential(params.login_block, block, admin)
-        sysid = get_system_identifier(admin)
-        target = Target("postgres-role", f"{block.host}:{block.port}/{block.user}", f"{sysid}/{block.user}")
+        login = _backend(params)
+        target = login.target()
         pending_name = pending_block_name(target.key)
         with report.guard(target) as guard:
             old = login.stored_password()
@@ -127,7 +126,10 @@ def rotate_credentials(params: RotateCredentialsParams) -> RotateCredentialsSumm
                 )
             step, why = decide_rotation(pending is not None, pending_login, current)
             report.step(f"decision: {step.value} ({why})")
-            _sessions(report, admin, block.user)
+            report.evidence(
+                "sessions of the login now (clients that will need the new password)",
+                login.sessions() or [{"client": "none"}],
+            )
             if step is RotationStep.ESCALATE:
                 raise Escalation(f"cannot rotate the password of {login.label}: {why}")
             if step is RotationStep.FINISH_PENDING:
@@ -191,6 +193,13 @@ def rotate_credentials(params: RotateCredentialsParams) -> RotateCredentialsSumm
             if not verified.ok:
                 _roll_back(report, guard, login, old, pending_name, verified.last)
             stored_in = _store(report, guard, login, params, password, pending_name)
+            note = login.persistence_note()
+            report.check("the change survives a server restart", note is None, note or "yes")
+            if note:
+                report.follow_ups.append(
+                    f"Persist the ACL of {login.label} (an ACL file with ACL SAVE, or CONFIG "
+                    f"REWRITE): {note}."
+                )
             report.follow_ups.append(
                 "Sessions opened with the old password stay connected; clients that read the "
                 "password at connect time get the new one on their next connection."
@@ -231,17 +240,10 @@ def _store(
                 if params.aws_credentials_block
                 else AwsCredentials()
             )
-            block = login.block  # type: ignore[attr-defined]
             store_in_secrets_manager(
                 aws,
                 params.secret_id,
-                {
-                    "engine": params.engine,
-                    "host": block.host,
-                    "port": block.port,
-                    "dbname": block.dbname,
-                    "username": block.user,
-                },
+                login.secret_fields(),
                 password,
                 # one version per rotation: a retried or re-run store writes it once
                 token=str(flow_run.id or pending_name)[:64].ljust(32, "0"),
@@ -298,11 +300,17 @@ def _roll_back(
     )
 
 
-def _sessions(report: IncidentReport, admin: PostgresDatabase, role: str) -> None:
-    sessions = role_sessions(admin, role)
-    report.evidence(
-        f"sessions of {role} now (clients that will need the new password)",
-        [s.model_dump() for s in sessions] or [{"client": "none"}],
+def _backend(params: RotateCredentialsParams) -> CredentialBackend:
+    if params.engine == "redis":
+        return RedisCredential(
+            params.login_block,
+            RedisServer.load(params.login_block),
+            RedisServer.load(params.admin_block),
+        )
+    return PostgresCredential(
+        params.login_block,
+        PostgresDatabase.load(params.login_block),
+        PostgresDatabase.load(params.admin_block),
     )
 
 
