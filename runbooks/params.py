@@ -176,6 +176,8 @@ _EMPTY_IS_NONE = BeforeValidator(lambda v: None if v in ("", "None") else v)
 ServiceName = Annotated[str, AfterValidator(_service_name)]
 OptionalServiceName = Annotated[str | None, _EMPTY_IS_NONE, AfterValidator(_service_name)]
 OptionalNamespace = Annotated[str | None, _EMPTY_IS_NONE, AfterValidator(_namespace)]
+OptionalPlatformRef = Annotated[PlatformRef | None, _EMPTY_IS_NONE]
+"""A platform reference that may be left empty (an optional hand-off or last resort)."""
 
 
 class AlertContext(BaseModel):

@@ -1,13 +1,22 @@
 """Runbook: database connection pool exhausted (seed 001; seed 002 scenario 2)."""
 
+from datetime import UTC, datetime
+from typing import Literal
+
 from prefect import flow
 from pydantic import BaseModel, Field
 
 from blocks.postgres import PostgresDatabase
 from runbooks.errors import Escalation, VerificationFailed
-from runbooks.params import BlockName, RunbookParams
+from runbooks.params import (
+    BlockName,
+    OptionalNamespace,
+    OptionalPlatformRef,
+    OptionalServiceName,
+    RunbookParams,
+)
 from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
-from runbooks.safety import Budget, Target
+from runbooks.safety import Budget, Guard, Target
 from tasks.postgres import (
     Backend,
     ConnectionUsage,
@@ -24,11 +33,14 @@ from tasks.postgres import (
     survey_connections,
     terminate_idle_connections,
 )
+from tasks.workloads import WorkloadRef, load_backend, restart_workload
 
 RUNBOOK = "db-connection-pool-exhausted"
 
 # Terminating idle sessions again and again means a pool leaks; after this many, a human looks.
 TERMINATE_BUDGET = Budget(max_actions=3, window_s=3600)
+# The last resort: a second restart of the database in a day is not a fix, it is an outage.
+RESTART_BUDGET = Budget(max_actions=1, window_s=86400)
 
 # Seed 001: "Scale up database if needed; Increase connection pool size in services".
 _SCALE_ADVICE = "scale up the database or resize the services' connection pools"
@@ -71,6 +83,24 @@ class ConnectionPoolParams(RunbookParams):
     )
     verify_timeout_s: float = Field(
         30.0, gt=0, le=600, description="How long to wait for the freed slots to show up."
+    )
+    last_resort_platform: OptionalPlatformRef = Field(
+        None,
+        description="Where the PostgreSQL server runs (kubernetes/<block>, docker/<block> or "
+        "supervisord/<block>), to offer a restart as the last resort when terminating idle "
+        "sessions cannot free the pool: only with approval, never automatically. Empty: escalate.",
+    )
+    last_resort_service: OptionalServiceName = Field(
+        None, description="The server's service there (StatefulSet, Compose service, program)."
+    )
+    last_resort_namespace: OptionalNamespace = Field(
+        None, description="Kubernetes namespace of that service; empty: the block's."
+    )
+    last_resort_kind: Literal["Deployment", "StatefulSet"] = Field(
+        "StatefulSet", description="Kubernetes workload kind of that service."
+    )
+    restart_timeout_s: float = Field(
+        120.0, gt=0, le=1800, description="How long the restarted server may take to accept connections."
     )
 
 
@@ -141,7 +171,11 @@ def db_connection_pool_exhausted(params: ConnectionPoolParams) -> ConnectionPool
                 return _summary(report, before, survey)
             if decision.action is PoolAction.ESCALATE:
                 report.follow_ups.append(_SCALE_FOLLOW_UP)
-                raise Escalation(f"{decision.reason} ({before.describe()}): {_SCALE_ADVICE}")
+                reason = f"{decision.reason} ({before.describe()})"
+                if _restart_configured(params):
+                    after = _last_resort(report, guard, params, db, targets, reason)
+                    return _summary(report, before, survey, after=after)
+                raise Escalation(f"{reason}: {_SCALE_ADVICE}")
 
             recent = survey.recently_idle if decision.recently_idle else []
             candidates = survey.candidates + recent
@@ -168,6 +202,14 @@ def db_connection_pool_exhausted(params: ConnectionPoolParams) -> ConnectionPool
             after = verified.last
             report.evidence("connections after", after)
             _add_follow_ups(report, survey.candidates, recent)
+            if not verified.ok and _restart_configured(params):
+                report.follow_ups.append(_SCALE_FOLLOW_UP)
+                after = _last_resort(
+                    report, guard, params, db, targets,
+                    f"after terminating {len(terminated.terminated)} idle connection(s), "
+                    f"{after.describe()}",
+                )
+                return _summary(report, before, survey, candidates, terminate=terminated, after=after)
             if not verified.ok:
                 report.follow_ups.append(_SCALE_FOLLOW_UP)
                 raise VerificationFailed(
@@ -246,3 +288,78 @@ def _add_follow_ups(
             "left idle: a connection leak (connections not returned to the pool) or a pool "
             "larger than the database's max_connections allows."
         )
+
+
+def _restart_configured(params: ConnectionPoolParams) -> bool:
+    return bool(params.last_resort_platform and params.last_resort_service)
+
+
+def _last_resort(
+    report: IncidentReport,
+    guard: Guard,
+    params: ConnectionPoolParams,
+    db: PostgresDatabase,
+    targets: PoolTargets,
+    reason: str,
+) -> ConnectionUsage | None:
+    """Seed 002 scenario 2: "restart database (last resort)". Always asks a person first: every
+    session is cut and every open transaction rolled back; then waits for the server to accept
+    connections with its headroom back."""
+    assert params.last_resort_platform and params.last_resort_service
+    backend = load_backend(params.last_resort_platform)
+    ref = WorkloadRef(
+        name=params.last_resort_service,
+        namespace=params.last_resort_namespace,
+        kind=params.last_resort_kind,
+    )
+    report.step(f"terminating idle sessions cannot free the pool ({reason}): offering a restart")
+    observed_at = datetime.now(UTC)
+    guard.act(
+        f"restart the database server {ref.describe()} (last resort)",
+        # only instances not started since the run looked: a retry never restarts twice
+        lambda dry_run: restart_workload(backend, ref, since=observed_at, dry_run=dry_run),
+        budget=RESTART_BUDGET,
+        approval=lambda plan: (
+            f"{reason}. Restarting PostgreSQL cuts every session and rolls back every open "
+            "transaction; clients reconnect. This is the seed's last resort: only a person decides"
+        ),
+    )
+    if params.dry_run:
+        report.finish(
+            Outcome.PLANNED,
+            f"Would ask to restart {ref.describe()} on {params.last_resort_platform} "
+            f"(last resort): {reason}. Nothing was changed.",
+        )
+        return None
+    verified = guard.verify(
+        "the restarted server accepts connections with headroom",
+        lambda: _usage_or_none(db),
+        lambda usage: usage is not None and has_headroom(usage, targets),
+        timeout_s=params.restart_timeout_s,
+        describe=lambda usage: usage.describe() if usage else "not accepting connections yet",
+    )
+    after = verified.last
+    if not verified.ok:
+        raise VerificationFailed(
+            f"{ref.describe()} was restarted (last resort) but "
+            + (after.describe() if after else "does not accept connections")
+            + f" within {params.restart_timeout_s:g}s"
+        )
+    assert after is not None
+    report.evidence("connections after the restart", after)
+    report.follow_ups.append(
+        "Find what filled the pool with busy sessions before the restart (the evidence above "
+        "lists them by application): a restart only buys time."
+    )
+    report.finish(
+        Outcome.RESOLVED,
+        f"Restarted {ref.describe()} (last resort, approved): {reason}; now {after.describe()}.",
+    )
+    return after
+
+
+def _usage_or_none(db: PostgresDatabase) -> ConnectionUsage | None:
+    try:
+        return get_connection_usage.fn(db)
+    except Exception:  # noqa: BLE001 - the server is still starting: not an answer yet
+        return None

@@ -1,16 +1,15 @@
 """Runbook: Redis degraded (seed 002 scenario 4 "Redis connection issues": ping, info, client list;
 FLUSHDB if needed; restart)."""
 
-from typing import Annotated
 
 import redis
 from prefect import flow
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, Field
 
 from blocks.redis import RedisServer
 from runbooks.errors import Escalation, VerificationFailed
 from runbooks.handoff import hand_off
-from runbooks.params import BlockName, OptionalServiceName, PlatformRef, RunbookParams
+from runbooks.params import BlockName, OptionalPlatformRef, OptionalServiceName, RunbookParams
 from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.safety import Budget, Target
 from tasks.redis import (
@@ -41,9 +40,6 @@ RUNBOOK = "redis-degraded"
 KILL_BUDGET = Budget(max_actions=3, window_s=3600)
 # A cache that needs flushing more than once an hour has a problem a flush does not fix.
 FLUSH_BUDGET = Budget(max_actions=1, window_s=3600)
-
-OptionalPlatformRef = Annotated[PlatformRef | None, BeforeValidator(lambda v: v or None)]
-
 
 class RedisDegradedParams(RunbookParams):
     """Run form of the redis-degraded runbook."""
