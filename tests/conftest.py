@@ -335,3 +335,13 @@ def slack() -> Iterator[HttpReceiver]:
     """A local HTTP receiver standing in for Slack's incoming webhook."""
     with HttpReceiver() as receiver:
         yield receiver
+
+
+@pytest.fixture(scope="session")
+def mariadb() -> Iterator[Any]:
+    """A throwaway MariaDB 10.11; each test module makes its own database and users."""
+    from tests.mariadb_server import start_mariadb
+
+    server = start_mariadb()
+    yield server
+    server.stop()
