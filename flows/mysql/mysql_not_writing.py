@@ -146,7 +146,7 @@ def writes_land(health: WriteHealth) -> bool:
 class MySQLNotWritingSummary(BaseModel):
     """What a mysql-not-writing run saw and did."""
 
-    outcome: Outcome
+    outcome: Outcome | None = Field(None, description="How the run ended (set as it ends).")
     server: ServerProbe
     table: TableCheck | None = None
     freshness: Freshness | None = None
@@ -229,7 +229,6 @@ def mysql_not_writing(params: MySQLNotWritingParams) -> MySQLNotWritingSummary:
             decision = decide_write_fix(observation, must_be_writable=params.must_be_writable)
             report.step(f"decision: {decision.remedy.value} ({decision.reason})")
             summary = MySQLNotWritingSummary(
-                outcome=report.outcome,
                 server=server,
                 table=table,
                 freshness=freshness,

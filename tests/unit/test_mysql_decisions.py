@@ -56,7 +56,9 @@ CONNECT_ERRORS = [
 
 
 @pytest.mark.parametrize(("errno", "message", "expected"), CONNECT_ERRORS)
-def test_connect_errors_are_classified(errno: int | None, message: str, expected: ConnectFailure) -> None:
+def test_connect_errors_are_classified(
+    errno: int | None, message: str, expected: ConnectFailure
+) -> None:
     assert classify_connect_error(errno, message) is expected
 
 
@@ -82,9 +84,9 @@ def test_only_transient_errors_are_retried(errno: int, transient: bool) -> None:
 DISK_FULL = [
     (1114, "The table 'moving_averages' is full", True),
     (1021, "Disk full (/var/lib/mysql/x); waiting for someone to free some space...", True),
-    (1030, "Got error 28 \"No space left on device\" from storage engine InnoDB", True),
+    (1030, 'Got error 28 "No space left on device" from storage engine InnoDB', True),
     (3, "Error writing file './ib_logfile' (Errcode: 28 \"No space left on device\")", True),
-    (1030, "Got error 168 \"Unknown (generic) error from engine\" from storage engine", False),
+    (1030, 'Got error 168 "Unknown (generic) error from engine" from storage engine', False),
     (1290, "The MariaDB server is running with the --read-only option", False),
     (1205, "Lock wait timeout exceeded; try restarting transaction", False),
     (None, "", False),
@@ -94,7 +96,9 @@ DISK_FULL = [
 @pytest.mark.parametrize(("errno", "message", "full"), DISK_FULL)
 def test_disk_full_errors(errno: int | None, message: str, full: bool) -> None:
     assert is_disk_full_error(errno, message) is full
-    assert WriteProbe(attempted=True, errno=errno, error=message).disk_full is (full and errno is not None)
+    assert WriteProbe(attempted=True, errno=errno, error=message).disk_full is (
+        full and errno is not None
+    )
 
 
 DISK_LOW = [
@@ -165,7 +169,12 @@ def test_column_types_compare_as_mysql_spells_them(expected: str, actual: str, s
     assert (normalize_type(expected) == normalize_type(actual)) is same
 
 
-TABLE = {"id": "bigint(20)", "symbol": "varchar(16)", "avg_price": "decimal(18,8)", "created_at": "datetime(6)"}
+TABLE = {
+    "id": "bigint(20)",
+    "symbol": "varchar(16)",
+    "avg_price": "decimal(18,8)",
+    "created_at": "datetime(6)",
+}
 
 DRIFTS = [
     (TABLE, TABLE, [], [], {}),
@@ -228,7 +237,9 @@ KILL_DANGERS = [
 
 
 @pytest.mark.parametrize(("fields", "danger"), KILL_DANGERS)
-def test_killing_a_session_inside_a_transaction_needs_approval(fields: dict, danger: str | None) -> None:
+def test_killing_a_session_inside_a_transaction_needs_approval(
+    fields: dict, danger: str | None
+) -> None:
     found = kill_danger(Blocker(thread_id=5, **fields))
     assert (found is None) if danger is None else (danger in found)
 
@@ -277,7 +288,8 @@ def test_decision_table(
 
 def test_unreachable_escalation_names_the_restart_as_a_human_last_resort() -> None:
     decision = decide_write_fix(
-        Observation(connect_failure=ConnectFailure.REFUSED, connect_error="x"), must_be_writable=True
+        Observation(connect_failure=ConnectFailure.REFUSED, connect_error="x"),
+        must_be_writable=True,
     )
     assert any("last resort" in f and "never automatic" in f for f in decision.follow_ups)
 
@@ -303,5 +315,7 @@ HEALTH = [
 def test_writes_land(
     read_only: bool | None, blocked: int, new_row: bool | None, canary: WriteProbe, ok: bool
 ) -> None:
-    health = WriteHealth(read_only=read_only, blocked_writers=blocked, new_row=new_row, canary=canary)
+    health = WriteHealth(
+        read_only=read_only, blocked_writers=blocked, new_row=new_row, canary=canary
+    )
     assert writes_land(health) is ok
