@@ -120,6 +120,10 @@ CASES = {
             "namespace": "streaming",
         },
     ),
+    "mysql-not-writing": (
+        {"alertname": "MySQLTableNotWritten", "database": "market-db", "table": "moving_averages"},
+        {"db_block": "market-db", "table": "moving_averages"},
+    ),
 }
 
 
@@ -177,6 +181,10 @@ MORE_CASES = [
          "container": "api", "runbooks_platform": "kubernetes/default"},
         {"platform": "kubernetes/default", "service": "orders-api", "namespace": "shop", "container": "api"},
     ),
+    ("mysql-not-writing", {"alertname": "MySQLDown", "database": "market-db"},
+     {"db_block": "market-db", "table": "moving_averages"}),
+    ("mysql-not-writing", {"alertname": "MySQLReadOnly", "database": "market-db"},
+     {"db_block": "market-db", "must_be_writable": False}),
 ]  # fmt: skip
 
 
