@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import pymysql
 import pytest
+from prefect import flow
 
 from blocks.mysql import MySQLDatabase
 from flows.mysql.mysql_not_writing import (
@@ -27,6 +28,7 @@ from flows.mysql.mysql_not_writing import (
 )
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
+from tasks.mysql import find_blockers, kill_blocking_session
 from tests.approvals import Approver
 from tests.conftest import read_incident_report, read_run_logs, unique
 from tests.mariadb_server import MariaDBServer
@@ -236,6 +238,8 @@ def test_kills_the_blocking_session_after_approval_and_the_insert_lands(
     assert named[0].user == env.batch_user and named[0].waiters == [scene.writer_id]
     assert named[0].in_transaction and named[0].idle
     assert summary.killed[0].killed == [scene.blocker_id]
+    assert summary.server.super_read_only is None  # MariaDB has none
+    assert summary.server.identity == f"{summary.server.hostname}:{env.server.port}"
     # the effect: the blocker is gone, the writer's row is in the table
     assert scene.blocker_id not in env.threads()
     scene.writer_thread.join(15)
@@ -397,3 +401,68 @@ def test_hung_server_is_classified_as_timed_out(env: Env, silent_port: int) -> N
 
     assert state.is_failed()
     assert "MySQL unreachable (timed out" in state.message
+
+
+def test_kill_rechecks_the_blocker_at_the_last_moment_and_is_idempotent(
+    env: Env, scene: Scene
+) -> None:
+    db = MySQLDatabase.load(env.block())
+
+    @flow
+    def survey():
+        return find_blockers(db)
+
+    @flow
+    def kill(trx_id: str):
+        return kill_blocking_session(db, scene.blocker_id, dry_run=False, trx_id=trx_id)
+
+    (blocker,) = survey().blockers
+    assert blocker.thread_id == scene.blocker_id and blocker.waiters == [scene.writer_id]
+
+    # approved for another transaction than the one blocking now: spared
+    other = kill(str(int(blocker.trx_id) + 1000))
+    assert other.applied == [] and other.spared == [scene.blocker_id]
+    assert scene.blocker_id in env.threads()
+
+    first = kill(blocker.trx_id)
+    assert first.killed == [scene.blocker_id]
+    assert first.applied[0].detail == {"present": False}
+    assert scene.blocker_id not in env.threads()
+    scene.writer_thread.join(15)
+    assert scene.writer_result == ["inserted"]
+
+    again = kill(blocker.trx_id)  # a re-run finds nothing to kill, and does not fail
+    assert again.applied == [] and again.killed == [] and again.spared == [scene.blocker_id]
+
+
+def test_a_full_table_is_reported_as_disk_full(env: Env) -> None:
+    """A MEMORY table at max_heap_table_size answers ER_RECORD_FILE_FULL (1114), as InnoDB does
+    when its tablespace cannot grow: the test write sees it and the runbook escalates."""
+    with env.admin() as conn, conn.cursor() as cur:
+        cur.execute("SET SESSION max_heap_table_size = 16384")
+        cur.execute(
+            "CREATE TABLE full_canary (id BIGINT AUTO_INCREMENT PRIMARY KEY,"
+            " at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)) ENGINE=MEMORY"
+        )
+        with pytest.raises(pymysql.err.OperationalError, match="is full"):
+            for _ in range(100_000):
+                cur.execute("INSERT INTO full_canary () VALUES ()")
+        cur.execute(f"GRANT INSERT ON `{env.db}`.full_canary TO '{env.ops_user}'@'%'")
+
+    state = mysql_not_writing(params=params(env, canary_table="full_canary"), return_state=True)
+
+    assert state.is_failed()
+    assert "disk full" in state.message
+    report = read_incident_report(state.state_details.flow_run_id)
+    assert "test write failed (1114: The table 'full_canary' is full)" in report
+    assert "GiB free" in report  # the server runs on this host: its data directory's free space
+
+
+def test_unknown_database_is_classified(env: Env) -> None:
+    state = mysql_not_writing(
+        params=params(env, db_block=env.block(database="no_such_db")), return_state=True
+    )
+
+    assert state.is_failed()
+    # the runbook user may not even learn whether it exists: MariaDB answers 1044 for that
+    assert "access to the database denied: validate the configured database name" in state.message
