@@ -201,7 +201,11 @@ def mysql_not_writing(params: MySQLNotWritingParams) -> MySQLNotWritingSummary:
                 if drift == table.drift
                 else f"{table.describe()}; timestamp column {params.timestamp_column} missing",
             )
-            report.check("read_only", not server.read_only, server.describe())
+            report.check(
+                "read_only",
+                not (server.read_only or server.super_read_only),
+                _read_only_text(server),
+            )
             blockers = find_blockers(db)
             report.evidence("lock blockers", blockers)
             report.check(
@@ -290,8 +294,7 @@ def mysql_not_writing(params: MySQLNotWritingParams) -> MySQLNotWritingSummary:
                 )
             report.finish(
                 Outcome.RESOLVED,
-                f"{decision.reason[:1].upper()}{decision.reason[1:]}; writes land again "
-                f"({verified.last.describe()}).",
+                f"{_done(summary)}; writes land again ({verified.last.describe()}).",
             )
             return _summary(report, summary)
 
@@ -311,6 +314,28 @@ def _write_health(
         new_row=new_row,
         canary=probe_write(db, params.canary_table, commit=True),
     )
+
+
+def _read_only_text(server: ServerProbe) -> str:
+    sro = (
+        "not on this server"
+        if server.super_read_only is None
+        else ("ON" if server.super_read_only else "OFF")
+    )
+    return f"read_only={'ON' if server.read_only else 'OFF'}, super_read_only={sro}"
+
+
+def _done(summary: MySQLNotWritingSummary) -> str:
+    """What the run changed, in a sentence."""
+    if summary.writable is not None:
+        cleared = " and ".join(c.target for c in summary.writable.applied) or "nothing"
+        return f"Cleared {cleared} (the server was read-only)"
+    killed = [c for k in summary.killed for c in k.applied]
+    spared = [n for k in summary.killed for n in k.notes]
+    text = f"Killed {', '.join(c.target for c in killed) or 'no session'}"
+    waiters = sum(len(b.waiters) for b in root_blockers(summary.blockers.blockers))
+    text += f", whose open transaction blocked {waiters} writer(s)"
+    return text + (f" ({'; '.join(spared)})" if spared else "")
 
 
 def _escalate(report: IncidentReport, decision: Decision) -> None:

@@ -248,6 +248,11 @@ def test_kills_the_blocking_session_after_approval_and_the_insert_lands(
     assert summary.after.new_row is True
     report = read_incident_report(state.state_details.flow_run_id)
     assert f"Find why {env.batch_user}@" in report
+    assert (
+        f"Killed thread {scene.blocker_id}, whose open transaction blocked 1 writer(s); "
+        "writes land again" in report
+    )
+    assert "| read_only | OK | read_only=OFF, super_read_only=not on this server |" in report
     assert env.password not in report
 
 
@@ -313,6 +318,7 @@ def test_read_only_is_cleared_with_must_be_writable_and_approval(env: Env, read_
     assert [c.target for c in summary.writable.applied] == ["read_only"]
     assert not env.read_only()
     assert summary.after.canary.ok
+    assert "Cleared read_only (the server was read-only); writes land again" in summary.report
     # the writers can write again
     with env.connect(env.app_user, autocommit=True) as conn, conn.cursor() as cur:
         cur.execute(f"INSERT INTO {TABLE} (symbol, avg_price) VALUES ('AFTER', 1)")
