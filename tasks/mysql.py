@@ -140,19 +140,39 @@ def _on(value: Any) -> bool | None:
     return None if value is None else str(value).upper() in ("ON", "1")
 
 
+_RETRIED_FAILURES = (
+    ConnectFailure.REFUSED,
+    ConnectFailure.TIMEOUT,
+    ConnectFailure.LOST,
+    ConnectFailure.TOO_MANY_CONNECTIONS,
+)
+
+
 @task(**runbook_task_options())
-def probe_server(db: MySQLDatabase, min_free_percent: float = 5.0) -> ServerProbe:
+def probe_server(
+    db: MySQLDatabase, min_free_percent: float = 5.0, attempts: int = 3
+) -> ServerProbe:
     """Connect and read the server's state; a failed connection is classified, not raised.
 
-    Not retried: the probe reports what the writers see (refused, denied, timed out).
+    A refused, timed-out or dropped connection is tried ``attempts`` times, a second apart (a
+    server restarting, a blip); credentials and database errors are final at once.
     """
-    try:
-        conn = db.connect()
-    except pymysql.err.MySQLError as exc:
-        errno, message = _errno(exc), _message(exc)
-        failure = classify_connect_error(errno, message)
-        get_run_logger().warning("connecting to %s:%s failed: %s", db.host, db.port, failure.value)
-        return ServerProbe(reachable=False, failure=failure, error=message, errno=errno)
+    for attempt in range(1, attempts + 1):
+        try:
+            conn = db.connect()
+            break
+        except pymysql.err.MySQLError as exc:
+            errno, message = _errno(exc), _message(exc)
+            failure = classify_connect_error(errno, message)
+            get_run_logger().warning(
+                "connecting to %s:%s failed (attempt %d): %s", db.host, db.port, attempt, failure
+            )
+            if failure not in _RETRIED_FAILURES or attempt == attempts:
+                tries = f" ({attempt} attempts)" if attempt > 1 else ""
+                return ServerProbe(
+                    reachable=False, failure=failure, error=message + tries, errno=errno
+                )
+            time.sleep(1.0)
     with conn:
         row = _one(
             conn,

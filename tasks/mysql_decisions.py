@@ -355,6 +355,7 @@ class Observation(BaseModel):
         0, description="Writers waiting for a metadata lock (LOCK TABLES, DDL): no known holder."
     )
     fresh: bool | None = Field(None, description="None when freshness is not watched.")
+    lock_waits_known: bool = Field(True, description="False: the server's lock waits unread.")
 
 
 class Decision(BaseModel):
@@ -437,6 +438,14 @@ def decide_write_fix(obs: Observation, *, must_be_writable: bool) -> Decision:
             remedy=Remedy.ESCALATE,
             reason="writers wait for locks whose holder the runbook cannot name "
             f"({obs.metadata_lock_waiters} wait for a metadata lock)",
+        )
+    if obs.fresh is False and not obs.lock_waits_known:
+        return Decision(
+            remedy=Remedy.ESCALATE,
+            reason="no new rows; the server is reachable, writable and its schema as expected, "
+            "but its lock waits could not be read (no information_schema.INNODB_LOCK_WAITS, as "
+            "on MySQL 8: see performance_schema.data_lock_waits): check for blocking sessions "
+            f"and the writers; {causes}",
         )
     if obs.fresh is False:
         return Decision(

@@ -228,6 +228,7 @@ def mysql_not_writing(params: MySQLNotWritingParams) -> MySQLNotWritingSummary:
                 disk_full=disk_full,
                 blockers=blockers.blockers,
                 metadata_lock_waiters=len(blockers.metadata_lock_waiters),
+                lock_waits_known=blockers.supported,
                 fresh=freshness.fresh if freshness else None,
             )
             decision = decide_write_fix(observation, must_be_writable=params.must_be_writable)
@@ -302,7 +303,7 @@ def mysql_not_writing(params: MySQLNotWritingParams) -> MySQLNotWritingSummary:
 def _write_health(
     db: MySQLDatabase, params: MySQLNotWritingParams, before: str | None
 ) -> WriteHealth:
-    server = probe_server(db, params.min_free_percent)
+    server = probe_server(db, params.min_free_percent, attempts=1)
     survey = find_blockers(db)
     new_row = None
     if params.timestamp_column and before is not None:

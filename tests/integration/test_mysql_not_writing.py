@@ -387,6 +387,7 @@ def test_connection_refused_is_classified(env: Env) -> None:
 
     assert state.is_failed()
     assert "MySQL unreachable (connection refused" in state.message
+    assert "Connection refused) (3 attempts)" in state.message  # a blip is not an outage
     assert "MySQL service crash" in state.message and "disk full" in state.message
     report = read_incident_report(state.state_details.flow_run_id)
     assert "last resort, only with approval, never automatic" in report

@@ -271,6 +271,9 @@ DECISIONS = [
     ({"blockers": [WAITING_BLOCKER]}, False, Remedy.ESCALATE, ["cannot name"]),
     ({"metadata_lock_waiters": 2}, False, Remedy.ESCALATE, ["2 wait for a metadata lock"]),
     ({"fresh": False}, False, Remedy.ESCALATE, ["writers are not sending"]),
+    ({"fresh": False, "lock_waits_known": False}, False, Remedy.ESCALATE,
+     ["lock waits could not be read", "data_lock_waits"]),
+    ({"fresh": True, "lock_waits_known": False}, False, Remedy.NONE, []),
     ({"fresh": True}, False, Remedy.NONE, []),
     ({"fresh": None}, False, Remedy.NONE, []),
 ]  # fmt: skip
