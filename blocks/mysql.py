@@ -62,6 +62,14 @@ class MySQLDatabase(Block):
         30, ge=1, le=3600, description="Give up sending a statement after this many seconds."
     )
 
+    lock_wait_timeout_s: int = Field(
+        5,
+        ge=1,
+        le=3600,
+        description="A runbook statement waits at most this long for a table or row lock "
+        "(lock_wait_timeout, innodb_lock_wait_timeout), so a locked table cannot hang the runbook.",
+    )
+
     def connect(self, database: str | None = None) -> pymysql.connections.Connection:
         """Open an autocommit session with this block's settings; close it when done."""
         return pymysql.connect(
@@ -77,6 +85,10 @@ class MySQLDatabase(Block):
             autocommit=True,
             charset="utf8mb4",
             program_name="runbooks",
+            init_command=(
+                f"SET SESSION lock_wait_timeout = {self.lock_wait_timeout_s},"
+                f" innodb_lock_wait_timeout = {self.lock_wait_timeout_s}"
+            ),
         )
 
     def _ssl_context(self) -> ssl.SSLContext | None:

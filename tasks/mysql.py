@@ -32,7 +32,8 @@ from tasks.mysql_decisions import (
 # Lost the connection mid-statement, server gone away, lock wait timeout, deadlock victim: the
 # next try may work. Refused connections, bad credentials and privilege errors would repeat
 # (and the probe below reports them instead of raising).
-_TRANSIENT_ERRNOS = frozenset({2006, 2013, 1205, 1213})
+_ER_LOCK_WAIT_TIMEOUT = 1205
+_TRANSIENT_ERRNOS = frozenset({2006, 2013, _ER_LOCK_WAIT_TIMEOUT, 1213})
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -246,7 +247,15 @@ def read_freshness(
     age = f"TIMESTAMPDIFF(MICROSECOND, MAX({column}), NOW(6)) / 1e6"
     query = f"SELECT MAX({column}) AS newest, {age} AS age_s FROM {source}"  # noqa: S608
     with db.connect() as conn:
-        row = _one(conn, query)
+        try:
+            row = _one(conn, query)
+        except pymysql.err.OperationalError as exc:
+            if _errno(exc) != _ER_LOCK_WAIT_TIMEOUT:
+                raise
+            # LOCK TABLES or DDL holds the table: the writers wait just the same
+            return Freshness(
+                rows=False, threshold_s=threshold_s, lock_wait_s=db.lock_wait_timeout_s
+            )
     newest = row["newest"]
     if hasattr(newest, "isoformat"):
         # one fixed format, so two readings compare as text
@@ -459,9 +468,7 @@ def set_writable(db: MySQLDatabase, dry_run: bool) -> WritableResult:
 
 
 @task(**mysql_retries)
-def probe_write(
-    db: MySQLDatabase, canary_table: str | None, commit: bool, lock_wait_s: int = 5
-) -> WriteProbe:
+def probe_write(db: MySQLDatabase, canary_table: str | None, commit: bool) -> WriteProbe:
     """INSERT a row of defaults into the canary table; rolled back unless ``commit``.
 
     The canary table's columns all need defaults (e.g. ``id`` AUTO_INCREMENT and ``at``
@@ -476,7 +483,6 @@ def probe_write(
     with db.connect() as conn:
         try:
             with conn.cursor() as cur:
-                cur.execute("SET SESSION innodb_lock_wait_timeout = %s", (lock_wait_s,))
                 conn.begin()
                 cur.execute(f"INSERT INTO {table} () VALUES ()")  # noqa: S608 - quoted identifiers
             if commit:

@@ -310,12 +310,20 @@ class Freshness(BaseModel):
     newest: str | None = Field(None, description="The newest timestamp, as the server shows it.")
     age_s: float | None = Field(None, description="Seconds since it, by the server's clock.")
     threshold_s: float
+    lock_wait_s: float | None = Field(
+        None, description="Set when reading the table waited this long for a lock and gave up."
+    )
 
     @property
     def fresh(self) -> bool:
         return self.age_s is not None and self.age_s <= self.threshold_s
 
     def describe(self) -> str:
+        if self.lock_wait_s is not None:
+            return (
+                f"newest row unknown: reading the table waited over {self.lock_wait_s:g}s for a "
+                "lock (LOCK TABLES or DDL holds it; the writers wait too)"
+            )
         if not self.rows:
             return "the table has no rows"
         return f"newest row {self.age_s:.0f}s old ({self.newest}), threshold {self.threshold_s:g}s"

@@ -473,3 +473,47 @@ def test_unknown_database_is_classified(env: Env) -> None:
     assert state.is_failed()
     # the runbook user may not even learn whether it exists: MariaDB answers 1044 for that
     assert "access to the database denied: validate the configured database name" in state.message
+
+
+def test_writers_waiting_for_a_table_lock_escalate_without_a_kill(env: Env) -> None:
+    """LOCK TABLES holds a metadata lock, not a row lock: InnoDB's lock waits do not name its
+    holder, so the runbook reports the waiting writers and kills nobody."""
+    env.query(f"GRANT LOCK TABLES ON `{env.db}`.* TO '{env.batch_user}'@'%'")
+    holder = env.connect(env.batch_user, autocommit=True)
+    with holder.cursor() as cur:
+        cur.execute(f"LOCK TABLES {TABLE} WRITE")
+    writer = env.connect(env.app_user, autocommit=True)
+    result: list = []
+
+    def write() -> None:
+        with writer.cursor() as cur:
+            cur.execute(f"INSERT INTO {TABLE} (symbol, avg_price) VALUES ('MDL', 1)")
+        result.append("inserted")
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    try:
+        assert wait_until(
+            lambda: env.query(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST"
+                " WHERE ID = %s AND STATE LIKE 'Waiting for table metadata lock'",
+                (writer.thread_id(),),
+            )[0][0]
+        )
+        state = mysql_not_writing(params=params(env), return_state=True)
+
+        assert state.is_failed()
+        assert "cannot name" in state.message and "1 wait for a metadata lock" in state.message
+        report = read_incident_report(state.state_details.flow_run_id)
+        assert (
+            "| new rows | FAILING | newest row unknown: reading the table waited over 5s" in report
+        )
+        assert {holder.thread_id(), writer.thread_id()} <= env.threads()  # nobody was killed
+        assert thread.is_alive() and result == []
+    finally:
+        with holder.cursor() as cur:
+            cur.execute("UNLOCK TABLES")
+        thread.join(15)
+        holder.close()
+        writer.close()
+    assert result == ["inserted"]
