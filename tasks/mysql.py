@@ -138,7 +138,9 @@ def _variable(conn: Any, name: str) -> Any:
 
 
 def _on(value: Any) -> bool | None:
-    return None if value is None else str(value).upper() in ("ON", "1")
+    """A switch variable's value: None when absent; anything but OFF/0 is on (MariaDB 11's
+    read_only also takes NO_LOCK and NO_LOCK_NO_ADMIN)."""
+    return None if value is None else str(value).upper() not in ("OFF", "0")
 
 
 _RETRIED_FAILURES = (
@@ -187,7 +189,7 @@ def probe_server(
             hostname=row["hostname"],
             port=row["port"],
             server_uuid=_variable(conn, "server_uuid"),
-            read_only=bool(row["read_only"]),
+            read_only=_on(row["read_only"]),
             # MariaDB has no super_read_only: its READ_ONLY ADMIN privilege plays that part
             super_read_only=_on(_variable(conn, "super_read_only")),
             uptime_s=int(uptime["Value"]) if uptime else None,

@@ -94,7 +94,6 @@ _ER_RECORD_FILE_FULL = 1114  # "The table 't' is full"
 _ER_DISK_FULL = 1021  # "Disk full (%s); waiting for someone to free some space..."
 _ER_GET_ERRNO = 1030  # "Got error 28 'No space left on device' from storage engine"
 _ER_ERROR_ON_WRITE = 3  # "Error writing file '...' (Errcode: 28 ...)"
-_ER_OUTOFMEMORY = 1041
 _ENOSPC = re.compile(r"\b28\b|no space left")
 
 
@@ -106,8 +105,6 @@ def is_disk_full_error(errno: int | None, message: str) -> bool:
 
 
 _ER_READ_ONLY = 1290  # "The MySQL server is running with the --read-only option ..."
-_ER_LOCK_WAIT_TIMEOUT = 1205
-_ER_LOCK_DEADLOCK = 1213
 
 
 class WriteProbe(BaseModel):
@@ -125,10 +122,6 @@ class WriteProbe(BaseModel):
     @property
     def read_only(self) -> bool:
         return self.errno == _ER_READ_ONLY
-
-    @property
-    def lock_wait(self) -> bool:
-        return self.errno in (_ER_LOCK_WAIT_TIMEOUT, _ER_LOCK_DEADLOCK)
 
     def describe(self) -> str:
         if not self.attempted:

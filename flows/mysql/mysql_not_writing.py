@@ -273,10 +273,9 @@ def mysql_not_writing(params: MySQLNotWritingParams) -> MySQLNotWritingSummary:
                 report.finish(Outcome.PLANNED, f"Would {decision.remedy.value}: {decision.reason}.")
                 return _summary(report, summary)
 
-            before = freshness.newest if freshness else None
             verified = guard.verify(
                 "writes land",
-                lambda: _write_health(db, params, before),
+                lambda: _write_health(db, params, freshness),
                 writes_land,
                 timeout_s=params.verify_timeout_s,
                 describe=lambda h: h.describe(),
@@ -301,14 +300,15 @@ def mysql_not_writing(params: MySQLNotWritingParams) -> MySQLNotWritingSummary:
 
 
 def _write_health(
-    db: MySQLDatabase, params: MySQLNotWritingParams, before: str | None
+    db: MySQLDatabase, params: MySQLNotWritingParams, before: Freshness | None
 ) -> WriteHealth:
+    """Re-read what blocked writes, and look for a row newer than ``before`` (None: unwatched)."""
     server = probe_server(db, params.min_free_percent, attempts=1)
     survey = find_blockers(db)
     new_row = None
-    if params.timestamp_column and before is not None:
+    if before is not None and params.timestamp_column:
         now = read_freshness(db, params.table, params.timestamp_column, params.max_row_age_s)
-        new_row = now.newest is not None and now.newest > before
+        new_row = now.newest is not None and (before.newest is None or now.newest > before.newest)
     return WriteHealth(
         read_only=bool(server.read_only or server.super_read_only) if server.reachable else None,
         blocked_writers=sum(len(b.waiters) for b in survey.blockers),

@@ -322,3 +322,22 @@ def test_writes_land(
         read_only=read_only, blocked_writers=blocked, new_row=new_row, canary=canary
     )
     assert writes_land(health) is ok
+
+
+SWITCHES = [
+    (None, None),  # the server has no such variable (super_read_only on MariaDB)
+    (0, False),
+    (1, True),
+    ("OFF", False),
+    ("ON", True),
+    ("0", False),
+    ("NO_LOCK", True),  # MariaDB 11's read_only values: still read-only
+    ("NO_LOCK_NO_ADMIN", True),
+]
+
+
+@pytest.mark.parametrize(("value", "on"), SWITCHES)
+def test_switch_variables(value: object, on: bool | None) -> None:
+    from tasks.mysql import _on
+
+    assert _on(value) is on
