@@ -256,6 +256,18 @@ def test_kills_the_blocking_session_after_approval_and_the_insert_lands(
     assert env.password not in report
 
 
+def test_rejected_kill_leaves_the_blocker_alone(env: Env, scene: Scene) -> None:
+    approver = Approver(RUNBOOK, {"approve": False, "approver": "carol", "reason": "month-end"})
+    approver.start()
+
+    state = mysql_not_writing(params=params(env), return_state=True)
+
+    approver.join(5)
+    assert state.is_failed() and "rejected by carol: month-end" in state.message
+    assert scene.blocker_id in env.threads()
+    assert scene.writer_thread.is_alive() and landed(env, scene.symbol) == []
+
+
 def test_dry_run_kills_nothing(env: Env, scene: Scene) -> None:
     state = mysql_not_writing(params=params(env, dry_run=True), return_state=True)
 
