@@ -529,3 +529,12 @@ def test_writers_waiting_for_a_table_lock_escalate_without_a_kill(env: Env) -> N
         holder.close()
         writer.close()
     assert result == ["inserted"]
+
+
+def test_missing_table_is_reported(env: Env) -> None:
+    state = mysql_not_writing(params=params(env, table="moving_avgs"), return_state=True)
+
+    assert state.is_failed()
+    assert "the table does not exist: validate the table schema" in state.message
+    report = read_incident_report(state.state_details.flow_run_id)
+    assert "| table schema | FAILING | table moving_avgs does not exist |" in report
