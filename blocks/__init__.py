@@ -8,6 +8,7 @@ from blocks.event_store import EventStore
 from blocks.flink import FlinkCluster
 from blocks.kafka import KafkaCluster
 from blocks.kubernetes import KubernetesCluster
+from blocks.mysql import MySQLDatabase
 from blocks.postgres import PostgresDatabase
 from blocks.redis import RedisServer
 from blocks.supervisor import SupervisorHost
@@ -21,6 +22,7 @@ __all__ = [
     "FlinkCluster",
     "KafkaCluster",
     "KubernetesCluster",
+    "MySQLDatabase",
     "PostgresDatabase",
     "RedisServer",
     "SupervisorHost",

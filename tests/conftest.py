@@ -344,3 +344,13 @@ def redis_server() -> Iterator[RedisTestServer]:
     server = start_redis()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def mariadb() -> Iterator[Any]:
+    """A throwaway MariaDB 10.11; each test module makes its own database and users."""
+    from tests.mariadb_server import start_mariadb
+
+    server = start_mariadb()
+    yield server
+    server.stop()

@@ -128,6 +128,10 @@ CASES = {
         {"alertname": "RedisRejectedConnections", "redis": "sessions-cache"},
         {"redis_block": "sessions-cache"},
     ),
+    "mysql-not-writing": (
+        {"alertname": "MySQLTableNotWritten", "database": "market-db", "table": "moving_averages"},
+        {"db_block": "market-db", "table": "moving_averages"},
+    ),
 }
 
 
@@ -189,6 +193,10 @@ MORE_CASES = [
      {"redis_block": "sessions-cache"}),
     ("redis-degraded", {"alertname": "RedisMemoryHigh", "redis": "rate-limits"},
      {"redis_block": "rate-limits"}),
+    ("mysql-not-writing", {"alertname": "MySQLDown", "database": "market-db"},
+     {"db_block": "market-db", "table": "moving_averages"}),
+    ("mysql-not-writing", {"alertname": "MySQLReadOnly", "database": "market-db"},
+     {"db_block": "market-db", "must_be_writable": False}),
 ]  # fmt: skip
 
 

@@ -115,6 +115,7 @@ SENTINEL = "sentinel-secret-value"
 INVALID_INPUTS = [
     (blocks.FlinkCluster, {"rest_url": "http://flink:8081", "password": SENTINEL}),
     (blocks.PostgresDatabase, {"password": SENTINEL}),
+    (blocks.MySQLDatabase, {"host": "db", "password": SENTINEL}),
     (blocks.KafkaCluster, {"sasl_password": SENTINEL}),
     (blocks.KubernetesCluster, {"kubeconfig": SENTINEL}),
     (blocks.EscalationPolicy, {"webhook_token": SENTINEL, "attempts": 0}),

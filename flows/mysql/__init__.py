@@ -1,0 +1,1 @@
+"""MySQL / MariaDB runbooks: one module per deployment, named for it."""
