@@ -1,0 +1,765 @@
+"""PostgreSQL performance tasks for an event store: slow statements, scans, indexes, plans.
+
+Reads ``pg_stat_statements``, ``pg_stat_user_tables``, ``pg_stat_user_indexes``,
+``pg_stat_activity`` and EXPLAIN plans; proposes indexes for sequential scans that filter out
+most of a large table; builds them with ``CREATE INDEX CONCURRENTLY`` (writers never wait on it).
+The decisions are the pure functions at the top; the tasks below them do the I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from enum import StrEnum
+from typing import Any
+
+import psycopg
+from prefect import task
+from psycopg import sql
+from pydantic import BaseModel, Field
+
+from blocks.event_store import EventStore
+from runbooks.results import Change, ChangeSet
+from tasks.postgres import pg_retries
+
+# --- pure decisions --------------------------------------------------------------------------
+
+MAX_IDENTIFIER_BYTES = 63  # NAMEDATALEN - 1
+_PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+def index_name(table: str, columns: list[str] | tuple[str, ...]) -> str:
+    """The name of the index the runbook builds on ``table`` (``columns``): always the same for
+    the same table and columns, so a re-run finds the index (or the invalid leftover of a killed
+    build) instead of building a second one. ``<table>_<col>_<col>_idx`` when that is a plain
+    name that fits PostgreSQL's 63 bytes; otherwise a cleaned, cut name plus a hash of the real
+    names (two tables whose names clean up alike never share an index name)."""
+    readable = "_".join([table, *columns, "idx"])
+    if _PLAIN_NAME.fullmatch(readable) and len(readable) <= MAX_IDENTIFIER_BYTES:
+        return readable
+    digest = hashlib.sha256("\0".join([table, *columns]).encode()).hexdigest()[:8]
+    cleaned = re.sub(r"[^a-z0-9_]+", "_", readable.lower()).strip("_") or "idx"
+    return f"{cleaned[: MAX_IDENTIFIER_BYTES - 9]}_{digest}"
+
+
+class IndexInfo(BaseModel):
+    """One index as the catalog describes it."""
+
+    table: str
+    name: str
+    columns: tuple[str, ...] = Field(description="Key columns in order ('(expr)' for expressions).")
+    unique: bool = False
+    primary: bool = False
+    valid: bool = True
+    method: str = "btree"
+    predicate: str | None = None
+    has_expressions: bool = False
+    scans: int = 0
+    size_bytes: int = 0
+    definition: str = ""
+
+
+class DuplicateIndex(BaseModel):
+    table: str
+    index: str
+    of: str
+    kind: str = Field(description="'same columns' or 'prefix' (its columns lead the other's).")
+    size_bytes: int = 0
+
+
+def _keep_rank(ix: IndexInfo) -> tuple:
+    # of two indexes on the same columns, keep the primary key, then a unique one, the used one
+    return (ix.primary, ix.unique, ix.scans, [-ord(c) for c in ix.name])
+
+
+def duplicate_indexes(indexes: list[IndexInfo]) -> list[DuplicateIndex]:
+    """Indexes another index makes redundant: the same key columns (same table, method and
+    predicate; the one kept is the primary key, else a unique one, else the more used), or a
+    non-unique btree whose columns are a leading prefix of another btree's. Expression and
+    invalid indexes are left out (their columns say too little); a unique index is never called
+    redundant by a prefix (it enforces a constraint the longer one does not)."""
+    usable = [ix for ix in indexes if ix.valid and not ix.has_expressions]
+    found: dict[str, DuplicateIndex] = {}
+    for a in usable:
+        for b in usable:
+            if a.name == b.name or a.table != b.table or a.predicate != b.predicate:
+                continue
+            if a.method != b.method or a.name in found:
+                continue
+            if a.columns == b.columns:
+                if _keep_rank(a) < _keep_rank(b):
+                    found[a.name] = DuplicateIndex(
+                        table=a.table,
+                        index=a.name,
+                        of=b.name,
+                        kind="same columns",
+                        size_bytes=a.size_bytes,
+                    )
+            elif (
+                a.method == "btree"
+                and not (a.unique or a.primary)
+                and len(a.columns) < len(b.columns)
+                and b.columns[: len(a.columns)] == a.columns
+            ):
+                found[a.name] = DuplicateIndex(
+                    table=a.table, index=a.name, of=b.name, kind="prefix", size_bytes=a.size_bytes
+                )
+    return sorted(found.values(), key=lambda d: (d.table, d.index))
+
+
+def unused_indexes(indexes: list[IndexInfo], min_size_bytes: int = 0) -> list[IndexInfo]:
+    """Valid indexes never scanned since statistics were reset, that enforce nothing (not unique,
+    not the primary key), largest first: candidates to drop after a human checks replicas."""
+    unused = [
+        ix
+        for ix in indexes
+        if ix.valid
+        and ix.scans == 0
+        and not ix.unique
+        and not ix.primary
+        and ix.size_bytes >= min_size_bytes
+    ]
+    return sorted(unused, key=lambda ix: (-ix.size_bytes, ix.table, ix.name))
+
+
+class TableStats(BaseModel):
+    table: str
+    seq_scan: int
+    seq_tup_read: int
+    idx_scan: int | None
+    n_live_tup: int
+
+
+def seq_scan_heavy(stats: list[TableStats], min_live_rows: int) -> list[TableStats]:
+    """Large tables read mostly by sequential scans: at least ``min_live_rows`` live rows, more
+    sequential than index scans, and each sequential scan reading half the table or more on
+    average (a whole-table read, not a small lookup table)."""
+    heavy = [
+        t
+        for t in stats
+        if t.n_live_tup >= min_live_rows
+        and t.seq_scan > (t.idx_scan or 0)
+        and t.seq_tup_read / max(1, t.seq_scan) >= t.n_live_tup / 2
+    ]
+    return sorted(heavy, key=lambda t: -t.seq_tup_read)
+
+
+def connection_usage(by_state: dict[str, int], max_connections: int) -> tuple[int, float, str]:
+    """(client connections, share of max_connections, a sentence naming them by state)."""
+    used = sum(by_state.values())
+    share = used / max_connections if max_connections else 0.0
+    states = ", ".join(f"{n} {s}" for s, n in sorted(by_state.items(), key=lambda kv: -kv[1]))
+    return used, share, f"{used} of {max_connections} connections ({share:.0%}): {states or 'none'}"
+
+
+class IndexCandidate(BaseModel):
+    """An index that would let a scan read only the rows it keeps."""
+
+    table: str
+    columns: tuple[str, ...]
+    source: str = Field(description="Which plan or statistic proposed it.")
+    rows_removed: float = Field(0, description="Rows the scan read and threw away (per run).")
+    reason: str = ""
+
+
+_OPERATOR = re.compile(r"\s*(= ANY|=|<>|!=|<=|>=|<|>)")
+_CAST = re.compile(r"\)?::[a-z_ ]+(?:\([0-9, ]+\))?(?:\[\])?\)?|\)")
+
+
+def filter_columns(expression: str, columns: set[str]) -> tuple[list[str], list[str]]:
+    """(equality columns, range columns) of the table's ``columns`` in a plan's Filter text,
+    in order of appearance: ``col = x`` and ``col = ANY (...)`` are equality, ``<``, ``<=``, ``>``,
+    ``>=`` ranges; a column compared otherwise (LIKE, a function of it) is neither. Columns may be
+    quoted, cast (``(status)::text``) or qualified by the scan's alias."""
+    equality: list[str] = []
+    ranges: list[str] = []
+    pattern = re.compile(
+        r'(?:(?:"(?:[^"]|"")+"|[A-Za-z_][\w$]*)\.)?(?:"((?:[^"]|"")+)"|([A-Za-z_][\w$]*))'
+    )
+    pos = 0
+    while True:
+        m = pattern.search(expression, pos)
+        if not m:
+            break
+        pos = m.end()
+        name = m.group(1).replace('""', '"') if m.group(1) is not None else m.group(2)
+        if name not in columns or (
+            m.group(2) is not None and expression[m.end() : m.end() + 1] == "("
+        ):
+            continue
+        rest = expression[m.end() :]
+        while True:  # skip closing parentheses and casts after the column
+            cast = _CAST.match(rest)
+            if not cast or not cast.group(0):
+                break
+            rest = rest[cast.end() :]
+        op = _OPERATOR.match(rest)
+        if not op:
+            continue
+        target = equality if op.group(1) in ("=", "= ANY") else ranges
+        if op.group(1) in ("<>", "!="):
+            continue
+        if name not in equality and name not in ranges:
+            target.append(name)
+    return equality, ranges
+
+
+def index_columns_for(
+    equality: list[str], ranges: list[str], sort_keys: list[str]
+) -> tuple[str, ...]:
+    """Equality columns first, then one range column, else the first sort column: the order
+    in which a btree can narrow the scan (and, for the sort column, return rows in order)."""
+    cols = list(equality)
+    if ranges:
+        cols.append(ranges[0])
+    elif sort_keys and sort_keys[0] not in cols:
+        cols.append(sort_keys[0])
+    return tuple(cols)
+
+
+def _sort_columns(keys: list[str], columns: set[str]) -> list[str]:
+    found = []
+    for key in keys:
+        text = re.sub(r"\s+(DESC|ASC|NULLS (FIRST|LAST))", "", key).strip()
+        text = text.split(".")[-1].strip('"')
+        if text in columns:
+            found.append(text)
+        else:
+            break  # an expression: later keys cannot use an index's order
+    return found
+
+
+def plan_candidates(
+    plan: Any,
+    schema: str,
+    table: str,
+    columns: set[str],
+    table_rows: float,
+    *,
+    min_rows_removed: float,
+    max_selectivity: float,
+    source: str,
+) -> list[IndexCandidate]:
+    """Index candidates from an EXPLAIN (VERBOSE, FORMAT JSON) plan: each Seq Scan node on
+    ``schema.table`` with a Filter on indexable columns that throws away at least
+    ``min_rows_removed`` rows (measured when the plan was ANALYZEd, else estimated as the
+    table's rows minus the node's estimate) and keeps at most ``max_selectivity`` of them. The
+    columns: equality filters, then one range filter, else the sort key above the scan."""
+    found: list[IndexCandidate] = []
+
+    def walk(node: dict[str, Any], sort_keys: list[str]) -> None:
+        keys = sort_keys
+        if node.get("Node Type") in ("Sort", "Incremental Sort"):
+            keys = _sort_columns(node.get("Sort Key", []), columns)
+        elif node.get("Node Type") not in ("Limit", "Gather Merge", "Gather"):
+            keys = []
+        if (
+            node.get("Node Type") == "Seq Scan"
+            and node.get("Relation Name") == table
+            and node.get("Schema", schema) == schema
+            and node.get("Filter")
+        ):
+            loops = node.get("Actual Loops") or 1
+            workers = 1 + (node.get("Workers Planned") or 0)
+            if "Rows Removed by Filter" in node:
+                removed = node["Rows Removed by Filter"] * loops
+                kept = node.get("Actual Rows", 0) * loops
+            else:
+                kept = node.get("Plan Rows", 0) * (workers if node.get("Parallel Aware") else 1)
+                removed = max(0.0, table_rows - kept)
+            total = removed + kept
+            equality, ranges = filter_columns(node["Filter"], columns)
+            cols = index_columns_for(equality, ranges, keys)
+            if cols and removed >= min_rows_removed and total and kept / total <= max_selectivity:
+                found.append(
+                    IndexCandidate(
+                        table=table,
+                        columns=cols,
+                        source=source,
+                        rows_removed=removed,
+                        reason=f"sequential scan with filter {node['Filter']} keeps {kept:,.0f} "
+                        f"and throws away {removed:,.0f} rows",
+                    )
+                )
+        for child in node.get("Plans", []):
+            walk(child, keys)
+
+    roots = plan if isinstance(plan, list) else [plan]
+    for root in roots:
+        walk(root.get("Plan", root), [])
+    return found
+
+
+def stats_candidate(
+    store_table: str,
+    status_column: str,
+    time_column: str,
+    stats: TableStats | None,
+    indexes: list[IndexInfo],
+    min_live_rows: int,
+) -> IndexCandidate | None:
+    """The event store's own access path (status, then time) when its table is read mostly by
+    sequential scans and no valid index leads with the status column."""
+    if stats is None or not seq_scan_heavy([stats], min_live_rows):
+        return None
+    if any(
+        ix.valid and ix.columns[:1] == (status_column,) for ix in indexes if ix.table == store_table
+    ):
+        return None
+    return IndexCandidate(
+        table=store_table,
+        columns=(status_column, time_column),
+        source="table statistics",
+        rows_removed=float(stats.seq_tup_read),
+        reason=f"{stats.seq_scan:,} sequential scans read {stats.seq_tup_read:,} rows "
+        f"(index scans: {stats.idx_scan or 0:,}); no index leads with {status_column}",
+    )
+
+
+def covered_by(candidate: IndexCandidate, indexes: list[IndexInfo]) -> IndexInfo | None:
+    """A valid plain btree index whose leading columns are the candidate's: it already serves."""
+    n = len(candidate.columns)
+    for ix in indexes:
+        if (
+            ix.table == candidate.table
+            and ix.valid
+            and ix.method == "btree"
+            and ix.predicate is None
+            and not ix.has_expressions
+            and ix.columns[:n] == candidate.columns
+        ):
+            return ix
+    return None
+
+
+def choose_candidates(
+    candidates: list[IndexCandidate], indexes: list[IndexInfo], limit: int
+) -> list[IndexCandidate]:
+    """Distinct column lists not served by an existing index, the most rows saved first.
+
+    An INVALID index of the runbook's name does not serve (``covered_by`` skips it): the build
+    is proposed again, and the build drops that leftover first."""
+    best: dict[tuple[str, tuple[str, ...]], IndexCandidate] = {}
+    for c in candidates:
+        key = (c.table, c.columns)
+        if covered_by(c, indexes) is None and (
+            key not in best or c.rows_removed > best[key].rows_removed
+        ):
+            best[key] = c
+    return sorted(best.values(), key=lambda c: -c.rows_removed)[:limit]
+
+
+def plan_uses_index(plan: Any, name: str) -> bool:
+    """Whether an EXPLAIN JSON plan scans the index ``name`` anywhere."""
+
+    def walk(node: dict[str, Any]) -> bool:
+        if node.get("Index Name") == name:
+            return True
+        return any(walk(child) for child in node.get("Plans", []))
+
+    roots = plan if isinstance(plan, list) else [plan]
+    return any(walk(r.get("Plan", r)) for r in roots)
+
+
+_PARAM = re.compile(r"\$(\d+)")
+
+
+def explainable(query: str, table: str) -> int | None:
+    """How many parameters a statement from pg_stat_statements has, when the runbook may EXPLAIN
+    its generic plan: one SELECT (or WITH ... SELECT) naming the table, no second statement;
+    None otherwise."""
+    text = query.strip().rstrip(";").strip()
+    head = text[:10].lower()
+    if ";" in text or not (head.startswith("select") or head.startswith("with")):
+        return None
+    if re.search(r"\b(insert|update|delete|merge)\b", text, re.IGNORECASE) and head.startswith(
+        "with"
+    ):
+        return None
+    if table.lower() not in text.lower():
+        return None
+    return max((int(n) for n in _PARAM.findall(text)), default=0)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+class Statement(BaseModel):
+    queryid: str
+    query: str
+    calls: int
+    total_ms: float
+    mean_ms: float
+    rows: int
+    shared_blks_hit: int
+    shared_blks_read: int
+
+    def describe(self) -> str:
+        one_line = " ".join(self.query.split())
+        return (
+            f"{self.mean_ms:,.1f} ms mean, {self.total_ms:,.0f} ms total over {self.calls:,} calls, "
+            f"{self.rows:,} rows, blocks hit/read {self.shared_blks_hit:,}/"
+            f"{self.shared_blks_read:,}: {one_line[:200]}"
+        )
+
+
+class StatementsReport(BaseModel):
+    available: bool
+    problem: str | None = None
+    by_mean: list[Statement] = Field(default_factory=list)
+    by_total: list[Statement] = Field(default_factory=list)
+
+
+_STATEMENTS = (
+    "SELECT s.queryid::text, s.query, s.calls, s.total_exec_time, s.mean_exec_time, s.rows,"
+    " s.shared_blks_hit, s.shared_blks_read"
+    " FROM pg_stat_statements AS s JOIN pg_database AS d ON d.oid = s.dbid"
+    " WHERE d.datname = current_database() AND s.query !~* '^\\s*(explain|prepare|deallocate)'"
+    " ORDER BY {order} DESC LIMIT %(limit)s"
+)
+
+
+@task(**pg_retries)
+def read_statements(store: EventStore, limit: int = 10) -> StatementsReport:
+    """Top statements of this database by mean and by total time (seed 003 "check slow
+    queries"), from pg_stat_statements; says so, instead of failing, when it is missing."""
+    with store.database.connect(autocommit=True) as conn:
+        installed = conn.execute(
+            "SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'"
+        ).fetchone()
+        if not installed:
+            return StatementsReport(
+                available=False,
+                problem=f"pg_stat_statements is not installed in database {store.database.dbname} "
+                "(CREATE EXTENSION pg_stat_statements; the server must also preload it in "
+                "shared_preload_libraries): slow statements cannot be listed",
+            )
+        out: dict[str, list[Statement]] = {}
+        for key, order in (("by_mean", "s.mean_exec_time"), ("by_total", "s.total_exec_time")):
+            try:
+                rows = conn.execute(
+                    sql.SQL(_STATEMENTS).format(order=sql.SQL(order)), {"limit": limit}
+                ).fetchall()
+            except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+                return StatementsReport(
+                    available=False,
+                    problem="pg_stat_statements is installed but not loaded (add it to "
+                    f"shared_preload_libraries and restart): {exc.diag.message_primary}",
+                )
+            out[key] = [
+                Statement(
+                    queryid=r[0],
+                    query=r[1],
+                    calls=r[2],
+                    total_ms=r[3],
+                    mean_ms=r[4],
+                    rows=r[5],
+                    shared_blks_hit=r[6],
+                    shared_blks_read=r[7],
+                )
+                for r in rows
+            ]
+    return StatementsReport(available=True, **out)
+
+
+class DatabaseFindings(BaseModel):
+    """Tables, indexes and connections of the event store's database."""
+
+    tables: list[TableStats]
+    indexes: list[IndexInfo]
+    connections_by_state: dict[str, int]
+    max_connections: int
+    table_rows: float = Field(description="The events table's row estimate (pg_class.reltuples).")
+    table_columns: list[str]
+
+
+_TABLE_STATS = (
+    "SELECT relname, coalesce(seq_scan, 0), coalesce(seq_tup_read, 0), idx_scan,"
+    " coalesce(n_live_tup, 0) FROM pg_stat_user_tables WHERE schemaname = %(schema)s"
+)
+_INDEXES = (
+    "SELECT c.relname, i.relname, x.indisunique, x.indisprimary, x.indisvalid AND x.indisready,"
+    " ARRAY(SELECT coalesce(a.attname::text, '(expr)')"
+    "  FROM unnest(x.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)"
+    "  LEFT JOIN pg_attribute AS a ON a.attrelid = c.oid AND a.attnum = k.attnum AND k.attnum > 0"
+    "  WHERE k.ord <= x.indnkeyatts ORDER BY k.ord),"
+    " am.amname, pg_get_expr(x.indpred, x.indrelid), x.indexprs IS NOT NULL,"
+    " coalesce(s.idx_scan, 0), pg_relation_size(i.oid), pg_get_indexdef(i.oid)"
+    " FROM pg_index AS x JOIN pg_class AS i ON i.oid = x.indexrelid"
+    " JOIN pg_class AS c ON c.oid = x.indrelid JOIN pg_namespace AS n ON n.oid = c.relnamespace"
+    " JOIN pg_am AS am ON am.oid = i.relam"
+    " LEFT JOIN pg_stat_user_indexes AS s ON s.indexrelid = i.oid"
+    " WHERE n.nspname = %(schema)s ORDER BY c.relname, i.relname"
+)
+_CONNECTIONS = (
+    "SELECT coalesce(state, 'unknown'), count(*)::int FROM pg_stat_activity"
+    " WHERE backend_type = 'client backend' GROUP BY 1"
+)
+_TABLE_SHAPE = (
+    "SELECT greatest(c.reltuples, 0)::float8,"
+    " ARRAY(SELECT attname::text FROM pg_attribute WHERE attrelid = c.oid AND attnum > 0"
+    "  AND NOT attisdropped ORDER BY attnum)"
+    " FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace"
+    " WHERE n.nspname = %(schema)s AND c.relname = %(table)s"
+)
+
+
+def read_indexes(conn: psycopg.Connection, schema: str) -> list[IndexInfo]:
+    return [
+        IndexInfo(
+            table=r[0],
+            name=r[1],
+            unique=r[2],
+            primary=r[3],
+            valid=r[4],
+            columns=tuple(r[5]),
+            method=r[6],
+            predicate=r[7],
+            has_expressions=r[8],
+            scans=r[9],
+            size_bytes=r[10],
+            definition=r[11],
+        )
+        for r in conn.execute(_INDEXES, {"schema": schema}).fetchall()
+    ]
+
+
+@task(**pg_retries)
+def read_findings(store: EventStore) -> DatabaseFindings:
+    """Scan statistics of the schema's tables, its indexes with their use, connections by state."""
+    with store.database.connect(autocommit=True) as conn:
+        tables = [
+            TableStats(table=r[0], seq_scan=r[1], seq_tup_read=r[2], idx_scan=r[3], n_live_tup=r[4])
+            for r in conn.execute(_TABLE_STATS, {"schema": store.schema_name}).fetchall()
+        ]
+        by_state = dict(conn.execute(_CONNECTIONS).fetchall())
+        (max_conn,) = conn.execute("SELECT current_setting('max_connections')::int").fetchone()
+        shape = conn.execute(
+            _TABLE_SHAPE, {"schema": store.schema_name, "table": store.table}
+        ).fetchone()
+        if shape is None:
+            raise ValueError(f"table {store.schema_name}.{store.table} does not exist")
+        return DatabaseFindings(
+            tables=tables,
+            indexes=read_indexes(conn, store.schema_name),
+            connections_by_state=by_state,
+            max_connections=max_conn,
+            table_rows=shape[0],
+            table_columns=list(shape[1]),
+        )
+
+
+# --- plans ---------------------------------------------------------------------------------
+
+
+class QueryShape(StrEnum):
+    """The event store's own queries, built from the block's table and columns."""
+
+    PENDING_OLDEST = "pending_oldest"  # a consumer takes the oldest PENDING events
+    STUCK_PROCESSING = "stuck_processing"  # event-processing-stuck's detector
+    PENDING_IN_ID_ORDER = "pending_in_id_order"  # a consumer takes PENDING events by id
+
+
+_SHAPES = {
+    QueryShape.PENDING_OLDEST: (
+        "SELECT {id} FROM {table} WHERE {status} = %(pending)s ORDER BY {updated} LIMIT 100"
+    ),
+    QueryShape.STUCK_PROCESSING: (
+        "SELECT {id} FROM {table} WHERE {status} = %(processing)s"
+        " AND {updated} < now() - interval '1 hour'"
+    ),
+    QueryShape.PENDING_IN_ID_ORDER: (
+        "SELECT {id} FROM {table} WHERE {status} = %(pending)s ORDER BY {id} LIMIT 100"
+    ),
+}
+
+
+class Probe(BaseModel):
+    """A query the runbook EXPLAINs: one of the store's shapes or a statement from
+    pg_stat_statements (its generic plan: parameters are not known)."""
+
+    label: str
+    shape: QueryShape | None = None
+    query: str | None = None
+    params: int = 0
+
+
+class PlanReading(BaseModel):
+    probe: Probe
+    plan: Any = Field(description="EXPLAIN (VERBOSE, FORMAT JSON).")
+    text: str = Field(description="EXPLAIN in text, for the report.")
+    error: str | None = None
+
+
+def _shape_sql(store: EventStore, shape: QueryShape) -> sql.Composed:
+    return sql.SQL(_SHAPES[shape]).format(
+        table=sql.Identifier(store.schema_name, store.table),
+        id=sql.Identifier(store.id_column),
+        status=sql.Identifier(store.status_column),
+        updated=sql.Identifier(store.updated_at_column),
+    )
+
+
+def _explain(
+    conn: psycopg.Connection, store: EventStore, probe: Probe, analyze: bool
+) -> tuple[Any, str]:
+    options = "ANALYZE, " if analyze else ""
+    out = []
+    for fmt in ("VERBOSE, FORMAT JSON", "COSTS ON"):
+        head = sql.SQL(f"EXPLAIN ({options}{fmt}) ")
+        with conn.transaction(force_rollback=True):
+            # EXPLAIN ANALYZE runs the query: read-only, so it can change nothing
+            conn.execute("SET TRANSACTION READ ONLY")
+            if probe.shape is not None:
+                # a custom plan with the block's values, bound client-side as literals
+                cur = psycopg.ClientCursor(conn)
+                cur.execute(
+                    head + _shape_sql(store, probe.shape),
+                    {"pending": store.pending_status, "processing": store.processing_status},
+                )
+                rows = cur.fetchall()
+            else:
+                conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+                conn.execute(sql.SQL("PREPARE rb_probe AS ") + sql.SQL(probe.query or ""))
+                try:
+                    nulls = sql.SQL(", ").join([sql.SQL("NULL")] * probe.params)
+                    args = sql.SQL("({})").format(nulls) if probe.params else sql.SQL("")
+                    rows = conn.execute(head + sql.SQL("EXECUTE rb_probe") + args).fetchall()
+                finally:
+                    conn.execute("DEALLOCATE rb_probe")
+        out.append(rows)
+    plan = out[0][0][0]
+    text = "\n".join(r[0] for r in out[1])
+    return plan, text
+
+
+@task(**pg_retries)
+def explain_probes(
+    store: EventStore, probes: list[Probe], analyze: bool = False
+) -> list[PlanReading]:
+    """EXPLAIN each probe (EXPLAIN ANALYZE only when asked: it runs the query, read-only).
+    A statement that cannot be prepared alone (its parameter types unknown) is reported, not
+    raised."""
+    readings = []
+    with store.database.connect(autocommit=False) as conn:
+        for probe in probes:
+            try:
+                plan, text = _explain(conn, store, probe, analyze)
+                readings.append(PlanReading(probe=probe, plan=plan, text=text))
+            except psycopg.errors.QueryCanceled:
+                raise
+            except (psycopg.errors.ProgrammingError, psycopg.errors.DataError) as exc:
+                conn.rollback()
+                readings.append(
+                    PlanReading(probe=probe, plan=None, text="", error=str(exc).splitlines()[0])
+                )
+    return readings
+
+
+# --- acting ----------------------------------------------------------------------------------
+
+
+class IndexBuild(ChangeSet):
+    """Indexes built CONCURRENTLY (and invalid leftovers dropped first)."""
+
+    built: list[str] = Field(default_factory=list, description="Indexes now valid.")
+    dropped_invalid: list[str] = Field(default_factory=list)
+    build_s: dict[str, float] = Field(default_factory=dict, description="Seconds per build.")
+
+
+def _index_state(conn: psycopg.Connection, schema: str, name: str) -> bool | None:
+    """None: no such index; else whether it is valid (a killed CONCURRENTLY build leaves it
+    invalid: never used by queries, but still maintained by every write)."""
+    row = conn.execute(
+        "SELECT x.indisvalid AND x.indisready FROM pg_index AS x"
+        " JOIN pg_class AS i ON i.oid = x.indexrelid JOIN pg_namespace AS n ON n.oid = i.relnamespace"
+        " WHERE n.nspname = %s AND i.relname = %s",
+        (schema, name),
+    ).fetchone()
+    return None if row is None else row[0]
+
+
+def _build_change(store: EventStore, cand: IndexCandidate, name: str, invalid: bool) -> Change:
+    cols = ", ".join(cand.columns)
+    return Change(
+        action="rebuild_invalid_index" if invalid else "create_index_concurrently",
+        target=f"{store.schema_name}.{cand.table} ({cols}) as {name}",
+        detail={
+            "index": name,
+            "columns": list(cand.columns),
+            "why": cand.reason[:300],
+            "source": cand.source,
+            "invalid_leftover": invalid,
+        },
+    )
+
+
+@task(**pg_retries)
+def build_indexes(
+    store: EventStore,
+    candidates: list[IndexCandidate],
+    dry_run: bool,
+    lock_timeout_ms: int = 2000,
+    build_timeout_s: float = 3600.0,
+) -> IndexBuild:
+    """``CREATE INDEX CONCURRENTLY IF NOT EXISTS`` for each candidate, under a name derived from
+    table and columns. A valid index of that name is left alone (a re-run does nothing); an
+    invalid one (a killed or failed concurrent build) is dropped CONCURRENTLY and built again.
+
+    CONCURRENTLY takes only a SHARE UPDATE EXCLUSIVE lock: inserts, updates and deletes go on
+    during the build. ``lock_timeout`` bounds any wait for a lock (it never queues for long
+    behind a session holding a conflicting lock: the statement fails instead, and the leftover
+    it may leave is dropped before the error is raised). The block's statement_timeout would
+    cut a long build short: the build's session uses ``build_timeout_s`` instead.
+    """
+    result = IndexBuild(dry_run=dry_run)
+    with store.database.connect(autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout_ms)}ms"))
+        )
+        conn.execute(
+            sql.SQL("SET statement_timeout = {}").format(
+                sql.Literal(f"{int(build_timeout_s * 1000)}ms")
+            )
+        )
+        for cand in candidates:
+            name = index_name(cand.table, cand.columns)
+            state = _index_state(conn, store.schema_name, name)
+            if state is True:
+                result.notes.append(f"{name} already exists and is valid")
+                continue
+            change = _build_change(store, cand, name, invalid=state is False)
+            result.planned.append(change)
+            if dry_run:
+                continue
+            qualified = sql.Identifier(store.schema_name, name)
+            if state is False:
+                conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(qualified))
+                result.dropped_invalid.append(name)
+            t0 = time.monotonic()
+            try:
+                conn.execute(
+                    sql.SQL("CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} ({})").format(
+                        sql.Identifier(name),
+                        sql.Identifier(store.schema_name, cand.table),
+                        sql.SQL(", ").join(sql.Identifier(c) for c in cand.columns),
+                    )
+                )
+            except psycopg.Error:
+                # a failed concurrent build leaves an invalid index that every write maintains
+                if _index_state(conn, store.schema_name, name) is False:
+                    conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(qualified))
+                raise
+            result.build_s[name] = time.monotonic() - t0
+            if _index_state(conn, store.schema_name, name):
+                result.built.append(name)
+                result.applied.append(change)
+    return result
+
+
+@task(**pg_retries)
+def index_validity(store: EventStore, names: list[str]) -> dict[str, bool | None]:
+    """pg_index.indisvalid (and indisready) per index name; None when it does not exist."""
+    with store.database.connect(autocommit=True) as conn:
+        return {n: _index_state(conn, store.schema_name, n) for n in names}
