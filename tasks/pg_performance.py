@@ -184,10 +184,10 @@ def filter_columns(expression: str, columns: set[str]) -> tuple[list[str], list[
             break
         pos = m.end()
         name = m.group(1).replace('""', '"') if m.group(1) is not None else m.group(2)
-        if name not in columns or (
-            m.group(2) is not None and expression[m.end() : m.end() + 1] == "("
-        ):
+        if name not in columns or expression[m.end() : m.end() + 1] == "(":
             continue
+        if re.search(r'[\w"]\($', expression[: m.start()]):
+            continue  # an argument of a function: an index on the column does not serve
         rest = expression[m.end() :]
         while True:  # skip closing parentheses and casts after the column
             cast = _CAST.match(rest)
@@ -248,12 +248,15 @@ def plan_candidates(
     columns: equality filters, then one range filter, else the sort key above the scan."""
     found: list[IndexCandidate] = []
 
-    def walk(node: dict[str, Any], sort_keys: list[str]) -> None:
-        keys = sort_keys
+    def walk(node: dict[str, Any], sort_keys: list[str], workers: int) -> None:
+        workers = node.get("Workers Planned", workers)
+        keys = sort_keys  # the order wanted of this node's rows
         if node.get("Node Type") in ("Sort", "Incremental Sort"):
-            keys = _sort_columns(node.get("Sort Key", []), columns)
-        elif node.get("Node Type") not in ("Limit", "Gather Merge", "Gather"):
-            keys = []
+            child_keys = _sort_columns(node.get("Sort Key", []), columns)
+        elif node.get("Node Type") in ("Limit", "Gather Merge", "Gather"):
+            child_keys = sort_keys
+        else:
+            child_keys = []
         if (
             node.get("Node Type") == "Seq Scan"
             and node.get("Relation Name") == table
@@ -261,12 +264,12 @@ def plan_candidates(
             and node.get("Filter")
         ):
             loops = node.get("Actual Loops") or 1
-            workers = 1 + (node.get("Workers Planned") or 0)
             if "Rows Removed by Filter" in node:
                 removed = node["Rows Removed by Filter"] * loops
                 kept = node.get("Actual Rows", 0) * loops
             else:
-                kept = node.get("Plan Rows", 0) * (workers if node.get("Parallel Aware") else 1)
+                # a parallel scan's estimate is per process: the workers and the leader
+                kept = node.get("Plan Rows", 0) * (1 + workers if node.get("Parallel Aware") else 1)
                 removed = max(0.0, table_rows - kept)
             total = removed + kept
             equality, ranges = filter_columns(node["Filter"], columns)
@@ -283,11 +286,11 @@ def plan_candidates(
                     )
                 )
         for child in node.get("Plans", []):
-            walk(child, keys)
+            walk(child, child_keys, workers)
 
     roots = plan if isinstance(plan, list) else [plan]
     for root in roots:
-        walk(root.get("Plan", root), [])
+        walk(root.get("Plan", root), [], 0)
     return found
 
 
