@@ -230,6 +230,12 @@ def _sort_columns(keys: list[str], columns: set[str]) -> list[str]:
     return found
 
 
+def parallel_divisor(workers: int) -> float:
+    """What PostgreSQL divides a parallel scan's rows by (costsize.c get_parallel_divisor):
+    the workers, plus the leader's share (it helps less the more workers there are)."""
+    return workers + max(0.0, 1.0 - 0.3 * workers)
+
+
 def plan_candidates(
     plan: Any,
     schema: str,
@@ -268,8 +274,9 @@ def plan_candidates(
                 removed = node["Rows Removed by Filter"] * loops
                 kept = node.get("Actual Rows", 0) * loops
             else:
-                # a parallel scan's estimate is per process: the workers and the leader
-                kept = node.get("Plan Rows", 0) * (1 + workers if node.get("Parallel Aware") else 1)
+                # a parallel scan's estimate is per process: the workers and the leader's share
+                divisor = parallel_divisor(workers) if node.get("Parallel Aware") else 1.0
+                kept = node.get("Plan Rows", 0) * divisor
                 removed = max(0.0, table_rows - kept)
             total = removed + kept
             equality, ranges = filter_columns(node["Filter"], columns)

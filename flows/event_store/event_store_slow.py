@@ -74,7 +74,7 @@ class EventStoreSlowParams(RunbookParams):
         "this many rows per run.",
     )
     max_selectivity: float = Field(
-        0.1,
+        0.2,
         gt=0,
         le=1,
         description="... and keeps at most this share of the rows it reads.",
