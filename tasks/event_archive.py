@@ -271,6 +271,7 @@ _BATCH = (
     "  (SELECT {status}::text AS s, count(*) AS n FROM moved GROUP BY 1) AS per)"
 )
 _AFTER = " AND {id} > %(after)s"
+MAX_PASSES = 2
 
 
 @task(**pg_retries)
@@ -338,26 +339,38 @@ def _move_in_batches(
     }
     started = time.monotonic()
     deadline = started + spec.time_budget_s
-    last: Any = None
-    while True:
-        if time.monotonic() >= deadline:
-            result.out_of_time = True
+    any_left = _sql(
+        store,
+        spec,
+        "SELECT EXISTS (SELECT 1 FROM {table} WHERE {old} LIMIT 1 FOR UPDATE SKIP LOCKED)",
+    )
+    for _pass in range(MAX_PASSES):
+        # a second pass from the lowest id takes rows a writer held during the first, when a
+        # quick look finds one no one holds now
+        if _pass and not conn.execute(any_left, _params(spec)).fetchone()[0]:
             break
-        t0 = time.perf_counter()
-        picked, moved, inserted, last_id, per_status = conn.execute(
-            statements[last is not None], _params(spec, batch_size=size, after=last)
-        ).fetchone()
-        elapsed = time.perf_counter() - t0
-        result.slowest_batch_s = max(result.slowest_batch_s, elapsed)
-        if moved:
-            result.batch_sizes.append(moved)
-            result.moved += moved
-            result.inserted += inserted
-            for status, n in per_status.items():
-                result.moved_by_status[status] = result.moved_by_status.get(status, 0) + n
-        # SKIP LOCKED rows do not count against the LIMIT: a short batch is the end
-        if picked < size:
+        last: Any = None
+        while True:
+            if time.monotonic() >= deadline:
+                result.out_of_time = True
+                break
+            t0 = time.perf_counter()
+            picked, moved, inserted, last_id, per_status = conn.execute(
+                statements[last is not None], _params(spec, batch_size=size, after=last)
+            ).fetchone()
+            elapsed = time.perf_counter() - t0
+            result.slowest_batch_s = max(result.slowest_batch_s, elapsed)
+            if moved:
+                result.batch_sizes.append(moved)
+                result.moved += moved
+                result.inserted += inserted
+                for status, n in per_status.items():
+                    result.moved_by_status[status] = result.moved_by_status.get(status, 0) + n
+            # SKIP LOCKED rows do not count against the LIMIT: a short batch is the end
+            if picked < size:
+                break
+            last = last_id
+            size = next_batch_size(size, elapsed, target_s, smallest, largest)
+        if result.out_of_time:
             break
-        last = last_id
-        size = next_batch_size(size, elapsed, target_s, smallest, largest)
     result.elapsed_s = time.monotonic() - started
