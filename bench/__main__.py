@@ -17,6 +17,7 @@ BENCHMARKS = {
     "dlq-triage": "bench.dlq_triage",
     "topic-backup": "bench.topic_backup",  # [--records 100000] [--size 1024] [--repeats 3]
     "stuck-reset": "bench.stuck_reset",  # [--stuck 100000] [--rounds 1]
+    "archive-events": "bench.archive_events",  # [--rows 1000000] [--writers 2]
 }
 
 

@@ -4,8 +4,8 @@ Each test gets a table of its own (a target of its own) in this module's databas
 old terminal rows (COMPLETED / FAILED, updated 100 days ago: ids 1-OLD, every id not a multiple of
 10), old rows still being worked on (PENDING / PROCESSING, 100 days ago: multiples of 10 below
 OLD, and one old CANCELLED row a run does not ask for), and new terminal rows (updated 1 day ago,
-ids above OLD). The runbook's login may read, delete and insert, and create the archive table in
-the schema.
+ids above OLD). The runbook's login may read, lock (FOR UPDATE needs UPDATE), delete, and create
+the archive table in the schema.
 """
 
 from __future__ import annotations
