@@ -120,6 +120,10 @@ CASES = {
             "namespace": "streaming",
         },
     ),
+    "event-store-slow": (
+        {"alertname": "EventStoreSlowQueries", "event_store": "orders-events"},
+        {"event_store_block": "orders-events"},
+    ),
 }
 
 
