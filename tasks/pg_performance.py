@@ -705,6 +705,29 @@ def _build_change(store: EventStore, cand: IndexCandidate, name: str, invalid: b
     )
 
 
+class IndexBuildGaveUp(Exception):
+    """The build waited longer than lock_timeout (CONCURRENTLY waits for every transaction
+    older than its snapshot, and to drop its leftover, for them again)."""
+
+
+def _drop_leftover(conn: psycopg.Connection, schema: str, name: str, wait_s: float) -> str:
+    """Drop the INVALID index a failed build left, CONCURRENTLY (writers go on), waiting at
+    most ``wait_s`` for the transactions it must outlive; what happened, as a sentence."""
+    if _index_state(conn, schema, name) is not False:
+        return "it left no index behind"
+    conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{int(wait_s * 1000)}ms")))
+    try:
+        conn.execute(
+            sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(schema, name))
+        )
+    except psycopg.errors.LockNotAvailable:
+        return (
+            f"its INVALID leftover {name} could not be dropped within {wait_s:g}s (the same "
+            "transaction is still open): the next run drops and rebuilds it"
+        )
+    return f"its INVALID leftover {name} was dropped"
+
+
 @task(**pg_retries)
 def build_indexes(
     store: EventStore,
@@ -712,6 +735,7 @@ def build_indexes(
     dry_run: bool,
     lock_timeout_ms: int = 2000,
     build_timeout_s: float = 3600.0,
+    drop_wait_s: float = 60.0,
 ) -> IndexBuild:
     """``CREATE INDEX CONCURRENTLY IF NOT EXISTS`` for each candidate, under a name derived from
     table and columns. A valid index of that name is left alone (a re-run does nothing); an
@@ -721,7 +745,9 @@ def build_indexes(
     during the build. ``lock_timeout`` bounds any wait for a lock (it never queues for long
     behind a session holding a conflicting lock: the statement fails instead, and the leftover
     it may leave is dropped before the error is raised). The block's statement_timeout would
-    cut a long build short: the build's session uses ``build_timeout_s`` instead.
+    cut a long build short: the build's session uses ``build_timeout_s`` instead. A failed
+    build's INVALID leftover is dropped CONCURRENTLY, waiting up to ``drop_wait_s``; one that
+    cannot be dropped yet is dropped and rebuilt by the next run.
     """
     result = IndexBuild(dry_run=dry_run)
     with store.database.connect(autocommit=True) as conn:
@@ -756,10 +782,14 @@ def build_indexes(
                         sql.SQL(", ").join(sql.Identifier(c) for c in cand.columns),
                     )
                 )
-            except psycopg.Error:
+            except psycopg.Error as exc:
                 # a failed concurrent build leaves an invalid index that every write maintains
-                if _index_state(conn, store.schema_name, name) is False:
-                    conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(qualified))
+                leftover = _drop_leftover(conn, store.schema_name, name, drop_wait_s)
+                if isinstance(exc, psycopg.errors.LockNotAvailable):
+                    raise IndexBuildGaveUp(
+                        f"building {name} waited over lock_timeout {int(lock_timeout_ms)} ms for "
+                        f"a lock and gave up ({exc.diag.message_primary}); {leftover}"
+                    ) from None
                 raise
             result.build_s[name] = time.monotonic() - t0
             if _index_state(conn, store.schema_name, name):

@@ -5,13 +5,14 @@ from prefect import flow
 from pydantic import BaseModel, Field
 
 from blocks.event_store import EventStore
-from runbooks.errors import VerificationFailed
+from runbooks.errors import Escalation, VerificationFailed
 from runbooks.params import BlockName, RunbookParams
 from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.safety import Budget, Target
 from tasks.pg_performance import (
     DatabaseFindings,
     IndexBuild,
+    IndexBuildGaveUp,
     IndexCandidate,
     PlanReading,
     Probe,
@@ -90,6 +91,13 @@ class EventStoreSlowParams(RunbookParams):
         description="The build gives up (and drops its leftover) rather than wait longer than "
         "this for a lock.",
     )
+    leftover_drop_wait_s: float = Field(
+        60,
+        gt=0,
+        le=3600,
+        description="After a failed build, wait up to this long to drop its INVALID leftover "
+        "(CONCURRENTLY: writers go on); otherwise the next run drops it.",
+    )
     build_timeout_s: float = Field(
         3600, gt=0, le=86_400, description="Statement timeout of the index build's session."
     )
@@ -166,14 +174,26 @@ def event_store_slow(params: EventStoreSlowParams) -> EventStoreSlowSummary:
                 )
                 return _summary(report, statements, findings, candidates, before=before)
 
-            build = guard.act(
-                "create index concurrently",
-                lambda dry_run: build_indexes(
-                    store, chosen, dry_run, params.lock_timeout_ms, params.build_timeout_s
-                ),
-                budget=BUILD_BUDGET,
-                approval=_approval,
-            )
+            try:
+                build = guard.act(
+                    "create index concurrently",
+                    lambda dry_run: build_indexes(
+                        store,
+                        chosen,
+                        dry_run,
+                        params.lock_timeout_ms,
+                        params.build_timeout_s,
+                        params.leftover_drop_wait_s,
+                    ),
+                    budget=BUILD_BUDGET,
+                    approval=_approval,
+                )
+            except IndexBuildGaveUp as exc:
+                raise Escalation(
+                    f"{exc}. CONCURRENTLY waits for every transaction older than its snapshot: a "
+                    "long one is open (see pg_stat_activity). Re-run once it ends, or raise "
+                    "lock_timeout_ms"
+                ) from None
             slow = _probes_for(chosen, candidates, before)
             if params.dry_run or not build.planned:
                 report.finish(

@@ -320,8 +320,8 @@ def test_proposes_builds_concurrently_under_writes_and_verifies(env: Env) -> Non
 def test_a_killed_build_leaves_an_invalid_index_that_the_next_run_rebuilds(env: Env) -> None:
     block = env.block()
     env.admin.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(SCHEMA, INDEX)))
-    # a writer's open transaction makes the concurrent build wait; cancelled while it waits,
-    # the build leaves its index INVALID (as a killed or timed-out build does)
+    # a writer's open transaction makes the concurrent build wait; its backend killed while it
+    # waits, the build leaves its index INVALID
     writer = env.connect(env.app, "slow-writer")
     writer.autocommit = False
     writer.execute("INSERT INTO evstore.events (status, updated_at) VALUES ('PENDING', now())")
@@ -347,12 +347,12 @@ def test_a_killed_build_leaves_an_invalid_index_that_the_next_run_rebuilds(env: 
             "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", (builder_pid,)
         ).fetchone()[0]
     )
-    env.admin.execute("SELECT pg_cancel_backend(%s)", (builder_pid,))
+    env.admin.execute("SELECT pg_terminate_backend(%s)", (builder_pid,))
     thread.join(10)
     writer.rollback()
     writer.close()
     builder.close()
-    assert failure and isinstance(failure[0], psycopg.errors.QueryCanceled)
+    assert failure and isinstance(failure[0], psycopg.OperationalError)
     leftover = env.index_state()
     assert leftover is not None and leftover[1] is False
 
@@ -370,3 +370,72 @@ def test_a_killed_build_leaves_an_invalid_index_that_the_next_run_rebuilds(env: 
     rebuilt = env.index_state()
     assert rebuilt is not None and rebuilt[1] is True and rebuilt[0] != leftover[0]
     assert "invalid index(es) on events" in summary.report
+
+
+def test_a_build_behind_a_long_transaction_gives_up_at_lock_timeout(env: Env) -> None:
+    block = env.block()
+    env.admin.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(SCHEMA, INDEX)))
+    # an open transaction that wrote to the table: CONCURRENTLY must wait for it to end
+    writer = env.connect(env.app, "long-writer")
+    writer.autocommit = False
+    writer.execute("INSERT INTO evstore.events (status, updated_at) VALUES ('PENDING', now())")
+    approver = Approver("event-store-slow", {"approve": True, "approver": "alice", "reason": "x"})
+    approver.start()
+    try:
+        t0 = time.monotonic()
+        state = event_store_slow(
+            params=params(block, lock_timeout_ms=500, leftover_drop_wait_s=1), return_state=True
+        )
+        elapsed = time.monotonic() - t0
+        # the transaction still open, the leftover could not be dropped either: it says so
+        assert state.is_failed()
+        assert "lock_timeout 500 ms" in state.message
+        assert f"INVALID leftover {INDEX} could not be dropped" in state.message
+        leftover = env.index_state()
+        assert leftover is not None and leftover[1] is False
+        # the writer's transaction was never disturbed: it commits
+        writer.commit()
+    finally:
+        writer.close()
+    approver.join(10)
+    assert approver.error is None
+    print(f"\nrun with a 500 ms lock timeout behind an open transaction: {elapsed:.1f}s")
+
+    # with that transaction gone, a build that gives up drops its leftover at once: here a
+    # fresh open transaction blocks the build, and ends while the leftover is being dropped
+    env.admin.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(SCHEMA, INDEX)))
+    writer = env.connect(env.app, "long-writer")
+    writer.autocommit = False
+    writer.execute("INSERT INTO evstore.events (status, updated_at) VALUES ('PENDING', now())")
+
+    def end_when_the_drop_waits() -> None:
+        # the build gave up and its leftover's DROP waits for this transaction: end it
+        dropping = wait_until(
+            lambda: env.admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND query ILIKE 'DROP INDEX CONCURRENTLY%%' AND wait_event_type = 'Lock'"
+            ).fetchone()[0],
+            timeout_s=90,
+        )
+        if dropping:
+            writer.commit()
+
+    ender = threading.Thread(target=end_when_the_drop_waits, daemon=True)
+    approver = Approver(
+        "event-store-slow",
+        {"approve": True, "approver": "alice", "reason": "x"},
+        ignore={approver.paused_run},
+    )
+    approver.start()
+    ender.start()
+    try:
+        state = event_store_slow(
+            params=params(block, lock_timeout_ms=500, leftover_drop_wait_s=60), return_state=True
+        )
+    finally:
+        ender.join(100)
+        writer.close()
+    approver.join(10)
+    assert state.is_failed()
+    assert f"INVALID leftover {INDEX} was dropped" in state.message
+    assert env.index_state() is None
