@@ -133,14 +133,14 @@ class TableStats(BaseModel):
 
 def seq_scan_heavy(stats: list[TableStats], min_live_rows: int) -> list[TableStats]:
     """Large tables read mostly by sequential scans: at least ``min_live_rows`` live rows, more
-    sequential than index scans, and each sequential scan reading half the table or more on
-    average (a whole-table read, not a small lookup table)."""
+    sequential than index scans, and each sequential scan reading a tenth of the table or more on
+    average (whole-table reads: a parallel scan counts once per process, each reading its share)."""
     heavy = [
         t
         for t in stats
         if t.n_live_tup >= min_live_rows
         and t.seq_scan > (t.idx_scan or 0)
-        and t.seq_tup_read / max(1, t.seq_scan) >= t.n_live_tup / 2
+        and t.seq_tup_read / max(1, t.seq_scan) >= t.n_live_tup / 10
     ]
     return sorted(heavy, key=lambda t: -t.seq_tup_read)
 
@@ -426,6 +426,8 @@ _STATEMENTS = (
     " s.shared_blks_hit, s.shared_blks_read"
     " FROM pg_stat_statements AS s JOIN pg_database AS d ON d.oid = s.dbid"
     " WHERE d.datname = current_database() AND s.query !~* '^\\s*(explain|prepare|deallocate)'"
+    # not the runbook's own reads (its login runs only catalog and statistics queries)
+    " AND s.userid <> (SELECT oid FROM pg_roles WHERE rolname = current_user)"
     " ORDER BY {order} DESC LIMIT %(limit)s"
 )
 

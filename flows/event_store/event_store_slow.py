@@ -220,8 +220,10 @@ def event_store_slow(params: EventStoreSlowParams) -> EventStoreSlowSummary:
             unused = []
             for b, a in zip(slow, after, strict=True):
                 uses = [n for n in names if a.plan is not None and plan_uses_index(a.plan, n)]
-                report.evidence(f"plan before: {b.probe.label}", b.text)
-                report.evidence(f"plan after: {a.probe.label}", a.text)
+                report.evidence(
+                    f"plan of {a.probe.label} before and after",
+                    {"before": b.text.splitlines(), "after": a.text.splitlines()},
+                )
                 report.check(
                     f"{a.probe.label} uses the new index",
                     bool(uses),
@@ -237,8 +239,9 @@ def event_store_slow(params: EventStoreSlowParams) -> EventStoreSlowSummary:
             report.finish(
                 Outcome.RESOLVED,
                 f"Built {', '.join(names)} concurrently "
-                f"({', '.join(f'{s:.1f}s' for s in build.build_s.values())}; writers were not "
-                "blocked) and the slow query now uses it.",
+                f"({', '.join(f'{s:.1f}s' for s in build.build_s.values())}; CONCURRENTLY: "
+                "inserts and updates went on during the build); the slow queries' plans now use "
+                "it instead of a sequential scan.",
             )
             return _summary(report, statements, findings, candidates, build, before, after)
 
