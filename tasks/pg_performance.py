@@ -9,6 +9,7 @@ The decisions are the pure functions at the top; the tasks below them do the I/O
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import time
 from enum import StrEnum
@@ -604,6 +605,9 @@ class PlanReading(BaseModel):
     error: str | None = None
 
 
+_PROBE_NAMES = itertools.count(1)
+
+
 def _shape_sql(store: EventStore, shape: QueryShape) -> sql.Composed:
     return sql.SQL(_SHAPES[shape]).format(
         table=sql.Identifier(store.schema_name, store.table),
@@ -633,13 +637,14 @@ def _explain(
                 rows = cur.fetchall()
             else:
                 conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-                conn.execute(sql.SQL("PREPARE rb_probe AS ") + sql.SQL(probe.query or ""))
-                try:
-                    nulls = sql.SQL(", ").join([sql.SQL("NULL")] * probe.params)
-                    args = sql.SQL("({})").format(nulls) if probe.params else sql.SQL("")
-                    rows = conn.execute(head + sql.SQL("EXECUTE rb_probe") + args).fetchall()
-                finally:
-                    conn.execute("DEALLOCATE rb_probe")
+                # a prepared statement outlives a rolled-back transaction: a name per use, and
+                # one that failed stays until the connection closes (at the end of the task)
+                name = sql.Identifier(f"rb_probe_{next(_PROBE_NAMES)}")
+                conn.execute(sql.SQL("PREPARE {} AS ").format(name) + sql.SQL(probe.query or ""))
+                nulls = sql.SQL(", ").join([sql.SQL("NULL")] * probe.params)
+                args = sql.SQL("({})").format(nulls) if probe.params else sql.SQL("")
+                rows = conn.execute(head + sql.SQL("EXECUTE {}").format(name) + args).fetchall()
+                conn.execute(sql.SQL("DEALLOCATE {}").format(name))
         out.append(rows)
     plan = out[0][0][0]
     text = "\n".join(r[0] for r in out[1])
@@ -651,17 +656,17 @@ def explain_probes(
     store: EventStore, probes: list[Probe], analyze: bool = False
 ) -> list[PlanReading]:
     """EXPLAIN each probe (EXPLAIN ANALYZE only when asked: it runs the query, read-only).
-    A statement that cannot be prepared alone (its parameter types unknown) is reported, not
-    raised."""
+    A statement that cannot be prepared alone (its parameter types unknown, a privilege
+    missing) is reported with its error, not raised."""
     readings = []
     with store.database.connect(autocommit=False) as conn:
         for probe in probes:
             try:
                 plan, text = _explain(conn, store, probe, analyze)
                 readings.append(PlanReading(probe=probe, plan=plan, text=text))
-            except psycopg.errors.QueryCanceled:
-                raise
-            except (psycopg.errors.ProgrammingError, psycopg.errors.DataError) as exc:
+            except psycopg.OperationalError:
+                raise  # the connection, the server or a timeout: retried or reported as such
+            except psycopg.Error as exc:
                 conn.rollback()
                 readings.append(
                     PlanReading(probe=probe, plan=None, text="", error=str(exc).splitlines()[0])

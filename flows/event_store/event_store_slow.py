@@ -144,6 +144,9 @@ def event_store_slow(params: EventStoreSlowParams) -> EventStoreSlowSummary:
             probes = [Probe(label=f"shape {s.value}", shape=s) for s in params.query_shapes]
             probes += _statement_probes(store, statements, params.explain_top)
             before = explain_probes(store, probes, params.explain_analyze)
+            failed = [f"{r.probe.label}: {r.error}" for r in before if r.error]
+            if failed:
+                report.step(f"could not EXPLAIN {len(failed)} statement(s): {'; '.join(failed)}")
             candidates = _candidates(store, findings, before, params)
             for c in candidates:
                 report.evidence(f"index candidate {index_name(c.table, c.columns)}", c)
