@@ -143,6 +143,14 @@ _TABLE_EXISTS = (
     "SELECT EXISTS (SELECT 1 FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace"
     " WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p'))"
 )
+# the archive has a unique index on exactly the id column (ON CONFLICT (id) needs one)
+_UNIQUE_ON_ID = (
+    "SELECT EXISTS (SELECT 1 FROM pg_index AS x JOIN pg_class AS c ON c.oid = x.indrelid"
+    " JOIN pg_namespace AS n ON n.oid = c.relnamespace"
+    " JOIN pg_attribute AS a ON a.attrelid = c.oid AND a.attnum = x.indkey[0]"
+    " WHERE n.nspname = %s AND c.relname = %s AND x.indisunique AND x.indisvalid"
+    " AND x.indnkeyatts = 1 AND x.indpred IS NULL AND a.attname = %s)"
+)
 _COLUMNS = (
     "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute AS a"
     " JOIN pg_class AS c ON c.oid = a.attrelid JOIN pg_namespace AS n ON n.oid = c.relnamespace"
@@ -311,6 +319,13 @@ def archive_old_events(store: EventStore, spec: ArchiveSpec, dry_run: bool) -> A
         source = conn.execute(_COLUMNS, (store.schema_name, store.table)).fetchall()
         archive = conn.execute(_COLUMNS, (store.schema_name, spec.archive_table)).fetchall()
         problem = columns_mismatch(source, archive)
+        if (
+            problem is None
+            and not conn.execute(
+                _UNIQUE_ON_ID, (store.schema_name, spec.archive_table, store.id_column)
+            ).fetchone()[0]
+        ):
+            problem = f"no primary key or unique index on {store.id_column} (ON CONFLICT needs one)"
         if problem:
             raise ValueError(
                 f"archive table {store.schema_name}.{spec.archive_table} does not match "

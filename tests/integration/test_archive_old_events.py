@@ -341,3 +341,26 @@ def test_time_column_and_archive_name_parameters(env: Env) -> None:
     expected = old_terminal_ids() | set(range(OLD + 1, OLD + NEW + 1)) | {CANCELLED_ID}
     assert summary.outcome is Outcome.RESOLVED
     assert env.ids("events_cold") == expected
+
+
+def test_an_existing_archive_without_a_unique_id_is_refused(env: Env) -> None:
+    table = env.table()
+    block = env.block(table)
+    before = env.rows(table)
+    # an archive someone made by hand: the same columns, no primary key
+    env.admin.execute(
+        sql.SQL("CREATE TABLE {} (LIKE {})").format(
+            sql.Identifier(SCHEMA, f"{table}_archive"), sql.Identifier(SCHEMA, table)
+        )
+    )
+    env.admin.execute(
+        sql.SQL("GRANT SELECT, INSERT ON {} TO {}").format(
+            sql.Identifier(SCHEMA, f"{table}_archive"), sql.Identifier(env.role)
+        )
+    )
+
+    state = archive_old_events(params=params(block), return_state=True)
+
+    assert state.is_failed()
+    assert "no primary key or unique index on id" in state.message
+    assert env.rows(table) == before and env.ids(f"{table}_archive") == set()
