@@ -222,6 +222,10 @@ def survey_archivable(
 # --- acting ----------------------------------------------------------------------------------
 
 
+class ArchiveUnsuitable(Exception):
+    """The archive table exists but cannot take the events table's rows as they are."""
+
+
 class ArchiveResult(ChangeSet):
     """Events moved to the archive, counted per status."""
 
@@ -327,7 +331,7 @@ def archive_old_events(store: EventStore, spec: ArchiveSpec, dry_run: bool) -> A
         ):
             problem = f"no primary key or unique index on {store.id_column} (ON CONFLICT needs one)"
         if problem:
-            raise ValueError(
+            raise ArchiveUnsuitable(
                 f"archive table {store.schema_name}.{spec.archive_table} does not match "
                 f"{store.schema_name}.{store.table}: {problem}"
             )

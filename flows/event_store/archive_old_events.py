@@ -13,6 +13,7 @@ from tasks.event_archive import (
     ArchiveResult,
     ArchiveSpec,
     ArchiveSurvey,
+    ArchiveUnsuitable,
     archive_table_name,
     forbidden_statuses,
     name_problem,
@@ -135,12 +136,17 @@ def archive_old_events(params: ArchiveParams) -> ArchiveSummary:
                 report.finish(Outcome.NO_ACTION_NEEDED, f"Nothing to archive: {before.describe()}.")
                 return _summary(report, before)
 
-            result = guard.act(
-                "archive old events",
-                lambda dry_run: archive_task(store, spec, dry_run),
-                budget=ARCHIVE_BUDGET,
-                approval=lambda plan: _danger(plan, params.approve_over),
-            )
+            try:
+                result = guard.act(
+                    "archive old events",
+                    lambda dry_run: archive_task(store, spec, dry_run),
+                    budget=ARCHIVE_BUDGET,
+                    approval=lambda plan: _danger(plan, params.approve_over),
+                )
+            except ArchiveUnsuitable as exc:
+                raise Escalation(
+                    f"{exc}; nothing was moved: fix the archive table or name another one (archive_table)"
+                ) from None
             if params.dry_run:
                 report.finish(
                     Outcome.PLANNED,

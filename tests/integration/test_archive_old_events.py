@@ -363,4 +363,5 @@ def test_an_existing_archive_without_a_unique_id_is_refused(env: Env) -> None:
 
     assert state.is_failed()
     assert "no primary key or unique index on id" in state.message
+    assert "nothing was moved" in state.message
     assert env.rows(table) == before and env.ids(f"{table}_archive") == set()
