@@ -29,7 +29,7 @@ from flows.event_store.event_store_slow import (
 )
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
-from tasks.pg_performance import index_name
+from tasks.pg_performance_decisions import index_name
 from tests.approvals import Approver
 from tests.conftest import unique
 from tests.pg_env import wait_until

@@ -1,11 +1,12 @@
-"""event-store-slow's decisions: index names, duplicate and unused indexes, sequential-scan
-tables, and index candidates from EXPLAIN plans (shapes copied from PostgreSQL 15's output)."""
+"""event-store-slow's decisions (tasks/pg_performance_decisions.py): index names, duplicate and
+unused indexes, sequential-scan tables, and index candidates from EXPLAIN plans (shapes copied
+from PostgreSQL 15's output)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tasks.pg_performance import (
+from tasks.pg_performance_decisions import (
     IndexCandidate,
     IndexInfo,
     TableStats,
