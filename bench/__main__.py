@@ -18,6 +18,7 @@ BENCHMARKS = {
     "topic-backup": "bench.topic_backup",  # [--records 100000] [--size 1024] [--repeats 3]
     "stuck-reset": "bench.stuck_reset",  # [--stuck 100000] [--rounds 1]
     "db-backup": "bench.db_backup",  # [--size-mb 1024] [--repeats 1] [--no-checksums]
+    "archive-events": "bench.archive_events",  # [--rows 1000000] [--writers 2]
 }
 
 

@@ -124,6 +124,10 @@ CASES = {
             "namespace": "streaming",
         },
     ),
+    "event-store-slow": (
+        {"alertname": "EventStoreSlowQueries", "event_store": "orders-events"},
+        {"event_store_block": "orders-events"},
+    ),
     "redis-degraded": (
         {"alertname": "RedisRejectedConnections", "redis": "sessions-cache"},
         {"redis_block": "sessions-cache"},
