@@ -15,7 +15,7 @@ server (its own process) holds the objects. Contenders, each timed ``--repeats``
 The table shows seconds, MB/s of database and the ratio bare/project (above 1: the project is
 faster; the issue's goal is 0.9 or more).
 
-    python -m bench db-backup [--size-mb 1024] [--repeats 1] [--no-checksums] [--jobs 2]
+    python -m bench db-backup [--size-mb 1024] [--repeats 1] [--no-checksums] [--jobs 1]
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-checksums", action="store_true")
-    parser.add_argument("--jobs", type=int, default=2, help="the drill's restore_jobs")
+    parser.add_argument("--jobs", type=int, default=1, help="the drill's restore_jobs")
     args = parser.parse_args(argv)
 
     server = start_postgres()

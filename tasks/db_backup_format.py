@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 
 DUMP = "dump"
 MANIFEST = "manifest.json"
@@ -36,6 +37,27 @@ def database_name_problem(name: str) -> str | None:
             "letter or '_'; at most 63)"
         )
     return None
+
+
+def _database_name(value: str | None) -> str | None:
+    problem = None if value is None else database_name_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _backup_id(value: str | None) -> str | None:
+    problem = None if value is None else backup_id_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+_EMPTY_IS_NONE = BeforeValidator(lambda v: None if v == "" else v)
+OptionalDatabaseName = Annotated[str | None, _EMPTY_IS_NONE, AfterValidator(_database_name)]
+"""A database name from a parameter or alert label (it becomes an S3 key part), or empty."""
+OptionalDumpId = Annotated[str | None, _EMPTY_IS_NONE, AfterValidator(_backup_id)]
+"""A database backup's id, or empty for the latest."""
 
 
 def table_name_problem(name: str) -> str | None:
@@ -83,7 +105,7 @@ class TableFingerprint(BaseModel):
 
     rows: int
     checksum: str | None = Field(
-        None, description="Sum of the first 64 bits of md5(row::text) over all rows, as text."
+        None, description="Sum of hashtextextended(row::text, 0) over all rows, as text."
     )
 
 

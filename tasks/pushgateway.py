@@ -3,7 +3,22 @@ the run stops succeeding (a backup missing for too long)."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
+from pydantic import BeforeValidator
+
+
+def _http_url(value: str | None) -> str | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+        raise ValueError("expected an http(s):// URL")
+    return value
+
+
+OptionalPushgatewayUrl = Annotated[str | None, BeforeValidator(_http_url)]
+"""A Pushgateway's http(s) URL, or empty for none."""
 
 
 def push_gauges(

@@ -9,7 +9,7 @@ continued by the next run (progress is what S3 holds). Weekly on a schedule, or 
 from datetime import datetime
 
 from prefect import flow
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from blocks.backup_store import BackupStore
 from blocks.kafka import KafkaCluster
@@ -20,7 +20,7 @@ from runbooks.safety import Budget, Target
 from tasks.kafka import get_cluster_id
 from tasks.kafka_backup import BackupCheck, BackupResult, backup_topic, check_backup
 from tasks.kafka_backup_format import OptionalBackupId
-from tasks.pushgateway import push_gauges
+from tasks.pushgateway import OptionalPushgatewayUrl, push_gauges
 
 # A backup is cheap to repeat but each one is a full copy: a few a day is plenty.
 BACKUP_BUDGET = Budget(max_actions=6, window_s=86400)
@@ -55,20 +55,12 @@ class KafkaTopicBackupParams(RunbookParams):
     deep_check: bool = Field(
         False, description="After the backup, download every segment and recompute its checksums."
     )
-    pushgateway_url: str | None = Field(
+    pushgateway_url: OptionalPushgatewayUrl = Field(
         None,
         description="Prometheus Pushgateway to push the last successful backup's time to "
         "(the KafkaTopicBackupMissing alert reads it); empty: nothing pushed.",
     )
 
-    @field_validator("pushgateway_url")
-    @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        if value in (None, ""):
-            return None
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("expected an http(s):// URL")
-        return value
 
 
 class KafkaTopicBackupResult(BaseModel):

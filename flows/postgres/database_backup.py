@@ -20,6 +20,7 @@ from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_
 from runbooks.safety import Budget, Target
 from tasks.db_backup_format import (
     DumpManifest,
+    OptionalDatabaseName,
     StoredBackup,
     database_name_problem,
     human_bytes,
@@ -36,7 +37,7 @@ from tasks.pg_backup import (
     list_database_backups,
 )
 from tasks.postgres import get_system_identifier
-from tasks.pushgateway import push_gauges
+from tasks.pushgateway import OptionalPushgatewayUrl, push_gauges
 
 RUNBOOK = "database-backup"
 
@@ -53,7 +54,7 @@ class DatabaseBackupParams(RunbookParams):
     backup_store_block: BlockName = Field(
         "default", description="Name of the saved 'Runbooks Backup Store' block (S3 bucket, prefix)."
     )
-    database: str | None = Field(
+    database: OptionalDatabaseName = Field(
         None, description="Database to back up; empty: the block's database."
     )
     tables: list[str] = Field(
@@ -69,21 +70,11 @@ class DatabaseBackupParams(RunbookParams):
     keep_last: int = Field(
         7, ge=1, le=1000, description="Complete backups to keep (seed: daily backups, a week)."
     )
-    pushgateway_url: str | None = Field(
+    pushgateway_url: OptionalPushgatewayUrl = Field(
         None,
         description="Prometheus Pushgateway to push the backup's time and size to (the "
         "PostgresBackupMissing alert reads it); empty: nothing pushed.",
     )
-
-    @field_validator("database")
-    @classmethod
-    def _database(cls, value: str | None) -> str | None:
-        if value in (None, ""):
-            return None
-        problem = database_name_problem(value)
-        if problem:
-            raise ValueError(problem)
-        return value
 
     @field_validator("tables")
     @classmethod
@@ -93,14 +84,6 @@ class DatabaseBackupParams(RunbookParams):
             raise ValueError("; ".join(problems))
         return value
 
-    @field_validator("pushgateway_url")
-    @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        if value in (None, ""):
-            return None
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("expected an http(s):// URL")
-        return value
 
 
 class DatabaseBackupSummary(BaseModel):

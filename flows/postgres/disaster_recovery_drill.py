@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 from prefect import flow
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from blocks.backup_store import BackupStore
 from blocks.postgres import PostgresDatabase
@@ -23,8 +23,9 @@ from runbooks.safety import Budget, Target
 from tasks.db_backup_format import (
     DrillVerdict,
     DumpManifest,
+    OptionalDatabaseName,
+    OptionalDumpId,
     TableFingerprint,
-    backup_id_problem,
     compare_tables,
     database_name_problem,
     human_bytes,
@@ -67,8 +68,8 @@ class DrillParams(RunbookParams):
     backup_store_block: BlockName = Field(
         "default", description="Name of the saved 'Runbooks Backup Store' block (S3 bucket, prefix)."
     )
-    database: str | None = Field(None, description="Database whose backup to restore; empty: the block's.")
-    backup_id: str | None = Field(
+    database: OptionalDatabaseName = Field(None, description="Database whose backup to restore; empty: the block's.")
+    backup_id: OptionalDumpId = Field(
         None, description="Backup to restore (e.g. 20261201T030000Z-1a2b3c4d); empty: the latest complete."
     )
     rto_target_s: float | None = Field(
@@ -84,12 +85,12 @@ class DrillParams(RunbookParams):
         "daily backups: 26 h).",
     )
     restore_jobs: int = Field(
-        2,
+        1,
         ge=1,
         le=16,
-        description="pg_restore --jobs: connections loading tables and building indexes side by "
-        "side (the dump is spooled to local disk first, as --jobs needs); 1: pg_restore reads "
-        "straight from S3 without local disk.",
+        description="1: pg_restore reads straight from S3, no local disk (fastest on a small "
+        "machine: python -m bench db-backup). More: pg_restore --jobs, connections loading tables "
+        "and building indexes side by side, from a copy spooled to local disk first.",
     )
     compare_source: bool = Field(
         True,
@@ -97,25 +98,6 @@ class DrillParams(RunbookParams):
         "(information: the source has moved on since the backup).",
     )
 
-    @field_validator("database")
-    @classmethod
-    def _database(cls, value: str | None) -> str | None:
-        if value in (None, ""):
-            return None
-        problem = database_name_problem(value)
-        if problem:
-            raise ValueError(problem)
-        return value
-
-    @field_validator("backup_id")
-    @classmethod
-    def _backup_id(cls, value: str | None) -> str | None:
-        if value in (None, ""):
-            return None
-        problem = backup_id_problem(value)
-        if problem:
-            raise ValueError(problem)
-        return value
 
 
 class DrillSummary(BaseModel):
