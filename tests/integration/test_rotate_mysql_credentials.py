@@ -8,18 +8,26 @@ rotation, to show the plaintext never reaches the server.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pymysql
 import pytest
+from prefect.blocks.system import Secret
+from prefect.settings import PREFECT_API_URL
 from pydantic import SecretStr
 
 from blocks.mysql import MySQLDatabase
+from deployments.catalog import PROJECT_ROOT
 from flows.security.rotate_credentials import RotateCredentialsParams, rotate_credentials
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
+from runbooks.safety import Target
+from tasks.credentials import pending_block_name
 from tasks.mysql_credentials import native_password_hash
 from tests.conftest import read_incident_report, read_run_logs, unique
 from tests.mariadb_server import MariaDBServer
@@ -191,3 +199,37 @@ def test_a_stored_password_already_refused_is_replaced(env: Env, login: Login) -
     assert state.result().outcome is Outcome.RESOLVED
     new = MySQLDatabase.load(login.block).password.get_secret_value()
     assert env.login(login.user, new) and not env.login(login.user, "changed-by-someone")
+
+
+def test_a_rotation_killed_after_the_server_changed_is_finished_by_the_next_run(
+    env: Env, login: Login
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.rotation_victim", login.block, login.admin_block, "mysql"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        timeout=180,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(PROJECT_ROOT),
+            "PREFECT_API_URL": PREFECT_API_URL.value(),
+        },
+    )
+    assert proc.returncode == -9, (
+        f"victim did not die by SIGKILL: {proc.returncode} {proc.stderr[-2000:]!r}"
+    )
+    # the server has a password nobody stored but the pending copy
+    stored = MySQLDatabase.load(login.block).password.get_secret_value()
+    assert stored == login.password and not env.login(login.user, login.password)
+    key = Target("mysql-user", f"{env.server.host}:{env.server.port}/{login.user}").key
+    pending = Secret.load(pending_block_name(key)).get()
+    assert env.login(login.user, pending)
+
+    state = rotate_credentials(params=params(login), return_state=True)
+
+    assert state.is_completed(), state.message
+    assert state.result().step == "finish the interrupted rotation"
+    assert MySQLDatabase.load(login.block).password.get_secret_value() == pending
+    assert env.login(login.user, pending)
+    with pytest.raises(ValueError):
+        Secret.load(pending_block_name(key))
