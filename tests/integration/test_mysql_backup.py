@@ -198,3 +198,31 @@ def _any_manifest(env: Env):
         tool="x", snapshot_at="2026-01-01T00:00:00Z", completed_at="2026-01-01T00:00:00Z",
         database_bytes=0, size=0, sha256="0", dump_seconds=0,
     )  # fmt: skip
+
+
+def test_database_backup_flow_with_engine_mysql(env: Env) -> None:
+    from flows.postgres.database_backup import DatabaseBackupParams, database_backup
+    from runbooks.params import SafetyParams
+    from runbooks.report import Outcome
+    from tests.conftest import unique
+
+    db_block, store_block = unique("mysql-backup-db"), unique("mysql-backup-store")
+    env.block.save(db_block, overwrite=True)
+    env.store.save(store_block, overwrite=True)
+    params = DatabaseBackupParams(
+        engine="mysql", db_block=db_block, backup_store_block=store_block,
+        safety=SafetyParams(budget_max_actions=1000),
+    )  # fmt: skip
+
+    dry = database_backup(params=params.model_copy(update={"dry_run": True}), return_state=True)
+    assert dry.is_completed(), dry.message
+    assert dry.result().outcome is Outcome.PLANNED
+
+    state = database_backup(params=params, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary.outcome is Outcome.RESOLVED
+    assert summary.manifest.engine == "mysql" and summary.manifest.tables["orders"].rows == 5000
+    location = backup_location(env.store, env.block, env.db)
+    assert f"{location}{summary.backup_id}/{MANIFEST}" in objects(env)
+    assert env.block.password.get_secret_value() not in summary.report
