@@ -33,7 +33,7 @@ from prefect import task
 
 from blocks.backup_store import BackupStore
 from blocks.mysql import MySQLDatabase
-from runbooks.results import Change
+from runbooks.results import Change, ChangeSet
 from runbooks.retry import runbook_task_options
 from tasks.db_backup_format import (
     DUMP,
@@ -302,7 +302,10 @@ def restore_mysql_into_scratch(
     size are checked against the manifest (the dump names no database: it goes where it is
     piped)."""
     quote_ident(scratch)
-    change = Change(action="restore", target=f"{location}{manifest.backup_id}/{DUMP} -> {scratch}")
+    change = Change(
+        action="restore",
+        target=f"s3://{store.bucket}/{location}{manifest.backup_id}/{DUMP} -> {scratch}",
+    )
     result = RestoreResult(dry_run=dry_run, planned=[change], scratch=scratch)
     if dry_run:
         return result
@@ -321,7 +324,7 @@ def restore_mysql_into_scratch(
     finally:
         conn.close()
     s3 = store.get_s3_client()
-    key = location.split("/", 3)[3] + f"{manifest.backup_id}/{DUMP}"
+    key = f"{location}{manifest.backup_id}/{DUMP}"
     body = _Checked(s3.get_object(Bucket=store.bucket, Key=key)["Body"])
     started = time.monotonic()
     with option_file(db) as cnf, tempfile.TemporaryFile() as stderr:
@@ -372,22 +375,61 @@ def fingerprint_mysql_database(db: MySQLDatabase, database: str) -> dict[str, Ta
         conn.close()
 
 
+def _marked(cur: Any, database: str) -> str | None:
+    """The run id in the drill's mark table of ``database``; None: not a scratch database."""
+    cur.execute(
+        "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s",
+        (database, _DRILL_MARK),
+    )
+    if cur.fetchone() is None:
+        return None
+    cur.execute(f"SELECT run_id FROM {quote_ident(database)}.{_DRILL_MARK} LIMIT 1")  # noqa: S608
+    row = cur.fetchone()
+    return str(row[0]) if row else ""
+
+
 @task(**mysql_backup_retries)
-def drop_mysql_scratch(db: MySQLDatabase, scratch: str, dry_run: bool) -> bool:
-    """DROP the scratch database, only if it carries the drill's mark table."""
-    quote_ident(scratch)
+def mysql_scratch_left_behind(db: MySQLDatabase, database: str, run_id: str) -> list[str]:
+    """Scratch databases of ``database`` (``<database>_drill_*``, marked) of other drill runs."""
+    quote_ident(database)
     conn = db.connect(database="")
     try:
         with conn.cursor() as cur:
             cur.execute(
-                "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s "
-                "AND TABLE_NAME = %s",
-                (scratch, _DRILL_MARK),
+                "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE %s",
+                (database.replace("_", "\\_") + "\\_drill\\_%",),
             )
-            if cur.fetchone() is None:
-                return False
-            if not dry_run:
-                cur.execute(f"DROP DATABASE {quote_ident(scratch)}")
-        return True
+            names = [str(r[0]) for r in cur.fetchall()]
+            out = []
+            for name in names:
+                if not _IDENT.fullmatch(name):
+                    continue
+                mark = _marked(cur, name)
+                if mark is not None and mark != run_id:
+                    out.append(name)
+            return out
+    finally:
+        conn.close()
+
+
+@task(**mysql_backup_retries)
+def drop_mysql_scratch(db: MySQLDatabase, names: list[str], dry_run: bool) -> ChangeSet:
+    """DROP scratch databases, each only if it carries the drill's mark table (idempotent: a
+    database already gone is skipped)."""
+    result = ChangeSet(dry_run=dry_run)
+    conn = db.connect(database="")
+    try:
+        with conn.cursor() as cur:
+            for name in names:
+                quote_ident(name)
+                change = Change(action="drop_database", target=name)
+                if _marked(cur, name) is None:
+                    result.notes.append(f"{name}: no drill mark (or gone): left alone")
+                    continue
+                result.planned.append(change)
+                if not dry_run:
+                    cur.execute(f"DROP DATABASE {quote_ident(name)}")
+                    result.applied.append(change)
+        return result
     finally:
         conn.close()

@@ -23,6 +23,7 @@ from tasks.mysql_backup import (
     drop_mysql_scratch,
     dump_mysql_database,
     fingerprint_mysql_database,
+    mysql_scratch_left_behind,
     restore_mysql_into_scratch,
 )
 from tests.mariadb_server import MariaDBServer
@@ -124,9 +125,8 @@ def test_backup_restores_into_a_scratch_database_with_equal_tables(env: Env) -> 
     assert again.already_complete and not again.applied
 
     scratch = f"{env.db}_drill_{uuid.uuid4().hex[:8]}"
-    location_url = f"s3://{env.store.bucket}/{location}"
     restored = restore_mysql_into_scratch(
-        env.block, env.store, manifest, location_url, scratch, "run-1", dry_run=False
+        env.block, env.store, manifest, location, scratch, "run-1", dry_run=False
     )
     assert restored.error is None, restored.error
     assert restored.sha256 == manifest.sha256
@@ -138,10 +138,13 @@ def test_backup_restores_into_a_scratch_database_with_equal_tables(env: Env) -> 
     )
     assert routines == (("order_count",),)
 
-    assert drop_mysql_scratch(env.block, scratch, dry_run=False)
+    # another run's drill sees it as left behind; this run's does not
+    assert mysql_scratch_left_behind(env.block, env.db, "run-2") == [scratch]
+    assert mysql_scratch_left_behind(env.block, env.db, "run-1") == []
+    assert drop_mysql_scratch(env.block, [scratch], dry_run=False).applied
     assert env.root(f"SHOW DATABASES LIKE '{scratch}'")[0] == ()
     # the source database carries no drill mark: never dropped
-    assert not drop_mysql_scratch(env.block, env.db, dry_run=False)
+    assert not drop_mysql_scratch(env.block, [env.db], dry_run=False).applied
     assert env.root(f"SHOW DATABASES LIKE '{env.db}'")[0] != ()
 
 
@@ -169,11 +172,11 @@ def test_a_corrupted_object_is_caught(env: Env) -> None:
 
     scratch = f"{env.db}_drill_{uuid.uuid4().hex[:8]}"
     restored = restore_mysql_into_scratch(
-        env.block, env.store, manifest, f"s3://{env.store.bucket}/{location}", scratch, "run-2",
+        env.block, env.store, manifest, location, scratch, "run-2",
         dry_run=False,
     )  # fmt: skip
     assert restored.error is not None and not restored.applied
-    assert drop_mysql_scratch(env.block, scratch, dry_run=False)
+    assert drop_mysql_scratch(env.block, [scratch], dry_run=False).applied
 
 
 def test_dry_run_writes_nothing(env: Env) -> None:
