@@ -229,3 +229,62 @@ def test_database_backup_flow_with_engine_mysql(env: Env) -> None:
     location = backup_location(env.store, env.block, env.db)
     assert f"{location}{summary.backup_id}/{MANIFEST}" in objects(env)
     assert env.block.password.get_secret_value() not in summary.report
+
+
+def test_disaster_recovery_drill_with_engine_mysql(env: Env) -> None:
+    from flows.postgres.database_backup import DatabaseBackupParams, database_backup
+    from flows.postgres.disaster_recovery_drill import DrillParams, disaster_recovery_drill
+    from runbooks.params import SafetyParams
+    from runbooks.report import Outcome
+    from tests.conftest import unique
+
+    db_block, store_block = unique("mysql-drill-db"), unique("mysql-drill-store")
+    env.block.save(db_block, overwrite=True)
+    env.store.save(store_block, overwrite=True)
+    safety = SafetyParams(budget_max_actions=1000)
+    backup = database_backup(
+        params=DatabaseBackupParams(
+            engine="mysql", db_block=db_block, backup_store_block=store_block, safety=safety
+        ),
+        return_state=True,
+    )
+    assert backup.is_completed(), backup.message
+    backup_id = backup.result().backup_id
+    # a drill killed before its cleanup left a marked scratch database behind
+    stale = f"{env.db}_drill_deadbeef"
+    env.root(
+        f"CREATE DATABASE `{stale}`",
+        f"CREATE TABLE `{stale}`._runbooks_drill (run_id VARCHAR(64) PRIMARY KEY,"
+        " created_at DATETIME NOT NULL)",
+        f"INSERT INTO `{stale}`._runbooks_drill VALUES ('dead-run', NOW())",
+    )
+    params = DrillParams(
+        engine="mysql", db_block=db_block, backup_store_block=store_block, backup_id=backup_id,
+        safety=safety,
+    )  # fmt: skip
+
+    dry = disaster_recovery_drill(
+        params=params.model_copy(update={"dry_run": True}), return_state=True
+    )
+    assert dry.is_completed(), dry.message
+    assert dry.result().outcome is Outcome.PLANNED
+    assert env.root(f"SHOW DATABASES LIKE '{env.db}\\_drill\\_%'")[0] == ((stale,),)
+
+    state = disaster_recovery_drill(params=params, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary.outcome is Outcome.RESOLVED, summary.report
+    assert summary.verdict.ok and "orders" in summary.report
+    assert env.root(f"SHOW DATABASES LIKE '{env.db}\\_drill\\_%'")[0] == ()  # both dropped
+
+    # the same backup, corrupted: the drill fails and still drops its scratch database
+    location = backup_location(env.store, env.block, env.db)
+    s3 = env.store.get_s3_client()
+    key = f"{location}{backup_id}/{DUMP}"
+    body = bytearray(s3.get_object(Bucket=env.store.bucket, Key=key)["Body"].read())
+    body[len(body) // 3] ^= 0x01
+    s3.put_object(Bucket=env.store.bucket, Key=key, Body=bytes(body))
+    failed = disaster_recovery_drill(params=params, return_state=True)
+    assert failed.is_failed()
+    assert "the drill failed" in failed.message
+    assert env.root(f"SHOW DATABASES LIKE '{env.db}\\_drill\\_%'")[0] == ()
