@@ -3,7 +3,8 @@
 The password is sent as its ``mysql_native_password`` hash (``'*' + SHA1(SHA1(pw))`` in upper-case
 hex, computed here): ``ALTER USER 'u'@'h' IDENTIFIED BY PASSWORD '*<hash>'``. The server stores only
 that hash, and the plaintext is in no statement, general log, slow log or binary log. ALTER USER is
-durable (the grant tables are on disk).
+durable (the grant tables are on disk). MariaDB only: MySQL 8 has no ``IDENTIFIED BY PASSWORD``
+and is refused with a clear message.
 
 A user name can have several host entries (``'app'@'%'``, ``'app'@'10.0.%'``): each is a login of
 its own. Every entry of the block's user name is rotated together when they all have the same
@@ -60,6 +61,15 @@ def _host_entries(admin: MySQLDatabase, user: str) -> list[dict[str, Any]]:
     conn = admin.connect(database="")
     try:
         with conn.cursor(pymysql.cursors.DictCursor) as cur:
+            cur.execute("SELECT VERSION() AS v")
+            version = str(cur.fetchone()["v"])
+            if "mariadb" not in version.lower():
+                # MySQL 8 has no ALTER USER ... IDENTIFIED BY PASSWORD, and its default
+                # caching_sha2_password verifier is salted on the server: not implemented
+                raise Escalation(
+                    f"{admin.host}:{admin.port} runs MySQL {version}, not MariaDB: rotating a "
+                    "MySQL user's password by hash is not implemented; rotate it by hand"
+                )
             cur.execute(
                 "SELECT Host AS host, plugin, authentication_string AS auth "
                 "FROM mysql.user WHERE User = %s ORDER BY Host",
