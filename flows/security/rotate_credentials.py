@@ -55,7 +55,7 @@ class RotateCredentialsParams(RunbookParams):
         "postgres",
         description="What kind of server the login is on: a PostgreSQL role ('Runbooks "
         "PostgreSQL Database' blocks), a Redis ACL user ('Runbooks Redis Server' blocks) or a "
-        "MariaDB / MySQL user ('Runbooks MySQL Database' blocks; every host entry of the user).",
+        "MariaDB user ('Runbooks MySQL Database' blocks; every host entry of the user; MySQL refused).",
     )
     login_block: BlockName = Field(
         "default",
