@@ -270,7 +270,7 @@ def _resolve_tables(conn: psycopg.Connection, wanted: list[str]) -> list[str]:
 # --- streaming upload -----------------------------------------------------------------------
 
 
-class _MultipartUpload:
+class MultipartUpload:
     """Parts read from a stream, put on worker threads; sha256 and size of the whole."""
 
     def __init__(self, s3: Any, bucket: str, key: str):
@@ -403,7 +403,7 @@ def dump_database(
 
     (major,) = _server_major(db, database)
     program = pg_program("pg_dump", major)
-    upload = _MultipartUpload(s3, store.bucket, root + DUMP)
+    upload = MultipartUpload(s3, store.bucket, root + DUMP)
     started = time.monotonic()
     # REPEATABLE READ: every statement of the transaction sees the exported snapshot
     snap = _connect(db, database, autocommit=False)

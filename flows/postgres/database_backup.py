@@ -4,15 +4,19 @@ pg_dump (custom format) of one PostgreSQL database streamed to S3, a manifest wi
 size, sha256 and every table's rows and checksum read in the dump's own snapshot, written last;
 then the retention: the ``keep_last`` newest complete backups stay, older ones and incomplete
 leftovers of dead runs go. The disaster-recovery-drill runbook restores these backups.
+
+``engine: mysql``: a MariaDB / MySQL database instead, with ``mariadb-dump`` (tasks.mysql_backup).
 """
 
 from datetime import UTC, datetime
+from typing import Literal
 
 from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field, field_validator
 
 from blocks.backup_store import BackupStore
+from blocks.mysql import MySQLDatabase
 from blocks.postgres import PostgresDatabase
 from runbooks.errors import VerificationFailed
 from runbooks.params import BlockName, RunbookParams
@@ -28,6 +32,8 @@ from tasks.db_backup_format import (
     plan_retention,
     table_name_problem,
 )
+from tasks.mysql_backup import backup_location as mysql_backup_location
+from tasks.mysql_backup import dump_mysql_database
 from tasks.pg_backup import (
     BackupResult,
     backup_location,
@@ -48,8 +54,15 @@ BACKUP_BUDGET = Budget(max_actions=6, window_s=86400)
 class DatabaseBackupParams(RunbookParams):
     """Run form of the database-backup runbook."""
 
+    engine: Literal["postgres", "mysql"] = Field(
+        "postgres",
+        description="postgres: pg_dump of a 'Runbooks PostgreSQL Database' block's database; "
+        "mysql: mariadb-dump (gzip'd SQL) of a 'Runbooks MySQL Database' block's database.",
+    )
     db_block: BlockName = Field(
-        "default", description="Name of the saved 'Runbooks PostgreSQL Database' block."
+        "default",
+        description="Name of the saved 'Runbooks PostgreSQL Database' block ('Runbooks MySQL "
+        "Database' with engine mysql).",
     )
     backup_store_block: BlockName = Field(
         "default", description="Name of the saved 'Runbooks Backup Store' block (S3 bucket, prefix)."
@@ -60,7 +73,7 @@ class DatabaseBackupParams(RunbookParams):
     tables: list[str] = Field(
         default_factory=list,
         description="schema.table names whose rows and checksum go into the manifest (the drill "
-        "compares them); empty: every table.",
+        "compares them); empty: every table. engine mysql: always every table.",
     )
     checksums: bool = Field(
         True,
@@ -107,15 +120,35 @@ def database_backup(params: DatabaseBackupParams) -> DatabaseBackupSummary:
     with incident_report(
         runbook=RUNBOOK, title="Database Backup", severity="P4", params=params
     ) as report:
-        db = PostgresDatabase.load(params.db_block)
         store = BackupStore.load(params.backup_store_block)
-        database = params.database or db.dbname
+        if params.engine == "mysql":
+            my = MySQLDatabase.load(params.db_block)
+            database = params.database or my.database
+        else:
+            db = PostgresDatabase.load(params.db_block)
+            database = params.database or db.dbname
         problem = database_name_problem(database)
         if problem:
             raise ValueError(f"the block's database: {problem}")
-        sysid = get_system_identifier(db)
-        location = backup_location(store, db, database)
-        target = Target("postgres-database", f"{db.host}:{db.port}/{database}", f"{sysid}/{database}")
+        if params.engine == "mysql":
+            location = mysql_backup_location(store, my, database)
+            target = Target("mysql-database", f"{my.host}:{my.port}/{database}")
+
+            def dump(backup_id: str, dry_run: bool) -> BackupResult:
+                return dump_mysql_database(my, store, database, backup_id, dry_run)
+
+            if params.tables:
+                report.step("engine mysql: every table is fingerprinted (`tables` is PostgreSQL's)")
+        else:
+            sysid = get_system_identifier(db)
+            location = backup_location(store, db, database)
+            target = Target("postgres-database", f"{db.host}:{db.port}/{database}", f"{sysid}/{database}")
+
+            def dump(backup_id: str, dry_run: bool) -> BackupResult:
+                return dump_database(
+                    db, store, database, backup_id, params.tables, params.checksums, dry_run,
+                    system_identifier=sysid,
+                )  # fmt: skip
         with report.guard(target) as guard:
             before = list_database_backups(store, location)
             report.evidence("backups before", _listing(before))
@@ -128,10 +161,7 @@ def database_backup(params: DatabaseBackupParams) -> DatabaseBackupSummary:
             backup_id = new_backup_id(datetime.now(UTC), str(flow_run.id or "manual"))
             result = guard.act(
                 f"back up {database}",
-                lambda dry_run: dump_database(
-                    db, store, database, backup_id, params.tables, params.checksums, dry_run,
-                    system_identifier=sysid,
-                ),
+                lambda dry_run: dump(backup_id, dry_run),
                 budget=BACKUP_BUDGET,
             )
             assert isinstance(result, BackupResult)
@@ -163,7 +193,7 @@ def database_backup(params: DatabaseBackupParams) -> DatabaseBackupSummary:
             if not (stored and stored.complete):
                 raise VerificationFailed(f"backup {backup_id} is not complete in {result.location}")
             deleted = _retention(report, guard, store, location, after, params, backup_id)
-            _push(report, params, db, database, manifest)
+            _push(report, params, database, manifest)
             report.finish(
                 Outcome.NO_ACTION_NEEDED if result.already_complete else Outcome.RESOLVED,
                 ("Already backed up: " if result.already_complete else "Backed up ")
@@ -198,7 +228,6 @@ def _retention(
 def _push(
     report: IncidentReport,
     params: DatabaseBackupParams,
-    db: PostgresDatabase,
     database: str,
     manifest: DumpManifest,
 ) -> None:

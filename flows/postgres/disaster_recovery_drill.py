@@ -6,15 +6,20 @@ streamed from S3 through pg_restore while its sha256 is checked; compares every 
 checksum with the manifest (read in the dump's own snapshot); reports the restore time as the
 recovery-time evidence against the objective; drops the scratch database. A failed drill escalates:
 a backup that cannot be restored is no backup.
+
+``engine: mysql``: a MariaDB / MySQL backup (mariadb-dump, gzip'd SQL) piped into the ``mariadb``
+client, the scratch database marked by a ``_runbooks_drill`` table (tasks.mysql_backup).
 """
 
 from datetime import UTC, datetime
+from typing import Literal
 
 from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from blocks.backup_store import BackupStore
+from blocks.mysql import MySQLDatabase
 from blocks.postgres import PostgresDatabase
 from runbooks.errors import Escalation, VerificationFailed
 from runbooks.params import BlockName, RunbookParams
@@ -32,6 +37,13 @@ from tasks.db_backup_format import (
     is_scratch_left_behind,
     judge_drill,
     scratch_database_name,
+)
+from tasks.mysql_backup import backup_location as mysql_backup_location
+from tasks.mysql_backup import (
+    drop_mysql_scratch,
+    fingerprint_mysql_database,
+    mysql_scratch_left_behind,
+    restore_mysql_into_scratch,
 )
 from tasks.pg_backup import (
     RestoreResult,
@@ -55,9 +67,15 @@ DRILL_BUDGET = Budget(max_actions=4, window_s=86400)
 class DrillParams(RunbookParams):
     """Run form of the disaster-recovery-drill runbook."""
 
+    engine: Literal["postgres", "mysql"] = Field(
+        "postgres",
+        description="postgres: pg_restore into PostgreSQL; mysql: a mariadb-dump backup piped "
+        "into the mariadb client ('Runbooks MySQL Database' blocks; restore_jobs unused).",
+    )
     db_block: BlockName = Field(
         "default",
-        description="Name of the 'Runbooks PostgreSQL Database' block of the database that was "
+        description="Name of the 'Runbooks PostgreSQL Database' (or, engine mysql, 'Runbooks "
+        "MySQL Database') block of the database that was "
         "backed up (its host and port locate the backups).",
     )
     restore_db_block: BlockName | None = Field(
@@ -123,23 +141,32 @@ def disaster_recovery_drill(params: DrillParams) -> DrillSummary:
     with incident_report(
         runbook=RUNBOOK, title="Disaster Recovery Drill", severity="P3", params=params
     ) as report:
-        source = PostgresDatabase.load(params.db_block)
-        restore_db = PostgresDatabase.load(params.restore_db_block or params.db_block)
+        mysql = params.engine == "mysql"
+        block_type = MySQLDatabase if mysql else PostgresDatabase
+        source = block_type.load(params.db_block)
+        restore_db = block_type.load(params.restore_db_block or params.db_block)
         store = BackupStore.load(params.backup_store_block)
-        database = params.database or source.dbname
+        database = params.database or (source.database if mysql else source.dbname)
         problem = database_name_problem(database)
         if problem:
             raise ValueError(f"the block's database: {problem}")
-        location = backup_location(store, source, database)
         scratch = scratch_database_name(database, run_id)
-        restore_sysid = get_system_identifier(restore_db)
-        target = Target(
-            "postgres-drill",
-            f"{restore_db.host}:{restore_db.port}/{database}",
-            f"{restore_sysid}/{database}",
-        )
+        if mysql:
+            location = mysql_backup_location(store, source, database)
+            target = Target("mysql-drill", f"{restore_db.host}:{restore_db.port}/{database}")
+        else:
+            location = backup_location(store, source, database)
+            restore_sysid = get_system_identifier(restore_db)
+            target = Target(
+                "postgres-drill",
+                f"{restore_db.host}:{restore_db.port}/{database}",
+                f"{restore_sysid}/{database}",
+            )
         with report.guard(target) as guard:
-            _clean_left_behind(report, guard, restore_db, run_id)
+            if mysql:
+                _clean_left_behind_mysql(report, guard, restore_db, database, run_id)
+            else:
+                _clean_left_behind(report, guard, restore_db, run_id)
             manifest = _pick_backup(report, store, location, params)
             report.evidence("backup", describe_manifest(manifest))
             age_h = (datetime.now(UTC) - manifest.completed_at).total_seconds() / 3600
@@ -154,9 +181,15 @@ def disaster_recovery_drill(params: DrillParams) -> DrillSummary:
                 attempted = not params.dry_run
                 restored = guard.act(
                     "restore the backup into a scratch database",
-                    lambda dry_run: restore_into_scratch(
-                        restore_db, store, location, manifest, scratch, run_id, dry_run,
-                        jobs=params.restore_jobs,
+                    lambda dry_run: (
+                        restore_mysql_into_scratch(
+                            restore_db, store, manifest, location, scratch, run_id, dry_run
+                        )
+                        if mysql
+                        else restore_into_scratch(
+                            restore_db, store, location, manifest, scratch, run_id, dry_run,
+                            jobs=params.restore_jobs,
+                        )
                     ),
                     budget=DRILL_BUDGET,
                 )
@@ -170,7 +203,9 @@ def disaster_recovery_drill(params: DrillParams) -> DrillSummary:
                     )
                     return _summary(report, manifest, restored, verdict)
                 found = (
-                    fingerprint_database(
+                    fingerprint_mysql_database(restore_db, scratch)
+                    if mysql and restored.error is None
+                    else fingerprint_database(
                         restore_db,
                         scratch,
                         list(manifest.tables),
@@ -183,7 +218,11 @@ def disaster_recovery_drill(params: DrillParams) -> DrillSummary:
                 if attempted:  # also after a failed restore: it may have created the database
                     guard.act(
                         "drop the scratch database",
-                        lambda dry_run: drop_scratch_databases(restore_db, [scratch], run_id, dry_run),
+                        lambda dry_run: (
+                            drop_mysql_scratch(restore_db, [scratch], dry_run)
+                            if mysql
+                            else drop_scratch_databases(restore_db, [scratch], run_id, dry_run)
+                        ),
                     )
             mismatches = compare_tables(manifest.tables, found) if restored.error is None else []
             verdict = judge_drill(
@@ -197,7 +236,7 @@ def disaster_recovery_drill(params: DrillParams) -> DrillSummary:
             )
             _record_checks(report, manifest, restored, found, params)
             if params.compare_source:
-                _compare_with_source(report, source, database, manifest)
+                _compare_with_source(report, source, database, manifest, mysql)
             if not verdict.ok:
                 report.follow_ups.append(
                     "Take a new backup now (database-backup) and find why this one does not "
@@ -258,6 +297,20 @@ def _clean_left_behind(report: IncidentReport, guard, db: PostgresDatabase, run_
     )
 
 
+def _clean_left_behind_mysql(
+    report: IncidentReport, guard, db: MySQLDatabase, database: str, run_id: str
+) -> None:
+    """A drill killed before its cleanup left its (marked) scratch database: drop it now."""
+    stale = mysql_scratch_left_behind(db, database, run_id)
+    if not stale:
+        return
+    report.step(f"found {len(stale)} scratch database(s) left by earlier drills: {', '.join(stale)}")
+    guard.act(
+        "drop scratch databases left behind",
+        lambda dry_run: drop_mysql_scratch(db, stale, dry_run),
+    )
+
+
 def _record_checks(
     report: IncidentReport,
     manifest: DumpManifest,
@@ -272,7 +325,7 @@ def _record_checks(
         f"(manifest: {human_bytes(manifest.size)}, {manifest.sha256[:16]}…)",
     )
     report.check(
-        "pg_restore succeeded",
+        f"{'the mariadb client load' if manifest.engine == 'mysql' else 'pg_restore'} succeeded",
         restored.error is None,
         restored.error or f"restored in {restored.seconds:.1f}s",
     )
@@ -306,10 +359,14 @@ def _record_checks(
 
 
 def _compare_with_source(
-    report: IncidentReport, source: PostgresDatabase, database: str, manifest: DumpManifest
+    report: IncidentReport, source, database: str, manifest: DumpManifest, mysql: bool = False
 ) -> None:
     try:
-        now = fingerprint_database(source, database, list(manifest.tables), False)
+        now = (
+            fingerprint_mysql_database(source, database)
+            if mysql
+            else fingerprint_database(source, database, list(manifest.tables), False)
+        )
     except Exception as exc:  # noqa: BLE001 - information only; the drill's verdict stands
         report.step(f"could not read the source's current row counts: {type(exc).__name__}")
         return

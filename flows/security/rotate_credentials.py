@@ -1,6 +1,6 @@
 """Runbook: monthly rotation of a database password (seed 003 security: "monthly rotation of
-database admin password, access keys, service tokens"): a PostgreSQL role (tasks.pg_roles) or a
-Redis ACL user (tasks.redis_acl).
+database admin password, access keys, service tokens"): a PostgreSQL role (tasks.pg_roles), a
+Redis ACL user (tasks.redis_acl) or a MariaDB / MySQL user (tasks.mysql_credentials).
 
 Sets a new strong password on the server for the login a block holds, checks that the new one logs
 in and the old one no longer does (setting the old one back if not), and stores it where clients
@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 from prefect_aws import AwsCredentials
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
+from blocks.mysql import MySQLDatabase
 from blocks.postgres import PostgresDatabase
 from blocks.redis import RedisServer
 from runbooks.errors import Escalation, VerificationFailed
@@ -36,6 +37,7 @@ from tasks.credentials import (
     save_pending,
     store_in_secrets_manager,
 )
+from tasks.mysql_credentials import MySQLCredential
 from tasks.pg_roles import PostgresCredential
 from tasks.redis_acl import RedisCredential
 
@@ -49,10 +51,11 @@ _SECRET_ID = re.compile(r"[A-Za-z0-9/_+=.@-]{1,512}")
 class RotateCredentialsParams(RunbookParams):
     """Run form of the rotate-credentials runbook."""
 
-    engine: Literal["postgres", "redis"] = Field(
+    engine: Literal["postgres", "redis", "mysql"] = Field(
         "postgres",
         description="What kind of server the login is on: a PostgreSQL role ('Runbooks "
-        "PostgreSQL Database' blocks) or a Redis ACL user ('Runbooks Redis Server' blocks).",
+        "PostgreSQL Database' blocks), a Redis ACL user ('Runbooks Redis Server' blocks) or a "
+        "MariaDB user ('Runbooks MySQL Database' blocks; every host entry of the user; MySQL refused).",
     )
     login_block: BlockName = Field(
         "default",
@@ -61,7 +64,8 @@ class RotateCredentialsParams(RunbookParams):
     admin_block: BlockName = Field(
         "admin",
         description="Block of a login allowed to change that user's password (PostgreSQL: "
-        "CREATEROLE, a superuser for a superuser role; Redis: ACL SETUSER and ACL SAVE).",
+        "CREATEROLE, a superuser for a superuser role; Redis: ACL SETUSER and ACL SAVE; "
+        "MariaDB / MySQL: CREATE USER, SELECT on mysql.user, PROCESS).",
     )
     secret_id: str | None = Field(
         None,
@@ -301,6 +305,12 @@ def _roll_back(
 
 
 def _backend(params: RotateCredentialsParams) -> CredentialBackend:
+    if params.engine == "mysql":
+        return MySQLCredential(
+            params.login_block,
+            MySQLDatabase.load(params.login_block),
+            MySQLDatabase.load(params.admin_block),
+        )
     if params.engine == "redis":
         return RedisCredential(
             params.login_block,
