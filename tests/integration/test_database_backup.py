@@ -330,7 +330,13 @@ def test_pushes_the_backup_time_to_the_pushgateway(env: Env) -> None:
     (req,) = [r for r in gateway.requests if r.method in ("PUT", "POST")]
     assert "/metrics/job/runbooks-database-backup" in req.path
     assert b"runbooks_database_backup_last_success_timestamp_seconds" in req.body
-    assert str(summary.manifest.size).encode() in req.body
+    # the exposition format writes floats: 1004661 is "1.004661e+06"
+    sizes = [
+        float(line.split()[-1])
+        for line in req.body.decode().splitlines()
+        if line.startswith("runbooks_database_backup_size_bytes")
+    ]
+    assert sizes == [summary.manifest.size]
 
 
 def test_a_database_label_that_is_not_a_name_is_refused() -> None:
