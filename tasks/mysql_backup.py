@@ -45,7 +45,8 @@ from tasks.db_backup_format import (
 )
 from tasks.kafka_backup_s3 import get_json, put_json
 from tasks.mysql import is_transient
-from tasks.pg_backup import BackupResult, MultipartUpload, RestoreResult
+from tasks.pg_backup import BackupResult, RestoreResult
+from tasks.s3_upload import MultipartUpload
 
 ENGINE = "mysql"
 FORMAT = "sql.gz"

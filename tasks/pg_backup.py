@@ -1,6 +1,8 @@
 """PostgreSQL backups to S3 and restore drills: pg_dump streamed into a multipart upload, the
 tables' rows and checksums read in the dump's own snapshot, pg_restore fed straight from S3.
 
+Fingerprints are in tasks.pg_fingerprint, the streaming upload in tasks.s3_upload.
+
 pg_dump and pg_restore are the tools: nothing else reads or writes PostgreSQL's dump format, and a
 DBA can restore any of these backups by hand with them (`aws s3 cp <key>/dump - | pg_restore`).
 They get the connection from libpq's environment variables (PGHOST, PGPASSWORD, ...), never on the
@@ -21,13 +23,11 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import IO, Any
 
 import psycopg
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError
 from prefect import task
 from psycopg import sql
 from pydantic import BaseModel, Field
@@ -50,10 +50,10 @@ from tasks.db_backup_format import (
     server_label,
 )
 from tasks.kafka_backup_s3 import get_json, put_json
+from tasks.pg_fingerprint import fingerprint_connection, fingerprint_tables, user_tables
 from tasks.postgres import is_transient
+from tasks.s3_upload import MultipartUpload
 
-PART_BYTES = 16 * 1024 * 1024  # S3 parts: at least 5 MiB; 16 MiB keeps 1 GB under 70 parts
-UPLOAD_THREADS = 3
 ENGINE = "postgres"
 
 
@@ -114,147 +114,10 @@ def libpq_env(db: PostgresDatabase, dbname: str) -> dict[str, str]:
     return env
 
 
-def _connect(db: PostgresDatabase, dbname: str, autocommit: bool = True) -> psycopg.Connection:
-    conn = db.model_copy(update={"dbname": dbname}).connect(autocommit=autocommit)
-    # the settings a row's text depends on, the same in the source and in the scratch database;
-    # counting a large table takes longer than the block's statement timeout allows
-    conn.execute(
-        "SET TIME ZONE 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres';"
-        " SET extra_float_digits = 1; SET bytea_output = 'hex'; SET statement_timeout = 0"
-    )
-    return conn
-
-
 def _stderr_tail(f: IO[bytes], limit: int = 600) -> str:
     f.seek(0)
     text = f.read().decode(errors="replace").strip()
     return scrub_text(text[-limit:]) if text else ""
-
-
-# --- fingerprints ---------------------------------------------------------------------------
-
-
-def user_tables(conn: psycopg.Connection) -> list[str]:
-    rows = conn.execute(
-        "SELECT n.nspname || '.' || c.relname FROM pg_class c"
-        " JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
-        " AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'"
-        " ORDER BY 1"
-    ).fetchall()
-    return [r[0] for r in rows]
-
-
-FINGERPRINT_WORKERS = 2  # connections reading the tables side by side
-_RANGE_PAGES = 16_384  # 128 MiB of 8 KiB pages: a larger table is read in page ranges in parallel
-
-
-def fingerprint_units(pages: dict[str, int], workers: int) -> list[tuple[str, int, int | None]]:
-    """(table, first page, end page or None for "to the end") pieces of work, largest tables
-    split into page ranges so that ``workers`` connections share the reading."""
-    units: list[tuple[str, int, int | None]] = []
-    for table, n in sorted(pages.items(), key=lambda kv: -kv[1]):
-        parts = min(max(1, n // _RANGE_PAGES), workers * 4)
-        if parts == 1:
-            units.append((table, 0, None))
-            continue
-        step = -(-n // parts)
-        for i in range(parts):
-            units.append((table, i * step, None if i == parts - 1 else (i + 1) * step))
-    return units
-
-
-def _unit_query(table: str, first: int, end: int | None, checksums: bool) -> sql.Composed:
-    schema, _, name = table.partition(".")
-    what = (
-        sql.SQL("count(*), coalesce(sum(hashtextextended(t::text, 0)), 0)")
-        if checksums
-        else sql.SQL("count(*), 0")
-    )
-    where = []
-    if first:
-        where.append(sql.SQL("ctid >= {}::tid").format(sql.Literal(f"({int(first)},0)")))
-    if end is not None:
-        where.append(sql.SQL("ctid < {}::tid").format(sql.Literal(f"({int(end)},0)")))
-    query = sql.SQL("SELECT {} FROM {} AS t").format(what, sql.Identifier(schema, name))
-    if where:  # a TID range scan (PostgreSQL 14+) reads only those pages
-        query = query + sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
-    return query
-
-
-def fingerprint_tables(
-    connect: Callable[[], psycopg.Connection],
-    tables: list[str],
-    checksums: bool,
-    snapshot_id: str | None = None,
-    workers: int = FINGERPRINT_WORKERS,
-) -> dict[str, TableFingerprint]:
-    """Rows and an order-independent checksum of each table, read on ``workers`` connections of
-    ``connect()``, all in the exported snapshot ``snapshot_id`` when one is given.
-
-    The checksum sums each row's 64-bit ``hashtextextended`` (of its text in UTC/ISO settings;
-    the hash hash-partitioning uses, so it is stable across versions; a third of md5's cost): no
-    sorting and constant memory however large the table; sums of page ranges add up, so a large
-    table is read in ranges side by side. Equal exactly when the multisets of rows are (up to
-    hash collisions).
-    """
-    if not tables:
-        return {}
-    conns = []
-    try:
-        for _ in range(workers):
-            conn = connect()
-            conn.autocommit = False
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            if snapshot_id:
-                conn.execute(
-                    sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id))
-                )
-            conns.append(conn)
-        rows = conns[0].execute(
-            "SELECT n.nspname || '.' || c.relname,"
-            " pg_relation_size(c.oid) / current_setting('block_size')::int"
-            " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE n.nspname || '.' || c.relname = ANY(%s)",
-            (tables,),
-        ).fetchall()
-        units = fingerprint_units({t: int(p) for t, p in rows}, workers)
-        work: queue.Queue[tuple[str, int, int | None]] = queue.Queue()
-        for unit in units:
-            work.put(unit)
-        totals: dict[str, list[int]] = {t: [0, 0] for t in tables}
-        lock = threading.Lock()
-        errors: list[BaseException] = []
-
-        def drain(conn: psycopg.Connection) -> None:
-            try:
-                while not errors:
-                    try:
-                        table, first, end = work.get_nowait()
-                    except queue.Empty:
-                        return
-                    query = _unit_query(table, first, end, checksums)
-                    count, total = conn.execute(query).fetchone()  # type: ignore[misc]
-                    with lock:
-                        totals[table][0] += count
-                        totals[table][1] += int(total)
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=drain, args=(c,), daemon=True) for c in conns]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return {
-            t: TableFingerprint(rows=n, checksum=str(total) if checksums else None)
-            for t, (n, total) in totals.items()
-        }
-    finally:
-        for conn in conns:
-            conn.close()
 
 
 def _resolve_tables(conn: psycopg.Connection, wanted: list[str]) -> list[str]:
@@ -265,84 +128,6 @@ def _resolve_tables(conn: psycopg.Connection, wanted: list[str]) -> list[str]:
     if missing:
         raise ValueError(f"no such table(s) to fingerprint: {', '.join(missing)}")
     return sorted(set(wanted))
-
-
-# --- streaming upload -----------------------------------------------------------------------
-
-
-class MultipartUpload:
-    """Parts read from a stream, put on worker threads; sha256 and size of the whole."""
-
-    def __init__(self, s3: Any, bucket: str, key: str):
-        self.s3, self.bucket, self.key = s3, bucket, key
-        self.upload_id: str | None = None
-        self.sha = hashlib.sha256()
-        self.size = 0
-        self.pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="dump-part")
-        self.parts: list[Future[dict[str, Any]]] = []
-
-    def feed(self, stream: IO[bytes]) -> None:
-        number = 0
-        while True:
-            chunk = _read_full(stream, PART_BYTES)
-            if not chunk:
-                break
-            self.sha.update(chunk)
-            self.size += len(chunk)
-            number += 1
-            if number == 1 and len(chunk) < PART_BYTES:
-                # small dump: one plain PUT
-                self.s3.put_object(Bucket=self.bucket, Key=self.key, Body=chunk)
-                return
-            if self.upload_id is None:
-                self.upload_id = self.s3.create_multipart_upload(Bucket=self.bucket, Key=self.key)[
-                    "UploadId"
-                ]
-            while sum(not f.done() for f in self.parts) >= UPLOAD_THREADS * 2:
-                time.sleep(0.01)  # at most this many parts in memory
-            self.parts.append(self.pool.submit(self._put, number, chunk))
-        if number == 0:
-            self.s3.put_object(Bucket=self.bucket, Key=self.key, Body=b"")
-
-    def _put(self, number: int, body: bytes) -> dict[str, Any]:
-        r = self.s3.upload_part(
-            Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=body
-        )
-        return {"PartNumber": number, "ETag": r["ETag"]}
-
-    def complete(self) -> None:
-        try:
-            if self.upload_id is None:
-                return
-            parts = [f.result() for f in self.parts]
-            self.s3.complete_multipart_upload(
-                Bucket=self.bucket,
-                Key=self.key,
-                UploadId=self.upload_id,
-                MultipartUpload={"Parts": parts},
-            )
-        finally:
-            self.pool.shutdown(wait=True)
-
-    def abort(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        if self.upload_id is not None:
-            try:
-                self.s3.abort_multipart_upload(
-                    Bucket=self.bucket, Key=self.key, UploadId=self.upload_id
-                )
-            except (BotoCoreError, ClientError):
-                pass  # S3 lifecycle rules clean up what is left
-
-
-def _read_full(stream: IO[bytes], n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = stream.read(n - len(buf))
-        if not chunk:
-            break
-        buf += chunk
-    return bytes(buf)
 
 
 # --- backup ---------------------------------------------------------------------------------
@@ -381,7 +166,7 @@ def dump_database(
     root = backup_location(store, db, database) + backup_id + "/"
     location = f"s3://{store.bucket}/{root}"
     existing = get_json(s3, store.bucket, root + MANIFEST)
-    with _connect(db, database) as conn:
+    with fingerprint_connection(db, database) as conn:
         (size,) = conn.execute("SELECT pg_database_size(current_database())").fetchone()  # type: ignore[misc]
         change = Change(
             action="pg_dump",
@@ -406,7 +191,7 @@ def dump_database(
     upload = MultipartUpload(s3, store.bucket, root + DUMP)
     started = time.monotonic()
     # REPEATABLE READ: every statement of the transaction sees the exported snapshot
-    snap = _connect(db, database, autocommit=False)
+    snap = fingerprint_connection(db, database, autocommit=False)
     try:
         snap.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         snapshot_id, snapshot_at, version = snap.execute(  # type: ignore[misc]
@@ -419,7 +204,7 @@ def dump_database(
             try:
                 fingerprints.update(
                     fingerprint_tables(
-                        lambda: _connect(db, database), resolved, checksums, snapshot_id
+                        lambda: fingerprint_connection(db, database), resolved, checksums, snapshot_id
                     )
                 )
             except BaseException as exc:  # noqa: BLE001 - re-raised in the task's thread
@@ -484,7 +269,7 @@ def dump_database(
 
 
 def _server_major(db: PostgresDatabase, database: str) -> tuple[int]:
-    with _connect(db, database) as conn:
+    with fingerprint_connection(db, database) as conn:
         (num,) = conn.execute("SHOW server_version_num").fetchone()  # type: ignore[misc]
     return (int(num) // 10000,)
 
@@ -583,7 +368,7 @@ def restore_into_scratch(
     result = RestoreResult(dry_run=dry_run, planned=[change], scratch=scratch)
     if dry_run:
         return result
-    with _connect(db, db.dbname) as conn:
+    with fingerprint_connection(db, db.dbname) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(scratch)))
         conn.execute(
             sql.SQL("COMMENT ON DATABASE {} IS {}").format(
@@ -691,10 +476,10 @@ def fingerprint_database(
     db: PostgresDatabase, database: str, tables: list[str], checksums: bool
 ) -> dict[str, TableFingerprint]:
     """Rows and checksums of ``tables`` in ``database`` (those that exist)."""
-    with _connect(db, database) as conn:
+    with fingerprint_connection(db, database) as conn:
         existing = set(user_tables(conn))
     return fingerprint_tables(
-        lambda: _connect(db, database), [t for t in tables if t in existing], checksums
+        lambda: fingerprint_connection(db, database), [t for t in tables if t in existing], checksums
     )
 
 
@@ -706,7 +491,7 @@ class ScratchDatabase(BaseModel):
 @task(**backup_retries)
 def scratch_databases(db: PostgresDatabase) -> list[ScratchDatabase]:
     """Databases whose comment marks them as a drill's scratch database."""
-    with _connect(db, db.dbname) as conn:
+    with fingerprint_connection(db, db.dbname) as conn:
         rows = conn.execute(
             "SELECT d.datname, shobj_description(d.oid, 'pg_database') FROM pg_database d"
             " WHERE shobj_description(d.oid, 'pg_database') LIKE 'runbooks disaster-recovery%'"
@@ -722,7 +507,7 @@ def drop_scratch_databases(
     this run's, or (``left_behind``) another drill's that died before dropping its own.
     Idempotent: a database already gone is skipped."""
     result = ChangeSet(dry_run=dry_run)
-    with _connect(db, db.dbname) as conn:
+    with fingerprint_connection(db, db.dbname) as conn:
         for name in names:
             row = conn.execute(
                 "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
