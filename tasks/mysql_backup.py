@@ -43,9 +43,9 @@ from tasks.db_backup_format import (
     backup_prefix,
     server_label,
 )
-from tasks.kafka_backup_s3 import get_json, put_json
+from tasks.kafka_backup_s3 import get_json
 from tasks.mysql import is_transient
-from tasks.pg_backup import BackupResult, RestoreResult
+from tasks.pg_backup import BackupResult, RestoreResult, complete_backup
 from tasks.s3_upload import MultipartUpload
 
 ENGINE = "mysql"
@@ -267,14 +267,7 @@ def dump_mysql_database(
         dump_seconds=round(seconds, 3),
         tables=fingerprints,
     )
-    put_json(s3, store.bucket, root + MANIFEST, manifest)  # last: the backup is complete
-    result.manifest = manifest
-    result.applied.append(
-        change.model_copy(
-            update={"detail": change.detail | {"size": upload.size, "seconds": round(seconds, 1)}}
-        )
-    )
-    return result
+    return complete_backup(s3, store, root, result, change, manifest)
 
 
 # --- restore drill --------------------------------------------------------------------------

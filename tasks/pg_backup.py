@@ -258,11 +258,22 @@ def dump_database(
         dump_seconds=round(seconds, 3),
         tables=fingerprints,
     )
-    put_json(s3, store.bucket, root + MANIFEST, manifest)  # last: the backup is complete
+    return complete_backup(s3, store, root, result, change, manifest)
+
+
+def complete_backup(
+    s3: Any, store: BackupStore, root: str, result: BackupResult, change: Change,
+    manifest: DumpManifest,
+) -> BackupResult:
+    """Write the manifest, last: from now on the backup is complete (of any engine)."""
+    put_json(s3, store.bucket, root + MANIFEST, manifest)
     result.manifest = manifest
     result.applied.append(
         change.model_copy(
-            update={"detail": change.detail | {"size": upload.size, "seconds": round(seconds, 1)}}
+            update={
+                "detail": change.detail
+                | {"size": manifest.size, "seconds": round(manifest.dump_seconds, 1)}
+            }
         )
     )
     return result
