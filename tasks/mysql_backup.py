@@ -45,7 +45,13 @@ from tasks.db_backup_format import (
 )
 from tasks.kafka_backup_s3 import get_json
 from tasks.mysql import is_transient
-from tasks.pg_backup import BackupResult, RestoreResult, complete_backup
+from tasks.pg_backup import (
+    BackupResult,
+    RestoreResult,
+    complete_backup,
+    stderr_tail,
+    tool_version,
+)
 from tasks.s3_upload import MultipartUpload
 
 ENGINE = "mysql"
@@ -164,16 +170,6 @@ def backup_location(store: BackupStore, db: MySQLDatabase, database: str) -> str
     return backup_prefix(store.prefix, ENGINE, server_label(db.host, db.port), database)
 
 
-def _tool_version(program: str) -> str:
-    out = subprocess.run([program, "--version"], capture_output=True, text=True, timeout=10)
-    return out.stdout.strip()[:200]
-
-
-def _stderr_tail(f: IO[bytes], limit: int = 600) -> str:
-    f.seek(0)
-    return f.read().decode(errors="replace")[-limit:].strip()
-
-
 @task(**mysql_backup_retries)
 def dump_mysql_database(
     db: MySQLDatabase, store: BackupStore, database: str, backup_id: str, dry_run: bool
@@ -231,33 +227,20 @@ def dump_mysql_database(
              database],  # no --databases: no CREATE DATABASE / USE, restorable anywhere
             stdout=subprocess.PIPE, stderr=stderr,
         )  # fmt: skip
-        try:
-            upload.feed(_Gzipped(proc.stdout))  # type: ignore[arg-type]
-            rc = proc.wait(timeout=60)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            upload.abort()
-            raise
+        rc = upload.feed_process(proc, _Gzipped)
         if rc != 0:
-            upload.abort()
             raise RuntimeError(
-                f"mariadb-dump of {database} failed (exit {rc}): {_stderr_tail(stderr)}"
+                f"mariadb-dump of {database} failed (exit {rc}): {stderr_tail(stderr)}"
             )
     upload.complete()
     seconds = time.monotonic() - started
-    head = s3.head_object(Bucket=store.bucket, Key=root + DUMP)
-    if head["ContentLength"] != upload.size:
-        raise RuntimeError(
-            f"the dump object has {head['ContentLength']} bytes in S3, {upload.size} were sent"
-        )
     manifest = DumpManifest(
         engine=ENGINE,
         backup_id=backup_id,
         database=database,
         server=f"{db.host}:{db.port}",
         server_version=str(version),
-        tool=_tool_version("mariadb-dump"),
+        tool=tool_version("mariadb-dump"),
         format=FORMAT,
         snapshot_at=snapshot_at.replace(tzinfo=UTC),
         completed_at=datetime.now(UTC),
@@ -342,7 +325,7 @@ def restore_mysql_into_scratch(
                 pass
             rc = proc.wait(timeout=3600)
         if error is None and rc != 0:
-            error = f"mariadb exited {rc}: {_stderr_tail(stderr)}"
+            error = f"mariadb exited {rc}: {stderr_tail(stderr)}"
     result.seconds = round(time.monotonic() - started, 3)
     result.sha256, result.size = body.sha.hexdigest(), body.size
     if error is None and (body.sha.hexdigest() != manifest.sha256 or body.size != manifest.size):

@@ -89,9 +89,10 @@ def pg_program(name: str, server_major: int | None = None) -> str:
     return path
 
 
-def _tool_version(path: str) -> str:
+def tool_version(path: str) -> str:
+    """What a dump program says its version is (kept in the manifest)."""
     out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
-    return out.stdout.strip()
+    return out.stdout.strip()[:200]
 
 
 def libpq_env(db: PostgresDatabase, dbname: str) -> dict[str, str]:
@@ -114,7 +115,8 @@ def libpq_env(db: PostgresDatabase, dbname: str) -> dict[str, str]:
     return env
 
 
-def _stderr_tail(f: IO[bytes], limit: int = 600) -> str:
+def stderr_tail(f: IO[bytes], limit: int = 600) -> str:
+    """The end of a program's captured error output, secrets masked."""
     f.seek(0)
     text = f.read().decode(errors="replace").strip()
     return scrub_text(text[-limit:]) if text else ""
@@ -220,17 +222,9 @@ def dump_database(
                 env=libpq_env(db, database),
             )
             worker.start()
-            try:
-                upload.feed(proc.stdout)  # type: ignore[arg-type]
-                rc = proc.wait(timeout=60)
-            except BaseException:
-                proc.kill()
-                proc.wait()
-                upload.abort()
-                raise
+            rc = upload.feed_process(proc)
             if rc != 0:
-                upload.abort()
-                raise RuntimeError(f"pg_dump of {database} failed (exit {rc}): {_stderr_tail(stderr)}")
+                raise RuntimeError(f"pg_dump of {database} failed (exit {rc}): {stderr_tail(stderr)}")
         upload.complete()
         worker.join()
         if errors:
@@ -238,18 +232,13 @@ def dump_database(
     finally:
         snap.close()
     seconds = time.monotonic() - started
-    head = s3.head_object(Bucket=store.bucket, Key=root + DUMP)
-    if head["ContentLength"] != upload.size:
-        raise RuntimeError(
-            f"the dump object has {head['ContentLength']} bytes in S3, {upload.size} were sent"
-        )
     manifest = DumpManifest(
         backup_id=backup_id,
         database=database,
         server=f"{db.host}:{db.port}",
         system_identifier=system_identifier,
         server_version=version,
-        tool=_tool_version(program),
+        tool=tool_version(program),
         snapshot_at=snapshot_at,
         completed_at=datetime.now(UTC),
         database_bytes=size,
@@ -431,7 +420,7 @@ def _restore_spooled(
                 proc.kill()
                 proc.wait()
                 raise
-            return f"exit {rc}: {_stderr_tail(stderr)}" if rc != 0 else None
+            return f"exit {rc}: {stderr_tail(stderr)}" if rc != 0 else None
 
 
 def _restore_streaming(
@@ -479,7 +468,7 @@ def _restore_streaming(
             raise
         finally:
             reader.join(timeout=30)
-        return f"exit {rc}: {_stderr_tail(stderr)}" if rc != 0 else None
+        return f"exit {rc}: {stderr_tail(stderr)}" if rc != 0 else None
 
 
 @task(**backup_retries)

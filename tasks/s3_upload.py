@@ -4,7 +4,9 @@ sha256 and size of the whole computed on the way (database-backup's dumps)."""
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 
@@ -54,19 +56,39 @@ class MultipartUpload:
         )
         return {"PartNumber": number, "ETag": r["ETag"]}
 
-    def complete(self) -> None:
+    def feed_process(self, proc: subprocess.Popen, wrap: Callable[[IO[bytes]], Any] | None = None) -> int:
+        """Upload ``proc``'s standard output (through ``wrap``, e.g. a compressor) and wait for it
+        to exit; its exit status. The upload is aborted when it fails or exits non-zero."""
         try:
-            if self.upload_id is None:
-                return
-            parts = [f.result() for f in self.parts]
-            self.s3.complete_multipart_upload(
-                Bucket=self.bucket,
-                Key=self.key,
-                UploadId=self.upload_id,
-                MultipartUpload={"Parts": parts},
-            )
+            stdout = proc.stdout
+            assert stdout is not None
+            self.feed(wrap(stdout) if wrap else stdout)
+            rc = proc.wait(timeout=60)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            self.abort()
+            raise
+        if rc != 0:
+            self.abort()
+        return rc
+
+    def complete(self) -> None:
+        """Finish the upload, and check that S3 holds as many bytes as were sent."""
+        try:
+            if self.upload_id is not None:
+                parts = [f.result() for f in self.parts]
+                self.s3.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=self.key,
+                    UploadId=self.upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
         finally:
             self.pool.shutdown(wait=True)
+        stored = self.s3.head_object(Bucket=self.bucket, Key=self.key)["ContentLength"]
+        if stored != self.size:
+            raise RuntimeError(f"the object has {stored} bytes in S3, {self.size} were sent")
 
     def abort(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

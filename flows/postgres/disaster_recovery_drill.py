@@ -31,6 +31,7 @@ from tasks.db_backup_format import (
     OptionalDatabaseName,
     OptionalDumpId,
     TableFingerprint,
+    TableMismatch,
     compare_tables,
     database_name_problem,
     human_bytes,
@@ -234,7 +235,7 @@ def disaster_recovery_drill(params: DrillParams) -> DrillSummary:
                 restored.seconds,
                 params.rto_target_s,
             )
-            _record_checks(report, manifest, restored, found, params)
+            _record_checks(report, manifest, restored, found, mismatches, params)
             if params.compare_source:
                 _compare_with_source(report, source, database, manifest, mysql)
             if not verdict.ok:
@@ -316,6 +317,7 @@ def _record_checks(
     manifest: DumpManifest,
     restored: RestoreResult,
     found: dict[str, TableFingerprint],
+    mismatches: list[TableMismatch],
     params: DrillParams,
 ) -> None:
     report.check(
@@ -336,7 +338,6 @@ def _record_checks(
             f"{restored.seconds:.1f}s (objective {params.rto_target_s:g}s)",
         )
     if restored.error is None:
-        mismatches = compare_tables(manifest.tables, found)
         report.check(
             "tables match the backup (rows and checksums)",
             not mismatches,
