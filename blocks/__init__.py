@@ -10,10 +10,12 @@ from blocks.kafka import KafkaCluster
 from blocks.kubernetes import KubernetesCluster
 from blocks.mysql import MySQLDatabase
 from blocks.postgres import PostgresDatabase
+from blocks.prometheus import AlertmanagerServer, PrometheusServer
 from blocks.redis import RedisServer
 from blocks.supervisor import SupervisorHost
 
 __all__ = [
+    "AlertmanagerServer",
     "BackupStore",
     "DockerHost",
     "EdgeGateway",
@@ -24,6 +26,7 @@ __all__ = [
     "KubernetesCluster",
     "MySQLDatabase",
     "PostgresDatabase",
+    "PrometheusServer",
     "RedisServer",
     "SupervisorHost",
 ]
