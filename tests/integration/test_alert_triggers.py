@@ -136,6 +136,10 @@ CASES = {
         {"alertname": "MySQLTableNotWritten", "database": "market-db", "table": "moving_averages"},
         {"db_block": "market-db", "table": "moving_averages"},
     ),
+    "slo-report": (
+        {"alertname": "SLOErrorBudgetBurn", "prometheus": "main"},
+        {"prometheus_block": "main"},
+    ),
 }
 
 
