@@ -136,6 +136,15 @@ CASES = {
         {"alertname": "MySQLTableNotWritten", "database": "market-db", "table": "moving_averages"},
         {"db_block": "market-db", "table": "moving_averages"},
     ),
+    "circuit-breaker-open": (
+        {
+            "alertname": "CircuitBreakerOpen",
+            "instance": "orders:8082",
+            "name": "inventory",
+            "actuator_url": "http://orders:8082/actuator",
+        },
+        {"actuator_url": "http://orders:8082/actuator", "breaker": "inventory"},
+    ),
 }
 
 
