@@ -211,14 +211,18 @@ def group_errors(events: list[BreakerEvent], limit: int = 10) -> list[ErrorGroup
     return ordered[:limit]
 
 
-def transitions(events: list[BreakerEvent], since: datetime | None = None) -> list[BreakerEvent]:
-    """The breaker's state transitions (after ``since``), oldest first."""
+def transitions(events: list[BreakerEvent], after: datetime | None = None) -> list[BreakerEvent]:
+    """The breaker's state transitions (those later than ``after``), oldest first.
+
+    ``after`` is a time of the service's own clock (an event's creationTime), so a skew between
+    the service's clock and the runbook's cannot hide a transition or show an old one.
+    """
     return [
         e
         for e in events
         if e.type == "STATE_TRANSITION"
         and e.state_transition
-        and (since is None or (e.created_at is not None and e.created_at >= since))
+        and (after is None or (e.created_at is not None and e.created_at > after))
     ]
 
 

@@ -11,7 +11,7 @@ and the fix is the dependency's.
 """
 
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 
 from prefect import flow
 from pydantic import BaseModel, Field
@@ -92,12 +92,16 @@ class BreakerWatch(BaseModel):
         default_factory=list, description="Its recent ERROR events, grouped by message."
     )
     opened_at: datetime | None = Field(None, description="Its last CLOSED_TO_OPEN, if buffered.")
+    known_until: datetime | None = Field(
+        None, description="Its last transition the diagnosis saw (the service's clock)."
+    )
     dependency_before: ServiceHealth | None = None
     dependency_after: ServiceHealth | None = None
     states_seen: list[BreakerState] = Field(default_factory=list)
     transitions: list[str] = Field(default_factory=list, description="Seen while watching.")
     verdict: WatchVerdict = WatchVerdict.WAITING
     last: Breaker | None = None
+    unreadable: str | None = Field(None, description="Why the last look failed, if it did.")
 
     def path(self) -> str:
         """The states it went through: from its transition events where the actuator kept
@@ -223,8 +227,10 @@ def _diagnose(report: IncidentReport, params: CircuitBreakerOpenParams, w: Break
         report.step(f"events of {name} not read: {exc}")
         events = []
     w.errors = group_errors(events, params.error_groups)
-    opened = [e for e in transitions(events) if e.state_transition.endswith("_TO_OPEN")]
+    moves = transitions(events)
+    opened = [e for e in moves if e.state_transition.endswith("_TO_OPEN")]
     w.opened_at = opened[-1].created_at if opened else None
+    w.known_until = moves[-1].created_at if moves else None
     if w.opened_at:
         report.step(f"{name} opened at {w.opened_at.isoformat(timespec='seconds')}")
     if w.errors:
@@ -258,7 +264,6 @@ def _watch(
 ) -> float:
     """Poll the breakers until each closed, one fails its verdict, or the deadline; seconds."""
     started = time.monotonic()
-    since = datetime.now(UTC)
     report.step(
         f"waiting up to {params.wait_timeout_s:.0f}s for "
         + ", ".join(w.breaker.name for w in watched)
@@ -282,14 +287,15 @@ def _watch(
                 continue
             current = now.get(w.breaker.name)
             if current is None:
+                w.unreadable = unreadable or "the breaker is gone from /actuator/circuitbreakers"
                 w.verdict = WatchVerdict.STILL_OPEN if out_of_time else WatchVerdict.WAITING
                 continue
-            w.last = current
+            w.last, w.unreadable = current, None
             if current.state is not w.states_seen[-1]:
                 report.step(f"{current.name}: {w.states_seen[-1].value} -> {current.describe()}")
                 w.states_seen.append(current.state)
             try:
-                moves = transitions(_events(params, current.name), since)
+                moves = transitions(_events(params, current.name), w.known_until)
             except ActuatorUnavailable:
                 moves = []
             if moves:  # the buffer may have rotated them out since: keep what was seen
@@ -371,6 +377,8 @@ def _escalate(
             f"{waited:.0f}s",
         }.get(w.verdict, f"is {w.verdict.value}")
         text = f"{w.breaker.name} {why} ({w.path()})"
+        if w.unreadable:
+            text += f"; its state could not be read at the end: {w.unreadable}"
         if w.errors:
             text += f"; errors: {'; '.join(g.describe() for g in w.errors[:3])}"
         dependency = w.dependency_after or w.dependency_before

@@ -8,6 +8,7 @@ The dependency is an HTTP server the test stops and starts on its port.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -20,7 +21,7 @@ from flows.services.circuit_breaker_open import (
 )
 from runbooks.report import Outcome
 from tasks.circuit_breakers_decisions import BreakerState, WatchVerdict
-from tests.actuator_app import ActuatorService, HttpService
+from tests.actuator_app import ActuatorService, HttpService, text_handler
 from tests.conftest import read_incident_report
 from tests.servers import free_port
 
@@ -126,6 +127,45 @@ def test_breaker_still_open_at_the_deadline_is_escalated(
     assert state.is_failed()
     assert "inventory is still OPEN after 2s (OPEN)" in state.message
     assert REFUSED in state.message
+
+
+def test_actuator_that_dies_while_waiting_is_escalated(
+    tripped: ActuatorService, dependency: HttpService
+) -> None:
+    # the runbook probes the dependency's health after reading the breaker and its events: the
+    # service is killed right then, so the wait finds nothing to read
+    probed = threading.Event()
+    base = text_handler(503, "unhealthy")
+
+    class Probe(base):
+        def do_GET(self) -> None:  # noqa: N802
+            probed.set()
+            super().do_GET()
+
+    health = HttpService(handler=Probe).start()
+
+    def kill_when_probed() -> None:
+        if probed.wait(30):
+            tripped.stop()
+
+    threading.Thread(target=kill_when_probed, daemon=True).start()
+    p = params(
+        tripped,
+        dependency,
+        wait_timeout_s=2,
+        dependency_health={"inventory": {"service": "inventory-api", "url": health.url}},
+    )
+    try:
+        state = circuit_breaker_open(params=p, return_state=True)
+    finally:
+        health.stop()
+
+    assert probed.is_set()
+    assert state.is_failed()
+    assert "inventory is still OPEN after 2s" in state.message
+    assert "its state could not be read at the end" in state.message
+    assert "ConnectError" in state.message
+    assert "dependency inventory-api down (HTTP 503" in state.message
 
 
 def test_all_tripped_breakers_are_found_without_a_name(

@@ -156,7 +156,7 @@ def test_events_are_sorted_and_errors_grouped() -> None:
         "OPEN_TO_HALF_OPEN",
         "HALF_OPEN_TO_CLOSED",
     ]
-    since = datetime(2026, 12, 1, 3, 0, 9, tzinfo=UTC)
+    since = datetime(2026, 12, 1, 3, 0, 5, tzinfo=UTC)  # the CLOSED_TO_OPEN itself
     assert [e.state_transition for e in transitions(events, since)] == [
         "OPEN_TO_HALF_OPEN",
         "HALF_OPEN_TO_CLOSED",
