@@ -137,11 +137,11 @@ def circuit_breaker_open(params: CircuitBreakerOpenParams) -> CircuitBreakerOpen
         report.evidence("circuit breakers", [b.model_dump(mode="json") for b in breakers])
         watched = _pick(report, params, breakers)
         if not watched:
-            names = params.breaker or f"all {len(breakers)} breaker(s)"
+            shown = [b for b in breakers if b.name == params.breaker] or breakers
             report.finish(
                 Outcome.NO_ACTION_NEEDED,
-                f"{names} CLOSED at {params.actuator_url}: calls go through; nothing to wait "
-                "for. " + "; ".join(b.describe() for b in breakers if b.name == params.breaker),
+                f"No breaker open at {params.actuator_url}: calls go through, nothing to wait "
+                "for (" + "; ".join(b.describe() for b in shown) + ").",
             )
             return CircuitBreakerOpenResult(
                 outcome=report.outcome, breakers=breakers, report=report.to_markdown()
@@ -152,7 +152,7 @@ def circuit_breaker_open(params: CircuitBreakerOpenParams) -> CircuitBreakerOpen
         if forced:
             for w in forced:
                 w.verdict = WatchVerdict.FORCED
-            _escalate(report, params, watched, 0.0)
+            _escalate(report, params, forced, 0.0)
         waited = _watch(report, params, watched)
         _conclude(report, params, watched, waited)
     return CircuitBreakerOpenResult(

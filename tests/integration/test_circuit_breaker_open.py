@@ -180,6 +180,24 @@ def test_all_tripped_breakers_are_found_without_a_name(
     assert "breaker pricing closed" in report and "breaker inventory closed" in report
 
 
+def test_forced_open_breaker_is_escalated_at_once(dependency: HttpService) -> None:
+    dependency.start()  # healthy: only a person's transition closes a forced breaker
+    app = ActuatorService(
+        dependency_url=f"{dependency.url}/health", extra=["--forced-open"]
+    ).start()
+    try:
+        started = time.monotonic()
+        state = circuit_breaker_open(params=params(app, dependency), return_state=True)
+        took = time.monotonic() - started
+        assert app.breaker()["state"] == "FORCED_OPEN"  # left as it was
+    finally:
+        app.stop()
+    assert state.is_failed()
+    assert "inventory was forced open (FORCED_OPEN)" in state.message
+    assert "dependency inventory-api up (HTTP 200" in state.message
+    assert took < 10  # no wait for a recovery that cannot come
+
+
 def test_closed_breaker_needs_nothing(dependency: HttpService) -> None:
     dependency.start()
     app = ActuatorService(dependency_url=f"{dependency.url}/health").start()
@@ -191,6 +209,7 @@ def test_closed_breaker_needs_nothing(dependency: HttpService) -> None:
     result: CircuitBreakerOpenResult = state.result()
     assert result.outcome is Outcome.NO_ACTION_NEEDED
     assert not result.watched
+    assert "No breaker open at" in result.report and "inventory CLOSED" in result.report
 
 
 def test_unknown_breaker_name_is_escalated(

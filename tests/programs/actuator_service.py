@@ -3,7 +3,7 @@ Spring Boot actuator endpoints the circuit-breaker-open runbook reads.
 
 ``python actuator_service.py --port P --dependency-url URL [--breaker NAME] [--idle-breaker NAME]
 [--failure-rate-threshold 50] [--window 10] [--min-calls 5] [--wait-open-s 2]
-[--half-open-calls 3] [--call-interval-s 0.2] [--call-timeout-s 0.5]``
+[--half-open-calls 3] [--call-interval-s 0.2] [--call-timeout-s 0.5] [--forced-open]``
 
 A worker thread calls ``--dependency-url`` every ``--call-interval-s`` through the breaker (the
 service's own traffic). The breaker is Resilience4j's state machine with a count-based sliding
@@ -93,7 +93,7 @@ class Breaker:
         with self.lock:
             if self.state == "OPEN" and time.monotonic() - self.opened_at >= self.wait_open_s:
                 self._to("HALF_OPEN")
-            if self.state == "OPEN" or (
+            if self.state in ("OPEN", "FORCED_OPEN") or (
                 self.state == "HALF_OPEN" and self.trials >= self.half_open_calls
             ):
                 self.not_permitted += 1
@@ -167,9 +167,14 @@ def main() -> None:
     parser.add_argument("--call-interval-s", type=float, default=0.2)
     parser.add_argument("--call-timeout-s", type=float, default=0.5)
     parser.add_argument("--events-buffer", type=int, default=100)
+    parser.add_argument(
+        "--forced-open", action="store_true", help="start FORCED_OPEN (as an operator left it)"
+    )
     args = parser.parse_args()
 
     guarded = Breaker(args.breaker, args)
+    if args.forced_open:
+        guarded._to("FORCED_OPEN")
     breakers = {b.name: b for b in [guarded, *(Breaker(n, args) for n in args.idle_breaker)]}
     last_error: list[str | None] = [None]
 
