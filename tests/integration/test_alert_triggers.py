@@ -140,6 +140,15 @@ CASES = {
         {"alertname": "SLOErrorBudgetBurn", "prometheus": "main"},
         {"prometheus_block": "main"},
     ),
+    "circuit-breaker-open": (
+        {
+            "alertname": "CircuitBreakerOpen",
+            "instance": "orders:8082",
+            "name": "inventory",
+            "actuator_url": "http://orders:8082/actuator",
+        },
+        {"actuator_url": "http://orders:8082/actuator", "breaker": "inventory"},
+    ),
 }
 
 
