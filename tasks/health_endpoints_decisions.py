@@ -36,8 +36,10 @@ class HealthEndpoint(BaseModel):
 
     service: ServiceName = Field(description="The service the endpoint belongs to.")
     url: HealthUrl = Field(description="The health endpoint (http or https), probed with GET.")
+    # fields whose schema is a reference get no title from pydantic; the run form needs one
     style: HealthStyle = Field(
         HealthStyle.PLAIN,
+        title="Style",
         description="plain: 2xx is up; actuator: Spring Boot /actuator/health (its JSON status "
         "decides, DOWN components are named); go: /healthz or /health, 2xx is up, body shown.",
     )
