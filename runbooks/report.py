@@ -74,6 +74,10 @@ _OUTCOME_LOG_LEVEL = {
 }
 
 
+# how the final state's message of a dry-run that would have escalated begins
+WOULD_ESCALATE = "Would escalate to a human: "
+
+
 class Notify(StrEnum):
     """Who hears how a run ended."""
 
@@ -114,7 +118,7 @@ def decide_ending(exc: BaseException, dry_run: bool, cancelled: bool = False) ->
         if dry_run:
             return Ending(
                 Outcome.WOULD_ESCALATE,
-                f"Would escalate to a human: {exc} (dry-run: nobody was paged)",
+                f"{WOULD_ESCALATE}{exc} (dry-run: nobody was paged)",
                 EscalationKind.TARGET_BUSY,
                 quiet,
                 expected=True,
@@ -132,7 +136,7 @@ def decide_ending(exc: BaseException, dry_run: bool, cancelled: bool = False) ->
         if dry_run:
             return Ending(
                 Outcome.WOULD_ESCALATE,
-                f"Would escalate to a human: {exc} (dry-run: nobody was paged)",
+                f"{WOULD_ESCALATE}{exc} (dry-run: nobody was paged)",
                 kind,
                 notify,
                 expected=True,

@@ -545,3 +545,16 @@ def decide_pool_relief(
         sufficient=enough,
         recently_idle=True,
     )
+
+
+@task(**pg_retries)
+def database_sizes(db: PostgresDatabase) -> dict[str, int]:
+    """Bytes on disk of every database of the server the block reaches (pg_database_size),
+    largest first; templates and databases the role may not connect to are left out."""
+    with db.connect(autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT datname, pg_database_size(datname) FROM pg_database"
+            " WHERE NOT datistemplate AND has_database_privilege(datname, 'CONNECT')"
+            " ORDER BY 2 DESC"
+        ).fetchall()
+    return {name: int(size) for name, size in rows}
