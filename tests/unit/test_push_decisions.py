@@ -17,7 +17,7 @@ from tasks.push_decisions import (
     summarize_delivery,
 )
 
-S, STALE, Q, P, O = (
+S, STALE, Q, P, OTHER = (
     ResultClass.SUCCESS,
     ResultClass.STALE_TOKEN,
     ResultClass.QUOTA,
@@ -32,8 +32,8 @@ RESULTS = [
     ("QUOTA_EXCEEDED", Q), ("TooManyRequests", Q), ("429", Q), ("message-rate-exceeded", Q),
     ("UNAVAILABLE", P), ("INTERNAL", P), ("InternalServerError", P), ("ServiceUnavailable", P),
     ("Shutdown", P), ("500", P), ("503", P), ("599", P),
-    ("INVALID_ARGUMENT", O), ("THIRD_PARTY_AUTH_ERROR", O), ("DeviceTokenNotForTopic", O),
-    ("403", O), ("timeout", O), ("", O),
+    ("INVALID_ARGUMENT", OTHER), ("THIRD_PARTY_AUTH_ERROR", OTHER), ("DeviceTokenNotForTopic", OTHER),
+    ("403", OTHER), ("timeout", OTHER), ("", OTHER),
 ]  # fmt: skip
 
 
