@@ -126,9 +126,12 @@ def _change(spec: TokenTable, rows: int, **detail: object) -> Change:
 def prune_stale_tokens(
     db: PostgresDatabase, spec: TokenTable, batch_size: int, time_budget_s: float, dry_run: bool
 ) -> PruneResult:
-    """Delete stale tokens, ``batch_size`` rows per statement, each its own transaction (rows
-    another session holds are skipped); no batch starts after ``time_budget_s``. Idempotent: a
-    re-run finds only what is left."""
+    """Delete stale tokens, ``batch_size`` rows per statement, each its own transaction; no batch
+    starts after ``time_budget_s``. Idempotent: a re-run finds only what is left.
+
+    The role needs only SELECT and DELETE (``FOR UPDATE SKIP LOCKED`` would need UPDATE too): a
+    row the dispatcher holds is waited for, within the block's statement timeout, and deleted only
+    if it is still stale once the dispatcher commits (a token seen again is kept)."""
     survey = survey_tokens.fn(db, spec)
     result = PruneResult(dry_run=dry_run)
     if not survey.stale:
@@ -140,7 +143,7 @@ def prune_stale_tokens(
         return result
     batch = sql.SQL(
         "DELETE FROM {table} WHERE ctid = ANY(ARRAY("
-        "SELECT ctid FROM {table} WHERE {stale} LIMIT %(n)s FOR UPDATE SKIP LOCKED)) AND {stale}"
+        "SELECT ctid FROM {table} WHERE {stale} LIMIT %(n)s)) AND {stale}"
     ).format(table=spec.identifier(), stale=spec.stale())
     deadline = time.monotonic() + time_budget_s
     with db.connect(autocommit=True) as conn:
