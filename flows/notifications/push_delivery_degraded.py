@@ -218,7 +218,7 @@ def push_delivery_degraded(params: PushDeliveryDegradedParams) -> PushDeliverySu
             )
             after = verified.last
             done = (
-                f"deleted {pruned.deleted} stale token(s) from {spec.name} in "
+                f"Deleted {pruned.deleted} stale token(s) from {spec.name} in "
                 f"{len(pruned.batches)} batch(es) of at most {params.batch_size}"
             )
             report.follow_ups.append(

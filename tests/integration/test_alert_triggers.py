@@ -136,6 +136,11 @@ CASES = {
         {"alertname": "MySQLTableNotWritten", "database": "market-db", "table": "moving_averages"},
         {"db_block": "market-db", "table": "moving_averages"},
     ),
+    "e2e-latency-high": ({"alertname": "E2ELatencyHigh"}, {"prometheus_block": "default"}),
+    "push-delivery-degraded": (
+        {"alertname": "PushDeliveryRateLow", "provider": "fcm"},
+        {"prometheus_block": "default", "db_block": "default"},
+    ),
 }
 
 

@@ -253,7 +253,7 @@ def test_stale_tokens_are_pruned_and_a_rerun_deletes_nothing_more(
     assert pruned.deleted == INVALID + NOT_SEEN
     assert max(pruned.batches) <= 7 and len(pruned.batches) == 8  # 50 in batches of 7
     assert summary.tokens_after.stale == 0
-    assert "deleted 50 stale token(s)" in summary.report
+    assert "Deleted 50 stale token(s)" in summary.report
 
     again: PushDeliverySummary = push_delivery_degraded(p)
     assert again.outcome is Outcome.NO_ACTION_NEEDED, again.report
