@@ -10,6 +10,7 @@ from runbooks.handoff import hand_off
 from runbooks.params import BlockName, OptionalGroupId, RunbookParams
 from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from tasks.latency_decisions import (
+    STAGE_MEASURE,
     STAGE_RUNBOOK,
     STAGE_WHAT,
     LatencyDecision,
@@ -215,7 +216,7 @@ def _check_stages(report: IncidentReport, decision: LatencyDecision) -> None:
         "no data" if e2e is None else f"{e2e:.3g}s against {decision.e2e_threshold_s:g}s",
     )
     for row in decision.rows:
-        report.check(f"{row.stage.value} p99", not row.over, row.describe())
+        report.check(f"{row.stage.value} {STAGE_MEASURE[row.stage]}", not row.over, row.describe())
 
 
 def _advise_unknown(report: IncidentReport, decision: LatencyDecision) -> None:

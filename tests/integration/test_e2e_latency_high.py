@@ -126,8 +126,12 @@ def test_the_slow_stage_is_named_and_handed_to_its_runbook(
     assert handed["dry_run"] is False
     model.model_validate(handed)  # the run it starts accepts them
     assert "handed-off" in new[0]["tags"]
-    assert new[0]["id"] in summary.report and f"handed the {stage.value} stage to {runbook}" in summary.report
-    assert f"{stage.value}: p99" in summary.report
+    assert (
+        new[0]["id"] in summary.report
+        and f"handed the {stage.value} stage to {runbook}" in summary.report
+    )
+    measure = "longest checkpoint" if stage is Stage.FLINK else "p99"
+    assert f"| {stage.value} {measure} | FAILING | {stage.value}: {measure} " in summary.report
 
 
 def test_a_dry_run_hands_off_a_dry_run(
@@ -138,7 +142,9 @@ def test_a_dry_run_hands_off_a_dry_run(
     before = {r["id"] for r in runs_of(deployment_ids["kafka-consumer-lag-high"])}
     summary = e2e_latency_high(params(prometheus_block, run, dry_run=True))
     assert summary.decision.stage is Stage.KAFKA
-    (new,) = [r for r in runs_of(deployment_ids["kafka-consumer-lag-high"]) if r["id"] not in before]
+    (new,) = [
+        r for r in runs_of(deployment_ids["kafka-consumer-lag-high"]) if r["id"] not in before
+    ]
     assert new["parameters"]["params"]["dry_run"] is True
 
 
@@ -164,6 +170,8 @@ def test_prometheus_down_escalates() -> None:
     PrometheusServer(url=f"http://127.0.0.1:{free_port()}", timeout_s=2).save(block, overwrite=True)
     state = e2e_latency_high(params(block, unique("pipeline")), return_state=True)
     assert state.is_failed()
-    assert "does not answer" in state.message and "per-stage breakdown cannot be read" in state.message
+    assert (
+        "does not answer" in state.message and "per-stage breakdown cannot be read" in state.message
+    )
     report = read_incident_report(state.state_details.flow_run_id)
     assert "ESCALATED" in report and "Check Prometheus at" in report
