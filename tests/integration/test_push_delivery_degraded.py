@@ -277,12 +277,24 @@ def test_dry_run_deletes_nothing(
     assert "Would delete 50 stale token(s)" in summary.report
 
 
+APPROVAL_ANSWERS = [
+    ({"approve": False, "approver": "bob", "reason": "check the app first"}, "rejected by bob"),
+    ({"approve": True, "approver": "alice", "reason": "uninstalled apps"}, None),
+]
+
+
+@pytest.mark.parametrize(("answer", "refusal"), APPROVAL_ANSWERS)
 def test_more_than_approve_over_waits_for_approval(
-    env: Env, prometheus_block: str, status_server: StatusServer, stale_errors: str
+    env: Env,
+    prometheus_block: str,
+    status_server: StatusServer,
+    stale_errors: str,
+    answer: dict,
+    refusal: str | None,
 ) -> None:
     table = env.token_table()
     before = env.tokens(table)
-    approver = Approver(RUNBOOK, {"approve": False, "approver": "bob", "reason": "check the app first"})
+    approver = Approver(RUNBOOK, answer)
     approver.start()
     p = params(env, table, prometheus_block, stale_errors, status_server, approve_over=10)
 
@@ -291,8 +303,26 @@ def test_more_than_approve_over_waits_for_approval(
     approver.join(10)
     assert approver.error is None and approver.paused_run == state.state_details.flow_run_id
     assert "deletes 50 device tokens" in approver.description
-    assert state.is_failed() and "rejected by bob" in state.message
-    assert env.tokens(table) == before
+    if refusal:
+        assert state.is_failed() and refusal in state.message
+        assert env.tokens(table) == before
+        return
+    assert state.is_completed(), state.message
+    summary: PushDeliverySummary = state.result()
+    assert summary.outcome is Outcome.RESOLVED and "approved by alice" in summary.report
+    assert env.tokens(table) == {t for t in before if t.startswith("fresh-")}
+
+
+def test_prometheus_down_escalates(env: Env, status_server: StatusServer) -> None:
+    block = unique("prometheus-down")
+    PrometheusServer(url=f"http://127.0.0.1:{free_port()}", timeout_s=2).save(block, overwrite=True)
+    table = env.token_table()
+    state = push_delivery_degraded(
+        params=params(env, table, block, unique("push"), status_server), return_state=True
+    )
+    assert state.is_failed()
+    assert "does not answer" in state.message and "delivery per provider cannot be read" in state.message
+    assert len(env.tokens(table)) == 100
 
 
 def test_provider_5xx_escalates_naming_the_provider(
