@@ -74,3 +74,22 @@ def firing_alerts(
         raise ValueError(f"Alertmanager refused the request: HTTP {response.status_code} {response.text[:200]}")
     alerts = parse_alerts(response.json())
     return sorted(alerts, key=lambda a: (a.starts_at or "", a.name))
+
+
+@task(**runbook_task_options(AlertmanagerUnavailable))
+def alertmanager_config(server: AlertmanagerServer) -> dict[str, Any]:
+    """The configuration Alertmanager runs (GET /api/v2/status, `config.original`), parsed.
+    Its secrets (receivers' URLs and tokens) stay in this process: callers report only what they
+    derive from it."""
+    import yaml
+
+    try:
+        with server.get_client() as client:
+            response = client.get("/api/v2/status")
+    except httpx.TransportError as exc:
+        raise AlertmanagerUnavailable(f"{server.url}: {type(exc).__name__}: {exc}") from None
+    if response.status_code >= 500:
+        raise AlertmanagerUnavailable(f"{server.url}: HTTP {response.status_code}")
+    response.raise_for_status()
+    original = response.json().get("config", {}).get("original", "")
+    return yaml.safe_load(original) or {}

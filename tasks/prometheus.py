@@ -172,3 +172,58 @@ def prometheus_alerts(server: PrometheusServer) -> list[PrometheusAlert]:
         )
         for a in data.get("alerts", [])
     ]
+
+
+class Measurement(BaseModel):
+    """One number a query was meant to give, or why there is none."""
+
+    query: str
+    value: float | None = None
+    problem: str | None = Field(None, description="Why no value: no data, several series, error.")
+
+
+def single_value(query: str, samples: list[Sample]) -> Measurement:
+    """The one value of an aggregated query; several series are a query that forgot its sum()."""
+    if not samples:
+        return Measurement(query=query, problem="no data (no series matched)")
+    if len(samples) > 1:
+        return Measurement(
+            query=query,
+            problem=f"{len(samples)} series where one number was expected: aggregate the query "
+            "(sum, avg or max by nothing)",
+        )
+    if samples[0].value is None:
+        return Measurement(query=query, problem="no data (NaN: e.g. a ratio over no requests)")
+    return Measurement(query=query, value=samples[0].value)
+
+
+@task(**runbook_task_options(PrometheusUnavailable))
+def measure(server: PrometheusServer, expr: str) -> Measurement:
+    """One number from Prometheus; a refused query is a Measurement with its problem, so one bad
+    query in a list does not stop the others (an unreachable server still raises)."""
+    try:
+        return single_value(expr, instant_query(server, expr))
+    except PromQLError as exc:
+        return Measurement(query=expr, problem=f"query refused: {exc}")
+
+
+class ScrapeTarget(BaseModel):
+    job: str
+    instance: str
+    health: str = Field(description="up, down or unknown.")
+    last_error: str = ""
+
+
+@task(**runbook_task_options(PrometheusUnavailable))
+def scrape_targets(server: PrometheusServer) -> list[ScrapeTarget]:
+    """Prometheus's active scrape targets and whether the last scrape worked."""
+    data = _api(server, "/api/v1/targets", {"state": "active"})
+    return [
+        ScrapeTarget(
+            job=t.get("labels", {}).get("job", t.get("scrapePool", "?")),
+            instance=t.get("labels", {}).get("instance", t.get("scrapeUrl", "?")),
+            health=t.get("health", "unknown"),
+            last_error=t.get("lastError", ""),
+        )
+        for t in data.get("activeTargets", [])
+    ]

@@ -14,7 +14,6 @@ from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_
 from runbooks.safety import Budget, Target
 from tasks.postgres import get_system_identifier
 from tasks.prometheus import PrometheusUnavailable, PromQLError, query_prometheus
-from tasks.promql_params import PromDuration, PromQuery, fill_window
 from tasks.provider_status import StatusPage, read_status_page
 from tasks.push_decisions import (
     PageState,
@@ -33,6 +32,7 @@ from tasks.push_tokens import (
     prune_stale_tokens,
     survey_tokens,
 )
+from tasks.slo_decisions import WINDOW_PLACEHOLDER, PromDuration
 
 RUNBOOK = "push-delivery-degraded"
 
@@ -55,7 +55,7 @@ DEFAULT_STATUS_PAGES = [
 
 
 class PushDeliveryDegradedParams(RunbookParams):
-    """Run form of the push-delivery-degraded runbook. The query may use `$window`."""
+    """Run form of the push-delivery-degraded runbook. The query may use `{window}`."""
 
     prometheus_block: BlockName = Field(
         "default", description="Name of the saved 'Runbooks Prometheus Server' block."
@@ -66,8 +66,10 @@ class PushDeliveryDegradedParams(RunbookParams):
         "(its role needs SELECT and DELETE on the table).",
     )
     window: PromDuration = Field("10m", description="Window the delivery rate is measured over.")
-    delivery_query: PromQuery = Field(
-        "sum by (provider, result) (increase(push_notifications_total[$window]))",
+    delivery_query: str = Field(
+        "sum by (provider, result) (increase(notifications_sent_total[{window}]))",
+        min_length=1,
+        max_length=2000,
         description="Sends in the window by provider and result (the dispatcher's counter).",
     )
     provider_label: str = Field("provider", pattern=LABEL_NAME, description="Provider label.")
@@ -240,7 +242,7 @@ def push_delivery_degraded(params: PushDeliveryDegradedParams) -> PushDeliverySu
 def _read_delivery(
     report: IncidentReport, server: PrometheusServer, params: PushDeliveryDegradedParams
 ) -> list[ProviderDelivery]:
-    query = fill_window(params.delivery_query, params.window)
+    query = params.delivery_query.replace(WINDOW_PLACEHOLDER, params.window)
     try:
         samples = query_prometheus(server, query)
     except PrometheusUnavailable as exc:

@@ -1,8 +1,10 @@
 """Runbook: high end-to-end latency (P2, E2E p99 > 3 s): per-stage breakdown from Prometheus, the
 slowest stage named with evidence and handed to the runbook that checks it."""
 
+from typing import Annotated
+
 from prefect import flow
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 from blocks.prometheus import PrometheusServer
 from runbooks.errors import Escalation
@@ -20,13 +22,14 @@ from tasks.latency_decisions import (
     decide_slow_stage,
 )
 from tasks.prometheus import PrometheusUnavailable, PromQLError, query_prometheus
-from tasks.promql_params import PromDuration, PromQuery, fill_window
+from tasks.slo_decisions import WINDOW_PLACEHOLDER, PromDuration
 
 RUNBOOK = "e2e-latency-high"
+Query = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
 
 
 def _p99(metric: str) -> str:
-    return f"histogram_quantile(0.99, sum by (le) (rate({metric}_bucket[$window])))"
+    return f"histogram_quantile(0.99, sum by (le) (rate({metric}_bucket[{WINDOW_PLACEHOLDER}])))"
 
 
 # what a person checks beside the stage's runbook (the seed's response for each stage)
@@ -41,35 +44,35 @@ STAGE_FOLLOW_UP = {
 
 
 class E2ELatencyHighParams(RunbookParams):
-    """Run form of the e2e-latency-high runbook. Queries may use `$window`, replaced by `window`."""
+    """Run form of the e2e-latency-high runbook. Queries may use `{window}`, replaced by `window`."""
 
     prometheus_block: BlockName = Field(
         "default", description="Name of the saved 'Runbooks Prometheus Server' block."
     )
     window: PromDuration = Field("5m", description="Window of every rate and p99 (e.g. 5m).")
-    e2e_query: PromQuery = Field(
+    e2e_query: Query = Field(
         _p99("event_e2e_latency_seconds"),
         description="End-to-end p99 in seconds (occurred_at -> notification sent).",
     )
     e2e_threshold_s: float = Field(3.0, gt=0, le=3600, description="End-to-end p99 target.")
-    gateway_query: PromQuery = Field(
+    gateway_query: Query = Field(
         _p99("gateway_receive_latency_seconds"),
         description="Gateway stage p99 in seconds (occurred_at -> received_at).",
     )
     gateway_threshold_s: float = Field(1.0, gt=0, le=3600, description="Gateway p99 threshold.")
-    kafka_query: PromQuery = Field(
+    kafka_query: Query = Field(
         _p99("kafka_publish_latency_seconds"),
         description="Kafka stage p99 in seconds (received_at -> published_at).",
     )
     kafka_threshold_s: float = Field(0.5, gt=0, le=3600, description="Kafka p99 threshold.")
-    flink_query: PromQuery = Field(
-        "max(max_over_time(flink_jobmanager_job_lastCheckpointDuration[$window])) / 1000",
+    flink_query: Query = Field(
+        "max(max_over_time(flink_jobmanager_job_lastCheckpointDuration[{window}])) / 1000",
         description="Flink checkpoint duration in seconds (Flink reports it in milliseconds).",
     )
     flink_threshold_s: float = Field(
         2.0, gt=0, le=3600, description="Longest acceptable checkpoint duration."
     )
-    notification_query: PromQuery = Field(
+    notification_query: Query = Field(
         _p99("notification_send_latency_seconds"),
         description="Notification send p99 in seconds (FCM/APNs request to response).",
     )
@@ -186,7 +189,7 @@ def _read_p99(
 ) -> float | None:
     """The query's value (the largest when it returns several series); None: no data."""
     try:
-        samples = query_prometheus(server, fill_window(query, window))
+        samples = query_prometheus(server, query.replace(WINDOW_PLACEHOLDER, window))
     except PrometheusUnavailable as exc:
         report.check("Prometheus", False, str(exc))
         report.follow_ups.append(

@@ -136,10 +136,26 @@ CASES = {
         {"alertname": "MySQLTableNotWritten", "database": "market-db", "table": "moving_averages"},
         {"db_block": "market-db", "table": "moving_averages"},
     ),
-    "e2e-latency-high": ({"alertname": "E2ELatencyHigh"}, {"prometheus_block": "default"}),
+    "slo-report": (
+        {"alertname": "SLOErrorBudgetBurn", "prometheus": "main"},
+        {"prometheus_block": "main"},
+    ),
+    "circuit-breaker-open": (
+        {
+            "alertname": "CircuitBreakerOpen",
+            "instance": "orders:8082",
+            "name": "inventory",
+            "actuator_url": "http://orders:8082/actuator",
+        },
+        {"actuator_url": "http://orders:8082/actuator", "breaker": "inventory"},
+    ),
+    "e2e-latency-high": (
+        {"alertname": "E2ELatencyHigh", "prometheus": "main"},
+        {"prometheus_block": "main"},
+    ),
     "push-delivery-degraded": (
-        {"alertname": "PushDeliveryRateLow", "provider": "fcm"},
-        {"prometheus_block": "default", "db_block": "default"},
+        {"alertname": "PushDeliveryRateLow", "provider": "fcm", "prometheus": "main"},
+        {"prometheus_block": "main", "db_block": "default"},
     ),
 }
 

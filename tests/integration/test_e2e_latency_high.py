@@ -19,7 +19,7 @@ from flows.pipeline.e2e_latency_high import (
 from runbooks.report import Outcome
 from tasks.latency_decisions import LatencyVerdict, Stage
 from tasks.prometheus import label_matcher
-from tasks.promql_params import fill_window
+from tasks.slo_decisions import WINDOW_PLACEHOLDER
 from tests.conftest import read_incident_report, runs_of, unique
 from tests.servers import free_port
 
@@ -54,12 +54,12 @@ def prometheus_block(prometheus) -> str:
 def queries(run: str) -> dict[str, str]:
     """The runbook's queries, for this test's series only."""
     m = label_matcher("run", run)
-    p99 = "histogram_quantile(0.99, sum by (le) (rate({}_bucket{{{}}}[$window])))"
+    p99 = "histogram_quantile(0.99, sum by (le) (rate({}_bucket{{{}}}[{{window}}])))"
     return {
         "e2e_query": p99.format(HISTOGRAMS["e2e"], m),
         "gateway_query": p99.format(HISTOGRAMS[Stage.GATEWAY], m),
         "kafka_query": p99.format(HISTOGRAMS[Stage.KAFKA], m),
-        "flink_query": f"max(max_over_time({CHECKPOINT}{{{m}}}[$window])) / 1000",
+        "flink_query": f"max(max_over_time({CHECKPOINT}{{{m}}}[{WINDOW_PLACEHOLDER}])) / 1000",
         "notification_query": p99.format(HISTOGRAMS[Stage.NOTIFICATION], m),
     }
 
@@ -74,7 +74,7 @@ def set_pipeline(prometheus, run: str, p99: dict) -> None:
     for key, seconds in p99.items():
         name = "e2e_query" if key == "e2e" else f"{key.value}_query"
         prometheus.wait_for(
-            fill_window(queries(run)[name], "5s"),
+            queries(run)[name].replace(WINDOW_PLACEHOLDER, "5s"),
             lambda r, s=seconds: bool(r) and abs(float(r[0]["value"][1]) - s) < 0.1 * s,
         )
 

@@ -32,9 +32,9 @@ from flows.notifications.push_delivery_degraded import (
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
 from tasks.prometheus import label_matcher
-from tasks.promql_params import fill_window
 from tasks.provider_status import StatusPage
 from tasks.push_tokens import TokenTable
+from tasks.slo_decisions import WINDOW_PLACEHOLDER
 from tests.approvals import Approver
 from tests.conftest import read_incident_report, unique
 from tests.servers import PostgresServer, free_port
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.integration
 
 SCHEMA = "push"
 INVALID, NOT_SEEN, FRESH = 30, 20, 50
-COUNTER = "push_notifications_total"
+COUNTER = "notifications_sent_total"
 # every test acts on a table of its own; budgets are not what these tests check
 SAFETY = SafetyParams(budget_max_actions=1000, approval_poll_s=1)
 
@@ -184,7 +184,7 @@ def prometheus_block(prometheus) -> str:
 
 def delivery_query(run: str) -> str:
     return (
-        f"sum by (provider, result) (increase({COUNTER}{{{label_matcher('run', run)}}}[$window]))"
+        f"sum by (provider, result) (increase({COUNTER}{{{label_matcher('run', run)}}}[{WINDOW_PLACEHOLDER}]))"
     )
 
 
@@ -192,7 +192,7 @@ def set_sends(prometheus, run: str, per_second: dict[tuple[str, str], float]) ->
     """The dispatcher's counter grows at these rates; wait until Prometheus sees each."""
     for (provider, result), rate in per_second.items():
         prometheus.exporter.set_rate(COUNTER, {"run": run, "provider": provider, "result": result}, rate)
-    query = fill_window(delivery_query(run), "5s")
+    query = delivery_query(run).replace(WINDOW_PLACEHOLDER, "5s")
 
     def seen(result: list[dict]) -> bool:
         got = {(r["metric"]["provider"], r["metric"]["result"]): float(r["value"][1]) for r in result}

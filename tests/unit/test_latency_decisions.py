@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from tasks.latency_decisions import LatencyVerdict, Stage, StageReading, decide_slow_stage
-from tasks.promql_params import fill_window
 
 THRESHOLDS = {Stage.GATEWAY: 1.0, Stage.KAFKA: 0.5, Stage.FLINK: 2.0, Stage.NOTIFICATION: 1.0}
 G, K, F, N = Stage.GATEWAY, Stage.KAFKA, Stage.FLINK, Stage.NOTIFICATION
@@ -61,21 +60,3 @@ def test_share_of_end_to_end(p99: dict, e2e: float | None, shares: dict) -> None
         s: r.share_of_e2e for s, r in rows.items() if r.p99_s is not None
     }
     assert all(r.share_of_e2e is None for r in rows.values() if r.p99_s is None)
-
-
-@pytest.mark.parametrize(
-    ("query", "window", "expected"),
-    [
-        ("rate(x[$window])", "5m", "rate(x[5m])"),
-        ("max_over_time(y[$window]) / rate(z[$window])", "1h30m", "max_over_time(y[1h30m]) / rate(z[1h30m])"),
-        ("up", "30s", "up"),
-    ],
-)  # fmt: skip
-def test_fill_window(query: str, window: str, expected: str) -> None:
-    assert fill_window(query, window) == expected
-
-
-@pytest.mark.parametrize("window", ["5", "5 m", "5m] or vector(1) #", "", "-1m", "m"])
-def test_fill_window_refuses_what_is_not_a_duration(window: str) -> None:
-    with pytest.raises(ValueError):
-        fill_window("rate(x[$window])", window)
