@@ -149,6 +149,14 @@ CASES = {
         },
         {"actuator_url": "http://orders:8082/actuator", "breaker": "inventory"},
     ),
+    "e2e-latency-high": (
+        {"alertname": "E2ELatencyHigh", "prometheus": "main"},
+        {"prometheus_block": "main"},
+    ),
+    "push-delivery-degraded": (
+        {"alertname": "PushDeliveryRateLow", "provider": "fcm", "prometheus": "main"},
+        {"prometheus_block": "main", "db_block": "default"},
+    ),
 }
 
 

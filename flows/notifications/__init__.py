@@ -1,0 +1,1 @@
+"""Notification runbooks: push delivery through FCM and APNs."""

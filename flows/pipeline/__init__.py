@@ -1,0 +1,1 @@
+"""Runbooks of the event pipeline as a whole (gateway -> Kafka -> Flink -> notifications)."""
