@@ -7,6 +7,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel
 
+from tasks.health_endpoints_decisions import ServiceHealth
 from tasks.kafka import ClusterHealth
 from tasks.kafka_topics import TopicDecision
 from tasks.prometheus import Measurement, ScrapeTarget
@@ -46,6 +47,13 @@ def not_configured(item: Item, what: str) -> ItemResult:
 
 def _result(item: Item, ok: bool, evidence: str) -> ItemResult:
     return ItemResult(item=item, status=ItemStatus.PASS if ok else ItemStatus.FAIL, evidence=evidence)
+
+
+def health_item(results: list[ServiceHealth]) -> ItemResult:
+    down = [r for r in results if not r.up]
+    if down:
+        return _result(Item.HEALTH, False, f"{len(down)} of {len(results)} down: " + "; ".join(r.describe() for r in down))
+    return _result(Item.HEALTH, True, f"{len(results)} service(s) up: " + ", ".join(r.service for r in results))
 
 
 def kafka_item(health: ClusterHealth) -> ItemResult:

@@ -31,12 +31,15 @@ from tasks.checklist_decisions import (
     ItemStatus,
     alerts_item,
     gate,
+    health_item,
     kafka_item,
     metrics_item,
     not_configured,
     topics_item,
 )
 from tasks.event_store import probe_event_store
+from tasks.health_endpoints import probe_endpoints
+from tasks.health_endpoints_decisions import HealthEndpoint
 from tasks.kafka import check_isr
 from tasks.kafka_topics import TopicSpec, decide_all, read_topics
 from tasks.prometheus import PrometheusUnavailable, measure, scrape_targets
@@ -49,6 +52,11 @@ B = TypeVar("B", bound=Block)
 class ChecklistParams(RunbookParams):
     """Run form of the pre-deployment checklist: each item is checked when its system is given."""
 
+    health_endpoints: list[HealthEndpoint] = Field(
+        default_factory=list,
+        description="Every service's health endpoint (plain, Spring actuator, Go): item 'All "
+        "services pass health checks'.",
+    )
     kafka_block: OptionalBlockName = Field(
         None, description="'Runbooks Kafka Cluster' block: item 'Kafka cluster is healthy'."
     )
@@ -99,6 +107,7 @@ def pre_deployment_checklist(params: ChecklistParams) -> State:
         runbook=RUNBOOK, title="Pre-Deployment Checklist", severity="P4", params=params
     ) as report:
         items = [
+            _item(Item.HEALTH, lambda: _health(params)),
             _item(Item.KAFKA, lambda: _kafka(params)),
             _item(Item.STORE, lambda: _store(params)),
             _item(Item.TOPICS, lambda: _topics(params)),
@@ -139,6 +148,12 @@ def _item(item: Item, check: Callable[[], ItemResult]) -> ItemResult:
         return check()
     except _NotSaved as exc:
         return ItemResult(item=item, status=ItemStatus.FAIL, evidence=str(exc))
+
+
+def _health(params: ChecklistParams) -> ItemResult:
+    if not params.health_endpoints:
+        return not_configured(Item.HEALTH, "health_endpoints")
+    return health_item(probe_endpoints(params.health_endpoints))
 
 
 def _kafka(params: ChecklistParams) -> ItemResult:

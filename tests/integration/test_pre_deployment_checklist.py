@@ -15,9 +15,11 @@ from blocks.postgres import PostgresDatabase
 from blocks.prometheus import AlertmanagerServer, PrometheusServer
 from flows.observability.pre_deployment_checklist import ChecklistParams, pre_deployment_checklist
 from runbooks.params import SafetyParams
+from tasks.health_endpoints_decisions import HealthEndpoint
 from tasks.kafka_topics import TopicSpec
 from tests.alertmanager import gateway_config, start_alertmanager
 from tests.conftest import create_topic, read_incident_report, unique
+from tests.servers import free_port
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +56,17 @@ def systems(postgres, kafka_broker, prometheus, alertmanager):
     prometheus.exporter.set_rate("events_processed_total", {"dash": series}, 10)
     query = f'sum(rate(events_processed_total{{dash="{series}"}}[10s]))'
     prometheus.wait_for(query)
-    return names, topic, query, table
+    health = [
+        HealthEndpoint(service="prometheus", url=f"{prometheus.url}/-/healthy"),
+        HealthEndpoint(service="alertmanager", url=f"{alertmanager.url}/-/healthy"),
+    ]
+    return names, topic, query, table, health
 
 
 def params(systems, **overrides) -> ChecklistParams:
-    names, topic, query, _ = systems
+    names, topic, query, _, health = systems
     fields = dict(
+        health_endpoints=health,
         kafka_block=names["kafka"],
         topics=[TopicSpec(name=topic, partitions=3, replication_factor=1)],
         event_store_block=names["store"],
@@ -78,6 +85,7 @@ def test_a_healthy_platform_passes_every_item(systems) -> None:
     summary = state.result()
     assert summary.passed
     assert {i.item.value: i.status.value for i in summary.items} == {
+        "All services pass health checks": "PASS",
         "Kafka cluster is healthy": "PASS",
         "MongoDB is accessible": "PASS",
         "All required topics/queues exist": "PASS",
@@ -90,7 +98,11 @@ def test_a_healthy_platform_passes_every_item(systems) -> None:
 
 
 def _broken(systems, item: str, evidence: str) -> dict:
-    names, topic, query, table = systems
+    names, topic, query, table, health = systems
+    if item == "All services pass health checks":
+        down = HealthEndpoint(service="orders-api", url=f"http://127.0.0.1:{free_port()}/actuator/health",
+                              style="actuator", timeout_s=2)
+        return {"health_endpoints": [*health, down]}
     if item == "All required topics/queues exist":
         return {"topics": [TopicSpec(name=topic, partitions=3, replication_factor=1),
                            TopicSpec(name=unique("never-created"), partitions=1, replication_factor=1)]}
@@ -111,6 +123,7 @@ def _broken(systems, item: str, evidence: str) -> dict:
 @pytest.mark.parametrize(
     ("item", "evidence"),
     [
+        ("All services pass health checks", "1 of 3 down: orders-api down (no answer"),
         ("All required topics/queues exist", "topics missing: never-created"),
         ("MongoDB is accessible", 'relation "public.no_such_table" does not exist'),
         ("Metrics dashboards are configured", "no data for"),
@@ -124,7 +137,7 @@ def test_the_run_fails_on_the_one_broken_item(systems, item: str, evidence: str)
     )
 
     assert state.is_failed()
-    assert f"FAILED: {item}" in state.message and "4 of 5 items pass" in state.message
+    assert f"FAILED: {item}" in state.message and "5 of 6 items pass" in state.message
     md = read_incident_report(state.state_details.flow_run_id)
     assert f"| {item} | FAILING | FAIL: " in md and evidence in md
     assert md.count("| FAILING |") == 1
@@ -132,9 +145,9 @@ def test_the_run_fails_on_the_one_broken_item(systems, item: str, evidence: str)
 
 
 def test_unconfigured_items_are_named_and_do_not_fail_the_gate(systems) -> None:
-    names, *_ = systems
+    names = systems[0]
     state = pre_deployment_checklist(
         ChecklistParams(event_store_block=names["store"]), return_state=True
     )
     assert state.is_completed()
-    assert "1 of 5 items pass; not configured: Kafka cluster is healthy" in state.message
+    assert "1 of 6 items pass; not configured: All services pass health checks; Kafka cluster is healthy" in state.message

@@ -131,6 +131,9 @@ def test_up_serves_every_runbook_and_stops_cleanly(runbooks_up, postgres: Postgr
     assert "Database Connection Pool Exhausted" in report[0]["data"]
     assert postgres.password not in report[0]["data"]
 
+    # a maintenance run the scheduler created runs when its time comes, and reports
+    _scheduled_maintenance_runs(api)
+
     # a manual run (the UI's run form) that needs approval pauses in the served process; the
     # answer given through the API the UI's resume form uses lets it act
     _approve_a_manual_run(api, postgres)
@@ -148,6 +151,38 @@ def test_up_serves_every_runbook_and_stops_cleanly(runbooks_up, postgres: Postgr
         httpx.get(f"http://127.0.0.1:{gateway_port}/healthz", timeout=2)
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{api}/health", timeout=2)
+
+
+def _scheduled_maintenance_runs(api: str) -> None:
+    """The scheduler's next daily-maintenance run, brought forward to now, is picked up by the
+    served runner and completes with its report (its checks pointed at this test's database)."""
+    [deployment] = httpx.post(f"{api}/deployments/filter", timeout=5, json={
+        "deployments": {"name": {"any_": ["daily-maintenance"]}}}).json()
+    runs = httpx.post(f"{api}/flow_runs/filter", timeout=5, json={
+        "flow_runs": {"deployment_id": {"any_": [deployment["id"]]},
+                      "state": {"type": {"any_": ["SCHEDULED"]}}}}).json()
+    run = min(runs, key=lambda r: r["next_scheduled_start_time"])
+    assert run["auto_scheduled"]
+    httpx.patch(f"{api}/flow_runs/{run['id']}", timeout=5, json={"parameters": {"params": {
+        "checks": [{"task": "Check database connections", "runbook": "db-connection-pool-exhausted",
+                    "parameters": {"db_block": "up-test-db"}}],
+        "alertmanager_block": None, "safety": {"escalation_block": None}}}}).raise_for_status()
+    now = datetime.now(UTC).isoformat()
+    httpx.post(f"{api}/flow_runs/{run['id']}/set_state", timeout=5, json={
+        "state": {"type": "SCHEDULED", "name": "Scheduled", "state_details": {"scheduled_time": now}},
+        "force": True}).raise_for_status()
+
+    def state() -> str:
+        return httpx.get(f"{api}/flow_runs/{run['id']}", timeout=5).json()["state"]["type"]
+
+    poll(lambda: state() in ("COMPLETED", "FAILED", "CRASHED"), 120, "the scheduled maintenance ran")
+    final = httpx.get(f"{api}/flow_runs/{run['id']}", timeout=5).json()["state"]
+    assert final["type"] == "COMPLETED", final["message"]
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        report = read_incident_report(run["id"])
+    assert "| Reported by | maintenance schedule |" in report
+    assert "| Check database connections | OK | Check database connections " in report
+    assert "Every task passed: 1 check(s) clean." in report
 
 
 def _approve_a_manual_run(api: str, postgres: PostgresServer) -> None:
