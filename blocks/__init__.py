@@ -12,6 +12,7 @@ from blocks.mysql import MySQLDatabase
 from blocks.postgres import PostgresDatabase
 from blocks.redis import RedisServer
 from blocks.supervisor import SupervisorHost
+from blocks.aws import AwsAccount
 
 __all__ = [
     "BackupStore",
@@ -26,4 +27,5 @@ __all__ = [
     "PostgresDatabase",
     "RedisServer",
     "SupervisorHost",
+    "AwsAccount",
 ]
