@@ -162,7 +162,9 @@ def _after(live: AwsResources, change: Change, action: Action) -> dict[str, Any]
         q = live.queues[change.target]
         return {"exists": q.exists, "url": q.url}
     if action is Action.SET_REDRIVE_POLICY:
-        return {"RedrivePolicy": live.queues[change.detail["queue"]].attributes.get("RedrivePolicy")}
+        return {
+            "RedrivePolicy": live.queues[change.detail["queue"]].attributes.get("RedrivePolicy")
+        }
     if action is Action.CREATE_TOPIC:
         t = live.topics[change.target]
         return {"exists": t.exists, "arn": live.location.topic_arn(t.name) if t.exists else None}
@@ -186,7 +188,9 @@ def create_missing_resources(
     """Create the declared resources of one kind the account lacks: queues with their attributes,
     redrive policies (after every queue exists), topics, subscriptions."""
     live = _read(account, queues, topics)
-    planned = plan_creations(decide_all(queues, topics, live), queues, topics, live.location, action)
+    planned = plan_creations(
+        decide_all(queues, topics, live), queues, topics, live.location, action
+    )
     if dry_run or not planned:
         return ChangeSet(dry_run=dry_run, planned=planned)
     _apply(account, action, planned)

@@ -97,7 +97,18 @@ JSON_ATTRIBUTES = frozenset(
     {"Policy", "RedriveAllowPolicy", "DeliveryPolicy", "FilterPolicy", "RedrivePolicy"}
 )
 PROTOCOLS = frozenset(
-    {"sqs", "sns", "lambda", "firehose", "http", "https", "email", "email-json", "sms", "application"}
+    {
+        "sqs",
+        "sns",
+        "lambda",
+        "firehose",
+        "http",
+        "https",
+        "email",
+        "email-json",
+        "sms",
+        "application",
+    }
 )
 
 
@@ -153,9 +164,13 @@ def same_value(key: str, live: str | None, want: str) -> bool:
     return live == want
 
 
-def attribute_drift(live: dict[str, str], want: dict[str, str]) -> dict[str, tuple[str | None, str]]:
+def attribute_drift(
+    live: dict[str, str], want: dict[str, str]
+) -> dict[str, tuple[str | None, str]]:
     """attribute -> (live value, spec value) for each declared attribute that differs."""
-    return {k: (live.get(k), v) for k, v in sorted(want.items()) if not same_value(k, live.get(k), v)}
+    return {
+        k: (live.get(k), v) for k, v in sorted(want.items()) if not same_value(k, live.get(k), v)
+    }
 
 
 # --- specs -------------------------------------------------------------------------------
@@ -188,7 +203,9 @@ class QueueSpec(BaseModel):
         if self.dead_letter_queue == self.name:
             raise ValueError(f"{self.name} cannot be its own dead-letter queue")
         if self.dead_letter_queue and self.dead_letter_queue.endswith(".fifo") != fifo:
-            raise ValueError(f"{self.name}: a queue and its dead-letter queue are both FIFO or neither")
+            raise ValueError(
+                f"{self.name}: a queue and its dead-letter queue are both FIFO or neither"
+            )
         return self
 
 
@@ -240,7 +257,9 @@ class MetricSpec(BaseModel):
     namespace: str = Field(
         min_length=1, max_length=255, pattern=r"^[^:\s][^:]*$", description="e.g. EventProcessing."
     )
-    name: str = Field(min_length=1, max_length=255, description="Metric name, e.g. EventThroughput.")
+    name: str = Field(
+        min_length=1, max_length=255, description="Metric name, e.g. EventThroughput."
+    )
     dimensions: dict[str, str] = Field(
         default_factory=dict, max_length=30, description="The metric's exact dimensions."
     )
@@ -393,7 +412,9 @@ def _redrive_differs(live: str, want: dict[str, Any]) -> bool:
         return True
 
 
-def decide_queue(spec: QueueSpec, state: QueueState, location: AwsLocation) -> list[ResourceDecision]:
+def decide_queue(
+    spec: QueueSpec, state: QueueState, location: AwsLocation
+) -> list[ResourceDecision]:
     """The queue, and its redrive policy when it has a dead-letter queue."""
     decisions = []
     if not state.exists:
@@ -418,7 +439,9 @@ def decide_queue(spec: QueueSpec, state: QueueState, location: AwsLocation) -> l
             status, drift = Status.DRIFTED, {"RedrivePolicy": (live, json.dumps(want))}
         else:
             status, drift = Status.OK, {}
-        decisions.append(ResourceDecision(kind=Kind.REDRIVE, name=label, status=status, drifted=drift))
+        decisions.append(
+            ResourceDecision(kind=Kind.REDRIVE, name=label, status=status, drifted=drift)
+        )
     return decisions
 
 
@@ -426,7 +449,9 @@ def subscription_label(topic: str, sub: SubscriptionSpec) -> str:
     return f"{topic} -> {sub.protocol}:{sub.endpoint}"
 
 
-def decide_topic(spec: TopicSpec, state: TopicState, location: AwsLocation) -> list[ResourceDecision]:
+def decide_topic(
+    spec: TopicSpec, state: TopicState, location: AwsLocation
+) -> list[ResourceDecision]:
     """The topic, and each declared subscription."""
     if not state.exists:
         topic = ResourceDecision(kind=Kind.TOPIC, name=spec.name, status=Status.MISSING)
@@ -506,8 +531,10 @@ def plan_creations(
         elif action is Action.CREATE_TOPIC:
             detail = {"attributes": by_topic[d.name].attributes}
         else:
-            topic, _, target = d.name.partition(" -> ")
-            sub = next(s for s in by_topic[topic].subscriptions if subscription_label(topic, s) == d.name)
+            topic = d.name.partition(" -> ")[0]
+            sub = next(
+                s for s in by_topic[topic].subscriptions if subscription_label(topic, s) == d.name
+            )
             detail = {
                 "topic": topic,
                 "protocol": sub.protocol,

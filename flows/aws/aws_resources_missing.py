@@ -4,6 +4,7 @@ without persistence. Checks LocalStack's health when configured, compares the de
 missing, reports what drifted, and checks that the CloudWatch metrics that should publish still do.
 """
 
+from datetime import UTC, datetime
 from typing import Annotated, Self
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -135,7 +136,9 @@ def aws_resources_missing(params: AwsResourcesMissingParams) -> AwsResourcesMiss
             return _summary(report, decisions, metrics)
 
         location = live.location
-        target = Target("aws", where, f"{location.account}/{location.region}@{location.endpoint}")
+        # one lock and budget per account and region, and per endpoint: each LocalStack its own
+        identity = f"{location.account}/{location.region}@{location.endpoint or 'aws'}"
+        target = Target("aws", where, identity)
         with report.guard(target) as guard:
             wanted = {d.action for d in missing}
             for action, label in STEPS:
@@ -159,7 +162,9 @@ def aws_resources_missing(params: AwsResourcesMissingParams) -> AwsResourcesMiss
             _verify(report, guard, account, params)
         created = ", ".join(f"{d.kind.value} {d.name}" for d in missing)
         if left:
-            raise Escalation(f"{where}: re-created {created}; left for a person: " + "; ".join(left))
+            raise Escalation(
+                f"{where}: re-created {created}; left for a person: " + "; ".join(left)
+            )
         report.finish(Outcome.RESOLVED, f"Re-created {created} in {where} (read back).")
         return _summary(report, decisions, metrics)
 
@@ -172,7 +177,9 @@ def _check_health(report: IncidentReport, account: AwsAccount) -> None:
     try:
         health = read_localstack_health(account)
     except Exception as exc:  # noqa: BLE001 - any failure to read health is a finding, not the end
-        report.check("LocalStack health", False, f"{account.health_url}: {type(exc).__name__}: {exc}")
+        report.check(
+            "LocalStack health", False, f"{account.health_url}: {type(exc).__name__}: {exc}"
+        )
         return
     report.evidence("LocalStack health", health)
     problems = health_problems(health)
@@ -220,8 +227,6 @@ def _check_metrics(
 ) -> list[MetricDecision]:
     if not params.metrics:
         return []
-    from datetime import UTC, datetime
-
     now = datetime.now(UTC)
     states = read_metric_activity(account, params.metrics, now)
     decisions = [decide_metric(m, s, now) for m, s in zip(params.metrics, states, strict=True)]
@@ -244,8 +249,16 @@ def _undeclared(params: AwsResourcesMissingParams) -> list[str]:
 def _left_for_a_person(
     decisions: list[ResourceDecision], metrics: list[MetricDecision], unknown: list[str]
 ) -> list[str]:
-    left = [f"{d.kind.value} {d.name} drifted: {d.describe()}" for d in decisions if d.status is Status.DRIFTED]
-    left += [f"metric {m.metric} {m.status.value}" for m in metrics if m.status is not MetricStatus.PUBLISHING]
+    left = [
+        f"{d.kind.value} {d.name} drifted: {d.describe()}"
+        for d in decisions
+        if d.status is Status.DRIFTED
+    ]
+    left += [
+        f"metric {m.metric} {m.status.value}"
+        for m in metrics
+        if m.status is not MetricStatus.PUBLISHING
+    ]
     return left + unknown
 
 
@@ -264,13 +277,16 @@ def _verify(
         lambda: read_aws_resources(account, params.queues, params.topics),
         lambda live: not missing(live),
         timeout_s=params.verify_timeout_s,
-        describe=lambda live: ", ".join(missing(live)) + " still missing"
-        if missing(live)
-        else "every declared resource exists",
+        describe=lambda live: (
+            ", ".join(missing(live)) + " still missing"
+            if missing(live)
+            else "every declared resource exists"
+        ),
     )
     if not check.ok:
         raise VerificationFailed(
-            "still missing after re-creating: " + ", ".join(missing(check.last) if check.last else [])
+            "still missing after re-creating: "
+            + ", ".join(missing(check.last) if check.last else [])
         )
 
 

@@ -33,7 +33,11 @@ class Account:
 
     def __init__(self, moto: MotoServer, endpoint_url: str | None = None):
         self.moto = moto
-        self.sqs, self.sns, self.cw = moto.client("sqs"), moto.client("sns"), moto.client("cloudwatch")
+        self.sqs, self.sns, self.cw = (
+            moto.client("sqs"),
+            moto.client("sns"),
+            moto.client("cloudwatch"),
+        )
         self.block = unique("aws")
         AwsAccount(
             credentials=AwsCredentials(
@@ -65,7 +69,11 @@ class Account:
                     "name": self.topic,
                     "attributes": {"DisplayName": "Match events"},
                     "subscriptions": [
-                        {"protocol": "sqs", "endpoint": self.queue, "attributes": {"RawMessageDelivery": True}}
+                        {
+                            "protocol": "sqs",
+                            "endpoint": self.queue,
+                            "attributes": {"RawMessageDelivery": True},
+                        }
                     ],
                 }
             ],
@@ -117,7 +125,9 @@ class Account:
             url = self.queue_url(name)
             queues[name] = None
             if url:
-                attrs = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+                attrs = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])[
+                    "Attributes"
+                ]
                 queues[name] = {k: v for k, v in attrs.items() if not k.startswith("Approximate")}
         topics = {t["TopicArn"] for t in self.sns.list_topics()["Topics"]}
         subs = (
@@ -181,9 +191,8 @@ def test_everything_missing_is_created_in_order_from_nothing(account: Account) -
     assert summary and summary.outcome is Outcome.RESOLVED, report
     snap = account.snapshot()
     assert snap["topic"] and snap["subscriptions"] == [("sqs", account.arn(account.queue))]
-    assert json.loads(account.attributes(account.queue)["RedrivePolicy"])["deadLetterTargetArn"] == (
-        account.arn(account.dlq)
-    )
+    policy = json.loads(account.attributes(account.queue)["RedrivePolicy"])
+    assert policy["deadLetterTargetArn"] == account.arn(account.dlq)
     assert account.attributes(account.dlq)["MessageRetentionPeriod"] == "1209600"
 
 
@@ -257,7 +266,12 @@ def test_stopped_metric_escalates_with_evidence(account: Account) -> None:
         ],
     )
     metrics = [
-        {"namespace": account.namespace, "name": name, "dimensions": {"Service": "event-processor"}, "max_age_s": 600}
+        {
+            "namespace": account.namespace,
+            "name": name,
+            "dimensions": {"Service": "event-processor"},
+            "max_age_s": 600,
+        }
         for name in ("EventThroughput", "FailedEvents")
     ]
     before = account.snapshot()
@@ -274,13 +288,15 @@ def test_stopped_metric_escalates_with_evidence(account: Account) -> None:
     assert account.snapshot() == before
 
 
-def test_unreachable_endpoint_escalates_and_changes_nothing(account: Account, moto: MotoServer) -> None:
+def test_unreachable_endpoint_escalates_and_changes_nothing(
+    account: Account, moto: MotoServer
+) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
     down = Account(moto, endpoint_url=closed)
     down.queue, down.dlq, down.topic = account.queue, account.dlq, account.topic
-    AwsAccount.load(down.block).model_copy(update={"health_url": f"{closed}/_localstack/health"}).save(
-        down.block, overwrite=True
-    )
+    AwsAccount.load(down.block).model_copy(
+        update={"health_url": f"{closed}/_localstack/health"}
+    ).save(down.block, overwrite=True)
     before = account.snapshot()
 
     started = time.monotonic()
@@ -291,3 +307,15 @@ def test_unreachable_endpoint_escalates_and_changes_nothing(account: Account, mo
     assert "LocalStack health" in report
     assert account.snapshot() == before and before["queues"][account.queue] is None
     assert time.monotonic() - started < 60
+
+
+def test_alert_naming_an_undeclared_queue_escalates(account: Account) -> None:
+    """Its attributes and dead-letter queue are unknown: the runbook cannot re-create it."""
+    account.create_all()
+    stray = unique("stray")
+
+    state, summary, report = account.run(queue=stray)
+
+    assert state.is_failed() and summary is None
+    assert f"the alert names queue {stray}, which is not declared" in report
+    assert account.queue_url(stray) is None

@@ -119,7 +119,12 @@ def topic(exists=True, display="Events", subs=None) -> TopicState:
     )
 
 
-def sub(arn="arn:aws:sns:us-east-1:000000000000:events:1", endpoint=QUEUE_ARN, raw="true", protocol="sqs"):
+def sub(
+    arn="arn:aws:sns:us-east-1:000000000000:events:1",
+    endpoint=QUEUE_ARN,
+    raw="true",
+    protocol="sqs",
+):
     return SubscriptionState(
         protocol=protocol, endpoint=endpoint, arn=arn, attributes={"RawMessageDelivery": raw}
     )
@@ -194,7 +199,9 @@ METRIC_CASES = [
     ("case", "listed", "newest", "status"), METRIC_CASES, ids=[c[0] for c in METRIC_CASES]
 )
 def test_decide_metric(case, listed, newest, status) -> None:
-    state = MetricState(metric=METRIC.describe(), listed=listed, newest=newest, datapoints=1 if newest else 0)
+    state = MetricState(
+        metric=METRIC.describe(), listed=listed, newest=newest, datapoints=1 if newest else 0
+    )
     assert decide_metric(METRIC, state, NOW).status is status
 
 
@@ -208,7 +215,9 @@ HEALTH_CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("case", "health", "problems"), HEALTH_CASES, ids=[c[0] for c in HEALTH_CASES])
+@pytest.mark.parametrize(
+    ("case", "health", "problems"), HEALTH_CASES, ids=[c[0] for c in HEALTH_CASES]
+)
 def test_health_problems(case, health, problems) -> None:
     assert health_problems(health) == problems
 
@@ -281,7 +290,10 @@ def test_params_from_yaml_values() -> None:
     no queue; a .fifo queue is made FIFO."""
     p = AwsResourcesMissingParams(
         queues=[
-            {"name": "a.fifo", "attributes": {"VisibilityTimeout": 30, "ContentBasedDeduplication": True}},
+            {
+                "name": "a.fifo",
+                "attributes": {"VisibilityTimeout": 30, "ContentBasedDeduplication": True},
+            },
             {"name": "b", "attributes": {"Policy": {"Version": "2012-10-17"}}},
         ],
         queue="None",
