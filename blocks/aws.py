@@ -94,7 +94,8 @@ class AwsAccount(Block):
         config = Config(
             connect_timeout=self.timeout_s,
             read_timeout=self.timeout_s,
-            retries={"mode": "standard", "max_attempts": self.max_attempts},
+            # total_max_attempts counts the first try; botocore's max_attempts counts only retries
+            retries={"mode": "standard", "total_max_attempts": self.max_attempts},
         )
         return session.client(
             service, region_name=self.region_name(), endpoint_url=self.endpoint(), config=config

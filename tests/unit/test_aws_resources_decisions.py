@@ -305,3 +305,25 @@ def test_params_from_yaml_values() -> None:
     }
     assert json.loads(p.queues[1].attributes["Policy"]) == {"Version": "2012-10-17"}
     assert p.queue is None
+
+
+def test_block_client_has_the_block_timeouts_retries_and_endpoint() -> None:
+    from prefect_aws import AwsCredentials
+
+    from blocks.aws import AwsAccount
+
+    account = AwsAccount(
+        credentials=AwsCredentials(
+            aws_access_key_id="k", aws_secret_access_key="s", region_name="eu-west-1"
+        ),
+        endpoint_url="http://localstack:4566",
+        timeout_s=4,
+        max_attempts=2,
+    )
+    client = account.get_client("sqs")
+    config = client.meta.config
+    assert (config.connect_timeout, config.read_timeout) == (4, 4)
+    assert config.retries == {"mode": "standard", "total_max_attempts": 2}
+    assert client.meta.endpoint_url == "http://localstack:4566"
+    assert client.meta.region_name == "eu-west-1"
+    assert AwsAccount(region="us-east-2").get_client("sns").meta.region_name == "us-east-2"
