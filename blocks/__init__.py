@@ -10,11 +10,13 @@ from blocks.kafka import KafkaCluster
 from blocks.kubernetes import KubernetesCluster
 from blocks.mysql import MySQLDatabase
 from blocks.postgres import PostgresDatabase
+from blocks.prometheus import AlertmanagerServer, PrometheusServer
 from blocks.redis import RedisServer
 from blocks.supervisor import SupervisorHost
 from blocks.aws import AwsAccount
 
 __all__ = [
+    "AlertmanagerServer",
     "BackupStore",
     "DockerHost",
     "EdgeGateway",
@@ -25,6 +27,7 @@ __all__ = [
     "KubernetesCluster",
     "MySQLDatabase",
     "PostgresDatabase",
+    "PrometheusServer",
     "RedisServer",
     "SupervisorHost",
     "AwsAccount",

@@ -59,6 +59,15 @@ class EscalationPolicy(Block):
             "the paging channels above; empty: dry-runs notify nobody."
         ),
     )
+    ticket_notification_blocks: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Saved Prefect notification blocks, as '<block-type-slug>/<name>', that receive "
+            "escalations of ticket-level severities (P3, P4: respond within 1 h / 4 h) instead "
+            "of the paging channels above; empty: those go to the paging channels too. The SNS "
+            "topic and the webhook get every severity, with its response ('page' or 'ticket')."
+        ),
+    )
     sns_topic_arn: str | None = Field(
         None, description="ARN of the AWS SNS topic escalations are published to."
     )
@@ -99,7 +108,9 @@ class EscalationPolicy(Block):
         10.0, gt=0, le=120, description="Timeout of every request to a channel, in seconds."
     )
 
-    @field_validator("notification_blocks", "observe_notification_blocks")
+    @field_validator(
+        "notification_blocks", "observe_notification_blocks", "ticket_notification_blocks"
+    )
     @classmethod
     def _block_refs(cls, refs: list[str]) -> list[str]:
         bad = [ref for ref in refs if not NOTIFICATION_BLOCK_REF.match(ref)]
@@ -122,7 +133,12 @@ class EscalationPolicy(Block):
         return url
 
     def has_channels(self) -> bool:
-        return bool(self.notification_blocks or self.sns_topic_arn or self.webhook_url)
+        return bool(
+            self.notification_blocks
+            or self.ticket_notification_blocks
+            or self.sns_topic_arn
+            or self.webhook_url
+        )
 
     def load_notification_block(self, ref: str) -> NotificationBlock:
         """Load one of the notification blocks; TypeError if the block cannot notify."""

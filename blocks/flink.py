@@ -7,6 +7,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, model_validator
 
 from blocks.fields import BLOCK_CONFIG, OptionalSecretStr
+from blocks.http_auth import auth_problem, http_client
 
 
 class FlinkCluster(Block):
@@ -44,26 +45,18 @@ class FlinkCluster(Block):
 
     @model_validator(mode="after")
     def _one_auth_method(self) -> FlinkCluster:
-        if (self.username is None) != (self.password is None):
-            raise ValueError("basic auth needs both username and password")
-        if self.username is not None and self.token is not None:
-            raise ValueError("set either basic auth (username/password) or a token, not both")
+        problem = auth_problem(self.username, self.password, self.token)
+        if problem:
+            raise ValueError(problem)
         return self
 
     def get_client(self) -> httpx.Client:
         """An HTTP client bound to the REST URL, with auth and timeout (close it after use)."""
-        auth = (
-            httpx.BasicAuth(self.username, self.password.get_secret_value())
-            if self.username is not None and self.password is not None
-            else None
-        )
-        headers = {"Authorization": f"Bearer {self.token.get_secret_value()}"} if self.token else {}
-        return httpx.Client(
-            base_url=self.rest_url.rstrip("/"),
-            auth=auth,
-            headers=headers,
-            timeout=self.request_timeout_s,
-            verify=self.verify_tls,
-            # a redirect on a POST /jars/:id/run would silently turn into a GET
-            follow_redirects=False,
+        return http_client(
+            self.rest_url,
+            username=self.username,
+            password=self.password,
+            token=self.token,
+            timeout_s=self.request_timeout_s,
+            verify_tls=self.verify_tls,
         )

@@ -150,3 +150,13 @@ def _schedule(deployment: str, index: int, config: dict[str, Any]) -> Deployment
         # a stable slug lets a re-deploy update the schedule instead of adding a twin
         slug=config.get("slug") or f"{deployment}-schedule-{index}",
     )
+
+
+def runbook_alertnames(path: Path = PREFECT_YAML) -> list[str]:
+    """Every alert name a deployment's trigger starts a runbook on, sorted."""
+    names: set[str] = set()
+    for spec in load_catalog(path):
+        for trigger in spec.triggers:
+            found = (trigger.get("match") or {}).get("alertname") or []
+            names.update([found] if isinstance(found, str) else found)
+    return sorted(names)

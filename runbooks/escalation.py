@@ -91,6 +91,14 @@ class EscalationMessage(BaseModel):
     runbook: str = Field(min_length=1, description="Runbook slug, e.g. 'kafka-cluster-down'.")
     title: str = Field(description="Human title of the runbook.")
     severity: str = Field(description="Severity of the incident, e.g. 'P1'.")
+    response: str = Field(
+        "", description="The severity's response target, e.g. 'page on-call now, respond within 5 min'."
+    )
+    ticket: bool = Field(
+        False,
+        description="A ticket-level severity (P3, P4): goes to the policy's ticket channels "
+        "instead of its paging ones, where it has any.",
+    )
     kind: EscalationKind
     reason: str = Field(description="Why the runbook stopped, one or a few sentences.")
     target: str | None = Field(None, description="What the runbook acted on.")
@@ -129,7 +137,8 @@ class EscalationMessage(BaseModel):
             f"Runbook: {_one_line(self.title)} ({self.runbook})"
             if self.title.strip()
             else f"Runbook: {self.runbook}",
-            f"Severity: {self.severity or '-'}",
+            f"Severity: {self.severity or '-'}"
+            + (f" ({_one_line(self.response)})" if self.response else ""),
             f"Outcome: {self.kind.value}",
             *(["Mode: dry-run (nothing was changed, nobody was paged)"] if self.dry_run else []),
             f"Target: {self.target or '-'}",
@@ -310,6 +319,11 @@ def _publish_sns(message: EscalationMessage, policy: EscalationPolicy) -> str:
     }
     if message.severity.strip():
         attributes["severity"] = {"DataType": "String", "StringValue": message.severity}
+    # a subscription filter policy can send tickets somewhere else than pages
+    attributes["response"] = {
+        "DataType": "String",
+        "StringValue": "ticket" if message.ticket else "page",
+    }
     resp = client.publish(
         TopicArn=policy.sns_topic_arn,
         Subject=sns_subject(message),
@@ -356,9 +370,12 @@ def _channels(
             (f"observe:{ref}", lambda ref=ref: _send_notification_block(ref, message, policy))
             for ref in policy.observe_notification_blocks
         ]
+    refs, kind = policy.notification_blocks, "notification"
+    if message.ticket and policy.ticket_notification_blocks:
+        refs, kind = policy.ticket_notification_blocks, "ticket"
     channels: list[tuple[str, Callable[[], str]]] = [
-        (f"notification:{ref}", lambda ref=ref: _send_notification_block(ref, message, policy))
-        for ref in policy.notification_blocks
+        (f"{kind}:{ref}", lambda ref=ref: _send_notification_block(ref, message, policy))
+        for ref in refs
     ]
     if policy.sns_topic_arn:
         channels.append((f"sns:{policy.sns_topic_arn}", lambda: _publish_sns(message, policy)))

@@ -41,6 +41,7 @@ from runbooks.escalation import EscalationKind
 from runbooks.params import RunbookParams
 from runbooks.results import ChangeSet
 from runbooks.safety import Guard, Target, guard
+from runbooks.severity import Response, SeverityLevel, parse_start, response_verdict, run_severity
 from runbooks.text import artifact_key, compact_list, escape_cell, summarize_values
 
 # A deployment (or run) tagged `observe` only plans: a runbook new to production runs like this first.
@@ -191,6 +192,10 @@ class IncidentReport:
     rows: list[ActionRow] = field(default_factory=list)
     approvals: list[tuple[str, str, str, str]] = field(default_factory=list)
     notified: list[str] = field(default_factory=list)
+    # the severity policy's level for this run (runbooks.severity) and why it is that one
+    severity_level: SeverityLevel | None = None
+    severity_why: str = ""
+    ended_at: datetime | None = None
 
     def guard(self, target: Target) -> AbstractContextManager[Guard]:
         """Lock ``target`` for this run and act on it through the shared guard rails."""
@@ -250,10 +255,34 @@ class IncidentReport:
             data = data.model_dump(mode="json")
         self.evidence_items.append((label, data))
 
+    def describe_severity(self) -> str:
+        if self.severity_level is None:
+            return self.severity
+        why = f"; {self.severity_why}" if self.severity_why != "the runbook's" else ""
+        return self.severity_level.describe() + why
+
+    def incident_start(self) -> datetime:
+        """When the incident started: the alert's startsAt, else when this run started."""
+        alert = self.params.alert
+        return (parse_start(alert.starts_at) if alert else None) or self.started_at
+
+    def describe_response(self) -> str:
+        """The severity's response-time target and whether this run kept it."""
+        assert self.severity_level is not None
+        outcome = None if self.params.dry_run or self.outcome is None else self.outcome.value
+        _, words = response_verdict(
+            self.severity_level,
+            self.incident_start(),
+            self.ended_at or datetime.now(UTC),
+            outcome,
+        )
+        return f"{self.severity_level.target()}: {words}"
+
     def finish(self, outcome: Outcome, conclusion: str) -> None:
         """Record how the run ended; the log line is as loud as the outcome (ERROR: escalated)."""
         self.outcome = outcome
         self.conclusion = conclusion
+        self.ended_at = datetime.now(UTC)
         text = f"outcome {outcome.value}: {conclusion}"
         self.timeline.append(_Entry(datetime.now(UTC), text))
         get_run_logger().log(_OUTCOME_LOG_LEVEL.get(outcome, logging.INFO), text)
@@ -274,7 +303,12 @@ class IncidentReport:
             "| Field | Value |",
             "|---|---|",
             f"| Runbook | `{self.runbook}` |",
-            f"| Severity | {self.severity} |",
+            f"| Severity | {escape_cell(self.describe_severity())} |",
+            *(
+                [f"| Response target | {escape_cell(self.describe_response())} |"]
+                if self.severity_level
+                else []
+            ),
             f"| Date/Time | {self.started_at:%Y-%m-%d %H:%M:%S} UTC |",
             f"| Reported by | {escape_cell(self.trigger or describe_trigger(self.params))} |",
             f"| Mode | {mode} |",
@@ -362,7 +396,15 @@ def incident_report(
     observe) run pages nobody: what would escalate completes it as "would escalate". A run that
     stopped because another run holds its target ends normally: nothing was changed.
     """
-    report = IncidentReport(runbook=runbook, title=title, severity=severity, params=params)
+    level, why = run_severity(severity, params.alert.severity if params.alert else None)
+    report = IncidentReport(
+        runbook=runbook,
+        title=title,
+        severity=level.name,
+        params=params,
+        severity_level=level,
+        severity_why=why,
+    )
     report.trigger = describe_trigger(params)
     if OBSERVE_TAG in _run_tags() and not params.dry_run:
         params.dry_run = True
@@ -506,6 +548,8 @@ def _notify(report: IncidentReport, ending: Ending, reason: str) -> None:
         runbook=report.runbook,
         title=report.title,
         severity=report.severity,
+        response=report.severity_level.target() if report.severity_level else "",
+        ticket=bool(report.severity_level and report.severity_level.response is Response.TICKET),
         kind=ending.kind,
         reason=reason,
         target=report.target.label if report.target else None,

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, computed_field
 
 from blocks.event_store import EventStore
 from runbooks.results import Change, ChangeSet
+from runbooks.retry import runbook_task_options
 from tasks.postgres import pg_retries
 
 _SAMPLE_SIZE = 10
@@ -551,3 +552,39 @@ def judge_reset(reset_count: int, after: StuckSummary) -> ResetVerdict:
     if remaining:
         return ResetVerdict.INCOMPLETE
     return ResetVerdict.RESOLVED if reset_count else ResetVerdict.NOTHING_RESET
+
+
+class StoreProbe(BaseModel):
+    """Whether the event store answers: a connection, a read of its table, how long it took."""
+
+    ok: bool
+    latency_ms: float | None = None
+    rows_estimate: int | None = Field(None, description="The planner's estimate (pg_class).")
+    error: str | None = None
+
+    def describe(self) -> str:
+        if not self.ok:
+            return f"not accessible: {self.error}"
+        rows = f", ~{self.rows_estimate:,} rows" if self.rows_estimate is not None else ""
+        return f"read in {self.latency_ms:.0f} ms{rows}"
+
+
+# the probe's answer is the finding: an unreachable store is reported, not retried
+@task(**runbook_task_options())
+def probe_event_store(store: EventStore) -> StoreProbe:
+    """Connect with the block's settings and read one row of the events table."""
+    started = time.monotonic()
+    try:
+        with store.database.connect(autocommit=True) as conn:
+            conn.execute(_sql(store, "SELECT 1 FROM {table} LIMIT 1")).fetchall()
+            (estimate,) = conn.execute(
+                "SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
+                (sql.Identifier(store.schema_name, store.table).as_string(conn),),
+            ).fetchone()
+    except psycopg.Error as exc:
+        return StoreProbe(ok=False, error=f"{type(exc).__name__}: {str(exc).strip()[:300]}")
+    return StoreProbe(
+        ok=True,
+        latency_ms=round((time.monotonic() - started) * 1000, 1),
+        rows_estimate=estimate if estimate >= 0 else None,
+    )

@@ -36,6 +36,10 @@ class HealthProbe(BaseModel):
     status: int | None = Field(None, description="HTTP status, None when nothing answered.")
     latency_ms: float | None = None
     error: str | None = Field(None, description="Why nothing (or no 2xx) came back.")
+    body: str | None = Field(
+        None, description="The start of the answer's body, when the caller asked to keep it."
+    )
+    content_type: str | None = None
 
     def describe(self) -> str:
         if self.status is not None:
@@ -48,14 +52,27 @@ def health_verdict(status: int | None, error: str | None) -> bool:
     return error is None and status is not None and 200 <= status < 300
 
 
-# a failed probe is the finding, not an error: never retried
-@task(**runbook_task_options())
-def probe_health(url: str, timeout_s: float = 5.0) -> HealthProbe:
-    """GET ``url`` once with a timeout; what came back (or why nothing did)."""
+def get_health(url: str, timeout_s: float = 5.0, keep_body_chars: int = 0) -> HealthProbe:
+    """GET ``url`` once with a timeout (connect, read and the whole answer); what came back (or
+    why nothing did). ``keep_body_chars`` > 0 keeps the start of the body (an actuator's JSON,
+    a Go service's "ok"); more than that is never read."""
     started = time.monotonic()
+    deadline = started + timeout_s
+    body = None
     try:
         with httpx.Client(timeout=timeout_s, follow_redirects=False, trust_env=False) as client:
-            response = client.get(url)
+            with client.stream("GET", url) as response:
+                if keep_body_chars:
+                    # a body of 4 bytes per character at most; a health endpoint that streams
+                    # forever is cut at the cap or the deadline, whichever comes first
+                    chunks: list[bytes] = []
+                    for chunk in response.iter_bytes():
+                        chunks.append(chunk)
+                        if sum(map(len, chunks)) >= 4 * keep_body_chars or (
+                            time.monotonic() > deadline
+                        ):
+                            break
+                    body = b"".join(chunks).decode("utf-8", "replace")[:keep_body_chars]
     except httpx.HTTPError as exc:
         return HealthProbe(url=url, ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
     latency = (time.monotonic() - started) * 1000
@@ -66,7 +83,16 @@ def probe_health(url: str, timeout_s: float = 5.0) -> HealthProbe:
         status=response.status_code,
         latency_ms=latency,
         error=error,
+        body=body,
+        content_type=response.headers.get("content-type"),
     )
+
+
+# a failed probe is the finding, not an error: never retried
+@task(**runbook_task_options())
+def probe_health(url: str, timeout_s: float = 5.0, keep_body_chars: int = 0) -> HealthProbe:
+    """GET ``url`` once with a timeout; what came back (or why nothing did)."""
+    return get_health(url, timeout_s, keep_body_chars)
 
 
 class HeapProfile(BaseModel):

@@ -354,3 +354,14 @@ def mariadb() -> Iterator[Any]:
     server = start_mariadb()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def prometheus() -> Iterator[Any]:
+    """A real Prometheus scraping a test exporter every second (tests/prometheus_server.py); tests
+    set series with labels of their own."""
+    from tests.prometheus_server import start_prometheus
+
+    server = start_prometheus()
+    yield server
+    server.stop()

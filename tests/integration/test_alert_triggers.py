@@ -136,6 +136,19 @@ CASES = {
         {"alertname": "MySQLTableNotWritten", "database": "market-db", "table": "moving_averages"},
         {"db_block": "market-db", "table": "moving_averages"},
     ),
+    "slo-report": (
+        {"alertname": "SLOErrorBudgetBurn", "prometheus": "main"},
+        {"prometheus_block": "main"},
+    ),
+    "circuit-breaker-open": (
+        {
+            "alertname": "CircuitBreakerOpen",
+            "instance": "orders:8082",
+            "name": "inventory",
+            "actuator_url": "http://orders:8082/actuator",
+        },
+        {"actuator_url": "http://orders:8082/actuator", "breaker": "inventory"},
+    ),
     "aws-resources-missing": (
         {"alertname": "SqsQueueMissing", "aws_account": "localstack", "queue_name": "match-events"},
         {"aws_block": "localstack", "queue": "match-events"},

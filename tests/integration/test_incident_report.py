@@ -192,3 +192,55 @@ def test_findings_of_an_observe_run_go_to_the_observe_channel_only(
     assert "OBSERVE" in md and "observe:custom-webhook/" in md and "delivered" in md
     time.sleep(1)
     assert slack.requests == []
+
+
+@flow
+@ends_as_reported
+def minor_runbook(params: RunbookParams) -> None:
+    with incident_report("sample-runbook", "Sample", "P3", params):
+        raise Escalation(REASON)
+
+
+def test_the_report_shows_the_severitys_response_target_and_whether_it_was_met() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    started = (datetime.now(UTC) - timedelta(minutes=20)).isoformat().replace("+00:00", "Z")
+    late = AlertContext(alertname="KafkaBrokerDown", severity="warning", starts_at=started)
+    state = sample_runbook(RunbookParams(alert=late), fail=False, return_state=True)
+    md = read_report(state.state_details.flow_run_id)
+    # a warning does not lower the runbook's P2; 20 minutes is past P2's 15
+    assert "| Severity | P2 (major degradation) |" in md
+    assert "| Response target | page on-call now, respond within 15 min: missed: done 20 min after" in md
+
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    critical = AlertContext(alertname="KafkaBrokerDown", severity="critical", starts_at=now)
+    state = sample_runbook(RunbookParams(alert=critical), fail=True, return_state=True)
+    md = read_report(state.state_details.flow_run_id)
+    assert "| Severity | P1 (complete outage); raised from the runbook's P2 by the alert's" in md
+    assert "respond within 5 min: met so far: handed to a person " in md and "must respond by" in md
+
+
+def test_a_ticket_severity_goes_to_the_ticket_channel_and_never_pages(
+    slack: HttpReceiver, observe_channel: HttpReceiver
+) -> None:
+    name = unique("oncall")
+    EscalationPolicy(
+        notification_blocks=[save_slack_standin(slack)],
+        ticket_notification_blocks=[save_slack_standin(observe_channel)],
+    ).save(name)
+    params = RunbookParams(safety=SafetyParams(escalation_block=name))
+
+    state = minor_runbook(params, return_state=True)
+
+    assert state.is_failed()
+    [ticket] = observe_channel.wait_for(1)
+    text = ticket.json()["text"]
+    assert "[P3] sample-runbook escalated" in text
+    assert "Severity: P3 (ticket for the team, respond within 1 h)" in text
+    md = read_report(state.state_details.flow_run_id)
+    assert "ticket:custom-webhook/" in md and "delivered" in md
+    # a P2 run of the same policy pages
+    sample_runbook(params, fail=True, return_state=True)
+    [page] = slack.wait_for(1)
+    assert "[P2] sample-runbook escalated" in page.json()["text"]
+    assert len(observe_channel.requests) == 1

@@ -126,6 +126,8 @@ INVALID_INPUTS = [
     (blocks.DockerHost, {"base_url": "tcp://docker:2376", "tls_client_key": SENTINEL}),
     (blocks.DockerHost, {"tls": True, "tls_client_cert": "x", "tls_client_key": SENTINEL}),
     (blocks.RedisServer, {"port": 0, "password": SENTINEL}),
+    (blocks.PrometheusServer, {"url": "http://p:9090", "token": SENTINEL, "username": "u"}),
+    (blocks.AlertmanagerServer, {"url": "ftp://am", "password": SENTINEL}),
     (
         blocks.AwsAccount,
         {"endpoint_url": "nowhere", "credentials": {"aws_secret_access_key": SENTINEL}},

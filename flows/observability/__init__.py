@@ -1,0 +1,1 @@
+"""Runbooks that read metrics and alerts: SLOs, health sweeps, maintenance reports."""
