@@ -13,6 +13,7 @@ from blocks.postgres import PostgresDatabase
 from blocks.prometheus import AlertmanagerServer, PrometheusServer
 from blocks.redis import RedisServer
 from blocks.supervisor import SupervisorHost
+from blocks.aws import AwsAccount
 
 __all__ = [
     "AlertmanagerServer",
@@ -29,4 +30,5 @@ __all__ = [
     "PrometheusServer",
     "RedisServer",
     "SupervisorHost",
+    "AwsAccount",
 ]

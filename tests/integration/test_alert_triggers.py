@@ -157,6 +157,10 @@ CASES = {
         {"alertname": "PushDeliveryRateLow", "provider": "fcm", "prometheus": "main"},
         {"prometheus_block": "main", "db_block": "default"},
     ),
+    "aws-resources-missing": (
+        {"alertname": "SqsQueueMissing", "aws_account": "localstack", "queue_name": "match-events"},
+        {"aws_block": "localstack", "queue": "match-events"},
+    ),
 }
 
 
@@ -222,6 +226,8 @@ MORE_CASES = [
      {"db_block": "market-db", "table": "moving_averages"}),
     ("mysql-not-writing", {"alertname": "MySQLReadOnly", "database": "market-db"},
      {"db_block": "market-db", "must_be_writable": False}),
+    ("aws-resources-missing", {"alertname": "AwsQueueMetricsAbsent", "aws_account": "localstack"},
+     {"aws_block": "localstack", "queue": None}),
 ]  # fmt: skip
 
 

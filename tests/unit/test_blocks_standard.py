@@ -128,6 +128,10 @@ INVALID_INPUTS = [
     (blocks.RedisServer, {"port": 0, "password": SENTINEL}),
     (blocks.PrometheusServer, {"url": "http://p:9090", "token": SENTINEL, "username": "u"}),
     (blocks.AlertmanagerServer, {"url": "ftp://am", "password": SENTINEL}),
+    (
+        blocks.AwsAccount,
+        {"endpoint_url": "nowhere", "credentials": {"aws_secret_access_key": SENTINEL}},
+    ),
 ]
 
 
