@@ -12,11 +12,13 @@ a deployment, it is not an incident).
 from collections.abc import Callable
 from typing import TypeVar
 
+from botocore.exceptions import BotoCoreError, ClientError
 from prefect import flow
 from prefect.blocks.core import Block
 from prefect.states import Completed, Failed, State
 from pydantic import BaseModel, Field
 
+from blocks.aws import AwsAccount
 from blocks.escalation import EscalationPolicy
 from blocks.event_store import EventStore
 from blocks.kafka import KafkaCluster
@@ -25,6 +27,11 @@ from runbooks.params import OptionalBlockName, RunbookParams
 from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from tasks.alert_routing import unrouted
 from tasks.alertmanager import AlertmanagerUnavailable, alertmanager_config
+from tasks.aws_resources import read_aws_resources, read_localstack_health
+from tasks.aws_resources_decisions import QueueSpec, health_problems
+from tasks.aws_resources_decisions import Status as AwsStatus
+from tasks.aws_resources_decisions import TopicSpec as AwsTopicSpec
+from tasks.aws_resources_decisions import decide_all as decide_aws
 from tasks.checklist_decisions import (
     Item,
     ItemResult,
@@ -56,6 +63,17 @@ class ChecklistParams(RunbookParams):
         default_factory=list,
         description="Every service's health endpoint (plain, Spring actuator, Go): item 'All "
         "services pass health checks'.",
+    )
+    aws_block: OptionalBlockName = Field(
+        None,
+        description="'Runbooks AWS Account' block (AWS or LocalStack): item 'LocalStack services "
+        "are running' and the declared queues and topics.",
+    )
+    aws_queues: list[QueueSpec] = Field(
+        default_factory=list, description="SQS queues that must exist (item 'topics/queues exist')."
+    )
+    aws_topics: list[AwsTopicSpec] = Field(
+        default_factory=list, description="SNS topics (and subscriptions) that must exist."
     )
     kafka_block: OptionalBlockName = Field(
         None, description="'Runbooks Kafka Cluster' block: item 'Kafka cluster is healthy'."
@@ -108,6 +126,7 @@ def pre_deployment_checklist(params: ChecklistParams) -> State:
     ) as report:
         items = [
             _item(Item.HEALTH, lambda: _health(params)),
+            _item(Item.LOCALSTACK, lambda: _localstack(params)),
             _item(Item.KAFKA, lambda: _kafka(params)),
             _item(Item.STORE, lambda: _store(params)),
             _item(Item.TOPICS, lambda: _topics(params)),
@@ -162,11 +181,49 @@ def _kafka(params: ChecklistParams) -> ItemResult:
     return kafka_item(check_isr(_load(KafkaCluster, params.kafka_block)))
 
 
+def _localstack(params: ChecklistParams) -> ItemResult:
+    if not params.aws_block:
+        return not_configured(Item.LOCALSTACK, "aws_block")
+    account = _load(AwsAccount, params.aws_block)
+    problems: list[str] = []
+    if account.health_url:
+        try:
+            problems += health_problems(read_localstack_health(account))
+        except Exception as exc:  # noqa: BLE001 - any failure to read health is the finding
+            problems.append(f"health endpoint: {type(exc).__name__}: {str(exc)[:200]}")
+    try:
+        live = read_aws_resources(account, [], [])
+    except (BotoCoreError, ClientError) as exc:
+        problems.append(f"the API does not answer: {type(exc).__name__}: {str(exc)[:200]}")
+        return ItemResult(item=Item.LOCALSTACK, status=ItemStatus.FAIL, evidence="; ".join(problems))
+    where = f"account {live.location.account}, region {live.location.region}"
+    if problems:
+        return ItemResult(item=Item.LOCALSTACK, status=ItemStatus.FAIL, evidence=f"{where}: " + "; ".join(problems))
+    health = "health: sqs, sns, cloudwatch running; " if account.health_url else ""
+    return ItemResult(item=Item.LOCALSTACK, status=ItemStatus.PASS, evidence=f"{health}API answers ({where})")
+
+
 def _topics(params: ChecklistParams) -> ItemResult:
-    if not (params.kafka_block and params.topics):
-        return not_configured(Item.TOPICS, "kafka_block with declared topics")
-    states = read_topics(_load(KafkaCluster, params.kafka_block), params.topics)
-    return topics_item(decide_all(params.topics, states, False, []))
+    kafka = bool(params.kafka_block and params.topics)
+    aws = bool(params.aws_block and (params.aws_queues or params.aws_topics))
+    if not (kafka or aws):
+        return not_configured(Item.TOPICS, "kafka_block with declared topics, or aws_block with queues")
+    decisions = []
+    if kafka:
+        states = read_topics(_load(KafkaCluster, params.kafka_block), params.topics)
+        decisions = decide_all(params.topics, states, False, [])
+    missing = None
+    if aws:
+        try:
+            live = read_aws_resources(_load(AwsAccount, params.aws_block), params.aws_queues, params.aws_topics)
+        except (BotoCoreError, ClientError) as exc:
+            return ItemResult(item=Item.TOPICS, status=ItemStatus.FAIL, evidence=f"AWS: {type(exc).__name__}: {str(exc)[:200]}")
+        missing = [
+            f"{d.kind.value} {d.name}"
+            for d in decide_aws(params.aws_queues, params.aws_topics, live)
+            if d.status is AwsStatus.MISSING
+        ]
+    return topics_item(decisions, missing)
 
 
 def _store(params: ChecklistParams) -> ItemResult:

@@ -4,10 +4,13 @@ run on that item alone; the report keeps the seed's list with its evidence."""
 
 from __future__ import annotations
 
+import boto3
 import psycopg
 import pytest
+from prefect_aws import AwsCredentials
 from psycopg import sql
 
+from blocks.aws import AwsAccount
 from blocks.escalation import EscalationPolicy
 from blocks.event_store import EventStore
 from blocks.kafka import KafkaCluster
@@ -15,10 +18,12 @@ from blocks.postgres import PostgresDatabase
 from blocks.prometheus import AlertmanagerServer, PrometheusServer
 from flows.observability.pre_deployment_checklist import ChecklistParams, pre_deployment_checklist
 from runbooks.params import SafetyParams
+from tasks.aws_resources_decisions import QueueSpec
 from tasks.health_endpoints_decisions import HealthEndpoint
 from tasks.kafka_topics import TopicSpec
 from tests.alertmanager import gateway_config, start_alertmanager
 from tests.conftest import create_topic, read_incident_report, unique
+from tests.moto_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY
 from tests.servers import free_port
 
 
@@ -32,7 +37,7 @@ def alertmanager(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def systems(postgres, kafka_broker, prometheus, alertmanager):
+def systems(postgres, kafka_broker, prometheus, alertmanager, moto):
     """Blocks for every system the checklist reads, all healthy."""
     table = unique("events").replace("-", "_")
     with psycopg.connect(postgres.conninfo(), autocommit=True) as conn:
@@ -45,7 +50,16 @@ def systems(postgres, kafka_broker, prometheus, alertmanager):
         host=postgres.host, port=postgres.port, dbname="postgres", user=postgres.user,
         password=postgres.password, connect_timeout_s=5,
     )
-    names = {k: unique(k) for k in ("kafka", "store", "prom", "am", "policy")}
+    names = {k: unique(k) for k in ("kafka", "store", "prom", "am", "policy", "aws")}
+    AwsAccount(
+        credentials=AwsCredentials(aws_access_key_id=ACCESS_KEY_ID,
+                                   aws_secret_access_key=SECRET_ACCESS_KEY, region_name=moto.region),
+        endpoint_url=moto.endpoint_url, timeout_s=5,
+    ).save(names["aws"])
+    queue = unique("events-queue")
+    boto3.client("sqs", endpoint_url=moto.endpoint_url, region_name=moto.region,
+                 aws_access_key_id=ACCESS_KEY_ID,
+                 aws_secret_access_key=SECRET_ACCESS_KEY).create_queue(QueueName=queue)
     KafkaCluster(bootstrap_servers=kafka_broker.bootstrap, request_timeout_s=5).save(names["kafka"])
     EventStore(database=database, table=table).save(names["store"])
     PrometheusServer(url=prometheus.url, timeout_s=5).save(names["prom"])
@@ -60,13 +74,15 @@ def systems(postgres, kafka_broker, prometheus, alertmanager):
         HealthEndpoint(service="prometheus", url=f"{prometheus.url}/-/healthy"),
         HealthEndpoint(service="alertmanager", url=f"{alertmanager.url}/-/healthy"),
     ]
-    return names, topic, query, table, health
+    return names, topic, query, table, health, queue
 
 
 def params(systems, **overrides) -> ChecklistParams:
-    names, topic, query, _, health = systems
+    names, topic, query, _, health, queue = systems
     fields = dict(
         health_endpoints=health,
+        aws_block=names["aws"],
+        aws_queues=[QueueSpec(name=queue)],
         kafka_block=names["kafka"],
         topics=[TopicSpec(name=topic, partitions=3, replication_factor=1)],
         event_store_block=names["store"],
@@ -86,6 +102,7 @@ def test_a_healthy_platform_passes_every_item(systems) -> None:
     assert summary.passed
     assert {i.item.value: i.status.value for i in summary.items} == {
         "All services pass health checks": "PASS",
+        "LocalStack services are running": "PASS",
         "Kafka cluster is healthy": "PASS",
         "MongoDB is accessible": "PASS",
         "All required topics/queues exist": "PASS",
@@ -98,7 +115,9 @@ def test_a_healthy_platform_passes_every_item(systems) -> None:
 
 
 def _broken(systems, item: str, evidence: str) -> dict:
-    names, topic, query, table, health = systems
+    names, topic, query, table, health, queue = systems
+    if item == "All required topics/queues exist" and "AWS" in evidence:
+        return {"aws_queues": [QueueSpec(name=queue), QueueSpec(name=unique("never-made"))]}
     if item == "All services pass health checks":
         down = HealthEndpoint(service="orders-api", url=f"http://127.0.0.1:{free_port()}/actuator/health",
                               style="actuator", timeout_s=2)
@@ -125,6 +144,7 @@ def _broken(systems, item: str, evidence: str) -> dict:
     [
         ("All services pass health checks", "1 of 3 down: orders-api down (no answer"),
         ("All required topics/queues exist", "topics missing: never-created"),
+        ("All required topics/queues exist", "queues/topics missing in AWS: SQS queue never-made"),
         ("MongoDB is accessible", 'relation "public.no_such_table" does not exist'),
         ("Metrics dashboards are configured", "no data for"),
         ("Metrics dashboards are configured", "block 'never-saved-prometheus' is not saved"),
@@ -137,7 +157,7 @@ def test_the_run_fails_on_the_one_broken_item(systems, item: str, evidence: str)
     )
 
     assert state.is_failed()
-    assert f"FAILED: {item}" in state.message and "5 of 6 items pass" in state.message
+    assert f"FAILED: {item}" in state.message and "6 of 7 items pass" in state.message
     md = read_incident_report(state.state_details.flow_run_id)
     assert f"| {item} | FAILING | FAIL: " in md and evidence in md
     assert md.count("| FAILING |") == 1
@@ -150,4 +170,4 @@ def test_unconfigured_items_are_named_and_do_not_fail_the_gate(systems) -> None:
         ChecklistParams(event_store_block=names["store"]), return_state=True
     )
     assert state.is_completed()
-    assert "1 of 6 items pass; not configured: All services pass health checks; Kafka cluster is healthy" in state.message
+    assert "1 of 7 items pass; not configured: All services pass health checks; LocalStack services are running; Kafka" in state.message
