@@ -119,3 +119,26 @@ def save_slack_standin(receiver: HttpReceiver) -> str:
         timeout=5,
     ).save(name)
     return f"custom-webhook/{name}"
+
+
+def serve_get(port: int, respond: Any) -> ThreadingHTTPServer:
+    """A threaded HTTP server on 127.0.0.1:``port`` answering each GET with
+    ``respond(path) -> (status, content type, body bytes)``; stop it with shutdown() and
+    server_close()."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            status, content_type, body = respond(self.path)
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

@@ -10,11 +10,10 @@ fresh ones; the runbook logs in as a role that may only read and delete in it.
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import psycopg
@@ -37,6 +36,7 @@ from tasks.push_tokens import TokenTable
 from tasks.slo_decisions import WINDOW_PLACEHOLDER
 from tests.approvals import Approver
 from tests.conftest import read_incident_report, unique
+from tests.receivers import serve_get
 from tests.servers import PostgresServer, free_port
 
 pytestmark = pytest.mark.integration
@@ -60,23 +60,11 @@ class StatusServer:
         return f"http://127.0.0.1:{self.port}/{provider}"
 
     def start(self) -> StatusServer:
-        pages = self.pages
+        def respond(path: str) -> tuple[int, str, bytes]:
+            page = self.pages.get(path.strip("/"))
+            return 200 if page is not None else 404, "application/json", json.dumps(page).encode()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                page = pages.get(self.path.strip("/"))
-                body = json.dumps(page).encode()
-                self.send_response(200 if page is not None else 404)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server = serve_get(self.port, respond)
         return self
 
     def stop(self) -> None:

@@ -5,6 +5,7 @@ of it alone, none of its processes is left."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -134,6 +135,9 @@ def test_up_serves_every_runbook_and_stops_cleanly(runbooks_up, postgres: Postgr
     # a maintenance run the scheduler created runs when its time comes, and reports
     _scheduled_maintenance_runs(api)
 
+    # a pipeline gates a deployment on the checklist: the CLI's exit status is the run's
+    _checklist_gates_a_pipeline(api)
+
     # a manual run (the UI's run form) that needs approval pauses in the served process; the
     # answer given through the API the UI's resume form uses lets it act
     _approve_a_manual_run(api, postgres)
@@ -183,6 +187,27 @@ def _scheduled_maintenance_runs(api: str) -> None:
     assert "| Reported by | maintenance schedule |" in report
     assert "| Check database connections | OK | Check database connections " in report
     assert "Every task passed: 1 check(s) clean." in report
+
+
+def _checklist_gates_a_pipeline(api: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+
+    def gate(url: str) -> subprocess.CompletedProcess:
+        params = {"params": {"health_endpoints": [{"service": "prefect", "url": url}],
+                             "safety": {"escalation_block": None}}}
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "prefect"), "deployment", "run",
+             "pre-deployment-checklist/pre-deployment-checklist", "--params", json.dumps(params),
+             "--watch", "--watch-timeout", "180"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False,
+        )
+
+    passing = gate(f"{api}/health")
+    assert passing.returncode == 0, passing.stdout[-2000:] + passing.stderr[-2000:]
+    failing = gate(f"http://127.0.0.1:{free_port()}/health")
+    assert failing.returncode == 1, failing.stdout[-2000:] + failing.stderr[-2000:]
+    assert "Failed" in failing.stdout + failing.stderr
 
 
 def _approve_a_manual_run(api: str, postgres: PostgresServer) -> None:
