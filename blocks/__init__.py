@@ -1,5 +1,6 @@
 """Prefect Blocks: configuration of the systems runbooks act on. Configuration only; each builds its client."""
 
+from blocks.aws import AwsAccount
 from blocks.backup_store import BackupStore
 from blocks.docker_host import DockerHost
 from blocks.edge_gateway import EdgeGateway
@@ -13,7 +14,6 @@ from blocks.postgres import PostgresDatabase
 from blocks.prometheus import AlertmanagerServer, PrometheusServer
 from blocks.redis import RedisServer
 from blocks.supervisor import SupervisorHost
-from blocks.aws import AwsAccount
 
 __all__ = [
     "AlertmanagerServer",

@@ -58,6 +58,7 @@ class Outcome(StrEnum):
     NO_ACTION_NEEDED = "NO ACTION NEEDED"
     PLANNED = "DRY-RUN: PLANNED ONLY"
     WAITING = "WAITING (SELF-HEALING)"
+    HANDED_OFF = "HANDED OFF"  # to another runbook's run, which acts under its own guard
     TARGET_BUSY = "NOT ACTED: TARGET BUSY"
     AWAITING_APPROVAL = "WAITING FOR APPROVAL"
     WOULD_ESCALATE = "DRY-RUN: WOULD ESCALATE"
@@ -648,6 +649,8 @@ _NOTHING_DONE: dict[Outcome | None, str] = {
     Outcome.NO_ACTION_NEEDED: "No change was needed or made.",
     Outcome.PLANNED: "No change was needed: nothing to plan.",
     Outcome.WAITING: "Nothing was changed: waiting for the system to recover by itself.",
+    Outcome.HANDED_OFF: "Nothing was changed here: the runbook it was handed to acts, under its "
+    "own lock, budget and approvals (see its run).",
     Outcome.TARGET_BUSY: "Nothing was changed: another run is acting on the target.",
     Outcome.WOULD_ESCALATE: "Nothing was planned: the run would escalate before acting.",
     Outcome.ESCALATED: "Nothing was changed: escalated before acting.",

@@ -178,7 +178,7 @@ def e2e_latency_high(params: E2ELatencyHighParams) -> E2ELatencySummary:
         )
         report.follow_ups.append(STAGE_FOLLOW_UP[stage])
         report.finish(
-            Outcome.WAITING,
+            Outcome.HANDED_OFF,
             f"{decision.reason[0].upper()}{decision.reason[1:]}. Handed to {runbook}: {link}",
         )
         return _summary(report, decision, runbook, link)

@@ -142,7 +142,7 @@ def redis_degraded(params: RedisDegradedParams) -> RedisDegradedSummary:
         before = _read_or_escalate(report, params, server, where)
         if isinstance(before, str):
             report.finish(
-                Outcome.WAITING,
+                Outcome.HANDED_OFF,
                 f"Redis {where} does not answer; handed to service-not-responding, which restarts "
                 f"{params.service} on {params.platform}: {before}",
             )

@@ -111,7 +111,7 @@ def test_the_slow_stage_is_named_and_handed_to_its_runbook(
     assert rows[stage].over and rows[stage].p99_s == pytest.approx(SLOW[stage], rel=0.1)
     assert [s for s, r in rows.items() if r.over] == [stage]
     assert rows[stage].share_of_e2e == pytest.approx(SLOW[stage] / 3.5, rel=0.15)
-    assert summary.outcome is Outcome.WAITING and summary.handed_to == runbook
+    assert summary.outcome is Outcome.HANDED_OFF and summary.handed_to == runbook
 
     new = [r for r in runs_of(deployment_ids[runbook]) if r["id"] not in before]
     assert len(new) == 1

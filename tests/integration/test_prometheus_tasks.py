@@ -8,8 +8,8 @@ import pytest
 from blocks.prometheus import AlertmanagerServer, PrometheusServer
 from tasks.alertmanager import firing_alerts
 from tasks.prometheus import (
-    PromQLError,
     PrometheusUnavailable,
+    PromQLError,
     instant_query,
     label_matcher,
     range_query,

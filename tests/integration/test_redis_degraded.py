@@ -370,7 +370,7 @@ def test_unreachable_server_is_handed_to_service_not_responding(
 
     assert state.is_completed(), state.message
     summary: RedisDegradedSummary = state.result()
-    assert summary.outcome is Outcome.WAITING
+    assert summary.outcome is Outcome.HANDED_OFF
     new = [r for r in runs_of(deployment_ids["service-not-responding"]) if r["id"] not in before]
     assert len(new) == 1
     handed = new[0]["parameters"]["params"]

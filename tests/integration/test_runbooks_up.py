@@ -158,35 +158,50 @@ def test_up_serves_every_runbook_and_stops_cleanly(runbooks_up, postgres: Postgr
 
 
 def _scheduled_maintenance_runs(api: str) -> None:
-    """The scheduler's next daily-maintenance run, brought forward to now, is picked up by the
-    served runner and completes with its report (its checks pointed at this test's database)."""
-    [deployment] = httpx.post(f"{api}/deployments/filter", timeout=5, json={
-        "deployments": {"name": {"any_": ["daily-maintenance"]}}}).json()
-    runs = httpx.post(f"{api}/flow_runs/filter", timeout=5, json={
-        "flow_runs": {"deployment_id": {"any_": [deployment["id"]]},
-                      "state": {"type": {"any_": ["SCHEDULED"]}}}}).json()
-    run = min(runs, key=lambda r: r["next_scheduled_start_time"])
-    assert run["auto_scheduled"]
-    httpx.patch(f"{api}/flow_runs/{run['id']}", timeout=5, json={"parameters": {"params": {
-        "checks": [{"task": "Check database connections", "runbook": "db-connection-pool-exhausted",
-                    "parameters": {"db_block": "up-test-db"}}],
-        "alertmanager_block": None, "safety": {"escalation_block": None}}}}).raise_for_status()
+    """The scheduler's next daily and weekly maintenance runs, brought forward to now, are picked
+    up by the served runner and complete with their reports (pointed at this test's database)."""
     now = datetime.now(UTC).isoformat()
-    httpx.post(f"{api}/flow_runs/{run['id']}/set_state", timeout=5, json={
-        "state": {"type": "SCHEDULED", "name": "Scheduled", "state_details": {"scheduled_time": now}},
-        "force": True}).raise_for_status()
+    overrides = {
+        "daily-maintenance": {
+            "checks": [{"task": "Check database connections",
+                        "runbook": "db-connection-pool-exhausted",
+                        "parameters": {"db_block": "up-test-db"}}],
+            "alertmanager_block": None,
+        },
+        "weekly-maintenance": {"checks": [], "prometheus_block": None, "database_block": "up-test-db"},
+    }
+    ids = {}
+    for name, params in overrides.items():
+        [deployment] = httpx.post(f"{api}/deployments/filter", timeout=5, json={
+            "deployments": {"name": {"any_": [name]}}}).json()
+        runs = httpx.post(f"{api}/flow_runs/filter", timeout=5, json={
+            "flow_runs": {"deployment_id": {"any_": [deployment["id"]]},
+                          "state": {"type": {"any_": ["SCHEDULED"]}}}}).json()
+        run = min(runs, key=lambda r: r["next_scheduled_start_time"])
+        assert run["auto_scheduled"]
+        httpx.patch(f"{api}/flow_runs/{run['id']}", timeout=5, json={"parameters": {"params": {
+            **params, "safety": {"escalation_block": None}}}}).raise_for_status()
+        httpx.post(f"{api}/flow_runs/{run['id']}/set_state", timeout=5, json={
+            "state": {"type": "SCHEDULED", "name": "Scheduled",
+                      "state_details": {"scheduled_time": now}},
+            "force": True}).raise_for_status()
+        ids[name] = run["id"]
 
-    def state() -> str:
-        return httpx.get(f"{api}/flow_runs/{run['id']}", timeout=5).json()["state"]["type"]
+    def final(run_id: str) -> dict:
+        return httpx.get(f"{api}/flow_runs/{run_id}", timeout=5).json()["state"]
 
-    poll(lambda: state() in ("COMPLETED", "FAILED", "CRASHED"), 120, "the scheduled maintenance ran")
-    final = httpx.get(f"{api}/flow_runs/{run['id']}", timeout=5).json()["state"]
-    assert final["type"] == "COMPLETED", final["message"]
-    with temporary_settings(updates={PREFECT_API_URL: api}):
-        report = read_incident_report(run["id"])
-    assert "| Reported by | maintenance schedule |" in report
-    assert "| Check database connections | OK | Check database connections " in report
-    assert "Every task passed: 1 check(s) clean." in report
+    for name, run_id in ids.items():
+        poll(lambda r=run_id: final(r)["type"] in ("COMPLETED", "FAILED", "CRASHED"), 120,
+             f"the scheduled {name} ran")
+        assert final(run_id)["type"] == "COMPLETED", final(run_id)["message"]
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            report = read_incident_report(run_id)
+        assert "| Reported by | maintenance schedule |" in report
+        if name == "daily-maintenance":
+            assert "| Check database connections | OK | Check database connections " in report
+            assert "Every task passed: 1 check(s) clean." in report
+        else:
+            assert "| Database sizes | OK | Database sizes: postgres " in report
 
 
 def _checklist_gates_a_pipeline(api: str) -> None:
