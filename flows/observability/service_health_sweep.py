@@ -62,6 +62,18 @@ LATENCY_QUERY = (
     "(rate(http_request_duration_seconds_bucket[{window}])))"
 )
 
+# seed 003 "System Health": the platform's Spring Boot services on 8081-8084 (prefect.yaml lists
+# them too, as the example to replace with yours)
+SEED_ENDPOINTS = tuple(
+    HealthEndpoint(service=name, url=f"http://localhost:{port}/actuator/health", style="actuator")
+    for name, port in (
+        ("event-producer", 8081),
+        ("event-processor", 8082),
+        ("event-store", 8083),
+        ("event-notifier", 8084),
+    )
+)
+
 
 def _one_per_service(endpoints: list[HealthEndpoint]) -> list[HealthEndpoint]:
     names = [e.service for e in endpoints]
@@ -80,6 +92,7 @@ class ServiceHealthSweepParams(RunbookParams):
     """Run form of the service-health-sweep runbook."""
 
     endpoints: Annotated[list[HealthEndpoint], AfterValidator(_one_per_service)] = Field(
+        default_factory=lambda: list(SEED_ENDPOINTS),
         min_length=1,
         description="Every service's health endpoint (plain, actuator or go style). The service "
         "name is how Prometheus's `service` label, the alerts and the platform name it.",
@@ -124,7 +137,8 @@ class ServiceHealthSweepParams(RunbookParams):
         "spike to rollback-bad-deploy. Empty: they are escalated instead.",
     )
     namespace: OptionalNamespace = Field(
-        None, description="Kubernetes namespace of the services, for the hand-offs; empty: the block's."
+        None,
+        description="Kubernetes namespace of the services, for the hand-offs; empty: the block's.",
     )
 
 
@@ -153,7 +167,9 @@ def service_health_sweep(params: ServiceHealthSweepParams) -> SweepSummary:
         report.evidence("health endpoints", [h.model_dump(mode="json") for h in healths])
         errors, latencies = _metrics(report, params)
         alerts, unmatched = _alerts(report, params)
-        thresholds = Thresholds(error_rate=params.error_rate_threshold, p99_s=params.p99_threshold_s)
+        thresholds = Thresholds(
+            error_rate=params.error_rate_threshold, p99_s=params.p99_threshold_s
+        )
         signals = [
             ServiceSignals(
                 service=h.service,
@@ -198,7 +214,10 @@ def _metrics(
         return {}, {}
     server = PrometheusServer.load(params.prometheus_block)
     found: list[dict[str, float | None]] = []
-    for what, query in (("error rate", params.error_rate_query), ("p99 latency", params.latency_query)):
+    for what, query in (
+        ("error rate", params.error_rate_query),
+        ("p99 latency", params.latency_query),
+    ):
         expr = query.replace("{window}", params.window)
         try:
             samples = query_prometheus(server, expr)
@@ -214,8 +233,12 @@ def _metrics(
             found.append({})
             continue
         values = values_by_service(samples, params.service_label)
-        report.evidence(f"{what} query", {"query": expr, "by service": values})
-        found.append(values)
+        swept = {e.service: values[e.service] for e in params.endpoints if e.service in values}
+        report.evidence(
+            f"{what} query",
+            {"query": expr, "swept services": swept, "other series": len(samples) - len(swept)},
+        )
+        found.append(swept)
     return found[0], found[1]
 
 

@@ -60,7 +60,9 @@ def test_one_service_down_is_told_from_all_down(
     services[payments].stop()
 
     one = service_health_sweep(
-        ServiceHealthSweepParams(endpoints=endpoints(services), platform="kubernetes/prod", namespace="shop")
+        ServiceHealthSweepParams(
+            endpoints=endpoints(services), platform="kubernetes/prod", namespace="shop"
+        )
     )
 
     assert one.decision.situation is Situation.SOME_DOWN
@@ -77,7 +79,7 @@ def test_one_service_down_is_told_from_all_down(
     }
     ServiceNotRespondingParams.model_validate(got)  # the run it starts accepts them
     assert "handed-off" in handed["tags"]
-    assert f"handed to service-not-responding, " in one.report and handed["id"] in one.report
+    assert "handed to service-not-responding, " in one.report and handed["id"] in one.report
     assert f"{payments} down (no answer" in one.report
     assert f"| {orders} health | OK |" in one.report
 
@@ -96,7 +98,10 @@ def test_one_service_down_is_told_from_all_down(
     assert new_runs(not_responding, before) == []  # no per-service hand-offs in an outage
     report = read_incident_report(state.state_details.flow_run_id)
     assert "ESCALATED" in report
-    assert "| Severity | P1 (complete outage); raised to the situation's: ALL SERVICES DOWN |" in report
+    assert (
+        "| Severity | P1 (complete outage); raised to the situation's: ALL SERVICES DOWN |"
+        in report
+    )
     for name in services:
         assert f"| {name} health | FAILING |" in report
 
@@ -110,7 +115,9 @@ def test_dry_run_is_carried_to_the_hand_off(
     services[payments].stop()
 
     result = service_health_sweep(
-        ServiceHealthSweepParams(endpoints=endpoints(services), platform="docker/default", dry_run=True)
+        ServiceHealthSweepParams(
+            endpoints=endpoints(services), platform="docker/default", dry_run=True
+        )
     )
 
     assert result.decision.situation is Situation.SOME_DOWN
@@ -225,7 +232,9 @@ def test_a_firing_alert_from_alertmanager_is_shown(services: dict[str, HttpServi
     with running_alertmanager(config) as am:
         am.post_alerts(
             [
-                firing({"alertname": "OrdersSlowCheckout", "service": orders, "severity": "warning"}),
+                firing(
+                    {"alertname": "OrdersSlowCheckout", "service": orders, "severity": "warning"}
+                ),
                 firing({"alertname": "DiskFilling", "instance": "db-1", "severity": "warning"}),
             ]
         )
@@ -243,7 +252,10 @@ def test_a_firing_alert_from_alertmanager_is_shown(services: dict[str, HttpServi
     assert by[payments].alerts == []
     assert f"alerts still firing for {orders}" in result.report
     assert "| firing alerts | FAILING | " in result.report
-    assert "1 firing alert(s) name no swept service: DiskFilling [warning] (instance=db-1)" in result.report
+    assert (
+        "1 firing alert(s) name no swept service: DiskFilling [warning] (instance=db-1)"
+        in result.report
+    )
 
 
 def test_an_open_breaker_is_handed_to_circuit_breaker_open(deployment_ids: dict[str, str]) -> None:
@@ -258,7 +270,9 @@ def test_an_open_breaker_is_handed_to_circuit_breaker_open(deployment_ids: dict[
 
         result = service_health_sweep(
             ServiceHealthSweepParams(
-                endpoints=[{"service": name, "url": f"{app.actuator_url}/health", "style": "actuator"}]
+                endpoints=[
+                    {"service": name, "url": f"{app.actuator_url}/health", "style": "actuator"}
+                ]
             )
         )
     finally:
