@@ -172,11 +172,11 @@ def _decision(
 
 
 def show_rate(value: float | None) -> str:
-    return "-" if value is None else f"{value * 100:.3g}%"
+    return "no data" if value is None else f"{value * 100:.3g}%"
 
 
 def show_latency(value: float | None) -> str:
-    return "-" if value is None else f"{value * 1000:.0f} ms"
+    return "no data" if value is None else f"{value * 1000:.0f} ms"
 
 
 def values_by_service(samples: list[Sample], label: str) -> dict[str, float | None]:

@@ -279,6 +279,12 @@ def _record_metrics(
 ) -> None:
     if not measured:
         return
+    blind = [s.service for s in signals if s.up and (s.error_rate is None or s.p99_s is None)]
+    if blind:
+        report.follow_ups.append(
+            f"No error rate or p99 for {', '.join(blind)}: check that their request metrics are "
+            "scraped and carry the service label the queries group by."
+        )
     for s in signals:
         if not s.up:
             continue

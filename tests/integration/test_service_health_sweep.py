@@ -205,16 +205,78 @@ def test_an_error_spike_from_prometheus_is_named_and_handed_to_rollback(
     assert "handed to rollback-bad-deploy" in result.report
 
 
+def test_high_latency_alone_is_escalated_with_the_seeds_advice(
+    services: dict[str, HttpService], prometheus, prom_block: str
+) -> None:
+    orders, payments, search = services
+    for name in services:
+        serve_requests(prometheus, name, errors_per_s=0.0, p99_s=3.0 if name == search else 0.2)
+    prometheus.wait_for(
+        "histogram_quantile(0.99, sum by (le) "
+        f'(rate(http_request_duration_seconds_bucket{{service="{search}"}}[5s])))',
+        lambda r: bool(r) and float(r[0]["value"][1]) > 2.0,
+    )
+
+    state = service_health_sweep(
+        ServiceHealthSweepParams(
+            endpoints=endpoints(services), prometheus_block=prom_block, window="5s"
+        ),
+        return_state=True,
+    )
+
+    assert state.is_failed()
+    assert f"HIGH LATENCY: {search} up (HTTP 200" in state.message
+    assert "p99 2994 ms" in state.message or "p99 2990 ms" in state.message, state.message
+    assert "check database connections, resource usage" in state.message
+    assert orders not in state.message and payments not in state.message
+    report = read_incident_report(state.state_details.flow_run_id)
+    assert "P3 (minor degradation)" in report
+
+
+def test_a_refused_query_is_said_and_the_other_one_still_measured(
+    services: dict[str, HttpService], prometheus, prom_block: str
+) -> None:
+    orders = next(iter(services))
+    serve_requests(prometheus, orders, errors_per_s=0.0, p99_s=0.5)
+    prometheus.wait_for(
+        "histogram_quantile(0.99, sum by (le) "
+        f'(rate(http_request_duration_seconds_bucket{{service="{orders}"}}[5s])))',
+        lambda r: bool(r) and r[0]["value"][1] != "NaN",
+    )
+
+    result = service_health_sweep(
+        ServiceHealthSweepParams(
+            endpoints=endpoints(services),
+            prometheus_block=prom_block,
+            window="5s",
+            error_rate_query="sum by (service) (rate(http_requests_total[{window}]) +",
+        )
+    )
+
+    assert result.decision.situation is Situation.HEALTHY
+    assert "| error rate query | FAILING | refused: bad_data:" in result.report
+    assert "Fix the error rate query" in result.report
+    by = {s.service: s for s in result.services}
+    assert by[orders].error_rate is None and by[orders].p99_s is not None
+    assert f"| {orders} errors and latency | OK | 5xx no data (threshold 5%), p99 " in result.report
+    assert f"No error rate or p99 for {orders}" in result.report
+
+
 def test_prometheus_configured_but_down_still_reports_health(
     services: dict[str, HttpService],
 ) -> None:
     orders, payments, _ = services
-    dead = unique("prom-dead")
-    PrometheusServer(url=f"http://127.0.0.1:{free_port()}", timeout_s=2).save(dead)
+    dead_prometheus, dead_alertmanager = unique("prom-dead"), unique("am-dead")
+    PrometheusServer(url=f"http://127.0.0.1:{free_port()}", timeout_s=2).save(dead_prometheus)
+    AlertmanagerServer(url=f"http://127.0.0.1:{free_port()}", timeout_s=2).save(dead_alertmanager)
     services[payments].stop()
 
     state = service_health_sweep(
-        ServiceHealthSweepParams(endpoints=endpoints(services), prometheus_block=dead),
+        ServiceHealthSweepParams(
+            endpoints=endpoints(services),
+            prometheus_block=dead_prometheus,
+            alertmanager_block=dead_alertmanager,
+        ),
         return_state=True,
     )
 
@@ -223,6 +285,7 @@ def test_prometheus_configured_but_down_still_reports_health(
     report = read_incident_report(state.state_details.flow_run_id)
     assert "| Prometheus | FAILING | does not answer (" in report
     assert "this sweep saw no error rates or latency" in report
+    assert "| Alertmanager | FAILING | does not answer (" in report
     assert f"| {orders} health | OK |" in report
 
 
