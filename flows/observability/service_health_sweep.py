@@ -336,11 +336,15 @@ def _respond(
     situation = decision.situation
     if situation is Situation.HEALTHY:
         alerting = [s for s in signals if s.alerts]
+        measured = any(s.error_rate is not None or s.p99_s is not None for s in signals)
         report.finish(
             Outcome.NO_ACTION_NEEDED,
-            f"All {len(signals)} service(s) are up, no breaker open, errors and latency within "
-            "their thresholds"
-            + ("" if params.prometheus_block else " (not measured: no Prometheus)")
+            f"All {len(signals)} service(s) are up, no breaker open, "
+            + (
+                "errors and latency within their thresholds"
+                if measured
+                else "errors and latency not measured"
+            )
             + (
                 f"; alerts still firing for {', '.join(s.service for s in alerting)}"
                 if alerting

@@ -314,6 +314,7 @@ def test_a_firing_alert_from_alertmanager_is_shown(services: dict[str, HttpServi
     assert by[orders].alerts == [f"OrdersSlowCheckout [warning] (service={orders})"]
     assert by[payments].alerts == []
     assert f"alerts still firing for {orders}" in result.report
+    assert "errors and latency not measured" in result.report
     assert "| firing alerts | FAILING | " in result.report
     assert (
         "1 firing alert(s) name no swept service: DiskFilling [warning] (instance=db-1)"
