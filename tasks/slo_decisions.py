@@ -28,6 +28,10 @@ def _windowed(query: str) -> str:
     return query
 
 
+WindowedQuery = Annotated[str, AfterValidator(_windowed)]
+"""PromQL with a ``{window}`` placeholder, replaced by a validated ``PromDuration``."""
+
+
 class Objective(BaseModel):
     """One SLO: what to measure (PromQL over ``{window}``), its target and its alert threshold."""
 

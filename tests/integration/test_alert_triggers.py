@@ -149,6 +149,15 @@ CASES = {
         },
         {"actuator_url": "http://orders:8082/actuator", "breaker": "inventory"},
     ),
+    "service-health-sweep": (
+        {
+            "alertname": "MultipleServicesDown",
+            "environment": "prod",
+            "prometheus": "main",
+            "runbooks_platform": "kubernetes/prod",
+        },
+        {"prometheus_block": "main", "alertmanager_block": "default", "platform": "kubernetes/prod"},
+    ),
     "e2e-latency-high": (
         {"alertname": "E2ELatencyHigh", "prometheus": "main"},
         {"prometheus_block": "main"},
