@@ -387,7 +387,7 @@ def _respond(
             + (f". Handed off: {', '.join(handed)}" if handed else "")
         )
     report.finish(
-        Outcome.WAITING,
+        Outcome.HANDED_OFF,
         f"{situation.value}: {named}. "
         + " ".join(f"{n} handed to its runbook ({link})." for n, link in handed.items())
         + " This run changed nothing; the runbooks handed to act under their own guards.",

@@ -67,7 +67,7 @@ def test_one_service_down_is_told_from_all_down(
 
     assert one.decision.situation is Situation.SOME_DOWN
     assert one.decision.services == [payments]
-    assert one.outcome is Outcome.WAITING
+    assert one.outcome is Outcome.HANDED_OFF
     (handed,) = new_runs(not_responding, before)
     got = handed["parameters"]["params"]
     assert {k: got[k] for k in ("platform", "service", "namespace", "health_url", "dry_run")} == {
@@ -349,4 +349,4 @@ def test_an_open_breaker_is_handed_to_circuit_breaker_open(deployment_ids: dict[
     got = handed["parameters"]["params"]
     assert (got["actuator_url"], got["breaker"]) == (app.actuator_url, "inventory")
     CircuitBreakerOpenParams.model_validate(got)
-    assert result.outcome is Outcome.WAITING
+    assert result.outcome is Outcome.HANDED_OFF
