@@ -13,7 +13,14 @@ from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from blocks.aws import AwsAccount
 from runbooks.errors import Escalation, VerificationFailed
-from runbooks.params import BlockName, RunbookParams, unique_names
+from runbooks.handoff import hand_off
+from runbooks.params import (
+    BlockName,
+    OptionalPlatformRef,
+    OptionalServiceName,
+    RunbookParams,
+    unique_names,
+)
 from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.safety import Budget, Guard, Target
 from tasks.aws_resources import (
@@ -84,6 +91,15 @@ class AwsResourcesMissingParams(RunbookParams):
     topic: OptionalTopicName = Field(
         None, description="The topic the alert names (label topic_name); it must be declared."
     )
+    platform: OptionalPlatformRef = Field(
+        None,
+        description="Where LocalStack runs (docker/<block>, kubernetes/<block>, supervisord/<block>): "
+        "with `service`, an endpoint that does not answer is handed to service-not-responding, "
+        "which restarts it; this runbook then re-creates the resources on its next run.",
+    )
+    service: OptionalServiceName = Field(
+        None, description="LocalStack's service (Compose service, Deployment, program) on `platform`."
+    )
     verify_timeout_s: float = Field(
         30, gt=0, le=600, description="How long to wait for the account to show what was created."
     )
@@ -117,6 +133,17 @@ def aws_resources_missing(params: AwsResourcesMissingParams) -> AwsResourcesMiss
         account = AwsAccount.load(params.aws_block)
         _check_health(report, account)
         live = _read_or_escalate(report, params, account)
+        if isinstance(live, str):
+            report.finish(
+                Outcome.HANDED_OFF,
+                f"{account.endpoint()} does not answer: handed to service-not-responding, which "
+                f"restarts {params.service} on {params.platform} ({live}). Nothing was created; "
+                "run this runbook again once it answers (its alert fires again while resources "
+                "are missing).",
+            )
+            return AwsResourcesMissingSummary(
+                outcome=report.outcome, decisions=[], report=report.to_markdown()
+            )
         where = live.location.describe()
         decisions = decide_all(params.queues, params.topics, live)
         _record(report, decisions)
@@ -194,7 +221,9 @@ def _check_health(report: IncidentReport, account: AwsAccount) -> None:
 
 def _read_or_escalate(
     report: IncidentReport, params: AwsResourcesMissingParams, account: AwsAccount
-) -> AwsResources:
+) -> AwsResources | str:
+    """The declared resources as they are; a link to the service-not-responding run when the
+    endpoint does not answer and where it runs is known; otherwise an escalation."""
     where = account.endpoint() or f"AWS {account.region_name() or '(default region)'}"
     try:
         return read_aws_resources(account, params.queues, params.topics)
@@ -209,6 +238,14 @@ def _read_or_escalate(
         raise Escalation(f"{where} refused a request ({exc}); nothing was changed") from None
     except BotoCoreError as exc:
         report.check("AWS API", False, f"{where}: {type(exc).__name__}: {exc}")
+        if params.platform and params.service and account.endpoint():
+            link = hand_off(
+                "service-not-responding",
+                params,
+                {"platform": params.platform, "service": params.service},
+            )
+            report.step(f"handed to service-not-responding for {params.service}: {link}")
+            return link
         report.follow_ups.append(
             f"Start or restart the endpoint ({where}; for LocalStack: docker-compose restart "
             "localstack), then run this runbook again: it re-creates the declared resources. "

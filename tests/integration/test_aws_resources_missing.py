@@ -21,7 +21,7 @@ from flows.aws.aws_resources_missing import (
 )
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
-from tests.conftest import read_actions_table, read_incident_report, unique
+from tests.conftest import read_actions_table, read_incident_report, runs_of, unique
 from tests.moto_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, MotoServer
 from tests.servers import free_port
 
@@ -322,3 +322,26 @@ def test_alert_naming_an_undeclared_queue_escalates(account: Account) -> None:
     assert state.is_failed() and summary is None
     assert f"the alert names queue {stray}, which is not declared" in report
     assert account.queue_url(stray) is None
+
+
+def test_an_unreachable_localstack_is_handed_to_service_not_responding(
+    account: Account, moto: MotoServer, deployment_ids: dict[str, str]
+) -> None:
+    """Where LocalStack runs is known: the endpoint that does not answer is restarted by
+    service-not-responding (its own run, dry-run carried); nothing is created meanwhile."""
+    down = Account(moto, endpoint_url=f"http://127.0.0.1:{free_port()}")
+    down.queue, down.dlq, down.topic = account.queue, account.dlq, account.topic
+    before = account.snapshot()
+    seen = {r["id"] for r in runs_of(deployment_ids["service-not-responding"])}
+
+    state, summary, report = down.run(
+        dry_run=True, platform="docker/local", service="localstack"
+    )
+
+    assert state.is_completed() and summary is not None
+    assert summary.outcome is Outcome.HANDED_OFF
+    [handed] = [r for r in runs_of(deployment_ids["service-not-responding"]) if r["id"] not in seen]
+    params = handed["parameters"]["params"]
+    assert (params["platform"], params["service"], params["dry_run"]) == ("docker/local", "localstack", True)
+    assert handed["id"] in report and "handed to service-not-responding" in report
+    assert account.snapshot() == before
