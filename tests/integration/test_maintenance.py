@@ -40,10 +40,10 @@ def blocks(prometheus, kafka_broker, alertmanager) -> dict[str, str]:
     return names
 
 
-def _error_rate_slo(prometheus, tag: str) -> Objective:
+def _error_rate_slo(prometheus, tag: str, errors_per_s: float = 0) -> Objective:
     e = prometheus.exporter
-    e.set_rate("http_requests_total", {"mnt": tag, "status": "200"}, 50)
-    e.set_rate("http_requests_total", {"mnt": tag, "status": "500"}, 0)
+    e.set_rate("http_requests_total", {"mnt": tag, "status": "200"}, 50 - errors_per_s)
+    e.set_rate("http_requests_total", {"mnt": tag, "status": "500"}, errors_per_s)
     query = (f'sum(rate(http_requests_total{{mnt="{tag}",status=~"5.."}}[{{window}}])) '
              f'/ sum(rate(http_requests_total{{mnt="{tag}"}}[{{window}}]))')
     prometheus.wait_for(query.replace("{window}", "5s"))
@@ -93,7 +93,11 @@ def test_findings_and_failed_checks_escalate_as_one_ticket(
     prometheus, kafka_broker, alertmanager, blocks
 ) -> None:
     _post(alertmanager, {"alertname": "KafkaBrokerDown", "severity": "critical", "broker": unique("b")})
+    breached = _error_rate_slo(prometheus, unique("mnt"), errors_per_s=10)
     checks = _checks(prometheus, kafka_broker, blocks)[:1] + [
+        MaintenanceCheck(task="Check error rate of the new service", runbook="slo-report",
+                         parameters={"prometheus_block": blocks["prom"], "window": "5s",
+                                     "budget_period": "10s", "objectives": [breached.model_dump()]}),
         MaintenanceCheck(task="Review consumer lag across all topics",
                          runbook="kafka-consumer-lag-high",
                          parameters={"kafka_block": "never-saved-kafka"}),
@@ -104,9 +108,12 @@ def test_findings_and_failed_checks_escalate_as_one_ticket(
     state = daily_maintenance(params, return_state=True)
 
     assert state.is_failed()
-    assert "3 maintenance finding(s)" in state.message
+    assert "4 maintenance finding(s)" in state.message
     md = read_incident_report(state.state_details.flow_run_id)
     assert "| Check error rate | OK |" in md
+    # the dry-run slo-report would have escalated: a finding, with its reason
+    assert "| Check error rate of the new service | FAILING | " in md
+    assert "FINDINGS: 1 SLO(s) breached over 5s: Error Rate 20%" in md
     assert "| Review consumer lag across all topics | FAILING |" in md and "never-saved-kafka" in md
     assert "| A typo | FAILING |" in md and "no such runbook in prefect.yaml" in md
     assert "critical of" in md and "KafkaBrokerDown [critical]" in md
