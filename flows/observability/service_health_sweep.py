@@ -1,7 +1,8 @@
 """Runbook ``service-health-sweep`` (seed 002 "Initial Response (OODA Loop)", seed 001 "Triage"):
-observe every service's health endpoint and, when ``platform`` says where the services run, their
-instances there (seed 002 "Check container status": running, restarting, exited), orient with each service's error rate and p99 latency
-from Prometheus and the alerts firing in Alertmanager, decide which situation this is
+observe every service's health endpoint and, when ``platform`` says where the services run,
+their instances there (seed 002 "Check container status": running, crash-looping, stopped, not
+found), orient with each service's error rate and p99 latency from Prometheus and the alerts
+firing in Alertmanager, decide which situation this is
 (tasks/sweep_decisions.py: all down, some down, circuit breaker open, error spike, high latency,
 healthy) and hand it to the runbook that acts on it:
 
