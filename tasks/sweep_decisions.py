@@ -13,6 +13,14 @@ Precedence, most urgent first (only the first that applies acts; the rest are re
 4. ERROR_SPIKE: a service answers more 5xx than the threshold -> application logs (a bad deploy).
 5. HIGH_LATENCY: a service's p99 is over the threshold -> database connections, resource usage.
 6. HEALTHY: nothing of the above.
+
+Where the services run (seed 002 "Check container status", when the sweep is given a platform),
+each service's instances are one more signal. The health endpoint decides whether a service is
+up: one that does not answer is down even while every instance runs and is ready (hung), and the
+instances say what kind of down it is (none running, crash-looping, not found) in the evidence
+and the hand-off. A service the platform does not know is not handed to a runbook that acts on
+its workload. A service that answers while its instances crash-loop, or while none runs, has a
+problem no situation acts on: it is reported (``also``) for a person to look at.
 """
 
 from __future__ import annotations
@@ -23,10 +31,14 @@ from pydantic import BaseModel, Field
 
 from tasks.health_endpoints_decisions import ServiceHealth
 from tasks.prometheus import Sample
+from tasks.workloads import WorkloadStatus
 
 # the Resilience4j health indicator's status of an open breaker (CIRCUIT_HALF_OPEN is recovering)
 BREAKER_OPEN = "CIRCUIT_OPEN"
 ACTUATOR_HEALTH_SUFFIX = "/actuator/health"
+# the platforms' words for an instance that keeps dying and being started again: Kubernetes'
+# waiting reason, Docker's container status, supervisord's retrying-at-start state
+CRASH_LOOP_STATES = frozenset({"crashloopbackoff", "restarting", "backoff"})
 
 
 class Problem(StrEnum):
@@ -36,6 +48,19 @@ class Problem(StrEnum):
     CIRCUIT_OPEN = "circuit breaker open"
     ERROR_SPIKE = "error spike"
     HIGH_LATENCY = "high latency"
+    # no situation of its own: the service answers, so this is reported, not acted on
+    INSTANCES_FAILING = "answers, but its instances fail on the platform"
+
+
+class Instances(StrEnum):
+    """What the platform shows of a service's instances, worst first."""
+
+    NOT_FOUND = "not found on the platform"
+    CRASH_LOOPING = "crash-looping"
+    NONE_RUNNING = "no instance running"
+    PARTLY = "not every instance running and ready"
+    RUNNING = "every instance running"
+    UNREAD = "platform not read"
 
 
 class Situation(StrEnum):
@@ -82,6 +107,12 @@ class ServiceSignals(BaseModel):
     error_rate: float | None = Field(None, description="5xx share of its requests; None: unknown.")
     p99_s: float | None = Field(None, description="p99 request latency, seconds; None: unknown.")
     alerts: list[str] = Field(default_factory=list, description="Its firing alerts, described.")
+    instances: Instances | None = Field(
+        None, description="What the platform shows of its instances; None: no platform given."
+    )
+    instances_seen: str | None = Field(
+        None, description="Its instances as the platform shows them, in words."
+    )
 
 
 class Decision(BaseModel):
@@ -121,6 +152,37 @@ def actuator_base(url: str) -> str | None:
     return None
 
 
+def instances_verdict(status: WorkloadStatus) -> Instances:
+    """The platform's view of one service in one word: crash-looping (an instance in a
+    crash-loop state, or down after restarts) before none running, before some not running or
+    not ready (fewer than wanted, too)."""
+    if not status.exists:
+        return Instances.NOT_FOUND
+    if any(
+        i.state.lower() in CRASH_LOOP_STATES or (not i.running and i.restarts > 0)
+        for i in status.instances
+    ):
+        return Instances.CRASH_LOOPING
+    if not status.running:
+        return Instances.NONE_RUNNING
+    wanted = status.desired_replicas
+    if any(not i.running or i.ready is False for i in status.instances) or (
+        wanted is not None and len(status.running) < wanted
+    ):
+        return Instances.PARTLY
+    return Instances.RUNNING
+
+
+def handoff_blocked(s: ServiceSignals) -> str | None:
+    """Why a runbook acting on the service's workload cannot take it; None: it can."""
+    if s.instances is Instances.NOT_FOUND:
+        return (
+            f"the platform does not know {s.service}: check that the swept service is named as "
+            "the platform names it"
+        )
+    return None
+
+
 def problems_of(s: ServiceSignals, t: Thresholds) -> list[Problem]:
     """One service's problems in precedence order; a down service is only down (its metrics and
     breakers say nothing more)."""
@@ -133,6 +195,8 @@ def problems_of(s: ServiceSignals, t: Thresholds) -> list[Problem]:
         found.append(Problem.ERROR_SPIKE)
     if s.p99_s is not None and s.p99_s > t.p99_s:
         found.append(Problem.HIGH_LATENCY)
+    if s.instances in (Instances.CRASH_LOOPING, Instances.NONE_RUNNING):
+        found.append(Problem.INSTANCES_FAILING)
     return found
 
 

@@ -1,6 +1,8 @@
 """Runbook ``service-health-sweep`` (seed 002 "Initial Response (OODA Loop)", seed 001 "Triage"):
-observe every service's health endpoint, orient with each service's error rate and p99 latency
-from Prometheus and the alerts firing in Alertmanager, decide which situation this is
+observe every service's health endpoint and, when ``platform`` says where the services run,
+their instances there (seed 002 "Check container status": running, crash-looping, stopped, not
+found), orient with each service's error rate and p99 latency from Prometheus and the alerts
+firing in Alertmanager, decide which situation this is
 (tasks/sweep_decisions.py: all down, some down, circuit breaker open, error spike, high latency,
 healthy) and hand it to the runbook that acts on it:
 
@@ -11,7 +13,8 @@ healthy) and hand it to the runbook that acts on it:
 
 It changes nothing itself: the runbooks it hands to run as their own runs, under their own locks,
 budgets and approvals, in dry-run when this run is. Prometheus and Alertmanager are optional; one
-that is configured and does not answer is said so, and the sweep goes on with what it saw.
+that is configured and does not answer is said so, and the sweep goes on with what it saw; so
+is a platform that cannot be read (its block not saved, its API down): health still decides.
 """
 
 from typing import Annotated
@@ -21,6 +24,7 @@ from prefect.artifacts import create_table_artifact
 from pydantic import AfterValidator, BaseModel, Field
 
 from blocks.prometheus import AlertmanagerServer, PrometheusServer
+from flows.services.common import describe_instance
 from runbooks.errors import Escalation
 from runbooks.handoff import hand_off
 from runbooks.params import (
@@ -38,17 +42,21 @@ from tasks.prometheus import PrometheusUnavailable, PromQLError, label_matcher, 
 from tasks.slo_decisions import PromDuration, WindowedQuery
 from tasks.sweep_decisions import (
     Decision,
+    Instances,
     ServiceSignals,
     Situation,
     Thresholds,
     actuator_base,
     decide,
+    handoff_blocked,
+    instances_verdict,
     open_breakers,
     problems_of,
     show_latency,
     show_rate,
     values_by_service,
 )
+from tasks.workloads import WorkloadRef, load_backend, workload_status
 
 RUNBOOK = "service-health-sweep"
 
@@ -133,8 +141,9 @@ class ServiceHealthSweepParams(RunbookParams):
     platform: OptionalPlatformRef = Field(
         None,
         description="Where the services run (kubernetes/<block>, docker/<block> or "
-        "supervisord/<block>): a down service is handed to service-not-responding, an error "
-        "spike to rollback-bad-deploy. Empty: they are escalated instead.",
+        "supervisord/<block>): each service's instances are read there and shown beside its "
+        "health; a down service is handed to service-not-responding, an error spike to "
+        "rollback-bad-deploy. Empty: instances not read, those are escalated instead.",
     )
     namespace: OptionalNamespace = Field(
         None,
@@ -165,6 +174,7 @@ def service_health_sweep(params: ServiceHealthSweepParams) -> SweepSummary:
         for h in healths:
             report.check(f"{h.service} health", h.up and not open_breakers(h), h.describe())
         report.evidence("health endpoints", [h.model_dump(mode="json") for h in healths])
+        instances = _instances(report, params)
         errors, latencies = _metrics(report, params)
         alerts, unmatched = _alerts(report, params)
         thresholds = Thresholds(
@@ -180,6 +190,8 @@ def service_health_sweep(params: ServiceHealthSweepParams) -> SweepSummary:
                 error_rate=errors.get(h.service),
                 p99_s=latencies.get(h.service),
                 alerts=[a.describe() for a in alerts.get(h.service, [])],
+                instances=instances.get(h.service, (None, None))[0],
+                instances_seen=instances.get(h.service, (None, None))[1],
             )
             for h in healths
         ]
@@ -203,6 +215,50 @@ def service_health_sweep(params: ServiceHealthSweepParams) -> SweepSummary:
             handed_off=handed,
             report=report.to_markdown(),
         )
+
+
+def _instances(
+    report: IncidentReport, params: ServiceHealthSweepParams
+) -> dict[str, tuple[Instances, str]]:
+    """Seed 002 "Check container status": each service's instances where it runs, as service ->
+    (verdict, in words); empty without a platform. A platform that cannot be read is said, and
+    the services not read yet are marked so."""
+    if not params.platform:
+        report.step("no platform given: the services' instances not read")
+        return {}
+    names = [e.service for e in params.endpoints]
+    try:
+        backend = load_backend(params.platform)
+    except ValueError as exc:  # Block.load: no block document of that name
+        return _unread(report, params, names, f"its block is not saved ({exc})")
+    seen: dict[str, tuple[Instances, str]] = {}
+    for name in names:
+        try:
+            status = workload_status(backend, WorkloadRef(name=name, namespace=params.namespace))
+        except Exception as exc:  # noqa: BLE001 - an unreadable platform is a finding; the sweep goes on
+            left = [n for n in names if n not in seen]
+            return seen | _unread(report, params, left, f"{type(exc).__name__}: {exc}"[:300])
+        verdict = instances_verdict(status)
+        if verdict is Instances.NOT_FOUND:
+            words = f"{params.platform} does not know {name}"
+        else:
+            shown = "; ".join(map(describe_instance, status.instances))
+            words = f"{verdict.value} on {params.platform}: {shown}"
+        report.check(f"{name} instances", verdict is Instances.RUNNING, words)
+        report.evidence(f"{name} on {params.platform}", status)
+        seen[name] = (verdict, words)
+    return seen
+
+
+def _unread(
+    report: IncidentReport, params: ServiceHealthSweepParams, names: list[str], why: str
+) -> dict[str, tuple[Instances, str]]:
+    report.check("platform", False, f"{params.platform} not read: {why}")
+    report.follow_ups.append(
+        f"Make the platform {params.platform} readable: this sweep saw no instances of "
+        f"{', '.join(names)}."
+    )
+    return {n: (Instances.UNREAD, f"instances not read ({params.platform})") for n in names}
 
 
 def _metrics(
@@ -302,6 +358,7 @@ def _publish_table(signals: list[ServiceSignals], decision: Decision) -> None:
             {
                 "Service": s.service,
                 "Health": "up" if s.up else "DOWN",
+                "Instances": s.instances.value if s.instances else "-",
                 "Open breakers": ", ".join(s.open_breakers) or "-",
                 "Error rate": show_rate(s.error_rate),
                 "p99": show_latency(s.p99_s),
@@ -364,12 +421,18 @@ def _respond(
             "what they share"
         )
     handed: dict[str, str] = {}
+    blocked: dict[str, str] = {}
     for name in decision.services:
         runbook, handoff_params = _handoff_for(situation, params, healths[name], by_name[name])
         if runbook is None:
             continue
+        why = handoff_blocked(by_name[name]) if "platform" in handoff_params else None
+        if why:
+            blocked[name] = why
+            continue
         link = hand_off(runbook, params, handoff_params)
-        report.step(f"{name} ({situation.value.lower()}): handed to {runbook}, {link}")
+        kind = situation.value.lower() + _instances_word(by_name[name])
+        report.step(f"{name} ({kind}): handed to {runbook}, {link}")
         handed[name] = link
     left = [n for n in decision.services if n not in handed]
     for name in left:
@@ -381,6 +444,8 @@ def _respond(
             Situation.ERROR_SPIKE: "no platform given to hand them to rollback-bad-deploy",
             Situation.HIGH_LATENCY: "no runbook acts on latency by itself",
         }[situation]
+        if blocked:
+            why = "; ".join(dict.fromkeys(blocked.values()))
         raise Escalation(
             f"{situation.value}: {'; '.join(_evidence(by_name[n]) for n in left)}. "
             f"Recommended: {decision.advice} ({why})"
@@ -406,7 +471,15 @@ def _evidence(s: ServiceSignals) -> str:
         if value is not None
     ]
     alerts = [f"alerts firing: {'; '.join(s.alerts)}"] if s.alerts else []
-    return ", ".join([s.health, *measured, *alerts])
+    instances = [f"instances: {s.instances_seen}"] if s.instances_seen else []
+    return ", ".join([s.health, *instances, *measured, *alerts])
+
+
+def _instances_word(s: ServiceSignals) -> str:
+    """What the platform adds to a hand-off's name for the service's state, e.g. ", crash-looping"."""
+    if s.instances in (Instances.CRASH_LOOPING, Instances.NONE_RUNNING, Instances.PARTLY):
+        return f", {s.instances.value}"
+    return ""
 
 
 def _handoff_for(

@@ -1,15 +1,20 @@
 """service-health-sweep against real services: HTTP health endpoints the test stops to make a
-service down, the actuator service with a real circuit breaker, the session's real Prometheus
+service down, the actuator service with a real circuit breaker, the session's real supervisord
+running the programs whose instances the sweep reads, the session's real Prometheus
 (series with known error rates and latency) and a real Alertmanager. Hand-offs are asserted as
 the runs they created on the Prefect test server (deployments applied, not served)."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 from collections.abc import Iterator
 
 import pytest
 
 from blocks.prometheus import AlertmanagerServer, PrometheusServer
+from blocks.supervisor import SupervisorHost
 from flows.observability.service_health_sweep import (
     ServiceHealthSweepParams,
     SweepSummary,
@@ -19,11 +24,12 @@ from flows.services.circuit_breaker_open import CircuitBreakerOpenParams
 from flows.services.rollback_bad_deploy import RollbackBadDeployParams
 from flows.services.service_not_responding import ServiceNotRespondingParams
 from runbooks.report import Outcome
-from tasks.sweep_decisions import Situation
+from tasks.sweep_decisions import Instances, Situation
 from tests.actuator_app import ActuatorService, HttpService
 from tests.alertmanager import firing, running_alertmanager
 from tests.conftest import read_incident_report, runs_of, unique
 from tests.servers import free_port
+from tests.supervisor_server import SupervisorServer
 
 pytestmark = pytest.mark.integration
 
@@ -350,3 +356,135 @@ def test_an_open_breaker_is_handed_to_circuit_breaker_open(deployment_ids: dict[
     assert (got["actuator_url"], got["breaker"]) == (app.actuator_url, "inventory")
     CircuitBreakerOpenParams.model_validate(got)
     assert result.outcome is Outcome.HANDED_OFF
+
+
+# seed 002 "Check container status": the services' instances where they run, read from the
+# session's real supervisord (tests/supervisor_server.py: programs `health` and `other`)
+
+
+@pytest.fixture
+def sv(supervisord: SupervisorServer) -> Iterator[tuple[SupervisorServer, str]]:
+    """The session's supervisord saved as a Supervisor block; programs put back afterwards."""
+    name = unique("sv")
+    supervisord.block().save(name, overwrite=True)
+    yield supervisord, f"supervisord/{name}"
+    supervisord.reset()
+
+
+def programs(server: SupervisorServer, *extra: tuple[str, str]) -> list[dict]:
+    """The supervised programs' health endpoints, named as supervisord names them."""
+    return [
+        {"service": name, "url": f"http://127.0.0.1:{port}/health", "timeout_s": 1}
+        for name, port in (("health", server.health_port), ("other", server.other_port))
+    ] + [{"service": name, "url": url, "timeout_s": 1} for name, url in extra]
+
+
+def test_instances_are_read_beside_health_a_stopped_program_and_an_unknown_one_named(
+    sv: tuple[SupervisorServer, str], deployment_ids: dict[str, str]
+) -> None:
+    server, platform = sv
+
+    healthy = service_health_sweep(
+        ServiceHealthSweepParams(endpoints=programs(server), platform=platform)
+    )
+
+    assert healthy.decision.situation is Situation.HEALTHY, healthy.report
+    for name in ("health", "other"):
+        assert (
+            f"| {name} instances | OK | every instance running on {platform}: "
+            f"{name} (RUNNING, ready)" in healthy.report
+        )
+    by = {s.service: s for s in healthy.services}
+    assert by["health"].instances is Instances.RUNNING
+
+    with server.rpc() as rpc:
+        rpc.supervisor.stopProcess("health:health", True)
+    ghost = unique("ghost")
+    not_responding = deployment_ids["service-not-responding"]
+    before = ids(not_responding)
+
+    state = service_health_sweep(
+        ServiceHealthSweepParams(
+            endpoints=programs(server, (ghost, f"http://127.0.0.1:{free_port()}/health")),
+            platform=platform,
+        ),
+        return_state=True,
+    )
+
+    assert state.is_failed()
+    # the stopped program: its state next to its failing endpoint, and handed off as such
+    assert state.message.startswith(
+        f"Escalated to a human: SERVICE DOWN: {ghost} down (no answer"
+    ), state.message
+    assert f"instances: {platform} does not know {ghost}" in state.message
+    assert f"the platform does not know {ghost}" in state.message
+    assert "Handed off: health" in state.message
+    report = read_incident_report(state.state_details.flow_run_id)
+    assert re.search(r"\| health health \| FAILING \| .*\n\| other health \| OK \|", report), report
+    assert (
+        f"| health instances | FAILING | no instance running on {platform}: "
+        "health (STOPPED, not ready" in report
+    ), report
+    assert (
+        f"| other instances | OK | every instance running on {platform}: other (RUNNING, ready)"
+        in report
+    )
+    assert f"| {ghost} instances | FAILING | {platform} does not know {ghost} |" in report
+    assert "health (service down, no instance running): handed to service-not-responding" in report
+    (handed,) = new_runs(not_responding, before)  # the stopped one; the unknown one is not
+    assert handed["parameters"]["params"]["service"] == "health"
+    assert handed["parameters"]["params"]["platform"] == platform
+    assert server.infos()["health:health"]["statename"] == "STOPPED", "the sweep changes nothing"
+
+
+def test_a_hung_program_whose_process_runs_is_still_down(
+    sv: tuple[SupervisorServer, str], deployment_ids: dict[str, str]
+) -> None:
+    server, platform = sv
+    os.kill(server.pids()["health:health"], signal.SIGSTOP)
+    not_responding = deployment_ids["service-not-responding"]
+    before = ids(not_responding)
+
+    result = service_health_sweep(
+        ServiceHealthSweepParams(endpoints=programs(server), platform=platform)
+    )
+
+    assert result.decision.situation is Situation.SOME_DOWN, result.report
+    assert result.decision.services == ["health"]
+    assert "| health health | FAILING |" in result.report
+    assert (
+        f"| health instances | OK | every instance running on {platform}: health (RUNNING, ready)"
+        in result.report
+    )
+    assert "health (service down): handed to service-not-responding" in result.report
+    (handed,) = new_runs(not_responding, before)
+    assert handed["parameters"]["params"]["service"] == "health"
+
+
+@pytest.mark.parametrize("platform_is", ["not saved", "down"])
+def test_a_platform_that_cannot_be_read_is_said_and_health_still_decides(
+    platform_is: str, services: dict[str, HttpService], deployment_ids: dict[str, str]
+) -> None:
+    orders, payments, _ = services
+    name = unique("sv-dead")
+    if platform_is == "down":
+        SupervisorHost(url=f"http://127.0.0.1:{free_port()}/RPC2", request_timeout_s=1).save(name)
+    not_responding = deployment_ids["service-not-responding"]
+    before = ids(not_responding)
+    services[payments].stop()
+
+    result = service_health_sweep(
+        ServiceHealthSweepParams(endpoints=endpoints(services), platform=f"supervisord/{name}")
+    )
+
+    assert result.decision.situation is Situation.SOME_DOWN, result.report
+    assert result.decision.services == [payments]
+    expected = "its block is not saved" if platform_is == "not saved" else "Error"
+    assert re.search(
+        rf"\| platform \| FAILING \| supervisord/{name} not read: [^|]*{expected}", result.report
+    ), result.report
+    assert f"this sweep saw no instances of {orders}, {payments}" in result.report
+    assert f"| {orders} health | OK |" in result.report
+    assert all(s.instances is Instances.UNREAD for s in result.services)
+    (handed,) = new_runs(not_responding, before)  # the runbook handed to reads the platform itself
+    assert handed["parameters"]["params"]["service"] == payments

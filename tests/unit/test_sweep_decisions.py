@@ -8,15 +8,19 @@ import pytest
 from tasks.health_endpoints_decisions import HealthStyle, ServiceHealth
 from tasks.prometheus import Sample
 from tasks.sweep_decisions import (
+    Instances,
     Problem,
     ServiceSignals,
     Situation,
     Thresholds,
     actuator_base,
     decide,
+    handoff_blocked,
+    instances_verdict,
     open_breakers,
     values_by_service,
 )
+from tasks.workloads import Instance, WorkloadStatus
 
 T = Thresholds(error_rate=0.05, p99_s=2.0)
 UP, DOWN = "up", "down"
@@ -29,6 +33,7 @@ def svc(
     breakers: tuple[str, ...] = (),
     errors: float | None = None,
     p99: float | None = None,
+    instances: Instances | None = None,
 ) -> ServiceSignals:
     return ServiceSignals(
         service=name,
@@ -38,6 +43,7 @@ def svc(
         open_breakers=list(breakers),
         error_rate=errors,
         p99_s=p99,
+        instances=instances,
     )
 
 
@@ -68,6 +74,30 @@ CASES = [
      Situation.ERROR_SPIKE, ["b"], "P2", ["a: high latency", "b: high latency"]),
     ("high latency", [svc("a", p99=2.5), svc("b", p99=0.3)], Situation.HIGH_LATENCY, ["a"], "P3", []),
     ("latency at the threshold is fine", [svc("a", p99=2.0)], Situation.HEALTHY, [], "P4", []),
+    # the platform's view of the instances: health decides whether a service is up
+    ("down while every instance runs is still down (hung)",
+     [svc("a", DOWN, instances=Instances.RUNNING), svc("b", instances=Instances.RUNNING)],
+     Situation.SOME_DOWN, ["a"], "P2", []),
+    ("down with no instance running is down", [svc("a", DOWN, instances=Instances.NONE_RUNNING), svc("b")],
+     Situation.SOME_DOWN, ["a"], "P2", []),
+    ("down and crash-looping is down", [svc("a", DOWN, instances=Instances.CRASH_LOOPING), svc("b")],
+     Situation.SOME_DOWN, ["a"], "P2", []),
+    ("down and unknown to the platform is down", [svc("a", DOWN, instances=Instances.NOT_FOUND), svc("b")],
+     Situation.SOME_DOWN, ["a"], "P2", []),
+    ("a platform not read changes nothing",
+     [svc("a", DOWN, instances=Instances.UNREAD), svc("b", DOWN, instances=Instances.UNREAD)],
+     Situation.ALL_DOWN, ["a", "b"], "P1", []),
+    ("answering while crash-looping is reported, not acted on",
+     [svc("a", instances=Instances.CRASH_LOOPING), svc("b", instances=Instances.RUNNING)],
+     Situation.HEALTHY, [], "P4", ["a: answers, but its instances fail on the platform"]),
+    ("answering with no instance running is reported",
+     [svc("a", instances=Instances.NONE_RUNNING)],
+     Situation.HEALTHY, [], "P4", ["a: answers, but its instances fail on the platform"]),
+    ("some instances not ready while it answers is no problem",
+     [svc("a", instances=Instances.PARTLY)], Situation.HEALTHY, [], "P4", []),
+    ("failing instances come after a situation that acts",
+     [svc("a", errors=0.5, instances=Instances.CRASH_LOOPING)],
+     Situation.ERROR_SPIKE, ["a"], "P2", ["a: answers, but its instances fail on the platform"]),
 ]
 
 
@@ -161,3 +191,66 @@ def test_actuator_base(url: str, base: str | None) -> None:
 )
 def test_values_by_service(samples: list[Sample], expected: dict[str, float | None]) -> None:
     assert values_by_service(samples, "service") == expected
+
+
+def inst(state: str, *, running: bool, ready: bool | None = None, restarts: int = 0) -> Instance:
+    return Instance(
+        id=state, name=f"x-{state}", state=state, running=running, ready=ready, restarts=restarts
+    )
+
+
+def status(*instances: Instance, exists: bool = True, wanted: int | None = None) -> WorkloadStatus:
+    return WorkloadStatus(
+        platform="docker", service="x", exists=exists, instances=list(instances),
+        desired_replicas=wanted,
+    )
+
+
+RUNNING_K8S = inst("Running", running=True, ready=True)
+# (case, status, verdict)
+INSTANCE_CASES = [
+    ("unknown to the platform", status(exists=False), Instances.NOT_FOUND),
+    ("every instance running and ready", status(RUNNING_K8S, RUNNING_K8S, wanted=2), Instances.RUNNING),
+    ("running without readiness (Docker without a healthcheck)",
+     status(inst("running", running=True)), Instances.RUNNING),
+    ("supervisord STOPPED", status(inst("STOPPED", running=False, ready=False), wanted=0),
+     Instances.NONE_RUNNING),
+    ("supervisord EXITED", status(inst("EXITED", running=False, ready=False), wanted=1),
+     Instances.NONE_RUNNING),
+    ("known but scaled to zero", status(wanted=0), Instances.NONE_RUNNING),
+    ("Kubernetes CrashLoopBackOff beside a running pod",
+     status(RUNNING_K8S, inst("CrashLoopBackOff", running=False, ready=False, restarts=7), wanted=2),
+     Instances.CRASH_LOOPING),
+    ("Docker restarting", status(inst("restarting", running=False, restarts=4)), Instances.CRASH_LOOPING),
+    ("supervisord BACKOFF", status(inst("BACKOFF", running=False, ready=False)), Instances.CRASH_LOOPING),
+    ("exited after restarts", status(inst("exited", running=False, restarts=2)), Instances.CRASH_LOOPING),
+    ("running again after restarts is running", status(inst("Running", running=True, ready=True, restarts=3)),
+     Instances.RUNNING),
+    ("one not ready", status(RUNNING_K8S, inst("Running", running=True, ready=False)), Instances.PARTLY),
+    ("fewer running than wanted", status(RUNNING_K8S, wanted=3), Instances.PARTLY),
+    ("one of two exited", status(RUNNING_K8S, inst("exited", running=False)), Instances.PARTLY),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "workload", "verdict"), INSTANCE_CASES, ids=[c[0] for c in INSTANCE_CASES]
+)
+def test_instances_verdict(case: str, workload: WorkloadStatus, verdict: Instances) -> None:
+    assert instances_verdict(workload) is verdict
+
+
+@pytest.mark.parametrize(
+    ("instances", "blocked"),
+    [
+        (None, False),
+        (Instances.UNREAD, False),  # not read is not unknown: the runbook handed to reads it
+        (Instances.NONE_RUNNING, False),
+        (Instances.CRASH_LOOPING, False),
+        (Instances.NOT_FOUND, True),
+    ],
+)
+def test_handoff_blocked(instances: Instances | None, blocked: bool) -> None:
+    why = handoff_blocked(svc("a", DOWN, instances=instances))
+    assert (why is not None) == blocked
+    if blocked:
+        assert why.startswith("the platform does not know a")
