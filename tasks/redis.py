@@ -65,7 +65,9 @@ def read_redis_health(
 
 def _clients(client: redis.Redis) -> tuple[list[RedisClient], int]:
     own_id = client.client_id()
-    return [parse_client(entry) for entry in client.client_list()], own_id
+    entries = client.client_list()
+    read_at = time.time()
+    return [parse_client(entry).model_copy(update={"read_at": read_at}) for entry in entries], own_id
 
 
 @task(**redis_retries)

@@ -281,6 +281,9 @@ class RedisClient(BaseModel):
     cmd: str = ""
     subscriptions: int = Field(0, description="Channels + patterns + shard channels.")
     multi: int = Field(-1, description="Commands queued in MULTI; -1 outside a transaction.")
+    read_at: float = Field(
+        0.0, description="When this CLIENT LIST was read (unix seconds, the runbook's clock)."
+    )
 
     @property
     def host(self) -> str:
@@ -356,13 +359,21 @@ def still_killable(
 ) -> str:
     """At the moment of killing: 'kill', 'gone' or 'spared' (it ran a command since, or changed).
 
-    Client ids never repeat while a server runs, so the same id is the same connection; an idle
-    time shorter than when listed means it ran a command in between.
+    Client ids never repeat while a server runs, so the same id is the same connection. It ran a
+    command in between when its idle time is shorter than when listed, or, however long ago the
+    listing was, when its last command is later than the listing showed: (read time - idle) moved
+    by a whole second or more. Redis counts idle in whole seconds, so for a client idle all along
+    that estimate moves by less than one second; a command two seconds or more after its last one
+    always moves it by at least one.
     """
     if now is None:
         return "gone"
     if skip_reason(now, criteria, own_id) is not None or now.idle_s < listed.idle_s:
         return "spared"
+    if listed.read_at and now.read_at:
+        moved = (now.read_at - now.idle_s) - (listed.read_at - listed.idle_s)
+        if moved >= 1.0:
+            return "spared"
     return "kill"
 
 

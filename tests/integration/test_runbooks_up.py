@@ -169,6 +169,12 @@ def _scheduled_maintenance_runs(api: str) -> None:
             "alertmanager_block": None,
         },
         "weekly-maintenance": {"checks": [], "prometheus_block": None, "database_block": "up-test-db"},
+        # its changing runbooks start as their own runs: one, in dry-run, with its own report
+        "monthly-maintenance": {
+            "dry_run": True, "prometheus_block": None,
+            "runs": [{"task": "Connection pool review", "runbook": "db-connection-pool-exhausted",
+                      "parameters": {"db_block": "up-test-db"}}],
+        },
     }
     ids = {}
     for name, params in overrides.items():
@@ -200,8 +206,15 @@ def _scheduled_maintenance_runs(api: str) -> None:
         if name == "daily-maintenance":
             assert "| Check database connections | OK | Check database connections " in report
             assert "Every task passed: 1 check(s) clean." in report
-        else:
+        elif name == "weekly-maintenance":
             assert "| Database sizes | OK | Database sizes: postgres " in report
+        else:
+            assert "STARTED: started as its own run (dry-run)" in report
+            started = [r for r in httpx.post(f"{api}/flow_runs/filter", timeout=5, json={
+                "flow_runs": {"tags": {"all_": ["handed-off"]}}}).json()]
+            assert started and started[0]["parameters"]["params"]["dry_run"] is True
+            poll(lambda first=started[0]["id"]: final(first)["type"] == "COMPLETED", 120,
+                 "the started runbook's own run completed")
 
 
 def _checklist_gates_a_pipeline(api: str) -> None:

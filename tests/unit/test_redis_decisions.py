@@ -82,6 +82,13 @@ RECHECK_CASES = [
     (client(idle_s=900), client(idle_s=400), "spared"),  # ran one and went idle again
     (client(idle_s=900), client(idle_s=905, flags="b", cmd="blpop"), "spared"),
     (client(idle_s=900), client(idle_s=905, flags="P", cmd="subscribe"), "spared"),
+    # a slow re-check (under load): idle again longer than when listed, but its last command
+    # is later than the listing showed
+    (client(idle_s=301, read_at=100.0), client(idle_s=303, read_at=105.0), "spared"),
+    (client(idle_s=301, read_at=100.0), client(idle_s=305, read_at=105.5), "spared"),
+    # idle all along: the estimate of its last command moves by less than a second
+    (client(idle_s=301, read_at=100.9), client(idle_s=306, read_at=106.0), "kill"),
+    (client(idle_s=301, read_at=100.0), client(idle_s=306, read_at=105.9), "kill"),
 ]
 
 
