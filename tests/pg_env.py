@@ -4,6 +4,7 @@ pg_stat_activity."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -108,3 +109,49 @@ def free_connections(conn: psycopg.Connection) -> int:
         " - count(*) FILTER (WHERE backend_type = 'client backend')::int FROM pg_stat_activity"
     ).fetchone()
     return free
+
+
+@dataclass
+class Scratch:
+    """A database of a test module's own, its login roles (one password) and a superuser session
+    in it."""
+
+    db: str
+    roles: list[str]
+    password: str
+    admin: psycopg.Connection
+
+
+@contextlib.contextmanager
+def scratch_database(
+    postgres: PostgresServer, db_prefix: str, role_prefixes: list[str], schema: str
+) -> Iterator[Scratch]:
+    """Create a database, login roles and ``schema`` (USAGE granted to every role); drop them all
+    afterwards, sessions still connected included."""
+    suffix = uuid.uuid4().hex[:8]
+    db, roles = f"{db_prefix}_{suffix}", [f"{p}_{suffix}" for p in role_prefixes]
+    password = f"pw-{uuid.uuid4().hex}"
+    with psycopg.connect(postgres.conninfo(), autocommit=True) as root:
+        root.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+        for role in roles:
+            root.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(role), sql.Literal(password)
+                )
+            )
+    admin = psycopg.connect(postgres.conninfo(dbname=db), autocommit=True)
+    admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    for role in roles:
+        admin.execute(
+            sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
+                sql.Identifier(schema), sql.Identifier(role)
+            )
+        )
+    try:
+        yield Scratch(db, roles, password, admin)
+    finally:
+        admin.close()
+        with psycopg.connect(postgres.conninfo(), autocommit=True) as root:
+            root.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
+            for role in roles:
+                root.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -32,6 +31,7 @@ from runbooks.params import SafetyParams
 from runbooks.report import Outcome
 from tests.approvals import Approver
 from tests.conftest import unique
+from tests.pg_env import scratch_database
 from tests.servers import PostgresServer
 
 pytestmark = pytest.mark.integration
@@ -135,36 +135,15 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(postgres: PostgresServer) -> Iterator[Env]:
-    suffix = uuid.uuid4().hex[:8]
-    db, role, writer = f"rbarchive_{suffix}", f"rbarchiver_{suffix}", f"rbarchwriter_{suffix}"
-    password = f"pw-{uuid.uuid4().hex}"
-    with psycopg.connect(postgres.conninfo(), autocommit=True) as root:
-        root.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
-        for r in (role, writer):
-            root.execute(
-                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                    sql.Identifier(r), sql.Literal(password)
-                )
+    with scratch_database(postgres, "rbarchive", ["rbarchiver", "rbarchwriter"], SCHEMA) as scratch:
+        role, writer = scratch.roles
+        # the runbook creates the archive table in the schema (it then owns it)
+        scratch.admin.execute(
+            sql.SQL("GRANT CREATE ON SCHEMA {} TO {}").format(
+                sql.Identifier(SCHEMA), sql.Identifier(role)
             )
-    admin = psycopg.connect(postgres.conninfo(dbname=db), autocommit=True)
-    admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
-    # the runbook creates the archive table in the schema (it then owns it)
-    admin.execute(
-        sql.SQL("GRANT USAGE, CREATE ON SCHEMA {} TO {}").format(
-            sql.Identifier(SCHEMA), sql.Identifier(role)
         )
-    )
-    admin.execute(
-        sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
-            sql.Identifier(SCHEMA), sql.Identifier(writer)
-        )
-    )
-    yield Env(postgres, db, role, writer, password, admin)
-    admin.close()
-    with psycopg.connect(postgres.conninfo(), autocommit=True) as root:
-        root.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
-        for r in (role, writer):
-            root.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(r)))
+        yield Env(postgres, scratch.db, role, writer, scratch.password, scratch.admin)
 
 
 def params(block: str, **overrides) -> ArchiveParams:

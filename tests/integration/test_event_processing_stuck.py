@@ -14,7 +14,6 @@ side, 120,000 stuck rows among 240,000 with text ids in an order unrelated to th
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from runbooks.params import SafetyParams
 from runbooks.report import Outcome
 from tests.approvals import Approver
 from tests.conftest import read_incident_report, unique
+from tests.pg_env import scratch_database
 from tests.servers import PostgresServer
 
 pytestmark = pytest.mark.integration
@@ -198,35 +198,19 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(postgres: PostgresServer) -> Iterator[Env]:
-    suffix = uuid.uuid4().hex[:8]
-    db, role, password = f"rbevents_{suffix}", f"rbconsumer_{suffix}", f"pw-{uuid.uuid4().hex}"
-    with psycopg.connect(postgres.conninfo(), autocommit=True) as root:
-        root.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
-        root.execute(
-            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                sql.Identifier(role), sql.Literal(password)
-            )
+    with scratch_database(postgres, "rbevents", ["rbconsumer"], SCHEMA) as scratch:
+        role = scratch.roles[0]
+        e = Env(postgres, scratch.db, role, scratch.password, scratch.admin)
+        e.admin.execute(
+            sql.SQL(
+                "CREATE TABLE {} (event_id bigint PRIMARY KEY, state text NOT NULL,"
+                " touched_at timestamptz NOT NULL, payload text)"
+            ).format(e.table)
         )
-    admin = psycopg.connect(postgres.conninfo(dbname=db), autocommit=True)
-    e = Env(postgres, db, role, password, admin)
-    admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
-    admin.execute(
-        sql.SQL(
-            "CREATE TABLE {} (event_id bigint PRIMARY KEY, state text NOT NULL,"
-            " touched_at timestamptz NOT NULL, payload text)"
-        ).format(e.table)
-    )
-    admin.execute(
-        sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
-            sql.Identifier(SCHEMA), sql.Identifier(role)
+        e.admin.execute(
+            sql.SQL("GRANT SELECT, UPDATE ON {} TO {}").format(e.table, sql.Identifier(role))
         )
-    )
-    admin.execute(sql.SQL("GRANT SELECT, UPDATE ON {} TO {}").format(e.table, sql.Identifier(role)))
-    yield e
-    admin.close()
-    with psycopg.connect(postgres.conninfo(), autocommit=True) as root:
-        root.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
-        root.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+        yield e
 
 
 @pytest.fixture

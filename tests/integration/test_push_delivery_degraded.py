@@ -10,7 +10,6 @@ fresh ones; the runbook logs in as a role that may only read and delete in it.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
@@ -36,6 +35,7 @@ from tasks.push_tokens import TokenTable
 from tasks.slo_decisions import WINDOW_PLACEHOLDER
 from tests.approvals import Approver
 from tests.conftest import read_incident_report, unique
+from tests.pg_env import scratch_database
 from tests.receivers import serve_get
 from tests.servers import PostgresServer, free_port
 
@@ -140,27 +140,8 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(postgres: PostgresServer) -> Iterator[Env]:
-    suffix = uuid.uuid4().hex[:8]
-    db, role, password = f"rbpush_{suffix}", f"rbpusher_{suffix}", f"pw-{uuid.uuid4().hex}"
-    with psycopg.connect(postgres.conninfo(), autocommit=True) as root:
-        root.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
-        root.execute(
-            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                sql.Identifier(role), sql.Literal(password)
-            )
-        )
-    admin = psycopg.connect(postgres.conninfo(dbname=db), autocommit=True)
-    admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
-    admin.execute(
-        sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
-            sql.Identifier(SCHEMA), sql.Identifier(role)
-        )
-    )
-    yield Env(postgres, db, role, password, admin)
-    admin.close()
-    with psycopg.connect(postgres.conninfo(), autocommit=True) as root:
-        root.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
-        root.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    with scratch_database(postgres, "rbpush", ["rbpusher"], SCHEMA) as scratch:
+        yield Env(postgres, scratch.db, scratch.roles[0], scratch.password, scratch.admin)
 
 
 @pytest.fixture(scope="module")
