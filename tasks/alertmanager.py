@@ -50,6 +50,23 @@ def parse_alerts(body: list[dict[str, Any]]) -> list[FiringAlert]:
     ]
 
 
+def _get(server: AlertmanagerServer, path: str, params: Any = None) -> httpx.Response:
+    """One GET of the v2 API: connect errors, timeouts and 5xx are AlertmanagerUnavailable
+    (retried by the tasks), another non-2xx answer a ValueError (the request is wrong)."""
+    try:
+        with server.get_client() as client:
+            response = client.get(path, params=params)
+    except httpx.TransportError as exc:
+        raise AlertmanagerUnavailable(f"{server.url}: {type(exc).__name__}: {exc}") from None
+    if response.status_code >= 500:
+        raise AlertmanagerUnavailable(f"{server.url}: HTTP {response.status_code}")
+    if response.status_code != 200:
+        raise ValueError(
+            f"Alertmanager refused the request: HTTP {response.status_code} {response.text[:200]}"
+        )
+    return response
+
+
 @task(**runbook_task_options(AlertmanagerUnavailable))
 def firing_alerts(
     server: AlertmanagerServer, matchers: dict[str, str] | None = None
@@ -63,16 +80,7 @@ def firing_alerts(
         ("unprocessed", "true"),
     ]
     params += [("filter", label_matcher(k, v)) for k, v in sorted((matchers or {}).items())]
-    try:
-        with server.get_client() as client:
-            response = client.get("/api/v2/alerts", params=params)
-    except httpx.TransportError as exc:
-        raise AlertmanagerUnavailable(f"{server.url}: {type(exc).__name__}: {exc}") from None
-    if response.status_code >= 500:
-        raise AlertmanagerUnavailable(f"{server.url}: HTTP {response.status_code}")
-    if response.status_code != 200:
-        raise ValueError(f"Alertmanager refused the request: HTTP {response.status_code} {response.text[:200]}")
-    alerts = parse_alerts(response.json())
+    alerts = parse_alerts(_get(server, "/api/v2/alerts", params).json())
     return sorted(alerts, key=lambda a: (a.starts_at or "", a.name))
 
 
@@ -83,13 +91,5 @@ def alertmanager_config(server: AlertmanagerServer) -> dict[str, Any]:
     derive from it."""
     import yaml
 
-    try:
-        with server.get_client() as client:
-            response = client.get("/api/v2/status")
-    except httpx.TransportError as exc:
-        raise AlertmanagerUnavailable(f"{server.url}: {type(exc).__name__}: {exc}") from None
-    if response.status_code >= 500:
-        raise AlertmanagerUnavailable(f"{server.url}: HTTP {response.status_code}")
-    response.raise_for_status()
-    original = response.json().get("config", {}).get("original", "")
+    original = _get(server, "/api/v2/status").json().get("config", {}).get("original", "")
     return yaml.safe_load(original) or {}

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
-from tasks.slo_decisions import WINDOW_PLACEHOLDER
+from tasks.slo_decisions import WINDOW_PLACEHOLDER, show_unit
 
 OFFSET_PLACEHOLDER = "{offset}"
 _RUNBOOK = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -122,10 +122,9 @@ class Trend(BaseModel):
 
 
 def show(unit: str, value: float | None) -> str:
-    if value is None:
-        return "no data"
-    if unit == "ratio":
-        return f"{value * 100:.3g}%"
+    """Bytes, days and counts here; ratios, seconds and rates as the SLO report writes them."""
+    if value is None or unit in ("ratio", "seconds", "per_second"):
+        return show_unit(unit, value)
     if unit == "bytes":
         for size, name in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
             if abs(value) >= size:
@@ -133,10 +132,6 @@ def show(unit: str, value: float | None) -> str:
         return f"{value:.0f} B"
     if unit == "days":
         return f"{value:.1f} days"
-    if unit == "seconds":
-        return f"{value * 1000:.0f} ms"
-    if unit == "per_second":
-        return f"{value:,.0f}/s" if abs(value) >= 100 else f"{value:.3g}/s"
     return f"{value:.4g}"
 
 

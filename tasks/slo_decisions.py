@@ -132,14 +132,19 @@ def budget_left(objective: Objective, observed: float | None) -> float | None:
     return 1.0 - max(spent, 0.0) / allowed
 
 
-def show(objective: Objective, value: float | None) -> str:
+def show_unit(unit: str, value: float | None) -> str:
+    """A ratio, seconds or per-second value as a report writes it: '99.99%', '250 ms', '1,234/s'."""
     if value is None:
         return "no data"
-    if objective.unit == "ratio":
+    if unit == "ratio":
         return f"{value * 100:.4g}%"
-    if objective.unit == "seconds":
+    if unit == "seconds":
         return f"{value * 1000:.0f} ms"
     return f"{value:,.0f}/s" if abs(value) >= 100 else f"{value:.3g}/s"
+
+
+def show(objective: Objective, value: float | None) -> str:
+    return show_unit(objective.unit, value)
 
 
 def compare(objective: Objective, value: float) -> str:
