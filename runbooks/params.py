@@ -251,6 +251,19 @@ class SafetyParams(BaseModel):
         description="When an alert started the run, its alert.resolved event also counts as "
         "verification of the fix.",
     )
+    silence_block: OptionalBlockName = Field(
+        None,
+        description="Name of a 'Runbooks Alertmanager' block: while this run changes the "
+        "alert's target, the alert that started it is silenced there (all its labels, nothing "
+        "broader), and the silence is expired when the run ends; empty: no silence.",
+    )
+    silence_max_s: int = Field(
+        3600,
+        ge=5,
+        le=86400,
+        description="Longest a silence lasts: a run killed mid-way cannot expire its silence, "
+        "which then ends by itself after this long.",
+    )
 
 
 # The run form lists dry_run first: it decides whether the run changes anything, so a person

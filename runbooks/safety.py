@@ -32,7 +32,9 @@ What the guard does, in order, for each action:
    the report; no answer before ``approval_timeout_s`` rejects and escalates. The suspended run holds
    no process, so restarts lose nothing; once answered it starts again, re-checks everything and acts
    only if its new plan is within the approved one (otherwise it asks again).
-5. **Execute**: the task runs again for real (it re-plans against the live state, so a stale plan never
+5. **Execute**: where the deployment opted in (``safety.silence_block``), the alert that started
+   the run is silenced in Alertmanager first, and the silence is expired when the guard lets go
+   of the target, before any escalation (runbooks.silences). The task runs again for real (it re-plans against the live state, so a stale plan never
    applies); ``runbook.action.executed`` / ``.skipped`` / ``.failed`` events, one per action, with the
    target as the event's resource.
 6. **Verify** (``guard.verify``): re-check the symptom until a deadline; the alert's own
@@ -69,6 +71,7 @@ from runbooks.errors import ApprovalRejected, ApprovalTimedOut, BudgetSpent, Tar
 from runbooks.locks import HolderStatus, LockBusy, LockHolder, TargetLock, put_variable
 from runbooks.params import OnBusyTarget, SafetyParams
 from runbooks.results import ChangeSet
+from runbooks.silences import RunSilence, why_not_silence
 from runbooks.text import artifact_key, escape_cell
 from runbooks.waiting import poll_until
 
@@ -267,6 +270,7 @@ class Guard:
     target: Target
     acted_at: datetime | None = None
     lock: TargetLock | None = field(default=None, repr=False)
+    silence: RunSilence | None = field(default=None, repr=False)
     _approvals: int = field(default=0, repr=False)
 
     def act(
@@ -316,6 +320,7 @@ class Guard:
         if budget and ledger is not None:
             # spent before acting: a run that dies halfway still counts its attempt
             _save_ledger(self.target, record_execution(ledger, budget, datetime.now(UTC)))
+        self._silence_alert()
         self.acted_at = datetime.now(UTC)
         try:
             result = change(False)
@@ -384,6 +389,19 @@ class Guard:
         return Verification(bool(by), last, by, outcome.elapsed_s)
 
     # internals ---------------------------------------------------------------------------
+
+    def _silence_alert(self) -> None:
+        """Before the first change: silence the run's alert where the deployment opted in."""
+        if self.silence is None:
+            return
+        ctx = FlowRunContext.get()
+        run_id = str(ctx.flow_run.id) if ctx and ctx.flow_run else "outside a flow run"
+        self.silence.start(
+            self.report,
+            run_id,
+            _run_url(run_id) if ctx else None,
+            self.report.params.safety.silence_max_s,
+        )
 
     def _refuse(self, label: str, plan: ChangeSet, reason: str) -> None:
         emit_action("skipped", self.target, self.report, label, plan.planned, reason)
@@ -499,13 +517,20 @@ def guard(report: IncidentReport, target: Target) -> Iterator[Guard]:
         )
     else:
         report.step(f"lock on {target.label} acquired")
+    params = report.params
+    skip = why_not_silence(params.alert, safety.silence_block, params.dry_run)
+    silence = RunSilence(safety.silence_block) if skip is None and safety.silence_block else None
+    if safety.silence_block and skip:
+        report.step(f"alert not silenced: {skip}")
     try:
         with lock.renewed():
-            yield Guard(report, target, lock=lock)
+            yield Guard(report, target, lock=lock, silence=silence)
     except Pause:
         lock.suspended()  # the lease was kept for the approval: the resumed run adopts it
         raise
     finally:
+        if silence is not None:
+            silence.end(report)  # before the report escalates: an escalation must page
         lock.release()
 
 

@@ -26,6 +26,7 @@ class ReceivedRequest:
     headers: dict[str, str]
     body: bytes
     status: int  # what the receiver answered
+    at: float = field(default_factory=time.time)  # when it arrived (epoch seconds)
 
     def json(self) -> Any:
         return json.loads(self.body)
