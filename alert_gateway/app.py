@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -21,12 +22,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, SecretStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from alert_gateway import slack
 from alert_gateway.auth import bearer_matches, resolve_token
 from alert_gateway.events import EventTooLarge, build_event, encode_event
 from alert_gateway.forwarder import Forwarder
 from alert_gateway.metrics import GatewayMetrics
 from alert_gateway.models import AlertmanagerWebhook, GrafanaWebhook, Source, normalise
-from alert_gateway.settings import GatewaySettings
+from alert_gateway.settings import GatewaySettings, prefect_auth_headers
 from alert_gateway.spool import Decision, NewEvent, Spool
 
 logger = logging.getLogger("alert_gateway")
@@ -141,7 +143,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             decisions = await spool.call(spool.accept, new_events, now, settings.cooldown_s)
         except sqlite3.Error as exc:
             logger.exception("spool write failed")
-            raise Refused(503, "spool", "the alerts could not be stored; send them again", repr(exc)) from exc
+            raise Refused(
+                503, "spool", "the alerts could not be stored; send them again", repr(exc)
+            ) from exc
         accepted = decisions.count(Decision.FORWARD)
         if accepted:
             request.app.state.forwarder.wake()
@@ -174,6 +178,56 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def grafana_webhook(request: Request) -> AcceptedReply:
         return await receive(request, "grafana")
 
+    replays = slack.ReplayGuard()
+    background: set[asyncio.Task[None]] = set()
+
+    @app.post(
+        "/slack/interactions",
+        summary="Slack interactivity: Approve / Reject buttons of approval requests",
+        responses={
+            401: {"model": ErrorReply, "description": "Not signed by Slack, stale, or replayed."},
+            404: {"model": ErrorReply, "description": "No Slack signing secret configured."},
+            400: {"model": ErrorReply, "description": "Not an approval button of ours."},
+            503: {"model": ErrorReply, "description": "Prefect did not answer; click again."},
+        },
+    )
+    async def slack_interactions(request: Request) -> JSONResponse:
+        secret = settings.slack_signing_secret
+        if secret is None:
+            raise Refused(404, "slack_off", "Slack interactivity is not configured on this gateway")
+        body = await _read_body(request, settings.max_body_bytes)
+        signature = request.headers.get("x-slack-signature")
+        now = slack.now()
+        problem = slack.signature_problem(
+            secret, request.headers.get("x-slack-request-timestamp"), signature, body, now
+        )
+        if problem:
+            raise Refused(401, "slack_signature", f"not a signed Slack request: {problem}")
+        if replays.seen_before(signature or "", now):
+            raise Refused(401, "slack_replay", "this signed request was already received")
+        try:
+            click = slack.parse_click(body, settings.slack_response_url_prefixes)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise Refused(400, "slack_payload", f"not an approval button: {exc}") from None
+        if click is None:
+            return JSONResponse({"ok": True})
+        try:
+            answered = await slack.answer(
+                click, settings.prefect_api_url, prefect_auth_headers(settings),
+                settings.forward_timeout_s,
+            )  # fmt: skip
+        except httpx.HTTPError as exc:
+            logger.warning("could not answer run %s: %s", click.run_id, type(exc).__name__)
+            raise Refused(503, "prefect", "Prefect did not take the answer; click again") from None
+        logger.info("slack %s: run %s: %s", click.user, click.run_id, answered.text)
+        if click.response_url:
+            task = asyncio.create_task(
+                slack.update_message(click.response_url, answered.text, settings.forward_timeout_s)
+            )
+            background.add(task)
+            task.add_done_callback(background.discard)
+        return JSONResponse({"ok": answered.resumed, "text": answered.text})
+
     @app.get("/healthz", summary="Liveness: serving and delivering")
     async def healthz(request: Request) -> JSONResponse:
         if request.app.state.forwarder_task.done():
@@ -191,7 +245,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     return app
 
 
-def _error(status: int, error: str, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(
+    status: int, error: str, detail: Any, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
@@ -205,9 +261,13 @@ def _require_json(request: Request) -> None:
     media_type, *params = (part.strip().lower() for part in content_type.split(";"))
     if media_type != "application/json" and not media_type.endswith("+json"):
         raise Refused(
-            415, "content_type", f"content type must be application/json, not {content_type[:100]!r}"
+            415,
+            "content_type",
+            f"content type must be application/json, not {content_type[:100]!r}",
         )
-    charset = next((p.partition("=")[2].strip('"') for p in params if p.startswith("charset=")), "utf-8")
+    charset = next(
+        (p.partition("=")[2].strip('"') for p in params if p.startswith("charset=")), "utf-8"
+    )
     if charset not in ("utf-8", "utf8"):
         raise Refused(415, "content_type", f"JSON must be UTF-8, not {charset[:40]!r}")
 
@@ -233,7 +293,9 @@ def _parse(body: bytes, source: Source) -> AlertmanagerWebhook | GrafanaWebhook:
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False, include_context=False)
         if any(e["type"] == "json_invalid" for e in errors):
-            raise Refused(400, "bad_json", f"the body is not valid JSON: {errors[0]['msg']}") from None
+            raise Refused(
+                400, "bad_json", f"the body is not valid JSON: {errors[0]['msg']}"
+            ) from None
         fields = [{"field": _dotted(e["loc"]), "problem": e["msg"]} for e in errors[:50]]
         first = fields[0]
         raise Refused(
@@ -252,7 +314,9 @@ def _request_body(schema_name: str) -> dict[str, Any]:
     return {
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}},
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}
+            },
         }
     }
 

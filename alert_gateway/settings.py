@@ -39,7 +39,8 @@ class GatewaySettings(BaseSettings):
         "when `token` is not set.",
     )
     insecure: bool = Field(
-        False, description="Accept alerts without authentication (explicit opt-in, for local demos)."
+        False,
+        description="Accept alerts without authentication (explicit opt-in, for local demos).",
     )
     spool_path: Path = Field(
         Path(".runbooks/gateway-spool.sqlite3"),
@@ -68,6 +69,16 @@ class GatewaySettings(BaseSettings):
         description="'user:password' when the Prefect server requires basic auth "
         "(its PREFECT_SERVER_API_AUTH_STRING).",
     )
+    slack_signing_secret: SecretStr | None = Field(
+        None,
+        description="Signing secret of the Slack app whose Approve / Reject buttons answer "
+        "approval requests (env RUNBOOKS_GATEWAY_SLACK_SIGNING_SECRET); empty: "
+        "/slack/interactions answers 404.",
+    )
+    slack_response_url_prefixes: tuple[str, ...] = Field(
+        ("https://hooks.slack.com/",),
+        description="Where Slack's response_url may point; the message is updated only there.",
+    )
     max_body_bytes: int = Field(MIB, ge=1024, le=64 * MIB, description="Largest accepted request.")
     forward_batch_size: int = Field(
         100, ge=1, le=1000, description="Most events sent to Prefect in one request."
@@ -79,7 +90,10 @@ class GatewaySettings(BaseSettings):
         0.2, gt=0, le=60, description="First wait after a failed delivery (doubles each failure)."
     )
     backoff_max_s: float = Field(
-        5.0, gt=0, le=600, description="Longest wait between delivery attempts while Prefect is down."
+        5.0,
+        gt=0,
+        le=600,
+        description="Longest wait between delivery attempts while Prefect is down.",
     )
 
     @model_validator(mode="after")

@@ -85,20 +85,24 @@ def request_approval(
     poll_s: int,
     plan: list[str],
     before_suspending: Callable[[datetime], None],
+    on_waiting: Callable[[str], None] | None = None,
 ) -> Answer:
     """The human's answer to this approval step (and the plan they were shown).
 
     From a deployment run the first call suspends the run (raises Prefect's ``Pause`` after
     ``before_suspending(deadline)``, which hands the target's lock over); the resumed run's call
     returns the saved answer with the plan saved beside it, for the caller to compare with its
-    fresh plan.
+    fresh plan. ``on_waiting(pause_key)`` is called once the run shows as paused, form saved
+    (e.g. to post the request to chat, whose answer resumes the run).
     """
     ctx = FlowRunContext.get()
     if ctx is None or ctx.flow_run is None:
         raise RuntimeError("approval needs a flow run to pause")
     run = ctx.flow_run
     if run.deployment_id is None:
-        answer = _pause_in_process(form, key=key, timeout_s=timeout_s, poll_s=poll_s)
+        answer = _pause_in_process(
+            form, key=key, timeout_s=timeout_s, poll_s=poll_s, on_waiting=on_waiting
+        )
         return Answer(answer, None)
 
     proposed = Suspended(timeout_seconds=timeout_s + PAUSE_GRACE_S, pause_key=key)
@@ -120,6 +124,8 @@ def request_approval(
         state = propose_state_sync(client, proposed, flow_run_id=run.id)
     if not state.is_paused():
         raise RuntimeError(f"the run cannot suspend for approval (state {state.type.value})")
+    if on_waiting is not None:
+        on_waiting(key)
     raise Pause(state=state)
 
 
@@ -138,7 +144,12 @@ def _answer(form: type[Approval], keyset: dict[str, str], run_id: Any) -> Approv
 
 
 def _pause_in_process(
-    form: type[Approval], *, key: str, timeout_s: int, poll_s: int
+    form: type[Approval],
+    *,
+    key: str,
+    timeout_s: int,
+    poll_s: int,
+    on_waiting: Callable[[str], None] | None = None,
 ) -> Approval | None:
     """Pause this run in its own process until answered or the deadline (no deployment to resume).
 
@@ -158,6 +169,8 @@ def _pause_in_process(
         if not state.is_paused():
             raise RuntimeError(f"the run cannot pause for approval (state {state.type.value})")
         _save_form(client, form, keyset, run_id)
+        if on_waiting is not None:
+            on_waiting(key)
         deadline = time.monotonic() + timeout_s
         while True:
             run = client.read_flow_run(run_id)

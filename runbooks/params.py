@@ -251,6 +251,20 @@ class SafetyParams(BaseModel):
         description="When an alert started the run, its alert.resolved event also counts as "
         "verification of the fix.",
     )
+    min_approvers: int = Field(
+        1,
+        ge=1,
+        le=5,
+        description="Different people who must approve each step that needs approval (2: four "
+        "eyes, e.g. for runbooks that can lose data: topic recreation, FLUSHDB); the same "
+        "person twice counts once, one rejection ends it.",
+    )
+    approval_slack_block: OptionalBlockName = Field(
+        None,
+        description="Name of a Prefect 'Slack Webhook' block: approval requests are also posted "
+        "there with Approve / Reject buttons (answered through the alert gateway's "
+        "/slack/interactions); empty: the Prefect UI's resume form only.",
+    )
     silence_block: OptionalBlockName = Field(
         None,
         description="Name of a 'Runbooks Alertmanager' block: while this run changes the "

@@ -212,7 +212,13 @@ def _save_ledger(target: Target, ledger: BudgetLedger) -> None:
 
 
 def approval_request(
-    label: str, target: Target, danger: str, plan: ChangeSet, confirm: list[str] | None = None
+    label: str,
+    target: Target,
+    danger: str,
+    plan: ChangeSet,
+    confirm: list[str] | None = None,
+    required: int = 1,
+    approved_by: list[str] | None = None,
 ) -> str:
     """The markdown shown above the resume form: what would happen and why it needs a human."""
     lines = [
@@ -224,6 +230,13 @@ def approval_request(
     ]
     lines += [f"| {c.action} | {escape_cell(c.target)} |" for c in plan.planned]
     lines += ["", "Approve to apply exactly this plan (re-checked against live state first)."]
+    if required > 1:
+        so_far = ", ".join(escape_cell(a) for a in approved_by or []) or "nobody yet"
+        lines += [
+            "",
+            f"**Four eyes: {required} different people must approve** (approved so far: "
+            f"{so_far}); fill in your name as approver. One rejection ends it.",
+        ]
     if confirm:
         names = ", ".join(f"`{escape_cell(n)}`" for n in confirm)
         lines += [
@@ -232,6 +245,38 @@ def approval_request(
             "An approval without them changes nothing.",
         ]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ApproverCount:
+    """What one approval adds: the approver counted (None: not counted) and a line for the report."""
+
+    counted: str | None
+    note: str
+
+
+def count_approver(approved_by: list[str], approver: str, required: int) -> ApproverCount:
+    """Four eyes: whether ``approver`` counts as one more of the ``required`` different people.
+
+    Names compare without case or surrounding blanks; with one approver required, an approval
+    without a name still counts (as "someone"), as it always has.
+    """
+    name = " ".join(approver.split())
+    if required <= 1:
+        who = name or "someone"
+        return ApproverCount(who, f"approved by {who}")
+    if not name:
+        return ApproverCount(
+            None,
+            f"an approval without a name does not count: {required} different people must approve",
+        )
+    if name.casefold() in {a.casefold() for a in approved_by}:
+        return ApproverCount(
+            None, f"{name} approved again: the same person counts once; another person must approve"
+        )
+    left = required - len(approved_by) - 1
+    more = f"; {left} more approver(s) needed (four eyes)" if left > 0 else ""
+    return ApproverCount(name, f"approved by {name} ({len(approved_by) + 1} of {required}){more}")
 
 
 # --- verification ------------------------------------------------------------------------------
@@ -281,11 +326,14 @@ class Guard:
         budget: Budget | None = None,
         approval: Callable[[ChangeSet], str | None] | None = None,
         confirm: Callable[[ChangeSet], list[str]] | None = None,
+        approvers: int = 1,
     ) -> ChangeSet:
         """Plan, check budget and approval, execute; returns what was applied (or planned).
 
         ``confirm(plan)`` names what the approver must type to approve (data that would be lost);
-        it makes the step need approval even when ``approval`` names no danger.
+        it makes the step need approval even when ``approval`` names no danger. ``approvers``:
+        how many different people must approve the step (four eyes: 2); ``safety.min_approvers``
+        can raise it for a deployment.
         """
         report = self.report
         budget = effective_budget(budget, report.params.safety)
@@ -315,7 +363,7 @@ class Guard:
         danger = approval(plan) if approval else None
         names = sorted(confirm(plan)) if confirm else []
         if danger or names:
-            self._ask_approval(label, plan, danger or "data would be lost", names)
+            self._ask_approval(label, plan, danger or "data would be lost", names, approvers)
 
         if budget and ledger is not None:
             # spent before acting: a run that dies halfway still counts its attempt
@@ -409,33 +457,60 @@ class Guard:
         self.report.record(label, skipped, status=reason)
 
     def _ask_approval(
-        self, label: str, plan: ChangeSet, danger: str, confirm: list[str] | None = None
+        self,
+        label: str,
+        plan: ChangeSet,
+        danger: str,
+        confirm: list[str] | None = None,
+        approvers: int = 1,
     ) -> None:
         report = self.report
         safety = report.params.safety
+        required = max(approvers, safety.min_approvers)
         items = sorted(c.describe() for c in plan.planned)
         self._approvals += 1
-        for round_ in range(1, MAX_APPROVAL_ROUNDS + 1):
-            key = f"approval-{self._approvals}-{artifact_key(label)}"
+        key = f"approval-{self._approvals}-{artifact_key(label)}"
+        approved_by: list[str] = []
+        reasons: list[str] = []
+        # every round is one suspension with its own key, in the same order in every process,
+        # so a resumed run reads the earlier rounds' answers instead of asking again
+        for round_ in range(1, MAX_APPROVAL_ROUNDS + 1 + 2 * (required - 1)):
             answer = request_approval(
                 (ConfirmedApproval if confirm else Approval).with_initial_data(
-                    description=approval_request(label, self.target, danger, plan, confirm)
+                    description=approval_request(
+                        label, self.target, danger, plan, confirm, required, approved_by
+                    )
                 ),
                 key=key if round_ == 1 else f"{key}-{round_}",
                 timeout_s=safety.approval_timeout_s,
                 poll_s=safety.approval_poll_s,
                 plan=items,
                 before_suspending=lambda deadline: self._suspend(label, danger, deadline),
+                on_waiting=lambda pause_key, so_far=list(approved_by): self._announce(
+                    label, danger, plan, confirm, required, so_far, pause_key
+                ),
             )
             if answer.form is None or not answer.form.approve:
                 break
             grown = sorted(set(items) - set(answer.plan or items))
-            if not grown:
+            if grown:
+                report.step(
+                    f"{label}: the plan grew since it was approved ({', '.join(grown[:5])}"
+                    f"{' ...' if len(grown) > 5 else ''}); asking again"
+                )
+                approved_by, reasons = [], []  # a new plan needs every approval again
+                continue
+            missing = confirmation_missing(getattr(answer.form, "confirm", ""), confirm or [])
+            if missing:
+                break  # refused below, naming what was not typed
+            progress = count_approver(approved_by, answer.form.approver, required)
+            if required > 1:
+                report.step(f"{label}: {progress.note}")
+            if progress.counted:
+                approved_by.append(progress.counted)
+                reasons.append(answer.form.reason)
+            if len(approved_by) >= required:
                 break
-            report.step(
-                f"{label}: the plan grew since it was approved ({', '.join(grown[:5])}"
-                f"{' ...' if len(grown) > 5 else ''}); asking again"
-            )
         else:
             answer.form = None  # approved plans kept falling behind the live state
         form = answer.form
@@ -449,6 +524,8 @@ class Guard:
             )
         who = form.approver or "someone"
         if not form.approve:
+            for earlier, why in zip(approved_by, reasons, strict=True):
+                report.approvals.append((label, "approved", earlier, why))
             report.approvals.append((label, "rejected", who, form.reason))
             self._refuse(label, plan, f"rejected by {who}: {form.reason or 'no reason given'}")
             raise ApprovalRejected(
@@ -463,8 +540,53 @@ class Guard:
             raise ApprovalRejected(
                 f"{label} on {self.target.label}: {who} {reason}; nothing was changed"
             )
-        report.approvals.append((label, "approved", who, form.reason))
-        report.step(f"{label}: approved by {who} ({form.reason or 'no reason given'})")
+        for approver, why in zip(approved_by, reasons, strict=True):
+            report.approvals.append((label, "approved", approver, why))
+        report.step(
+            f"{label}: approved by {', '.join(approved_by)} "
+            f"({'; '.join(r for r in reasons if r) or 'no reason given'})"
+        )
+
+    def _announce(
+        self,
+        label: str,
+        danger: str,
+        plan: ChangeSet,
+        confirm: list[str] | None,
+        required: int,
+        approved_by: list[str],
+        pause_key: str,
+    ) -> None:
+        """The run now waits for an answer: post the request to Slack where configured."""
+        block = self.report.params.safety.approval_slack_block
+        if block is None:
+            return
+        from runbooks.slack_approvals import post_approval_request
+
+        ctx = FlowRunContext.get()
+        run_id = str(ctx.flow_run.id) if ctx and ctx.flow_run else ""
+        try:
+            post_approval_request(
+                block,
+                runbook=self.report.runbook,
+                label=label,
+                target=self.target.label,
+                danger=danger,
+                changes=[c.describe() for c in plan.planned],
+                run_id=run_id,
+                run_url=_run_url(run_id),
+                pause_key=pause_key,
+                required=required,
+                approved_by=approved_by,
+                typing_required=bool(confirm),
+            )
+        except Exception as exc:  # noqa: BLE001 - the UI's resume form still works
+            self.report.step(
+                f"{label}: could not post the approval request to Slack ({block}): "
+                f"{type(exc).__name__}: {str(exc)[:200]}; answer it in the Prefect UI"
+            )
+            return
+        self.report.step(f"{label}: approval request posted to Slack ({block})")
 
     def _suspend(self, label: str, danger: str, deadline: datetime) -> None:
         """The run is about to suspend: keep the target locked for it, show the plan."""
