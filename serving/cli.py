@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     from serving import block_command
 
     sub.add_parser("block", help=block_command.HELP)
+    from serving import simulate_command
+
+    simulate_command.add_arguments(
+        sub.add_parser("simulate", help=simulate_command.HELP),
+        sub.add_parser("fire", help=simulate_command.FIRE_HELP),
+    )
     # `block` parses its own arguments: its parser imports every block module, built only for it
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["block"]:
@@ -89,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         _print_runbooks()
         return 0
+    if args.command == "simulate":
+        return simulate_command.simulate_main(args)
+    if args.command == "fire":
+        return simulate_command.fire_main(args)
     if args.command == "register-blocks":
         names = register_block_types()
         print("registered block types:", ", ".join(names))

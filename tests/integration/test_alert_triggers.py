@@ -14,6 +14,7 @@ from prefect.flows import load_flow_from_entrypoint
 from prefect.settings import PREFECT_API_URL
 
 from deployments.catalog import PROJECT_ROOT, load_catalog
+from deployments.simulate import simulate
 from tests.conftest import runs_of
 
 # deployment -> (alert labels, parameters the run must get)
@@ -156,7 +157,11 @@ CASES = {
             "prometheus": "main",
             "runbooks_platform": "kubernetes/prod",
         },
-        {"prometheus_block": "main", "alertmanager_block": "default", "platform": "kubernetes/prod"},
+        {
+            "prometheus_block": "main",
+            "alertmanager_block": "default",
+            "platform": "kubernetes/prod",
+        },
     ),
     "e2e-latency-high": (
         {"alertname": "E2ELatencyHigh", "prometheus": "main"},
@@ -177,7 +182,10 @@ def test_every_deployment_has_a_case() -> None:
     assert set(CASES) == {s.name for s in load_catalog() if s.triggers}
 
 
-def post_alert_event(labels: dict[str, str], event: str = "alert.firing") -> str:
+def post_alert_event(
+    labels: dict[str, str], event: str = "alert.firing", sent: list[dict] | None = None
+) -> str:
+    """Post an alert's event to Prefect (as the gateway does); ``sent`` gets the event itself."""
     fingerprint = uuid.uuid4().hex[:16]
     body = [
         {
@@ -193,6 +201,8 @@ def post_alert_event(labels: dict[str, str], event: str = "alert.firing") -> str
         }
     ]
     httpx.post(f"{PREFECT_API_URL.value()}/events", json=body, timeout=10).raise_for_status()
+    if sent is not None:
+        sent.extend(body)
     return fingerprint
 
 
@@ -259,7 +269,8 @@ def test_alert_starts_its_runbook_with_labels(
     name: str, labels: dict[str, str], expected: dict[str, object], deployment_ids: dict[str, str]
 ) -> None:
     before = {r["id"] for r in runs_of(deployment_ids[name])}
-    fingerprint = post_alert_event(labels)
+    sent: list[dict] = []
+    fingerprint = post_alert_event(labels, sent=sent)
 
     deadline = time.monotonic() + 30
     new: list[dict] = []
@@ -282,12 +293,18 @@ def test_alert_starts_its_runbook_with_labels(
     assert params.alert.labels["alertname"] == labels["alertname"]
     assert not any(k.startswith("prefect.") for k in params.alert.labels)
     assert params.dry_run is False
+    # `runbooks simulate` predicts exactly this: the one deployment, the same parameters
+    predicted = simulate(sent[0])
+    assert [m.deployment for m in predicted] == [name]
+    assert predicted[0].parameters == run["parameters"]
 
 
 def test_unrelated_alert_and_resolved_alert_start_nothing(deployment_ids: dict[str, str]) -> None:
     before = {name: len(runs_of(i)) for name, i in deployment_ids.items()}
-    post_alert_event({"alertname": "SomethingElseEntirely"})
-    post_alert_event({"alertname": "KafkaBrokerDown"}, event="alert.resolved")
+    sent: list[dict] = []
+    post_alert_event({"alertname": "SomethingElseEntirely"}, sent=sent)
+    post_alert_event({"alertname": "KafkaBrokerDown"}, event="alert.resolved", sent=sent)
+    assert [simulate(e) for e in sent] == [[], []], "simulate agrees: nothing would start"
     time.sleep(4)
     after = {name: len(runs_of(i)) for name, i in deployment_ids.items()}
     assert after == before
