@@ -18,14 +18,18 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
+from prefect.blocks.notifications import SlackWebhook
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from psycopg import sql
+from pydantic import SecretStr
 
 from blocks.postgres import PostgresDatabase
 from deployments.catalog import load_catalog
 from tests.conftest import read_incident_report
 from tests.pg_env import free_connections
+from tests.receivers import HttpReceiver
 from tests.servers import PostgresServer, free_port
+from tests.slack_standin import SIGNING_SECRET, click_body, post_click
 from tests.up import poll
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +44,8 @@ def runbooks_up(tmp_path: Path):
         PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
         RUNBOOKS_GATEWAY_TOKEN=GATEWAY_TOKEN,
         RUNBOOKS_GATEWAY_SPOOL_PATH=str(tmp_path / "spool.sqlite3"),
+        RUNBOOKS_GATEWAY_SLACK_SIGNING_SECRET=SIGNING_SECRET,
+        RUNBOOKS_GATEWAY_SLACK_RESPONSE_URL_PREFIXES='["http://127.0.0.1:"]',
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.cli", "up", "--port", str(port),
@@ -140,7 +146,7 @@ def test_up_serves_every_runbook_and_stops_cleanly(runbooks_up, postgres: Postgr
 
     # a manual run (the UI's run form) that needs approval pauses in the served process; the
     # answer given through the API the UI's resume form uses lets it act
-    _approve_a_manual_run(api, postgres)
+    _approve_a_manual_run(api, postgres, gateway_port)
 
     # Ctrl-C in the terminal signals the whole foreground process group
     os.killpg(proc.pid, signal.SIGINT)
@@ -238,8 +244,14 @@ def _checklist_gates_a_pipeline(api: str) -> None:
     assert "Failed" in failing.stdout + failing.stderr
 
 
-def _approve_a_manual_run(api: str, postgres: PostgresServer) -> None:
+def _approve_a_manual_run(api: str, postgres: PostgresServer, gateway_port: int) -> None:
+    """The run suspends for approval (no process waits); the request goes to Slack, and the
+    Approve click comes back through the gateway, which resumes the run: the served runner
+    starts it again and it acts."""
     db = f"up_approval_{uuid.uuid4().hex[:8]}"
+    slack, responses = HttpReceiver().start(), HttpReceiver().start()
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        SlackWebhook(url=SecretStr(f"{slack.url}/services/T/B/X")).save("up-slack", overwrite=True)
     admin = psycopg.connect(postgres.conninfo(), autocommit=True)
     admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
     victim = psycopg.connect(postgres.conninfo(dbname=db), application_name="up-victim")
@@ -256,7 +268,8 @@ def _approve_a_manual_run(api: str, postgres: PostgresServer) -> None:
                 "include_idle_in_transaction": True, "target_headroom_percent": 0,
                 # the run's own session takes the slot the victim frees: exhausted until it is gone
                 "min_free_connections": free, "verify_timeout_s": 20,
-                "safety": {"approval_poll_s": 1, "escalation_block": None},
+                "safety": {"approval_poll_s": 1, "escalation_block": None,
+                           "approval_slack_block": "up-slack"},
             }},
         })
         created.raise_for_status()
@@ -276,9 +289,12 @@ def _approve_a_manual_run(api: str, postgres: PostgresServer) -> None:
         plan = httpx.get(f"{api}/flow_runs/{run_id}/input/{keyset['description']}", timeout=5).json()
         assert f"pid={pid}" in plan and "inside a transaction" in plan
         assert pid in {p for (p,) in admin.execute("SELECT pid FROM pg_stat_activity").fetchall()}
-        resumed = httpx.post(f"{api}/flow_runs/{run_id}/resume", timeout=10, json={
-            "run_input": {"approve": True, "approver": "carol", "reason": "hung migration"}})
-        assert resumed.json().get("status") == "ACCEPT", resumed.text
+        (request,) = slack.wait_for(1, timeout_s=30)
+        message = request.json()
+        assert f"pid={pid}" in str(message["blocks"])
+        click = click_body(message, "runbooks_approve", "U0CAROL", "carol", f"{responses.url}/a")
+        answered = post_click(f"http://127.0.0.1:{gateway_port}", click)
+        assert answered.status_code == 200 and answered.json()["ok"], answered.text
         # resumed, rescheduled, picked up by the served runner and run: under a loaded 2-core CI
         # (17 deployments served) this took over 60 s once
         poll(lambda: state() in ("COMPLETED", "FAILED", "CRASHED"), 120, "the approved run finished")
@@ -288,8 +304,11 @@ def _approve_a_manual_run(api: str, postgres: PostgresServer) -> None:
         assert pid not in live
         with temporary_settings(updates={PREFECT_API_URL: api}):
             latest = read_incident_report(run_id)
-        assert "| terminate idle connections | approved | carol | hung migration |" in latest
+        assert "| terminate idle connections | approved | carol (Slack U0CAROL) | approved in Slack |" in latest
+        assert responses.wait_for(1)[0].json()["text"].startswith("Approved by carol")
     finally:
+        slack.stop()
+        responses.stop()
         victim.close()
         admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
         admin.close()
