@@ -54,12 +54,18 @@ def parse_alerts(body: list[dict[str, Any]]) -> list[FiringAlert]:
     ]
 
 
-def _get(server: AlertmanagerServer, path: str, params: Any = None) -> httpx.Response:
-    """One GET of the v2 API: connect errors, timeouts and 5xx are AlertmanagerUnavailable
+def _request(
+    server: AlertmanagerServer,
+    method: str,
+    path: str,
+    params: Any = None,
+    body: dict[str, Any] | None = None,
+) -> httpx.Response:
+    """One request to the v2 API: connect errors, timeouts and 5xx are AlertmanagerUnavailable
     (retried by the tasks), another non-2xx answer a ValueError (the request is wrong)."""
     try:
         with server.get_client() as client:
-            response = client.get(path, params=params)
+            response = client.request(method, path, params=params, json=body)
     except httpx.TransportError as exc:
         raise AlertmanagerUnavailable(f"{server.url}: {type(exc).__name__}: {exc}") from None
     if response.status_code >= 500:
@@ -69,6 +75,10 @@ def _get(server: AlertmanagerServer, path: str, params: Any = None) -> httpx.Res
             f"Alertmanager refused the request: HTTP {response.status_code} {response.text[:200]}"
         )
     return response
+
+
+def _get(server: AlertmanagerServer, path: str, params: Any = None) -> httpx.Response:
+    return _request(server, "GET", path, params=params)
 
 
 @task(**runbook_task_options(AlertmanagerUnavailable))
@@ -114,24 +124,6 @@ class Silence(BaseModel):
     comment: str
 
 
-def _send(
-    server: AlertmanagerServer, method: str, path: str, body: dict[str, Any] | None = None
-) -> httpx.Response:
-    """One POST/DELETE of the v2 API, its errors mapped like ``_get``'s."""
-    try:
-        with server.get_client() as client:
-            response = client.request(method, path, json=body)
-    except httpx.TransportError as exc:
-        raise AlertmanagerUnavailable(f"{server.url}: {type(exc).__name__}: {exc}") from None
-    if response.status_code >= 500:
-        raise AlertmanagerUnavailable(f"{server.url}: HTTP {response.status_code}")
-    if response.status_code != 200:
-        raise ValueError(
-            f"Alertmanager refused the request: HTTP {response.status_code} {response.text[:200]}"
-        )
-    return response
-
-
 def _silence(raw: dict[str, Any]) -> Silence:
     return Silence(
         id=raw["id"],
@@ -175,7 +167,7 @@ def create_silence(
         "createdBy": created_by,
         "comment": comment,
     }
-    silence_id = _send(server, "POST", "/api/v2/silences", body).json()["silenceID"]
+    silence_id = _request(server, "POST", "/api/v2/silences", body=body).json()["silenceID"]
     return _silence(_get(server, f"/api/v2/silence/{silence_id}").json())
 
 
@@ -192,5 +184,5 @@ def expire_silence(server: AlertmanagerServer, silence_id: str) -> bool:
     current = _silence(_get(server, f"/api/v2/silence/{silence_id}").json())
     if current.state == "expired":
         return False
-    _send(server, "DELETE", f"/api/v2/silence/{silence_id}")
+    _request(server, "DELETE", f"/api/v2/silence/{silence_id}")
     return True
