@@ -218,17 +218,11 @@ class SparkTestCluster:
 
     def driver_pids(self, driver_id: str) -> list[int]:
         """The driver's processes (its JVM and its Python): those working in its work directory."""
-        wanted = (self.worker_dir / driver_id).resolve()
-        pids = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                if Path(os.readlink(proc / "cwd")).resolve() == wanted:
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-        return pids
+        return processes_under(self.worker_dir / driver_id)
+
+    def executor_pids(self, app_id: str) -> list[int]:
+        """The executors of an application on the worker."""
+        return processes_under(self.worker_dir / app_id)
 
     def kill_driver_process(self, driver_id: str) -> list[int]:
         """SIGKILL every process of the driver, the way a lost machine ends it."""
@@ -270,3 +264,54 @@ class SparkTestCluster:
 
 def start_spark() -> SparkTestCluster:
     return SparkTestCluster().start()
+
+
+def committed_files(sink: Path) -> list[Path]:
+    """The files of a file sink its log lists as committed (``_spark_metadata``), as Spark's own
+    readers see the sink: files of a batch that died before its commit are left out."""
+    added: set[str] = set()
+    deleted: set[str] = set()
+    log = sink / "_spark_metadata"
+    for entry in sorted(log.iterdir()) if log.exists() else []:
+        if entry.name.startswith("."):
+            continue
+        for line in entry.read_text().splitlines()[1:]:  # first line: the log version
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            (deleted if record.get("action") == "delete" else added).add(record["path"])
+    return [Path(p.removeprefix("file://")) for p in sorted(added - deleted)]
+
+
+def sink_values(sink: Path) -> list[int]:
+    """Every ``value`` the counting stream committed to its JSON sink, in file order."""
+    return [
+        json.loads(line)["value"]
+        for f in committed_files(sink)
+        for line in f.read_text().splitlines()
+        if line.strip()
+    ]
+
+
+def commits(checkpoint: Path) -> list[int]:
+    """Committed batch ids of a streaming query's checkpoint."""
+    found = checkpoint / "commits"
+    return (
+        sorted(int(p.name) for p in found.iterdir() if p.name.isdigit()) if found.exists() else []
+    )
+
+
+def processes_under(directory: Path) -> list[int]:
+    """Processes whose working directory is ``directory`` or below (a driver's, an executor's)."""
+    wanted = directory.resolve()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cwd = Path(os.readlink(proc / "cwd")).resolve()
+        except OSError:
+            continue
+        if cwd == wanted or wanted in cwd.parents:
+            pids.append(int(proc.name))
+    return pids
