@@ -18,18 +18,21 @@ from typing import Any
 
 import pytest
 
+from blocks.kafka import KafkaCluster
+from blocks.mysql import MySQLDatabase
 from blocks.spark import SparkCluster
 from flows.spark.spark_streaming_job_failed import (
     SparkRecovery,
     SparkStreamingJobFailedParams,
     spark_streaming_job_failed,
 )
-from runbooks.errors import ApprovalRejected, BudgetSpent
+from runbooks.errors import ApprovalRejected, BudgetSpent, Escalation
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
-from tasks.spark import SparkUnavailable
+from tasks.spark import SparkUnavailable, resubmit_application
 from tests.approvals import Approver
 from tests.conftest import read_incident_report, unique
+from tests.servers import KafkaBroker, free_port
 from tests.spark_cluster import SparkTestCluster, commits, sink_values
 
 pytestmark = pytest.mark.integration
@@ -168,6 +171,16 @@ def test_dead_driver_is_resubmitted_and_continues_with_the_next_batch(app: Strea
     # exactly one new driver
     assert {d["id"] for d in app.drivers()} - drivers_before == {new}
 
+    # a retried submission (its first response lost) finds the new driver and submits nothing
+    retried = resubmit_application.fn(
+        SparkCluster.load(app.block_name),
+        replaces_driver_id=first,
+        last_committed_batch=last,
+        dry_run=False,
+    )
+    assert (retried.driver_id, retried.planned, retried.applied) == (new, [], [])
+    assert {d["id"] for d in app.drivers()} - drivers_before == {new}
+
     # a run right after finds it running and progressing: nothing to do
     again = run(app.params())
     assert again.is_completed(), again.message
@@ -223,8 +236,35 @@ def test_stalled_query_is_killed_and_resubmitted(app: StreamingApp) -> None:
     assert_exactly_once(app)
 
 
+@pytest.fixture
+def mysql_block(mariadb: Any) -> str:
+    """A MySQL Database block for a login on the session's MariaDB (the query's sink store)."""
+    user, password = unique("spark_rb").replace("-", "_")[:32], unique("pw")
+    with mariadb.admin() as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{user}`")
+        cur.execute(f"CREATE USER '{user}'@'%%' IDENTIFIED BY %s", (password,))
+        cur.execute(f"GRANT SELECT ON `{user}`.* TO '{user}'@'%'")
+    name = unique("mysql")
+    MySQLDatabase(
+        host=mariadb.host,
+        port=mariadb.port,
+        database=user,
+        user=user,
+        password=password,
+        connect_timeout_s=3,
+    ).save(name, overwrite=True)
+    return name
+
+
+@pytest.fixture
+def kafka_block(kafka_broker: KafkaBroker) -> str:
+    name = unique("kafka")
+    KafkaCluster(bootstrap_servers=kafka_broker.bootstrap, request_timeout_s=5).save(name)
+    return name
+
+
 def test_no_checkpoint_needs_approval_and_a_rejection_submits_nothing(
-    spark_cluster: SparkTestCluster,
+    spark_cluster: SparkTestCluster, kafka_block: str, mysql_block: str
 ) -> None:
     app = streaming_app(spark_cluster)  # never ran: nothing at its checkpoint location
     drivers_before = {d["id"] for d in app.drivers()}
@@ -234,7 +274,7 @@ def test_no_checkpoint_needs_approval_and_a_rejection_submits_nothing(
     )
     approver.start()
 
-    state = run(app.params())
+    state = run(app.params(kafka_block=kafka_block, mysql_block=mysql_block))
 
     approver.join(5)
     assert approver.error is None and approver.paused_run == state.state_details.flow_run_id
@@ -247,6 +287,26 @@ def test_no_checkpoint_needs_approval_and_a_rejection_submits_nothing(
     assert not app.checkpoint.exists() and not app.sink.exists()
     report = read_incident_report(state.state_details.flow_run_id)
     assert "| rejected | bob |" in report
+    # its dependencies were checked, for real, before asking
+    assert "| kafka reachable | OK |" in report and "| mysql reachable | OK |" in report
+
+
+def test_unreachable_dependency_escalates_without_submitting(
+    spark_cluster: SparkTestCluster, mysql_block: str
+) -> None:
+    app = streaming_app(spark_cluster)
+    dead_kafka = unique("kafka")
+    KafkaCluster(bootstrap_servers=f"127.0.0.1:{free_port()}", request_timeout_s=2).save(dead_kafka)
+    drivers_before = {d["id"] for d in app.drivers()}
+
+    state = run(app.params(kafka_block=dead_kafka, mysql_block=mysql_block))
+
+    assert state.is_failed()
+    with pytest.raises(Escalation, match="dependencies are down.*Kafka"):
+        state.result()
+    assert {d["id"] for d in app.drivers()} == drivers_before
+    report = read_incident_report(state.state_details.flow_run_id)
+    assert "| kafka reachable | FAILING |" in report and "| mysql reachable | OK |" in report
 
 
 def test_unreachable_master_is_retried_then_reported(spark_cluster: SparkTestCluster) -> None:
