@@ -28,7 +28,6 @@ from runbooks.retry import runbook_task_options
 from tasks.spark_decisions import (
     LIVE_DRIVER,
     CheckpointProgress,
-    DriverMatch,
     SparkApp,
     SparkDriver,
     choose_driver,
@@ -140,13 +139,6 @@ def _master_state(cluster: SparkCluster) -> MasterState:
 def get_master_state(cluster: SparkCluster) -> MasterState:
     """Workers, drivers and applications the master knows (its web UI's ``/json/``)."""
     return _master_state(cluster)
-
-
-@task(**_READ)
-def find_driver(cluster: SparkCluster, driver_id: str | None = None) -> DriverMatch:
-    """The driver of the block's application (see ``choose_driver``)."""
-    state = _master_state(cluster)
-    return choose_driver(state.drivers, state.apps, cluster.app_name, cluster.main_class, driver_id)
 
 
 class DriverStatus(BaseModel):

@@ -27,7 +27,6 @@ from runbooks.waiting import poll_until
 from tasks.kafka import check_isr
 from tasks.mysql import probe_server
 from tasks.spark import (
-    DriverKill,
     DriverStatus,
     MasterState,
     Resubmission,
@@ -54,10 +53,10 @@ from tasks.spark_decisions import (
 
 RUNBOOK = "spark-streaming-job-failed"
 
-# A query that dies again after every resubmission has a bug (or a poisoned batch) a restart
-# won't fix: after this many resubmissions of one application per hour, a human looks.
+# A query that dies (or stalls) again after every resubmission has a bug or a poisoned batch a
+# restart won't fix: after this many resubmissions of one application per hour, a human looks. A
+# stalled driver's kill is part of its resubmission and counts with it.
 RESUBMIT_BUDGET = Budget(max_actions=3, window_s=3600)
-KILL_BUDGET = Budget(max_actions=3, window_s=3600)
 
 
 class SparkStreamingJobFailedParams(RunbookParams):
@@ -196,27 +195,39 @@ def _run(
             "driver could not start; bring the workers back first"
         )
 
-    if decision.action is Action.KILL_AND_RESUBMIT:
-        assert driver is not None
-        stalled_id = driver.id
-        kill: DriverKill = guard.act(
-            "kill stalled driver",
-            lambda dry_run: kill_driver(spark, stalled_id, decision.reason, dry_run=dry_run),
-            budget=KILL_BUDGET,
-        )
-        if kill.changed:
-            summary.killed_driver_id = stalled_id
-
     replaced = driver.id if driver else None
     last = progress.last_commit_batch
-    resubmission: Resubmission = guard.act(
-        "resubmit application" if not decision.without_checkpoint else "start without checkpoint",
-        lambda dry_run: resubmit_application(
+    stalled = decision.action is Action.KILL_AND_RESUBMIT
+
+    def restart(dry_run: bool) -> Resubmission:
+        """Kill the stalled driver (if stalled), then resubmit: one action, one budget, so a
+        stalled query is never killed when its resubmission is not allowed."""
+        kill = (
+            kill_driver(spark, replaced, decision.reason, dry_run=dry_run)
+            if stalled and replaced
+            else None
+        )
+        submitted = resubmit_application(
             spark, replaces_driver_id=replaced, last_committed_batch=last, dry_run=dry_run
-        ),
+        )
+        if kill is None:
+            return submitted
+        return submitted.model_copy(
+            update={
+                "planned": kill.planned + submitted.planned,
+                "applied": kill.applied + submitted.applied,
+                "notes": kill.notes + submitted.notes,
+            }
+        )
+
+    resubmission: Resubmission = guard.act(
+        "start without checkpoint" if decision.without_checkpoint else "resubmit application",
+        restart,
         budget=RESUBMIT_BUDGET,
         approval=_needs_approval,
     )
+    if any(c.action == "kill_driver" for c in resubmission.applied):
+        summary.killed_driver_id = replaced
     summary.new_driver_id = resubmission.driver_id
     source = (
         f"its checkpoint at {spark.checkpoint_location} (last committed batch {last})"
@@ -229,8 +240,8 @@ def _run(
         )
         report.finish(
             Outcome.PLANNED if resubmission.planned else Outcome.NO_ACTION_NEEDED,
-            f"Would {'kill the stalled driver and ' if decision.action is Action.KILL_AND_RESUBMIT else ''}"
-            f"resubmit {spark.app_name} from {source}: {what}",
+            f"Would {'kill the stalled driver and ' if stalled else ''}resubmit {spark.app_name} "
+            f"from {source}: {what}",
         )
         return _summarize(summary, report)
 
@@ -240,8 +251,8 @@ def _run(
     continuation = _verify_continuation(spark, progress, params, guard, report)
     summary.new_batches = continuation.new_batches
     report.follow_ups.append(
-        f"Find why driver {replaced or '(unknown)'} {'stalled' if decision.action is Action.KILL_AND_RESUBMIT else 'died'}: "
-        "the worker's driver log (work/<driver-id>/stderr) and the executors' logs."
+        f"Find why driver {replaced or '(unknown)'} {'stalled' if stalled else 'died'}: the "
+        "worker's driver log (work/<driver-id>/stderr) and the executors' logs."
     )
     if decision.without_checkpoint:
         report.follow_ups.append(
