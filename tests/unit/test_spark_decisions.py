@@ -4,8 +4,10 @@ did the restarted query continue."""
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
-from tasks.spark import parse_master_json
+from blocks.spark import SparkCluster
+from tasks.spark import parse_master_json, submission_request
 from tasks.spark_decisions import (
     Action,
     CheckpointProgress,
@@ -237,3 +239,67 @@ CONTINUE = [
 )
 def test_check_continuation(last, qid, commits, qid_now, min_new, ok, why) -> None:
     assert check_continuation(last, qid, commits, qid_now, min_new).ok is ok
+
+
+# --- the submission ----------------------------------------------------------------------------
+
+SUBMISSION = [
+    # (block's spark_properties, expected properties subset, why)
+    ({}, {"spark.master": "spark://m:7077", "spark.driver.supervise": "false"}, "defaults"),
+    (
+        {"spark.master": "spark://m-a:7077,m-b:7077"},
+        {"spark.master": "spark://m-a:7077,m-b:7077"},
+        "an HA master list from the block wins over the master's own URL",
+    ),
+    (
+        {"spark.app.name": "other", "spark.submit.deployMode": "client"},
+        {"spark.app.name": "counts", "spark.submit.deployMode": "cluster"},
+        "the block's app name and cluster mode always apply",
+    ),
+    ({"spark.driver.supervise": "true"}, {"spark.driver.supervise": "true"}, "supervise kept"),
+]
+
+
+@pytest.mark.parametrize(("props", "expected", "why"), SUBMISSION, ids=[s[-1] for s in SUBMISSION])
+def test_submission_request(props: dict, expected: dict, why: str) -> None:
+    block = SparkCluster(
+        rest_url="http://m:6066",
+        ui_url="http://m:8080",
+        app_name="counts",
+        app_resource="/apps/counts.py",
+        app_args=["/apps/counts.py", "", "--out", "/sink"],
+        spark_properties=props,
+        environment_variables={"PYSPARK_PYTHON": "python3"},
+        checkpoint_location="/ckpt/counts",
+    )
+    body = submission_request(block, "spark://m:7077")
+    assert body["action"] == "CreateSubmissionRequest"
+    assert (body["appResource"], body["mainClass"]) == ("/apps/counts.py", PY)
+    assert body["appArgs"] == ["/apps/counts.py", "", "--out", "/sink"]
+    assert body["environmentVariables"] == {"PYSPARK_PYTHON": "python3"}
+    assert expected.items() <= body["sparkProperties"].items()
+    assert body["sparkProperties"]["spark.app.name"] == "counts"
+
+
+CHECKPOINT_LOCATIONS = [
+    ("/data/ckpt", True),
+    ("file:///data/ckpt", True),
+    ("s3a://bucket/ckpt", False),
+    ("hdfs://nn/ckpt", False),
+]
+
+
+@pytest.mark.parametrize(("location", "ok"), CHECKPOINT_LOCATIONS)
+def test_checkpoint_location_must_be_readable_here(location: str, ok: bool) -> None:
+    fields = {
+        "rest_url": "http://m:6066",
+        "ui_url": "http://m:8080",
+        "app_name": "counts",
+        "app_resource": "/apps/counts.py",
+        "checkpoint_location": location,
+    }
+    if ok:
+        assert SparkCluster(**fields).checkpoint_location == location
+    else:
+        with pytest.raises(ValidationError, match="path the runbook can read"):
+            SparkCluster(**fields)
