@@ -13,6 +13,7 @@ from blocks.mysql import MySQLDatabase
 from blocks.postgres import PostgresDatabase
 from blocks.prometheus import AlertmanagerServer, PrometheusServer
 from blocks.redis import RedisServer
+from blocks.spark import SparkCluster
 from blocks.supervisor import SupervisorHost
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "RedisServer",
     "SupervisorHost",
     "AwsAccount",
+    "SparkCluster",
 ]

@@ -21,6 +21,10 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v mariadbd >/dev/null 2>&1 || missing+=(mariadb-server)
 command -v mariadb-dump >/dev/null 2>&1 || missing+=(mariadb-client)
 
+# Apache Spark (PyPI pyspark, ~450 MB) and Java 17 for the Spark runbook's tests: downloaded once
+# into the cache, a quick no-op afterwards
+bash "$(dirname "${BASH_SOURCE[0]}")/install-spark.sh"
+
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

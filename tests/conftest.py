@@ -365,3 +365,14 @@ def prometheus() -> Iterator[Any]:
     server = start_prometheus()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def spark_cluster() -> Iterator[Any]:
+    """A real Spark standalone master (REST submission on) and one small worker for the session
+    (tests/spark_cluster.py); tests submit their own uniquely named applications."""
+    from tests.spark_cluster import start_spark
+
+    cluster = start_spark()
+    yield cluster
+    cluster.stop()

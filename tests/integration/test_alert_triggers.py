@@ -175,6 +175,10 @@ CASES = {
         {"alertname": "SqsQueueMissing", "aws_account": "localstack", "queue_name": "match-events"},
         {"aws_block": "localstack", "queue": "match-events"},
     ),
+    "spark-streaming-job-failed": (
+        {"alertname": "SparkStreamingJobFailed", "spark_app": "counts-eu"},
+        {"spark_block": "counts-eu"},
+    ),
 }
 
 
@@ -247,6 +251,8 @@ MORE_CASES = [
      {"db_block": "market-db", "must_be_writable": False}),
     ("aws-resources-missing", {"alertname": "AwsQueueMetricsAbsent", "aws_account": "localstack"},
      {"aws_block": "localstack", "queue": None}),
+    ("spark-streaming-job-failed", {"alertname": "SparkStreamingQueryStalled", "spark_app": "counts-eu"},
+     {"spark_block": "counts-eu"}),
 ]  # fmt: skip
 
 

@@ -132,6 +132,7 @@ INVALID_INPUTS = [
         blocks.AwsAccount,
         {"endpoint_url": "nowhere", "credentials": {"aws_secret_access_key": SENTINEL}},
     ),
+    (blocks.SparkCluster, {"rest_url": "http://spark:6066", "token": SENTINEL, "username": "u"}),
 ]
 
 

@@ -1,0 +1,1 @@
+"""Spark runbooks: one module per deployment, named for it."""
