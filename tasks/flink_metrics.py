@@ -17,6 +17,7 @@ Endpoints (JobManager REST API, Flink 1.13+ including 2.x):
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 from urllib.parse import quote
@@ -40,8 +41,8 @@ _READ = runbook_task_options(FlinkUnavailable)
 LOAD_METRICS = ("backPressuredTimeMsPerSecond", "busyTimeMsPerSecond", "idleTimeMsPerSecond")
 # the JobManager fetches metrics from the TaskManagers on demand: the first request of a vertex
 # may find none; ask again after a short pause, a bounded number of times
-METRIC_ATTEMPTS = 4
-METRIC_PAUSE_S = 1.0
+METRIC_ATTEMPTS = 3
+METRIC_PAUSE_S = 2.0
 
 
 class ClusterSlots(BaseModel):
@@ -77,10 +78,13 @@ class CheckpointHistory(BaseModel):
 
 
 def _num(value: Any) -> float | None:
+    """A number from Flink's JSON, which writes NaN as the string "NaN" (sources that cannot
+    measure busy time); NaN and non-numbers are None."""
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         return None
+    return None if math.isnan(number) else number
 
 
 def _edges(client: httpx.Client, job_id: str, details: dict[str, Any]) -> dict[str, list[str]]:
@@ -131,8 +135,7 @@ def _load(
         # the aggregated metric first; the backpressure endpoint's per-subtask ratios otherwise
         value = ratio(_num((metrics.get(metric) or {}).get("max")))
         if value is None and subtasks:
-            known = [_num(s.get(field)) for s in subtasks]
-            known = [k for k in known if k is not None]
+            known = [n for n in (_num(s.get(field)) for s in subtasks) if n is not None]
             value = max(known) if known else None
         return value
 

@@ -170,6 +170,10 @@ CASES = {
         {"alertname": "SqsQueueMissing", "aws_account": "localstack", "queue_name": "match-events"},
         {"aws_block": "localstack", "queue": "match-events"},
     ),
+    "flink-job-degraded": (
+        {"alertname": "FlinkJobBackpressured", "job_name": "enrichment-job", "flink_cluster": "flink-eu"},
+        {"flink_block": "flink-eu", "job_name": "enrichment-job"},
+    ),
 }
 
 
@@ -237,6 +241,8 @@ MORE_CASES = [
      {"db_block": "market-db", "must_be_writable": False}),
     ("aws-resources-missing", {"alertname": "AwsQueueMetricsAbsent", "aws_account": "localstack"},
      {"aws_block": "localstack", "queue": None}),
+    ("flink-job-degraded", {"alertname": "FlinkCheckpointsSlow", "job_name": "scores-job", "flink_cluster": "flink-eu"},
+     {"flink_block": "flink-eu", "job_name": "scores-job"}),
 ]  # fmt: skip
 
 
