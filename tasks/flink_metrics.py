@@ -5,12 +5,15 @@ block's timeout, transient errors raised as ``FlinkUnavailable`` and retried, 4x
 Endpoints (JobManager REST API, Flink 1.13+ including 2.x):
 - ``GET /jobs/:id``: vertices with ``parallelism`` and ``maxParallelism``; ``plan.nodes[].inputs``
   gives the edges (``GET /jobs/:id/plan`` when the job details carry no plan).
-- ``GET /jobs/:id/vertices/:vid/backpressure``: ``status`` ``ok`` with ``backpressure-level`` and
-  per subtask ``ratio``, ``busyRatio``, ``idleRatio``; ``deprecated`` while the JobManager has not
-  fetched the vertex's metrics yet (asking again shortly after answers ``ok``).
-- ``GET /jobs/:id/vertices/:vid/subtasks/metrics?get=...``: min/max/avg/sum over subtasks of
-  ``backPressuredTimeMsPerSecond``, ``busyTimeMsPerSecond``, ``idleTimeMsPerSecond`` (an empty
-  list until the metric fetcher has them).
+- ``GET /jobs/:id/vertices/:vid/backpressure``: ``status`` ``ok`` with ``backpressure-level`` (2.3
+  also writes ``backpressureLevel``) and per subtask ``ratio``, ``busyRatio``, ``idleRatio``
+  (``"NaN"``, a string, where unknown); ``deprecated`` while the JobManager has not fetched the
+  vertex's metrics yet (seen for up to ~10 s, the metric fetcher's interval, after a job
+  starts); HTTP 500 while only some subtasks have reported.
+- ``GET /jobs/:id/vertices/:vid/subtasks/metrics?get=...``: min/max/avg/sum/skew over subtasks
+  of ``backPressuredTimeMsPerSecond``, ``busyTimeMsPerSecond``, ``idleTimeMsPerSecond`` (an empty
+  list until the metric fetcher has them; each a 60 s average in the task). Sources that cannot
+  measure busy time report ``"NaN"``.
 - ``GET /jobs/:id/checkpoints``: ``counts``, ``history`` (newest first), ``latest``.
 - ``GET /overview``: ``slots-total``, ``slots-available``, ``taskmanagers``.
 """
@@ -112,10 +115,17 @@ def _aggregated(client: httpx.Client, job_id: str, vertex_id: str) -> dict[str, 
 
 
 def _backpressure(client: httpx.Client, job_id: str, vertex_id: str) -> dict[str, Any]:
+    """The backpressure endpoint's answer, best effort (the aggregated metrics, read just before
+    from the same JobManager, are the primary source): ``{}`` when it fails. Flink 2.3 answers
+    HTTP 500 (NoSuchElementException in JobVertexBackPressureHandler.getMaxBackPressureRatio)
+    for a vertex of a job that has just started, while some subtask has reported no metric yet."""
     path = f"/jobs/{quote(job_id)}/vertices/{quote(vertex_id)}/backpressure"
     data: dict[str, Any] = {}
     for attempt in range(METRIC_ATTEMPTS):
-        data = _call(client, "GET", path) or {}
+        try:
+            data = _call(client, "GET", path) or {}
+        except FlinkUnavailable:
+            return {}
         if data.get("status") == "ok":
             return data
         if attempt + 1 < METRIC_ATTEMPTS:

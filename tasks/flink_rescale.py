@@ -242,8 +242,9 @@ def resubmit_with_parallelism(
         job_id = rescaled_job_id(old_job_id, parallelism)
         change = Change(
             action="run_jar_from_savepoint",
-            target=f"{job_name} at parallelism {parallelism} from "
-            f"{savepoint_path or 'the stop savepoint'}",
+            # the same target in the plan (made before the stop, no savepoint path yet) and
+            # after the stop: the guard matches what was applied with what was planned by it
+            target=f"{job_name} at parallelism {parallelism} from the stop savepoint",
             detail={
                 "jar_id": jar_file.id,
                 "new_job_id": job_id,
