@@ -28,7 +28,7 @@ from flows.flink.flink_job_degraded import (
     FlinkJobDegradedParams,
     flink_job_degraded,
 )
-from runbooks.errors import ApprovalRejected
+from runbooks.errors import ApprovalRejected, BudgetSpent
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
 from tests.approvals import Approver
@@ -264,3 +264,18 @@ def test_rejected_rescale_keeps_the_savepoint_and_leaves_the_job_alone(
     assert rows["stop_with_savepoint"] != "applied" and rows["run_jar_from_savepoint"] != "applied"
     report = read_incident_report(state.state_details.flow_run_id)
     assert "| rejected | bob |" in report
+
+    # the alert fires again: with a budget of one savepoint per hour (one taken above) and no
+    # reuse, the run stops before taking another one and escalates; nothing changes
+    on_disk = savepoints_on_disk(cluster)
+    again, _ = run(
+        slow_job.params(
+            savepoint_reuse_s=0, safety=SafetyParams(budget_max_actions=1, approval_poll_s=1)
+        )
+    )
+    assert again.is_failed()
+    with pytest.raises(BudgetSpent, match="savepoint before rescaling"):
+        again.result()
+    assert savepoints_on_disk(cluster) == on_disk
+    (live,) = slow_job.live_jobs()
+    assert live["jid"] == slow_job.job_id and live["state"] == "RUNNING"
