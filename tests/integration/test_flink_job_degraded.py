@@ -31,6 +31,7 @@ from flows.flink.flink_job_degraded import (
 from runbooks.errors import ApprovalRejected, BudgetSpent
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
+from tasks.flink_rescale import resubmit_with_parallelism, stop_with_savepoint, trigger_id_for
 from tests.approvals import Approver
 from tests.conftest import read_actions_table, read_incident_report, unique
 from tests.flink_cluster import (
@@ -227,6 +228,34 @@ def test_approved_rescale_restores_from_the_savepoint_and_clears_backpressure(
         "run_jar_from_savepoint": "applied",
     }
     print(f"approved rescale took {elapsed:.1f}s (approval included)")
+
+    # the changes again, by hand, as a retry after a lost answer would make them: the stopped
+    # job is not stopped twice (its stop savepoint is found), nothing is submitted twice
+    flink = FlinkCluster.load(slow_job.block)
+    stop_again = stop_with_savepoint.fn(
+        flink,
+        job_id=slow_job.job_id,
+        job_name=slow_job.name,
+        target_directory=None,
+        trigger_id=trigger_id_for("another-run", slow_job.job_id, "stop"),
+        deadline_s=30,
+        dry_run=False,
+    )
+    assert not stop_again.planned and not stop_again.applied
+    assert stop_again.savepoint_path == stop_path
+    submit_again = resubmit_with_parallelism.fn(
+        flink,
+        job_name=slow_job.name,
+        old_job_id=slow_job.job_id,
+        savepoint_path=stop_path,
+        jar=slow_job.jar_id,
+        entry_class=COUNTING_JOB_CLASS,
+        program_args=slow_job.args,
+        parallelism=4,
+        dry_run=False,
+    )
+    assert not submit_again.applied and submit_again.job_id == new_id
+    assert "already RUNNING" in submit_again.notes[0]
 
     # a re-run finds the job healthy at parallelism 4: no second stop, no second job
     again, _ = run(slow_job.params())
