@@ -28,7 +28,7 @@ from flows.flink.flink_job_degraded import (
     FlinkJobDegradedParams,
     flink_job_degraded,
 )
-from runbooks.errors import ApprovalRejected, BudgetSpent
+from runbooks.errors import ApprovalRejected, BudgetSpent, Escalation
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
 from tasks.flink_rescale import resubmit_with_parallelism, stop_with_savepoint, trigger_id_for
@@ -95,26 +95,32 @@ def vertex_ratio(cluster: FlinkTestCluster, job_id: str, vertex: str, metric: st
     return None if value in (None, "NaN") else float(value) / 1000
 
 
+def start_slow_job(
+    cluster: FlinkTestCluster, out: Path, *, parallelism: int = 1, rate: int = RATE
+) -> SlowJob:
+    """A RUNNING CountingJob whose source Flink reports backpressured (the caller cancels it)."""
+    name = unique("degraded")
+    jar_id = cluster.counting_jar()
+    args = counting_args(name, out, rate=rate, keys=KEYS, sink_delay_ms=SINK_DELAY_MS)
+    block = unique("flink")
+    FlinkCluster(rest_url=cluster.rest_url, request_timeout_s=10).save(block, overwrite=True)
+    job_id = cluster.submit(jar_id, args, parallelism=parallelism)
+    cluster.wait_for_state(job_id, "RUNNING")
+    cluster.wait_for(
+        lambda: vertex_ratio(cluster, job_id, SOURCE, "backPressuredTimeMsPerSecond"),
+        lambda r: r is not None and r >= 0.6,
+        timeout_s=150,
+        interval_s=2,
+        what="the source backpressured",
+    )
+    return SlowJob(cluster, name, job_id, jar_id, args, out, block)
+
+
 @pytest.fixture
 def slow_job(flink_cluster: FlinkTestCluster, tmp_path: Path) -> Iterator[SlowJob]:
     """A RUNNING CountingJob at parallelism 1 whose source Flink reports backpressured."""
-    name = unique("degraded")
-    out = tmp_path / "out"
-    jar_id = flink_cluster.counting_jar()
-    args = counting_args(name, out, rate=RATE, keys=KEYS, sink_delay_ms=SINK_DELAY_MS)
-    block = unique("flink")
-    FlinkCluster(rest_url=flink_cluster.rest_url, request_timeout_s=10).save(block, overwrite=True)
     try:
-        job_id = flink_cluster.submit(jar_id, args, parallelism=1)
-        flink_cluster.wait_for_state(job_id, "RUNNING")
-        flink_cluster.wait_for(
-            lambda: vertex_ratio(flink_cluster, job_id, SOURCE, "backPressuredTimeMsPerSecond"),
-            lambda r: r is not None and r >= 0.6,
-            timeout_s=150,
-            interval_s=2,
-            what="the source backpressured",
-        )
-        yield SlowJob(flink_cluster, name, job_id, jar_id, args, out, block)
+        yield start_slow_job(flink_cluster, tmp_path / "out")
     finally:
         flink_cluster.cancel_all(timeout_s=60)
 
@@ -308,3 +314,30 @@ def test_rejected_rescale_keeps_the_savepoint_and_leaves_the_job_alone(
     assert savepoints_on_disk(cluster) == on_disk
     (live,) = slow_job.live_jobs()
     assert live["jid"] == slow_job.job_id and live["state"] == "RUNNING"
+
+
+def test_backpressured_job_in_a_full_cluster_is_escalated_untouched(
+    flink_cluster: FlinkTestCluster, tmp_path: Path
+) -> None:
+    """At parallelism 4 the job holds every slot of the cluster and is still too slow (8,000
+    records/s for 4 x ~900): no room to scale, so the run escalates with the evidence and
+    changes nothing."""
+    try:
+        job = start_slow_job(flink_cluster, tmp_path / "out", parallelism=4, rate=8000)
+        assert flink_cluster.get("/overview")["slots-available"] == 0
+
+        state, _ = run(job.params())
+
+        assert state.is_failed()
+        with pytest.raises(
+            Escalation, match=r"no room to scale it \(0 free slot\(s\), the job holds 4"
+        ):
+            state.result()
+        report = read_incident_report(state.state_details.flow_run_id)
+        assert COUNTER in report and "add TaskManagers" in report
+        (live,) = job.live_jobs()
+        assert live["jid"] == job.job_id and live["state"] == "RUNNING"
+        assert flink_cluster.checkpoints(job.job_id)["latest"]["savepoint"] is None
+        assert read_actions_table(state.state_details.flow_run_id, timeout_s=3) == []
+    finally:
+        flink_cluster.cancel_all(timeout_s=60)
