@@ -302,9 +302,14 @@ def decide_degraded(
     free_slots: int,
     factor: float = 2.0,
     max_parallelism: int = 128,
+    backpressured: list[str] | None = None,
 ) -> DegradedDecision:
     """Rescale the bottleneck when there is room; escalate when there is none, or when the
-    checkpoints are the problem and nothing is backpressured (state, not capacity)."""
+    checkpoints are the problem and nothing is backpressured (state, not capacity).
+
+    ``backpressured`` names the vertices over the threshold: backpressure without a bottleneck
+    (every vertex below them backpressured too, or unknown to the plan) is escalated, never
+    taken for a healthy job."""
     if job_state is None:
         return DegradedDecision(
             action=DegradedAction.ESCALATE,
@@ -314,6 +319,13 @@ def decide_degraded(
         return DegradedDecision(
             action=DegradedAction.ESCALATE,
             reason=f"the job is {job_state}, not RUNNING: a crashed job is flink-job-crashed's case",
+        )
+    if bottleneck is None and backpressured:
+        return DegradedDecision(
+            action=DegradedAction.ESCALATE,
+            reason=f"{', '.join(backpressured)} backpressured but no vertex below them is free of "
+            "backpressure: the slow part is outside the job's vertices (the system a sink "
+            "writes to), which more parallelism may not fix",
         )
     if bottleneck is None:
         if checkpoints is not None and checkpoints.unhealthy:

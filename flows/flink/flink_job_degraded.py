@@ -252,6 +252,11 @@ def _run(
         free_slots=slots.slots_available,
         factor=params.scale_factor,
         max_parallelism=params.max_parallelism,
+        backpressured=[
+            v.name
+            for v in load.vertices
+            if v.backpressured is not None and v.backpressured >= params.backpressure_threshold
+        ],
     )
     report.step(f"decision: {decision.action.value}: {decision.reason}")
     summary.parallelism_before = decision.current_parallelism

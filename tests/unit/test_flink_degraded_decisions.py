@@ -386,6 +386,19 @@ def test_decide_degraded(
     assert decision.reason
 
 
+def test_backpressure_without_a_bottleneck_is_escalated_not_healthy() -> None:
+    decision = decide_degraded(
+        job_state="RUNNING",
+        bottleneck=None,
+        checkpoints=HEALTHY,
+        job_slots=1,
+        free_slots=3,
+        backpressured=["src", "sink"],
+    )
+    assert decision.action is DegradedAction.ESCALATE
+    assert "src, sink backpressured" in decision.reason
+
+
 def test_escalations_say_why() -> None:
     state = decide_degraded(
         job_state="RUNNING", bottleneck=None, checkpoints=FAILING, job_slots=1, free_slots=3
