@@ -329,11 +329,16 @@ class FakeFlink:
             return 400, {"errors": [f"Jar file /tmp/flink-web-upload/{jar_id} does not exist"]}
         jid = body.get("jobId") or uuid.uuid4().hex
         if jid in self.jobs:
+            # Flink 2.3's answer: one entry, the whole Java stack trace (trimmed here)
             return 400, {
                 "errors": [
-                    "org.apache.flink.runtime.rest.handler.RestHandlerException: Could not execute application.",
-                    f"Caused by: org.apache.flink.runtime.client.DuplicateJobSubmissionException: "
-                    f"Job has already been submitted. (job {jid})",
+                    "org.apache.flink.runtime.rest.handler.RestHandlerException: Could not execute "
+                    "application.\n\tat org.apache.flink.runtime.webmonitor.handlers.JarRunHandler"
+                    ".lambda$handleRequest$1(JarRunHandler.java:114)\n"
+                    "Caused by: org.apache.flink.util.FlinkException: Failed to execute job.\n"
+                    "\t... 8 more\n"
+                    "Caused by: org.apache.flink.runtime.client.DuplicateApplicationSubmissionException: "
+                    f"Application has already been submitted. (job {jid})\n"
                 ]
             }
         restored = None

@@ -28,11 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr  # noqa: F401  (blocks take secrets; none here)
 
 from blocks.flink import FlinkCluster
 from flows.flink.flink_job_crashed import FlinkJobCrashedParams, FlinkRecovery, flink_job_crashed
-from runbooks.errors import Escalation
+from runbooks.errors import BudgetSpent, Escalation, VerificationFailed
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
 from tasks.flink import restore_job_id
@@ -306,3 +305,86 @@ def test_taskmanager_killed_waits_for_a_slot_or_escalates(
     assert_restored(counting_job, result)
     assert "| free task slots | OK |" in result.report_markdown
     assert "(waited " in result.report_markdown
+
+
+def test_running_job_needs_nothing_and_an_unknown_job_escalates(
+    flink_cluster: FlinkTestCluster, counting_job: CountingJob
+) -> None:
+    counting_job.start()
+    jars_before = flink_cluster.jars()
+
+    state = flink_job_crashed(params=params_for(flink_cluster, counting_job), return_state=True)
+
+    assert state.is_completed(), state.message
+    assert state.result().outcome is Outcome.NO_ACTION_NEEDED
+    assert [j["jid"] for j in counting_job.jobs_named()] == [counting_job.jid]
+
+    unknown = flink_job_crashed(
+        params=params_for(flink_cluster, counting_job, job_name=unique("nobody")),
+        return_state=True,
+    )
+
+    assert unknown.is_failed()
+    with pytest.raises(Escalation, match="no job with that name"):
+        unknown.result()
+    assert flink_cluster.jars() == jars_before
+    assert [j["jid"] for j in counting_job.jobs_named()] == [counting_job.jid]
+
+
+def test_job_that_fails_before_its_first_checkpoint_escalates(
+    flink_cluster: FlinkTestCluster, counting_job: CountingJob
+) -> None:
+    counting_job.fail_file.touch()  # its first record fails it: no checkpoint ever completes
+    counting_job.jid = flink_cluster.submit(flink_cluster.counting_jar(), counting_job.args, 2)
+    flink_cluster.wait_for_state(counting_job.jid, "FAILED", timeout_s=30)
+    assert flink_cluster.checkpoints(counting_job.jid)["counts"]["completed"] == 0
+
+    state = flink_job_crashed(params=params_for(flink_cluster, counting_job), return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(Escalation, match="no completed checkpoint or savepoint"):
+        state.result()
+    assert [j["jid"] for j in counting_job.jobs_named()] == [counting_job.jid]
+    assert "| last successful checkpoint | FAILING |" in published_report(state)
+
+
+def test_restored_job_that_fails_again_is_not_verified_then_the_budget_stops(
+    flink_cluster: FlinkTestCluster, counting_job: CountingJob
+) -> None:
+    counting_job.start()
+    counting_job.fail_file.touch()
+    counting_job.wait_failed()  # the fail file stays: the restored job fails on its first record
+    params = params_for(
+        flink_cluster, counting_job, safety=SafetyParams(budget_max_actions=1, approval_poll_s=1)
+    )
+
+    first = flink_job_crashed(params=params, return_state=True)
+
+    assert first.is_failed()
+    with pytest.raises(VerificationFailed, match="is FAILED, not RUNNING"):
+        first.result()
+    restored = restore_job_id(counting_job.jid, counting_job.checkpoint_id)
+    assert flink_cluster.job(restored)["state"] == "FAILED"
+
+    again = flink_job_crashed(params=params, return_state=True)
+
+    assert again.is_failed()
+    with pytest.raises(BudgetSpent, match="budget of 1 per 1h spent"):
+        again.result()
+    assert {j["jid"] for j in counting_job.jobs_named()} == {counting_job.jid, restored}
+
+
+def test_missing_jar_without_a_file_escalates_and_submits_nothing(
+    flink_cluster: FlinkTestCluster, counting_job: CountingJob
+) -> None:
+    counting_job.start()
+    counting_job.crash()
+    flink_cluster.cancel_all(delete_jars=True)
+
+    state = flink_job_crashed(params=params_for(flink_cluster, counting_job), return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(Escalation, match="is not uploaded to the Flink cluster"):
+        state.result()
+    assert [j["jid"] for j in counting_job.jobs_named()] == [counting_job.jid]
+    assert flink_cluster.jars() == []
