@@ -15,7 +15,7 @@ Endpoints (JobManager REST API, Flink 1.13+ including 2.x):
   list until the metric fetcher has them; each a 60 s average in the task). Sources that cannot
   measure busy time report ``"NaN"``.
 - ``GET /jobs/:id/checkpoints``: ``counts``, ``history`` (newest first), ``latest``.
-- ``GET /overview``: ``slots-total``, ``slots-available``, ``taskmanagers``.
+- free slots: ``tasks.flink.get_slot_capacity`` (``GET /overview``, ``/taskmanagers``).
 """
 
 from __future__ import annotations
@@ -46,12 +46,6 @@ LOAD_METRICS = ("backPressuredTimeMsPerSecond", "busyTimeMsPerSecond", "idleTime
 # may find none; ask again after a short pause, a bounded number of times
 METRIC_ATTEMPTS = 3
 METRIC_PAUSE_S = 2.0
-
-
-class ClusterSlots(BaseModel):
-    taskmanagers: int
-    slots_total: int
-    slots_available: int
 
 
 class JobLoad(BaseModel):
@@ -177,18 +171,6 @@ def get_job_load(cluster: FlinkCluster, job_id: str) -> JobLoad:
         state=details.get("state", ""),
         vertices=topological_order(vertices),
         measured_at_ms=details.get("now") or int(time.time() * 1000),
-    )
-
-
-@task(**_READ)
-def get_cluster_slots(cluster: FlinkCluster) -> ClusterSlots:
-    """TaskManagers and task slots, total and free, from ``GET /overview``."""
-    with cluster.get_client() as client:
-        data = _call(client, "GET", "/overview")
-    return ClusterSlots(
-        taskmanagers=data.get("taskmanagers", 0),
-        slots_total=data.get("slots-total", 0),
-        slots_available=data.get("slots-available", 0),
     )
 
 

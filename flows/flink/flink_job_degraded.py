@@ -24,7 +24,14 @@ from runbooks.params import BlockName, RunbookParams
 from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.results import ChangeSet
 from runbooks.safety import Budget, Guard, Target
-from tasks.flink import GLOBALLY_TERMINAL, find_job, get_job_state, get_jobmanager_address
+from tasks.flink import (
+    GLOBALLY_TERMINAL,
+    find_job,
+    get_job_state,
+    get_jobmanager_address,
+    get_slot_capacity,
+    same_checkpoint_path,
+)
 from tasks.flink_degraded_decisions import (
     CheckpointHealth,
     DegradedAction,
@@ -39,7 +46,6 @@ from tasks.flink_metrics import (
     CheckpointHistory,
     JobLoad,
     get_checkpoint_history,
-    get_cluster_slots,
     get_job_load,
 )
 from tasks.flink_rescale import (
@@ -241,7 +247,7 @@ def _run(
     report.evidence("checkpoints", _checkpoint_evidence(history, health))
     report.check("checkpoints", not health.unhealthy, health.reason)
 
-    slots = get_cluster_slots(flink)
+    slots = get_slot_capacity(flink)
     report.evidence("cluster slots", slots)
     held = job_slots(load.vertices)
     decision = decide_degraded(
@@ -440,15 +446,6 @@ def _verify_running(
         )
 
 
-def _same_path(a: str | None, b: str | None) -> bool:
-    """Flink writes file:/x where it was given file:///x: compare without scheme slashes."""
-
-    def norm(p: str) -> str:
-        return p.removeprefix("file:").lstrip("/").rstrip("/")
-
-    return bool(a and b) and norm(a) == norm(b)  # type: ignore[arg-type]
-
-
 def _verify_restored(
     flink: FlinkCluster,
     job_id: str,
@@ -459,7 +456,7 @@ def _verify_restored(
     restored = guard.verify(
         "restored from the stop savepoint",
         lambda: get_checkpoint_history(flink, job_id).restored_path,
-        lambda path: _same_path(path, savepoint_path),
+        lambda path: same_checkpoint_path(path, savepoint_path),
         timeout_s=params.running_deadline_s,
         interval_s=min(params.poll_interval_s, 2),
         describe=lambda path: f"{job_id} restored from {path} (expected {savepoint_path})",
