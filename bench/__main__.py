@@ -19,6 +19,7 @@ BENCHMARKS = {
     "stuck-reset": "bench.stuck_reset",  # [--stuck 100000] [--rounds 1]
     "db-backup": "bench.db_backup",  # [--size-mb 1024] [--repeats 1] [--no-checksums]
     "archive-events": "bench.archive_events",  # [--rows 1000000] [--writers 2]
+    "flink-restore": "bench.flink_restore",  # [--failures 10]
 }
 
 

@@ -21,18 +21,20 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v mariadbd >/dev/null 2>&1 || missing+=(mariadb-server)
 command -v mariadb-dump >/dev/null 2>&1 || missing+=(mariadb-client)
 
+if [ ${#missing[@]} -ne 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing system packages: ${missing[*]}; install them with: sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "installing system packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null
+fi
+
+# Apache Flink 2.3 (from its PyPI wheels, cached once) and Java 17 for the Flink session cluster
+bash "$(dirname "${BASH_SOURCE[0]}")/install-flink.sh"
+
 # Apache Spark (PyPI pyspark, ~450 MB) and Java 17 for the Spark runbook's tests: downloaded once
 # into the cache, a quick no-op afterwards
 bash "$(dirname "${BASH_SOURCE[0]}")/install-spark.sh"
-
-if [ ${#missing[@]} -eq 0 ]; then
-  exit 0
-fi
-if [ "$(id -u)" -ne 0 ]; then
-  echo "missing system packages: ${missing[*]}; install them with: sudo apt-get install -y ${missing[*]}" >&2
-  exit 1
-fi
-echo "installing system packages: ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null

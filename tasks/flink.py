@@ -12,6 +12,7 @@ import hashlib
 import socket
 from collections.abc import Sequence
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -53,6 +54,36 @@ class FlinkRequestError(RuntimeError):
 _READ = runbook_task_options(FlinkUnavailable)
 
 
+def root_cause(stacktrace: str) -> str:
+    """The innermost cause of a Java stack trace: its last ``Caused by:`` line, else its first line.
+
+    Flink wraps what went wrong in layers ("Could not execute application." ... "Recovery is
+    suppressed by NoRestartBackoffTimeStrategy"); the message a person needs is the deepest one.
+    """
+    lines = [line.strip() for line in stacktrace.splitlines() if line.strip()]
+    causes = [
+        line.removeprefix("Caused by:").strip() for line in lines if line.startswith("Caused by:")
+    ]
+    if causes:
+        return causes[-1]
+    return lines[0] if lines else ""
+
+
+def flink_error_summary(errors: Sequence[object]) -> str:
+    """One line per entry of Flink's ``{"errors": [...]}``: a Java stack trace (what Flink 2.x
+    sends for a failed job submission, thousands of characters) becomes its first line and its
+    innermost cause; plain messages stay as they are."""
+    parts = []
+    for error in errors:
+        text = str(error)
+        head = (
+            text.strip().splitlines()[0].removeprefix("Caused by:").strip() if text.strip() else ""
+        )
+        cause = root_cause(text)
+        parts.append(head if cause == head else f"{head} (cause: {cause})")
+    return "; ".join(parts)
+
+
 def _errors(response: httpx.Response) -> str:
     """Flink's ``{"errors": [...]}`` body, or the raw text of a proxy's error page; shortened."""
     try:
@@ -60,7 +91,7 @@ def _errors(response: httpx.Response) -> str:
     except ValueError:
         data = None
     errors = data.get("errors") if isinstance(data, dict) else None
-    return ("; ".join(map(str, errors)) if errors else response.text)[:500]
+    return (flink_error_summary(errors) if errors else response.text)[:1000]
 
 
 def _call(client: httpx.Client, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -155,6 +186,15 @@ class FailureCause(BaseModel):
     timestamp_ms: int | None = None
     task: str | None = None
     stacktrace_head: str = Field("", description="First lines of the stack trace.")
+    root_cause: str | None = Field(
+        None,
+        description="Innermost cause (the last 'Caused by:'), e.g. the TaskManager that was lost; "
+        "Flink 2.x reports 'Recovery is suppressed by NoRestartBackoffTimeStrategy' on top.",
+    )
+    concurrent: list[str] = Field(
+        default_factory=list,
+        description="Root causes of the failures that happened at the same time (other tasks).",
+    )
 
 
 class Resubmission(ChangeSet):
@@ -313,6 +353,124 @@ def assess_lag(samples: Sequence[int], threshold: int) -> LagVerdict:
     )
 
 
+# --- the cluster's capacity and the restored job, as the REST API shows them ----------------
+
+
+class JobProgress(BaseModel):
+    """One job's state and its tasks' states, from ``GET /jobs/:jobid``.
+
+    Flink reports a job RUNNING as soon as it schedules it, while its tasks may still wait for
+    slots (SCHEDULED) or deploy: only tasks in RUNNING process records.
+    """
+
+    jid: str
+    state: str
+    parallelism: int | None = Field(None, description="Highest parallelism among its vertices.")
+    tasks: dict[str, int] = Field(
+        default_factory=dict, description="Task count per ExecutionState, over all vertices."
+    )
+
+    @property
+    def total_tasks(self) -> int:
+        return sum(self.tasks.values())
+
+    def describe(self) -> str:
+        busy = {k: v for k, v in sorted(self.tasks.items()) if v}
+        counts = ", ".join(f"{v} {k}" for k, v in busy.items())
+        return f"{self.jid}: {self.state}" + (f" ({counts})" if counts else "")
+
+
+def job_progress(data: dict[str, Any]) -> JobProgress:
+    """A ``GET /jobs/:jobid`` body as a JobProgress."""
+    tasks: dict[str, int] = {}
+    parallelisms = []
+    for vertex in data.get("vertices") or []:
+        parallelisms.append(vertex.get("parallelism") or 0)
+        for status, count in (vertex.get("tasks") or {}).items():
+            tasks[status] = tasks.get(status, 0) + (count or 0)
+    return JobProgress(
+        jid=data["jid"],
+        state=data["state"],
+        parallelism=max(parallelisms) if parallelisms else None,
+        tasks=tasks,
+    )
+
+
+def tasks_running(progress: JobProgress) -> bool:
+    """The job runs for real: state RUNNING and every task RUNNING (or FINISHED, like a source
+    subtask that got no split after a rescale). A job without task details counts by its state."""
+    if progress.state != "RUNNING":
+        return False
+    if not progress.total_tasks:
+        return True
+    running = progress.tasks.get("RUNNING", 0)
+    return running > 0 and running + progress.tasks.get("FINISHED", 0) == progress.total_tasks
+
+
+class TaskManagerSlots(BaseModel):
+    id: str
+    slots: int
+    free_slots: int
+    last_heartbeat_ms: int | None = None
+
+
+class SlotCapacity(BaseModel):
+    """What ``GET /overview`` and ``GET /taskmanagers`` say about free task slots."""
+
+    taskmanagers: int
+    slots_total: int
+    slots_available: int
+    registered: list[TaskManagerSlots] = Field(default_factory=list)
+
+    def describe(self) -> str:
+        return (
+            f"{self.taskmanagers} TaskManager(s), {self.slots_available} of {self.slots_total} "
+            "slot(s) free"
+        )
+
+
+class SlotDecision(BaseModel):
+    ready: bool
+    reason: str
+
+
+def slots_needed(parallelism: int | None, failed_parallelism: int | None) -> int:
+    """Slots a resubmission needs: with Flink's default slot sharing, one per parallel
+    instance of the widest vertex (the run's parallelism, else the failed job's, else 1)."""
+    return max(1, parallelism or failed_parallelism or 1)
+
+
+def decide_slots(capacity: SlotCapacity, needed: int) -> SlotDecision:
+    """Whether the job can be scheduled now, or must wait for a TaskManager (or free slots)."""
+    if capacity.taskmanagers == 0:
+        return SlotDecision(
+            ready=False,
+            reason=f"no TaskManager registered with the JobManager (needs {needed} slot(s))",
+        )
+    if capacity.slots_available < needed:
+        return SlotDecision(
+            ready=False,
+            reason=f"{capacity.describe()}: the job needs {needed} (lost TaskManager not "
+            "replaced yet, or other jobs hold the slots)",
+        )
+    return SlotDecision(ready=True, reason=f"{capacity.describe()}: the job needs {needed}")
+
+
+def same_checkpoint_path(a: str | None, b: str | None) -> bool:
+    """Whether two external paths name the same checkpoint directory. Flink reports local
+    paths as ``file:/x`` while people write ``file:///x``; a trailing slash changes nothing."""
+    if not a or not b:
+        return False
+
+    def norm(path: str) -> str:
+        path = path.rstrip("/")
+        if path.startswith("file:"):
+            return "file:/" + path.removeprefix("file:").lstrip("/")
+        return path
+
+    return norm(a) == norm(b)
+
+
 # --- tasks ----------------------------------------------------------------------------------
 
 
@@ -412,11 +570,17 @@ def get_failure_cause(cluster: FlinkCluster, job_id: str) -> FailureCause | None
     if entries:
         newest = max(entries, key=lambda e: e.get("timestamp") or 0)
         trace = newest.get("stacktrace") or ""
+        concurrent = [
+            root_cause(c.get("stacktrace") or c.get("exceptionName") or "")
+            for c in newest.get("concurrentExceptions") or []
+        ]
         return FailureCause(
             exception=newest.get("exceptionName") or trace.split("\n", 1)[0],
             timestamp_ms=newest.get("timestamp"),
             task=newest.get("taskName"),
             stacktrace_head="\n".join(trace.splitlines()[:8])[:2000],
+            root_cause=root_cause(trace) or None,
+            concurrent=sorted(set(filter(None, concurrent)))[:10],
         )
     # Flink before 1.13 only has the flat root exception (removed in 2.0)
     root = data.get("root-exception")
@@ -426,7 +590,51 @@ def get_failure_cause(cluster: FlinkCluster, job_id: str) -> FailureCause | None
         exception=root.split("\n", 1)[0],
         timestamp_ms=data.get("timestamp"),
         stacktrace_head="\n".join(root.splitlines()[:8])[:2000],
+        root_cause=root_cause(root) or None,
     )
+
+
+@task(**_READ)
+def get_job_progress(cluster: FlinkCluster, job_id: str) -> JobProgress:
+    """State, parallelism and task states of one job (``GET /jobs/:jobid``)."""
+    with cluster.get_client() as client:
+        return job_progress(_call(client, "GET", f"/jobs/{quote(job_id)}"))
+
+
+@task(**_READ)
+def get_slot_capacity(cluster: FlinkCluster) -> SlotCapacity:
+    """Registered TaskManagers and free slots (``GET /overview``, ``GET /taskmanagers``)."""
+    with cluster.get_client() as client:
+        overview = _call(client, "GET", "/overview")
+        managers = _call(client, "GET", "/taskmanagers").get("taskmanagers") or []
+    return SlotCapacity(
+        taskmanagers=overview.get("taskmanagers", len(managers)),
+        slots_total=overview.get("slots-total", 0),
+        slots_available=overview.get("slots-available", 0),
+        registered=[
+            TaskManagerSlots(
+                id=m.get("id", "?"),
+                slots=m.get("slotsNumber", 0),
+                free_slots=m.get("freeSlots", 0),
+                # despite its name, the epoch ms of the last heartbeat
+                last_heartbeat_ms=m.get("timeSinceLastHeartbeat"),
+            )
+            for m in managers
+        ],
+    )
+
+
+@task(**_READ)
+def get_restored_checkpoint(cluster: FlinkCluster, job_id: str) -> Checkpoint | None:
+    """The checkpoint or savepoint the job started from (``latest.restored``), if any."""
+    with cluster.get_client() as client:
+        try:
+            data = _call(client, "GET", f"/jobs/{quote(job_id)}/checkpoints")
+        except FlinkRequestError as exc:
+            if exc.status != 404:
+                raise
+            return None
+    return _checkpoint((data.get("latest") or {}).get("restored"), "restored")
 
 
 def _list_jars(client: httpx.Client) -> list[JarFile]:
@@ -461,6 +669,7 @@ def resubmit_from_checkpoint(
     program_args: list[str],
     parallelism: int | None,
     dry_run: bool,
+    jar_file: str | None = None,
 ) -> Resubmission:
     """Run the job's uploaded jar again, restoring from ``checkpoint`` (``flink run -s <path>``).
 
@@ -471,17 +680,35 @@ def resubmit_from_checkpoint(
     a deterministic id (``restore_job_id``), so a retry after a lost response finds the job its
     first attempt started instead of starting another. State that no longer maps to an operator
     fails the submission (allowNonRestoredState is false): silently dropping state is a human call.
+
+    ``jar_file``: a local path of the job's jar, uploaded (``POST /jars/upload``) when the
+    cluster does not have the jar (a JobManager that restarted or failed over forgets uploads).
     """
     if checkpoint is not None and not checkpoint.usable:
         raise ValueError(f"{checkpoint.kind} {checkpoint.id} has no usable external path")
     with cluster.get_client() as client:
         jars = _list_jars(client)
-        jar_file = choose_jar(jars, jar)
-        if jar_file is None:
+        local_name = Path(jar_file).name if jar_file else None
+        found = choose_jar(jars, jar) or (choose_jar(jars, local_name) if local_name else None)
+        upload: Change | None = None
+        if found is None and not jar_file:
             raise Escalation(
                 f"jar {jar!r} is not uploaded to the Flink cluster (it has: "
                 f"{', '.join(sorted(j.name for j in jars)) or 'none'}): upload it, then run again"
             )
+        if found is None:
+            assert jar_file is not None and local_name is not None
+            if not Path(jar_file).is_file():
+                raise Escalation(
+                    f"jar {jar!r} is not uploaded to the Flink cluster and {jar_file} is not a "
+                    "file on this worker: upload the job's jar, then run again"
+                )
+            upload = Change(
+                action="upload_jar",
+                target=local_name,
+                detail={"path": jar_file, "bytes": Path(jar_file).stat().st_size},
+            )
+        jar_id = found.id if found is not None else None
         job_id = restore_job_id(failed_job_id, checkpoint.id if checkpoint else None)
         body: dict[str, Any] = {"programArgsList": program_args, "jobId": job_id}
         if checkpoint is not None:
@@ -500,7 +727,7 @@ def resubmit_from_checkpoint(
             if checkpoint
             else f"{job_name} without state",
             detail={
-                "jar_id": jar_file.id,
+                "jar_id": jar_id or f"(uploaded from {jar_file})",
                 "new_job_id": job_id,
                 "checkpoint_id": checkpoint.id if checkpoint else None,
                 "checkpoint_kind": checkpoint.kind if checkpoint else None,
@@ -517,13 +744,13 @@ def resubmit_from_checkpoint(
                     dry_run=dry_run,
                     planned=[change],
                     applied=[_started(change, job)],
-                    jar_id=jar_file.id,
+                    jar_id=jar_id,
                     job_id=job_id,
                     notes=[f"{job_name} was submitted as {job_id} by an earlier attempt"],
                 )
             return Resubmission(
                 dry_run=dry_run,
-                jar_id=jar_file.id,
+                jar_id=jar_id,
                 job_id=job.jid,
                 notes=[
                     f"{job_name} already started as {job.jid} ({job.state}): not submitting again"
@@ -532,11 +759,18 @@ def resubmit_from_checkpoint(
 
         if existing := _started_copy(client, job_name, job_id):
             return already(existing)
-        result = Resubmission(dry_run=dry_run, planned=[change], jar_id=jar_file.id, job_id=job_id)
+        planned = [upload, change] if upload else [change]
+        result = Resubmission(dry_run=dry_run, planned=planned, jar_id=jar_id, job_id=job_id)
         if dry_run:
             return result
+        if upload is not None:
+            assert jar_file is not None
+            jar_id = _upload_jar(client, jar_file, max(cluster.request_timeout_s, 120))
+            result.jar_id = jar_id
+            result.applied.append(upload.model_copy(update={"detail": {"jar_id": jar_id}}))
+        assert jar_id is not None
         try:
-            response = _call(client, "POST", f"/jars/{quote(jar_file.id)}/run", body)
+            response = _call(client, "POST", f"/jars/{quote(jar_id)}/run", body)
         except FlinkRequestError:
             # Flink refuses a job id it already knows (HTTP 400 DuplicateJobSubmissionException)
             if existing := _started_copy(client, job_name, job_id):
@@ -546,6 +780,30 @@ def resubmit_from_checkpoint(
         started = FlinkJob.model_validate(_call(client, "GET", f"/jobs/{quote(result.job_id)}"))
         result.applied.append(_started(change, started))
         return result
+
+
+def _upload_jar(client: httpx.Client, path: str, timeout_s: float) -> str:
+    """``POST /jars/upload`` (multipart ``jarfile``); returns the new jar's id."""
+    try:
+        with open(path, "rb") as f:
+            response = client.post(
+                "/jars/upload",
+                files={"jarfile": (Path(path).name, f, "application/x-java-archive")},
+                timeout=timeout_s,
+            )
+    except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+        raise FlinkUnavailable(f"POST /jars/upload: {type(exc).__name__}: {exc}") from exc
+    if response.status_code >= 500:
+        raise FlinkUnavailable(
+            f"POST /jars/upload: HTTP {response.status_code}: {_errors(response)}"
+        )
+    if not response.is_success:
+        raise FlinkRequestError(
+            response.status_code,
+            f"POST /jars/upload: HTTP {response.status_code}: {_errors(response)}",
+        )
+    # {"filename": "/tmp/flink-web-upload/<uuid>_name.jar", "status": "success"}
+    return Path(response.json()["filename"]).name
 
 
 def _started(change: Change, job: FlinkJob) -> Change:

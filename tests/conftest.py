@@ -357,6 +357,18 @@ def mariadb() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
+def flink_cluster() -> Iterator[Any]:
+    """A real Flink 2.3 session cluster (tests/flink_cluster.py): one JobManager, one
+    TaskManager with 4 slots, checkpoints every 2 s retained on cancellation, restart strategy
+    none. Tests run jobs of their own names and cancel them afterwards (``cancel_all``)."""
+    from tests.flink_cluster import start_flink
+
+    cluster = start_flink()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
 def prometheus() -> Iterator[Any]:
     """A real Prometheus scraping a test exporter every second (tests/prometheus_server.py); tests
     set series with labels of their own."""

@@ -27,14 +27,22 @@ from tasks.flink import (
     FlinkJob,
     LagTrend,
     Resubmission,
+    SlotCapacity,
     assess_lag,
     decide_action,
+    decide_slots,
     find_job,
     get_failure_cause,
+    get_job_progress,
     get_job_state,
     get_jobmanager_address,
     get_latest_checkpoint,
+    get_restored_checkpoint,
+    get_slot_capacity,
     resubmit_from_checkpoint,
+    same_checkpoint_path,
+    slots_needed,
+    tasks_running,
 )
 from tasks.kafka_lag import get_consumer_lag
 
@@ -65,13 +73,33 @@ class FlinkJobCrashedParams(RunbookParams):
         default_factory=list, description="Arguments passed to the job's main method."
     )
     parallelism: int | None = Field(
-        None, ge=1, le=10_000, description="Job parallelism; empty uses the cluster default."
+        None,
+        ge=1,
+        le=10_000,
+        description="Job parallelism; empty keeps the failed job's parallelism (Flink rescales "
+        "keyed state from a checkpoint to any parallelism up to the job's max parallelism).",
+    )
+    jar_file: str | None = Field(
+        None,
+        description="Path of the job's jar on the worker, uploaded when the cluster lacks the jar "
+        "(a restarted or failed-over JobManager forgets uploaded jars). Empty: escalate instead.",
+    )
+    slot_wait_s: float = Field(
+        300,
+        ge=0,
+        le=3600,
+        description="How long to wait for a TaskManager with enough free slots before "
+        "resubmitting (a lost TaskManager is usually replaced by its supervisor or Kubernetes); "
+        "then escalate 'no TaskManager'. In seconds.",
     )
     kafka_block: BlockName = Field(
         "default", description="Name of the Runbooks Kafka Cluster block."
     )
-    topic: str = Field(
-        "match-events-raw", description="Topic the job consumes; its lag is watched."
+    topic: str | None = Field(
+        "match-events-raw",
+        description="Topic the job consumes; its lag is watched. Empty: the job reads no Kafka "
+        "topic, the lag checks are skipped (the restore is verified by the job's tasks running "
+        "and the checkpoint it restored from).",
     )
     consumer_group: str | None = Field(
         None, description="Consumer group of the job's Kafka source; empty means the job name."
@@ -128,7 +156,8 @@ class FlinkRecovery(BaseModel):
 def flink_job_crashed(params: FlinkJobCrashedParams) -> FlinkRecovery:
     """Find the job; if it is dead, run it again from its newest checkpoint and verify recovery."""
     flink = FlinkCluster.load(params.flink_block)
-    kafka = KafkaCluster.load(params.kafka_block)
+    # a job without a Kafka source (topic empty) needs no Kafka block
+    kafka = KafkaCluster.load(params.kafka_block) if params.topic else None
     group = params.consumer_group or params.job_name
     summary = FlinkRecovery(outcome=Outcome.FAILED, job_name=params.job_name)
     with incident_report(
@@ -147,7 +176,7 @@ def flink_job_crashed(params: FlinkJobCrashedParams) -> FlinkRecovery:
 
 def _run(
     flink: FlinkCluster,
-    kafka: KafkaCluster,
+    kafka: KafkaCluster | None,
     group: str,
     params: FlinkJobCrashedParams,
     report: IncidentReport,
@@ -162,14 +191,17 @@ def _run(
     )
     if job is not None:
         report.evidence("flink job", job)
-    lag = get_consumer_lag(kafka, group, params.topic)
-    report.check(
-        "consumer lag",
-        lag.total_lag <= params.lag_threshold,
-        f"group {group} on {params.topic}: {lag.total_lag} (threshold {params.lag_threshold})",
-    )
-    report.evidence("consumer lag before", lag)
-    summary.lag_before = lag.total_lag
+    if kafka is not None and params.topic:
+        lag = get_consumer_lag(kafka, group, params.topic)
+        report.check(
+            "consumer lag",
+            lag.total_lag <= params.lag_threshold,
+            f"group {group} on {params.topic}: {lag.total_lag} (threshold {params.lag_threshold})",
+        )
+        report.evidence("consumer lag before", lag)
+        summary.lag_before = lag.total_lag
+    else:
+        report.step("no topic configured: the job reads no Kafka topic, consumer lag not checked")
 
     decision, checkpoint = _decide(flink, job, report)
     observed = decision.action is Action.OBSERVE
@@ -209,6 +241,18 @@ def _run(
     assert job is not None and (checkpoint is not None or without_state)
     summary.failed_job_id, summary.checkpoint = job.jid, checkpoint
     failed_jid = job.jid
+    failed = get_job_progress(flink, failed_jid)
+    # keep the failed job's parallelism unless the run says otherwise (the cluster default
+    # would quietly shrink a job that ran wider)
+    parallelism = params.parallelism or failed.parallelism
+    needed = slots_needed(params.parallelism, failed.parallelism)
+    if params.dry_run:
+        capacity = get_slot_capacity(flink)
+        report.evidence("task slots", capacity)
+        slots = decide_slots(capacity, needed)
+        report.check("free task slots", slots.ready, slots.reason)
+    else:
+        _wait_for_slots(flink, needed, params, report)
     resubmission: Resubmission = guard.act(
         "restore from checkpoint" if checkpoint else "start without state",
         lambda dry_run: resubmit_from_checkpoint(
@@ -219,8 +263,9 @@ def _run(
             jar=params.jar,
             entry_class=params.entry_class,
             program_args=params.program_args,
-            parallelism=params.parallelism,
+            parallelism=parallelism,
             dry_run=dry_run,
+            jar_file=params.jar_file,
         ),
         budget=RESUBMIT_BUDGET,
         approval=_needs_approval,
@@ -244,6 +289,8 @@ def _run(
     new_jid = resubmission.job_id
     assert new_jid is not None  # a live submission always knows its job id
     _verify_running(flink, new_jid, params, guard)
+    if checkpoint is not None:
+        _verify_restored(flink, new_jid, checkpoint, report)
     summary.lag_samples = _watch_lag(kafka, flink, group, new_jid, params, report, guard)
     report.follow_ups += [
         "Verify match state accuracy after recovery (scores, cards) against the source feed.",
@@ -256,17 +303,22 @@ def _run(
             "checkpoint-retention: RETAIN_ON_CANCELLATION)."
         )
     started = "restored" if resubmission.changed else "found already restored"
+    lag_note = (
+        f" and consumer lag on {params.topic} is back to normal"
+        if params.topic
+        else " (no topic: lag not watched)"
+    )
     report.finish(
         Outcome.RESOLVED if resubmission.changed else Outcome.NO_ACTION_NEEDED,
-        f"{params.job_name} {started} as {new_jid} from {source}; it is RUNNING and consumer lag "
-        f"on {params.topic} is back to normal.",
+        f"{params.job_name} {started} as {new_jid} from {source}; all its tasks are RUNNING"
+        f"{lag_note}.",
     )
     return _summarize(summary, report)
 
 
 def _needs_approval(plan: Resubmission) -> str | None:
     """Starting the job without a checkpoint or savepoint throws its keyed state away."""
-    stateless = [c.target for c in plan.planned if c.detail.get("checkpoint_id") is None]
+    stateless = [c.target for c in plan.planned if c.action == "run_jar_without_state"]
     if stateless:
         return (
             f"{', '.join(stateless)}: no checkpoint or savepoint to restore from, so the job "
@@ -292,7 +344,10 @@ def _decide(
     """Gather what the decision needs (restore point, failure cause of a dead job) and decide."""
     checkpoint = None
     if job is not None and job.state in RESTORABLE:
-        report.evidence("failure cause", get_failure_cause(flink, job.jid) or "none recorded")
+        cause = get_failure_cause(flink, job.jid)
+        report.evidence("failure cause", cause or "none recorded")
+        if cause is not None and cause.root_cause:
+            report.step(f"{job.jid} failed: {cause.root_cause}")
         lookup = get_latest_checkpoint(flink, job.jid)
         report.evidence("checkpoints", lookup)
         checkpoint = lookup.latest
@@ -321,28 +376,90 @@ def _wait_until_settled(
     return job.model_copy(update={"state": outcome.last})
 
 
+def _wait_for_slots(
+    flink: FlinkCluster, needed: int, params: FlinkJobCrashedParams, report: IncidentReport
+) -> SlotCapacity:
+    """Wait (bounded by slot_wait_s) for a TaskManager with ``needed`` free slots.
+
+    A job submitted without them is reported RUNNING by Flink while its tasks wait SCHEDULED,
+    and fails after ``slot.request.timeout``: resubmitting into an empty cluster only burns
+    the budget. A lost TaskManager is typically replaced by its supervisor or Kubernetes.
+    """
+    seen: dict[str, int] = {}
+
+    def probe() -> SlotCapacity:
+        capacity = get_slot_capacity(flink)
+        seen.update({tm.id: tm.slots for tm in capacity.registered})
+        return capacity
+
+    outcome = poll_until(
+        probe,
+        lambda capacity: decide_slots(capacity, needed).ready,
+        timeout_s=params.slot_wait_s,
+        interval_s=params.poll_interval_s,
+    )
+    assert outcome.last is not None
+    verdict = decide_slots(outcome.last, needed)
+    report.evidence(
+        "task slots",
+        {**outcome.last.model_dump(mode="json"), "taskmanagers_seen_while_waiting": seen},
+    )
+    waited = f" (waited {outcome.elapsed_s:.1f}s)" if outcome.attempts > 1 else ""
+    report.check("free task slots", verdict.ready, verdict.reason + waited)
+    if not outcome.ok:
+        seen_text = ", ".join(f"{tm} ({n} slots)" for tm, n in sorted(seen.items())) or "none"
+        raise Escalation(
+            f"{params.job_name}: no TaskManager with {needed} free slot(s) after waiting "
+            f"{params.slot_wait_s:.0f}s: {verdict.reason}; TaskManagers seen while waiting: "
+            f"{seen_text}. The job was not resubmitted: bring TaskManagers back (or lower the "
+            "parallelism), then run again"
+        )
+    return outcome.last
+
+
 def _verify_running(
     flink: FlinkCluster, job_id: str, params: FlinkJobCrashedParams, guard: Guard
 ) -> None:
     running = guard.verify(
         "restored job running",
-        lambda: get_job_state(flink, job_id),
-        lambda state: state == "RUNNING",
+        lambda: get_job_progress(flink, job_id),
+        tasks_running,
         timeout_s=params.running_deadline_s,
         interval_s=params.poll_interval_s,
-        describe=lambda state: f"{job_id}: {state}",
+        describe=lambda progress: progress.describe(),
         # a job that failed again will not come back by waiting: fail now, not at the deadline
-        give_up=lambda state: state in GLOBALLY_TERMINAL,
+        give_up=lambda progress: progress.state in GLOBALLY_TERMINAL,
     )
     if not running.ok:
+        last = running.last.describe() if running.last else "unknown"
+        state = running.last.state if running.last else "unknown"
         raise VerificationFailed(
-            f"restored job {job_id} is {running.last}, not RUNNING, {running.elapsed_s:.0f}s "
-            f"after submission (deadline {params.running_deadline_s:.0f}s)"
+            f"restored job {job_id} is {state}, not RUNNING with all its tasks ({last}), "
+            f"{running.elapsed_s:.0f}s after submission (deadline {params.running_deadline_s:.0f}s)"
+        )
+
+
+def _verify_restored(
+    flink: FlinkCluster, job_id: str, checkpoint: Checkpoint, report: IncidentReport
+) -> None:
+    """The new job restored the state it was given (``latest.restored``), not started empty."""
+    restored = get_restored_checkpoint(flink, job_id)
+    found = restored.external_path if restored else None
+    ok = same_checkpoint_path(found, checkpoint.external_path)
+    report.check(
+        "restored from checkpoint",
+        ok,
+        f"{job_id} restored from {found or 'nothing'} (expected {checkpoint.external_path})",
+    )
+    if not ok:
+        raise VerificationFailed(
+            f"restored job {job_id} did not start from {checkpoint.kind} {checkpoint.id} "
+            f"({checkpoint.external_path}): Flink reports it restored from {found or 'nothing'}"
         )
 
 
 def _watch_lag(
-    kafka: KafkaCluster,
+    kafka: KafkaCluster | None,
     flink: FlinkCluster,
     group: str,
     job_id: str,
@@ -355,6 +472,8 @@ def _watch_lag(
     Returns the total lag samples, oldest first.
     """
     samples: list[int] = []
+    if kafka is None or not params.topic:
+        return samples
 
     def probe() -> int:
         samples.append(get_consumer_lag(kafka, group, params.topic).total_lag)

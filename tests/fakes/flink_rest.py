@@ -2,7 +2,8 @@
 
 Serves, from an in-memory model of jobs, checkpoints and uploaded jars:
 ``GET /jobs/overview``, ``GET /jobs/:jobid``, ``GET /jobs/:jobid/checkpoints``,
-``GET /jobs/:jobid/exceptions``, ``GET /jars`` and ``POST /jars/:jarid/run``
+``GET /jobs/:jobid/exceptions``, ``GET /jars``, ``POST /jars/:jarid/run``, and a fixed
+capacity at ``GET /overview`` and ``GET /taskmanagers``
 (shapes from https://nightlies.apache.org/flink/flink-docs-stable/docs/ops/rest_api/).
 Every request is recorded. A submitted job goes INITIALIZING -> RUNNING (or FAILED) after a
 configurable delay, and a test can hook a callback on its start.
@@ -198,6 +199,9 @@ class FakeFlink:
         self.calls: list[Call] = []
         self.new_job_delay_s = 0.2
         self.new_job_final_state = "RUNNING"
+        # what /overview and /taskmanagers report: room for a few 4-slot jobs
+        self.taskmanagers = 4
+        self.slots_per_taskmanager = 4
         self.on_job_start: Callable[[FakeJob], None] | None = None
         self._faults: list[_Fault] = []
         self._pending: dict[str, tuple[str, int]] = {}
@@ -325,11 +329,16 @@ class FakeFlink:
             return 400, {"errors": [f"Jar file /tmp/flink-web-upload/{jar_id} does not exist"]}
         jid = body.get("jobId") or uuid.uuid4().hex
         if jid in self.jobs:
+            # Flink 2.3's answer: one entry, the whole Java stack trace (trimmed here)
             return 400, {
                 "errors": [
-                    "org.apache.flink.runtime.rest.handler.RestHandlerException: Could not execute application.",
-                    f"Caused by: org.apache.flink.runtime.client.DuplicateJobSubmissionException: "
-                    f"Job has already been submitted. (job {jid})",
+                    "org.apache.flink.runtime.rest.handler.RestHandlerException: Could not execute "
+                    "application.\n\tat org.apache.flink.runtime.webmonitor.handlers.JarRunHandler"
+                    ".lambda$handleRequest$1(JarRunHandler.java:114)\n"
+                    "Caused by: org.apache.flink.util.FlinkException: Failed to execute job.\n"
+                    "\t... 8 more\n"
+                    "Caused by: org.apache.flink.runtime.client.DuplicateApplicationSubmissionException: "
+                    f"Application has already been submitted. (job {jid})\n"
                 ]
             }
         restored = None
@@ -386,6 +395,30 @@ class FakeFlink:
     def _route(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         if method == "GET" and path == "/jobs/overview":
             return 200, {"jobs": [j.overview() for j in self.jobs.values()]}
+        if method == "GET" and path == "/overview":
+            slots = self.taskmanagers * self.slots_per_taskmanager
+            busy = 4 * sum(
+                j.state not in {"FAILED", "CANCELED", "FINISHED"} for j in self.jobs.values()
+            )
+            return 200, {
+                "taskmanagers": self.taskmanagers,
+                "slots-total": slots,
+                "slots-available": max(0, slots - busy),
+                "jobs-running": sum(j.state == "RUNNING" for j in self.jobs.values()),
+                "flink-version": "2.3.0",
+            }
+        if method == "GET" and path == "/taskmanagers":
+            return 200, {
+                "taskmanagers": [
+                    {
+                        "id": f"flink-taskmanager-{i}",
+                        "slotsNumber": self.slots_per_taskmanager,
+                        "freeSlots": self.slots_per_taskmanager,
+                        "timeSinceLastHeartbeat": now_ms(),
+                    }
+                    for i in range(self.taskmanagers)
+                ]
+            }
         if method == "GET" and path == "/jars":
             return 200, {
                 "address": self.url,

@@ -179,6 +179,10 @@ CASES = {
         {"alertname": "SparkStreamingJobFailed", "spark_app": "counts-eu"},
         {"spark_block": "counts-eu"},
     ),
+    "flink-job-degraded": (
+        {"alertname": "FlinkJobBackpressured", "job_name": "enrichment-job", "flink_cluster": "flink-eu"},
+        {"flink_block": "flink-eu", "job_name": "enrichment-job"},
+    ),
 }
 
 
@@ -253,6 +257,8 @@ MORE_CASES = [
      {"aws_block": "localstack", "queue": None}),
     ("spark-streaming-job-failed", {"alertname": "SparkStreamingQueryStalled", "spark_app": "counts-eu"},
      {"spark_block": "counts-eu"}),
+    ("flink-job-degraded", {"alertname": "FlinkCheckpointsSlow", "job_name": "scores-job", "flink_cluster": "flink-eu"},
+     {"flink_block": "flink-eu", "job_name": "scores-job"}),
 ]  # fmt: skip
 
 

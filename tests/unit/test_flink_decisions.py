@@ -16,12 +16,20 @@ from tasks.flink import (
     FlinkJob,
     JarFile,
     LagTrend,
+    SlotCapacity,
     assess_lag,
     choose_checkpoint,
     choose_jar,
     choose_job,
     decide_action,
+    decide_slots,
+    flink_error_summary,
+    job_progress,
     restore_job_id,
+    root_cause,
+    same_checkpoint_path,
+    slots_needed,
+    tasks_running,
 )
 
 
@@ -214,6 +222,161 @@ def test_restore_job_id_is_a_stable_flink_job_id(failed: str, checkpoint_id: int
     assert jid == restore_job_id(failed, checkpoint_id)
     others = {restore_job_id(f, c) for f, c in RESTORE_IDS if (f, c) != (failed, checkpoint_id)}
     assert jid not in others
+
+
+# --- what the real REST API says: failure causes, error bodies ----------------------------------
+
+# as Flink 2.3 records a job that failed with restart strategy none (trimmed)
+SUPPRESSED = (
+    "org.apache.flink.runtime.JobException: Recovery is suppressed by NoRestartBackoffTimeStrategy\n"
+    "\tat org.apache.flink.runtime.executiongraph.failover.ExecutionFailureHandler.handleFailure(X.java:213)\n"
+    "Caused by: org.apache.flink.runtime.jobmaster.JobMasterException: TaskManager with id "
+    "127.0.0.1:54823-74e6ec is no longer reachable.\n\tat org.apache.flink.Y.z(Y.java:1)\n"
+)
+SUBMIT_FAILED = (
+    "org.apache.flink.runtime.rest.handler.RestHandlerException: Could not execute application.\n"
+    "\tat org.apache.flink.runtime.webmonitor.handlers.JarRunHandler.lambda$handleRequest$1(J.java:114)\n"
+    "Caused by: org.apache.flink.util.FlinkException: Failed to execute job 'x'.\n\t... 8 more\n"
+    "Caused by: java.io.FileNotFoundException: Cannot find checkpoint or savepoint file/directory "
+    "'file:/nonexistent/chk-1' on file system 'file'.\n\t... 5 more\n"
+)
+ROOT_CAUSE = [
+    (
+        SUPPRESSED,
+        "org.apache.flink.runtime.jobmaster.JobMasterException: TaskManager with id "
+        "127.0.0.1:54823-74e6ec is no longer reachable.",
+        "innermost of a restart-none failure",
+    ),
+    (
+        SUBMIT_FAILED,
+        "java.io.FileNotFoundException: Cannot find checkpoint or savepoint "
+        "file/directory 'file:/nonexistent/chk-1' on file system 'file'.",
+        "deepest of several",
+    ),
+    (
+        "java.lang.NullPointerException: team lookup\n\tat a.b(C.java:1)",
+        "java.lang.NullPointerException: team lookup",
+        "no cause: the first line",
+    ),
+    ("", "", "nothing recorded"),
+]
+
+
+@pytest.mark.parametrize(("trace", "expected", "why"), ROOT_CAUSE, ids=[r[2] for r in ROOT_CAUSE])
+def test_root_cause(trace: str, expected: str, why: str) -> None:
+    assert root_cause(trace) == expected
+
+
+ERROR_SUMMARY = [
+    (
+        [SUBMIT_FAILED],
+        "Could not execute application. (cause: java.io.FileNotFoundException",
+        "stack trace: head and innermost cause",
+    ),
+    (["Jar file /tmp/x.jar does not exist"], "Jar file /tmp/x.jar does not exist", "plain message"),
+    (
+        [
+            "Could not execute application.",
+            "Caused by: x.DuplicateApplicationSubmissionException: "
+            "Application has already been submitted.",
+        ],
+        "Could not execute application.; x.DuplicateApplicationSubmissionException",
+        "split entries",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("errors", "expected", "why"), ERROR_SUMMARY, ids=[r[2] for r in ERROR_SUMMARY]
+)
+def test_flink_error_summary(errors: list[str], expected: str, why: str) -> None:
+    summary = flink_error_summary(errors)
+    assert expected in summary
+    assert "\tat " not in summary and len(summary) < 400
+
+
+# --- is the restored job running, are there slots for it ------------------------------------
+
+
+def vertex(parallelism: int, **tasks: int) -> dict:
+    return {"parallelism": parallelism, "status": "RUNNING", "tasks": tasks}
+
+
+RUNNING = [
+    # (state, vertices, running?, why)
+    ("RUNNING", [vertex(2, RUNNING=2), vertex(2, RUNNING=2)], True, "every task running"),
+    ("RUNNING", [vertex(2, SCHEDULED=2), vertex(2, SCHEDULED=2)], False, "waiting for slots"),
+    ("RUNNING", [vertex(2, RUNNING=2), vertex(2, DEPLOYING=1, RUNNING=1)], False, "deploying"),
+    (
+        "RUNNING",
+        [vertex(3, RUNNING=2, FINISHED=1), vertex(3, RUNNING=3)],
+        True,
+        "source subtask without a split finished after a rescale",
+    ),
+    ("RUNNING", [vertex(1, FINISHED=1)], False, "everything finished"),
+    ("INITIALIZING", [], False, "not scheduled yet"),
+    ("FAILED", [vertex(2, FAILED=1, CANCELED=1)], False, "failed again"),
+    ("RUNNING", [], True, "no task details (older or proxied API): the state decides"),
+]
+
+
+@pytest.mark.parametrize(
+    ("state", "vertices", "running", "why"), RUNNING, ids=[r[3] for r in RUNNING]
+)
+def test_tasks_running(state: str, vertices: list[dict], running: bool, why: str) -> None:
+    progress = job_progress({"jid": "a" * 32, "state": state, "vertices": vertices})
+    assert tasks_running(progress) is running
+    assert progress.parallelism == (max(v["parallelism"] for v in vertices) if vertices else None)
+
+
+SLOTS_NEEDED = [
+    (None, None, 1, "nothing known: one slot"),
+    (None, 2, 2, "the failed job's parallelism"),
+    (4, 2, 4, "the run's parallelism wins"),
+]
+
+
+@pytest.mark.parametrize(
+    ("param", "failed", "needed", "why"), SLOTS_NEEDED, ids=[r[3] for r in SLOTS_NEEDED]
+)
+def test_slots_needed(param: int | None, failed: int | None, needed: int, why: str) -> None:
+    assert slots_needed(param, failed) == needed
+
+
+DECIDE_SLOTS = [
+    # (taskmanagers, total, available, needed, ready, reason)
+    (0, 0, 0, 2, False, "no TaskManager registered"),
+    (1, 4, 1, 2, False, "1 of 4 slot(s) free: the job needs 2"),
+    (1, 4, 2, 2, True, "2 of 4 slot(s) free"),
+    (2, 8, 8, 4, True, "2 TaskManager(s)"),
+    (1, 4, 0, 1, False, "other jobs hold the slots"),
+]
+
+
+@pytest.mark.parametrize(("tms", "total", "available", "needed", "ready", "reason"), DECIDE_SLOTS)
+def test_decide_slots(
+    tms: int, total: int, available: int, needed: int, ready: bool, reason: str
+) -> None:
+    capacity = SlotCapacity(taskmanagers=tms, slots_total=total, slots_available=available)
+    decision = decide_slots(capacity, needed)
+    assert decision.ready is ready
+    assert reason in decision.reason
+
+
+SAME_PATH = [
+    ("file:/tmp/c/abc/chk-3", "file:/tmp/c/abc/chk-3", True, "identical"),
+    ("file:/tmp/c/abc/chk-3", "file:///tmp/c/abc/chk-3", True, "file: forms"),
+    ("s3://b/abc/chk-3/", "s3://b/abc/chk-3", True, "trailing slash"),
+    ("file:/tmp/c/abc/chk-3", "file:/tmp/c/abc/chk-4", False, "another checkpoint"),
+    ("s3://b/abc/chk-3", "s3a://b/abc/chk-3", False, "another file system"),
+    (None, "file:/tmp/c/abc/chk-3", False, "restored from nothing"),
+]
+
+
+@pytest.mark.parametrize(("a", "b", "same", "why"), SAME_PATH, ids=[r[3] for r in SAME_PATH])
+def test_same_checkpoint_path(a: str | None, b: str | None, same: bool, why: str) -> None:
+    assert same_checkpoint_path(a, b) is same
+    assert same_checkpoint_path(b, a) is same
 
 
 # --- block ----------------------------------------------------------------------------------
