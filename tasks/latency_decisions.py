@@ -39,7 +39,7 @@ STAGE_MEASURE = {
 STAGE_RUNBOOK = {
     Stage.GATEWAY: "stadium-network-flap",
     Stage.KAFKA: "kafka-consumer-lag-high",
-    Stage.FLINK: "flink-job-crashed",
+    Stage.FLINK: "flink-job-degraded",
     Stage.NOTIFICATION: "push-delivery-degraded",
 }
 

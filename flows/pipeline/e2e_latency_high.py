@@ -85,13 +85,13 @@ class E2ELatencyHighParams(RunbookParams):
     )
     kafka_block: BlockName = Field(
         "default",
-        description="Kafka Cluster block for kafka-consumer-lag-high and flink-job-crashed.",
+        description="Kafka Cluster block for kafka-consumer-lag-high (Kafka stage).",
     )
     kafka_group: OptionalGroupId = Field(
         None, description="Consumer group kafka-consumer-lag-high checks; empty: every group."
     )
     flink_block: BlockName = Field(
-        "default", description="Flink Cluster block for flink-job-crashed (Flink stage)."
+        "default", description="Flink Cluster block for flink-job-degraded (Flink stage)."
     )
     flink_job_name: str = Field(
         "enrichment-job", min_length=1, max_length=200, description="Flink job to check."
@@ -118,7 +118,6 @@ class E2ELatencyHighParams(RunbookParams):
             return {
                 "flink_block": self.flink_block,
                 "job_name": self.flink_job_name,
-                "kafka_block": self.kafka_block,
             }
         return {"prometheus_block": self.prometheus_block, "db_block": self.push_db_block}
 

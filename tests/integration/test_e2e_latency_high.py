@@ -8,7 +8,7 @@ import pytest
 
 from blocks.prometheus import PrometheusServer
 from flows.edge_gateway.stadium_network_flap import StadiumNetworkFlapParams
-from flows.flink.flink_job_crashed import FlinkJobCrashedParams
+from flows.flink.flink_job_degraded import FlinkJobDegradedParams
 from flows.kafka.kafka_consumer_lag_high import KafkaConsumerLagHighParams
 from flows.notifications.push_delivery_degraded import PushDeliveryDegradedParams
 from flows.pipeline.e2e_latency_high import (
@@ -39,7 +39,7 @@ SLOW = {Stage.GATEWAY: 2.5, Stage.KAFKA: 2.0, Stage.FLINK: 6.0, Stage.NOTIFICATI
 RUNBOOK_PARAMS = {
     Stage.GATEWAY: ("stadium-network-flap", StadiumNetworkFlapParams),
     Stage.KAFKA: ("kafka-consumer-lag-high", KafkaConsumerLagHighParams),
-    Stage.FLINK: ("flink-job-crashed", FlinkJobCrashedParams),
+    Stage.FLINK: ("flink-job-degraded", FlinkJobDegradedParams),
     Stage.NOTIFICATION: ("push-delivery-degraded", PushDeliveryDegradedParams),
 }
 
@@ -119,7 +119,7 @@ def test_the_slow_stage_is_named_and_handed_to_its_runbook(
     expected = {
         Stage.GATEWAY: {"gateway_block": "wembley-gw"},
         Stage.KAFKA: {"kafka_block": "prod-kafka", "group": "notifier"},
-        Stage.FLINK: {"flink_block": "flink-eu", "job_name": "enrichment-job", "kafka_block": "prod-kafka"},
+        Stage.FLINK: {"flink_block": "flink-eu", "job_name": "enrichment-job"},
         Stage.NOTIFICATION: {"prometheus_block": prometheus_block, "db_block": "push-db"},
     }[stage]  # fmt: skip
     assert {k: handed[k] for k in expected} == expected
