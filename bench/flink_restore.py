@@ -93,7 +93,6 @@ def main(argv: list[str]) -> int:
                 )
                 started = time.monotonic()
                 fail.unlink()
-                expected = cluster.checkpoints(jid)["latest"]["completed"]["external_path"]
                 if way == "runbook":
                     state = flink_job_crashed(params=params, return_state=True)
                     if not state.is_completed():
@@ -103,6 +102,8 @@ def main(argv: list[str]) -> int:
                     new = _cli_restore(cluster, jar, job_args, JAVA_HOME)
                 cluster.wait_for_state(new, "RUNNING", timeout_s=60)
                 elapsed = time.monotonic() - started
+                # the failed job's final latest checkpoint (one may complete after FAILED)
+                expected = cluster.checkpoints(jid)["latest"]["completed"]["external_path"]
                 restored = cluster.checkpoints(new)["latest"]["restored"]
                 if not restored or restored["external_path"] != expected:
                     raise RuntimeError(f"{way}: {new} restored from {restored}, not {expected}")
@@ -138,7 +139,13 @@ def _cli_restore(cluster, jar: Path, job_args: list[str], java_home: Path) -> st
         (j for j in jobs if j["name"] == name and j["state"] == "FAILED"),
         key=lambda j: j["start-time"],
     )
-    checkpoints = httpx.get(f"{rest}/jobs/{failed['jid']}/checkpoints", timeout=10).json()
+    # as the runbook does: a checkpoint still in progress may complete after the failure
+    deadline = time.monotonic() + 10
+    while True:
+        checkpoints = httpx.get(f"{rest}/jobs/{failed['jid']}/checkpoints", timeout=10).json()
+        if not checkpoints["counts"]["in_progress"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     path = checkpoints["latest"]["completed"]["external_path"]
     env = {
         **os.environ,

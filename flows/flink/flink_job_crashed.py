@@ -51,6 +51,8 @@ RUNBOOK = "flink-job-crashed"
 # A job that crashes again after every restore has a bug a restore won't fix: after this many
 # resubmissions of one job, a human looks.
 RESUBMIT_BUDGET = Budget(max_actions=3, window_s=3600)
+# how long a dead job's in-progress checkpoint may take to complete or abort
+CHECKPOINT_SETTLE_S = 10
 
 
 class FlinkJobCrashedParams(RunbookParams):
@@ -233,8 +235,8 @@ def _run(
         report.follow_ups.append(f"Find out why {params.job_name} ({job.jid}) restarted.")
         report.finish(
             Outcome.NO_ACTION_NEEDED,
-            f"Flink restarted {params.job_name} itself ({job.jid} RUNNING) and consumer lag is "
-            "back to normal.",
+            f"Flink restarted {params.job_name} itself ({job.jid} RUNNING)"
+            + (" and consumer lag is back to normal." if params.topic else "."),
         )
         return _summarize(summary, report)
 
@@ -348,7 +350,16 @@ def _decide(
         report.evidence("failure cause", cause or "none recorded")
         if cause is not None and cause.root_cause:
             report.step(f"{job.jid} failed: {cause.root_cause}")
-        lookup = get_latest_checkpoint(flink, job.jid)
+        # a checkpoint every task acknowledged is still finalized after the job turned FAILED:
+        # wait (briefly) until none is in progress, or the restore takes the one before it
+        settled = poll_until(
+            lambda: get_latest_checkpoint(flink, job.jid),
+            lambda lookup: not lookup.counts.get("in_progress"),
+            timeout_s=CHECKPOINT_SETTLE_S,
+            interval_s=0.5,
+        )
+        lookup = settled.last
+        assert lookup is not None
         report.evidence("checkpoints", lookup)
         checkpoint = lookup.latest
         report.check("last successful checkpoint", checkpoint is not None, lookup.describe())

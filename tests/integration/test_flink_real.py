@@ -88,7 +88,14 @@ class CountingJob:
     def wait_failed(self) -> None:
         """Once it FAILED: its latest completed checkpoint and the counts it had written."""
         self.cluster.wait_for_state(self.jid, "FAILED", timeout_s=30)
-        completed = self.cluster.checkpoints(self.jid)["latest"]["completed"]
+        # a checkpoint all tasks acknowledged may complete after the job turned FAILED
+        stats = self.cluster.wait_for(
+            lambda: self.cluster.checkpoints(self.jid),
+            lambda c: c["counts"]["in_progress"] == 0,
+            timeout_s=15,
+            what="no checkpoint in progress",
+        )
+        completed = stats["latest"]["completed"]
         self.checkpoint_path, self.checkpoint_id = completed["external_path"], completed["id"]
         self.counted = {k: max(v) for k, v in read_counts(self.out).items()}
         self.offsets = part_offsets(self.out)
