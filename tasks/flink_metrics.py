@@ -31,7 +31,11 @@ from pydantic import BaseModel, Field
 
 from blocks.flink import FlinkCluster
 from runbooks.retry import runbook_task_options
-from tasks.flink import FlinkRequestError, FlinkUnavailable, _call
+from tasks.flink import (
+    FlinkRequestError,
+    FlinkUnavailable,
+    _call,
+)
 from tasks.flink_degraded_decisions import (
     CheckpointSample,
     VertexLoad,

@@ -31,14 +31,16 @@ from runbooks.errors import Escalation
 from runbooks.results import Change, ChangeSet
 from runbooks.retry import runbook_task_options
 from tasks.flink import (
-    GLOBALLY_TERMINAL,
-    FlinkJob,
     FlinkRequestError,
     FlinkUnavailable,
-    Resubmission,
     _call,
     _list_jars,
     _list_jobs,
+)
+from tasks.flink_decisions import (
+    GLOBALLY_TERMINAL,
+    FlinkJob,
+    Resubmission,
     choose_jar,
 )
 from tasks.flink_metrics import read_checkpoint_history

@@ -18,6 +18,17 @@ from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_
 from runbooks.safety import Budget, Guard, Target
 from runbooks.waiting import poll_until
 from tasks.flink import (
+    find_job,
+    get_failure_cause,
+    get_job_progress,
+    get_job_state,
+    get_jobmanager_address,
+    get_latest_checkpoint,
+    get_restored_checkpoint,
+    get_slot_capacity,
+    resubmit_from_checkpoint,
+)
+from tasks.flink_decisions import (
     GLOBALLY_TERMINAL,
     RESTORABLE,
     SETTLING,
@@ -31,15 +42,6 @@ from tasks.flink import (
     assess_lag,
     decide_action,
     decide_slots,
-    find_job,
-    get_failure_cause,
-    get_job_progress,
-    get_job_state,
-    get_jobmanager_address,
-    get_latest_checkpoint,
-    get_restored_checkpoint,
-    get_slot_capacity,
-    resubmit_from_checkpoint,
     same_checkpoint_path,
     slots_needed,
     tasks_running,

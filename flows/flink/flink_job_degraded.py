@@ -25,13 +25,12 @@ from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_
 from runbooks.results import ChangeSet
 from runbooks.safety import Budget, Guard, Target
 from tasks.flink import (
-    GLOBALLY_TERMINAL,
     find_job,
     get_job_state,
     get_jobmanager_address,
     get_slot_capacity,
-    same_checkpoint_path,
 )
+from tasks.flink_decisions import GLOBALLY_TERMINAL, same_checkpoint_path
 from tasks.flink_degraded_decisions import (
     CheckpointHealth,
     DegradedAction,

@@ -37,12 +37,14 @@ from runbooks.errors import Escalation, VerificationFailed
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
 from tasks.flink import (
-    NOT_ADDRESSABLE,
-    Checkpoint,
     FlinkRequestError,
     find_job,
-    restore_job_id,
     resubmit_from_checkpoint,
+)
+from tasks.flink_decisions import (
+    NOT_ADDRESSABLE,
+    Checkpoint,
+    restore_job_id,
 )
 from tasks.kafka_lag import get_consumer_lag
 from tests.approvals import Approver

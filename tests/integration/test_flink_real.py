@@ -34,7 +34,7 @@ from flows.flink.flink_job_crashed import FlinkJobCrashedParams, FlinkRecovery, 
 from runbooks.errors import BudgetSpent, Escalation, VerificationFailed
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
-from tasks.flink import restore_job_id
+from tasks.flink_decisions import restore_job_id
 from tests.conftest import read_actions_table, unique
 from tests.flink_cluster import (
     COUNTING_JOB_CLASS,

@@ -9,7 +9,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from blocks.flink import FlinkCluster
-from tasks.flink import (
+from tasks.flink_decisions import (
     NOT_ADDRESSABLE,
     Action,
     Checkpoint,
