@@ -10,41 +10,12 @@
 set -euo pipefail
 
 FLINK_VERSION="${FLINK_VERSION:-2.3.0}"
-CACHE_ROOT="${RUNBOOKS_CACHE:-$HOME/.cache/runbooks}"
+# shellcheck source=cache-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/cache-lib.sh"
 DEST="$CACHE_ROOT/flink-$FLINK_VERSION"
-JAVA_HOME_17="/usr/lib/jvm/java-17-openjdk-amd64"
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PYTHON="${PYTHON:-$HERE/../.venv/bin/python}"
-[ -x "$PYTHON" ] || PYTHON="$(command -v python3)"
 
-# --- Java 17 (a JDK: the tests compile their Flink job with javac) ---------------------------------
-if [ ! -x "$JAVA_HOME_17/bin/javac" ]; then
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "missing Java 17 JDK; install it with: sudo apt-get install -y openjdk-17-jdk-headless" >&2
-    exit 1
-  fi
-  echo "installing system packages: openjdk-17-jdk-headless"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends openjdk-17-jdk-headless </dev/null
-fi
-
-# --- Flink distribution -------------------------------------------------------------------------
-# the marker is written last, inside the temporary directory, before the rename
-if [ -f "$DEST/.complete" ]; then
-  exit 0
-fi
-mkdir -p "$CACHE_ROOT"
-# one download at a time (several test sessions may start together); then look again
-exec 9>"$CACHE_ROOT/.flink-$FLINK_VERSION.lock"
-flock 9
-if [ -f "$DEST/.complete" ]; then
-  exit 0
-fi
-# leftovers of killed runs
-rm -rf "$CACHE_ROOT"/.flink-"$FLINK_VERSION".tmp.*
-TMP="$(mktemp -d "$CACHE_ROOT/.flink-$FLINK_VERSION.tmp.XXXXXX")"
-trap 'rm -rf "$TMP"' EXIT
+ensure_java17
+cache_begin "flink-$FLINK_VERSION" "$DEST"
 
 echo "downloading Apache Flink $FLINK_VERSION (apache-flink-libraries, apache-flink wheels, ~330 MB)"
 "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --dest "$TMP/wheels" \

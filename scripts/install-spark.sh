@@ -8,38 +8,12 @@
 set -euo pipefail
 
 SPARK_VERSION="${SPARK_VERSION:-4.3.0}"
-CACHE="${RUNBOOKS_CACHE:-$HOME/.cache/runbooks}"
-DEST="$CACHE/spark-$SPARK_VERSION"
-JAVA_HOME_17=/usr/lib/jvm/java-17-openjdk-amd64
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PYTHON="${PYTHON:-$HERE/../.venv/bin/python}"
-[ -x "$PYTHON" ] || PYTHON="$(command -v python3)"
+# shellcheck source=cache-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/cache-lib.sh"
+DEST="$CACHE_ROOT/spark-$SPARK_VERSION"
 
-if [ ! -x "$JAVA_HOME_17/bin/java" ]; then
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "missing Java 17; install it with: sudo apt-get install -y openjdk-17-jdk-headless" >&2
-    exit 1
-  fi
-  echo "installing system packages: openjdk-17-jdk-headless"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends openjdk-17-jdk-headless </dev/null
-fi
-
-if [ -f "$DEST/.complete" ]; then
-  exit 0
-fi
-
-mkdir -p "$CACHE"
-# one download at a time (several test sessions may start together); then look again
-exec 9>"$CACHE/.spark-$SPARK_VERSION.lock"
-flock 9
-if [ -f "$DEST/.complete" ]; then
-  exit 0
-fi
-rm -rf "$CACHE"/.spark-"$SPARK_VERSION".*/  # what a killed earlier download left
-TMP="$(mktemp -d "$CACHE/.spark-$SPARK_VERSION.XXXXXX")"
-trap 'rm -rf "$TMP"' EXIT
+ensure_java17
+cache_begin "spark-$SPARK_VERSION" "$DEST"
 
 echo "downloading pyspark $SPARK_VERSION (about 450 MB, once) into $DEST"
 "$PYTHON" -m pip download --quiet --no-deps --no-binary pyspark --dest "$TMP/dl" "pyspark==$SPARK_VERSION"
