@@ -12,17 +12,17 @@ from pydantic import BaseModel, Field
 
 from blocks.flink import FlinkCluster
 from blocks.kafka import KafkaCluster
+from flows.flink.common import FlinkJobParams, job_target
 from runbooks.errors import Escalation, VerificationFailed
-from runbooks.params import BlockName, RunbookParams
+from runbooks.params import BlockName
 from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
-from runbooks.safety import Budget, Guard, Target
+from runbooks.safety import Budget, Guard
 from runbooks.waiting import poll_until
 from tasks.flink import (
     find_job,
     get_failure_cause,
     get_job_progress,
     get_job_state,
-    get_jobmanager_address,
     get_latest_checkpoint,
     get_restored_checkpoint,
     get_slot_capacity,
@@ -57,25 +57,9 @@ RESUBMIT_BUDGET = Budget(max_actions=3, window_s=3600)
 CHECKPOINT_SETTLE_S = 10
 
 
-class FlinkJobCrashedParams(RunbookParams):
+class FlinkJobCrashedParams(FlinkJobParams):
     """Run form of the flink-job-crashed runbook."""
 
-    flink_block: BlockName = Field(
-        "default", description="Name of the Runbooks Flink Cluster block."
-    )
-    job_name: str = Field(
-        "enrichment-job", description="Name of the Flink job, as in the dashboard."
-    )
-    jar: str = Field(
-        "enrichment-job.jar",
-        description="Jar to run, already uploaded to the cluster: its file name or its /jars id.",
-    )
-    entry_class: str | None = Field(
-        None, description="Main class to run; empty uses the one in the jar's manifest."
-    )
-    program_args: list[str] = Field(
-        default_factory=list, description="Arguments passed to the job's main method."
-    )
     parallelism: int | None = Field(
         None,
         ge=1,
@@ -167,11 +151,7 @@ def flink_job_crashed(params: FlinkJobCrashedParams) -> FlinkRecovery:
     with incident_report(
         runbook=RUNBOOK, title="Flink Job Crashed", severity="P2", params=params
     ) as report:
-        target = Target(
-            "flink-job",
-            f"{flink.rest_url.rstrip('/')}/{params.job_name}",
-            f"{get_jobmanager_address(flink)} job {params.job_name}",
-        )
+        target = job_target(flink, params.job_name)
         with report.guard(target) as guard:
             return _run(flink, kafka, group, params, report, guard, summary)
     # another run held the job: the report says so, nothing was changed

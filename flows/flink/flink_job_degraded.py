@@ -19,15 +19,14 @@ from prefect.context import FlowRunContext
 from pydantic import BaseModel, Field
 
 from blocks.flink import FlinkCluster
+from flows.flink.common import FlinkJobParams, job_target
 from runbooks.errors import Escalation, VerificationFailed
-from runbooks.params import BlockName, RunbookParams
 from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
 from runbooks.results import ChangeSet
-from runbooks.safety import Budget, Guard, Target
+from runbooks.safety import Budget, Guard
 from tasks.flink import (
     find_job,
     get_job_state,
-    get_jobmanager_address,
     get_slot_capacity,
 )
 from tasks.flink_decisions import GLOBALLY_TERMINAL, same_checkpoint_path
@@ -64,26 +63,9 @@ SAVEPOINT_BUDGET = Budget(max_actions=6, window_s=3600)
 RESCALE_BUDGET = Budget(max_actions=3, window_s=86400)
 
 
-class FlinkJobDegradedParams(RunbookParams):
+class FlinkJobDegradedParams(FlinkJobParams):
     """Run form of the flink-job-degraded runbook."""
 
-    flink_block: BlockName = Field(
-        "default", description="Name of the Runbooks Flink Cluster block."
-    )
-    job_name: str = Field(
-        "enrichment-job", description="Name of the Flink job, as in the dashboard."
-    )
-    jar: str = Field(
-        "enrichment-job.jar",
-        description="Jar to run again at the new parallelism, already uploaded to the cluster: "
-        "its file name or its /jars id.",
-    )
-    entry_class: str | None = Field(
-        None, description="Main class to run; empty uses the one in the jar's manifest."
-    )
-    program_args: list[str] = Field(
-        default_factory=list, description="Arguments passed to the job's main method."
-    )
     backpressure_threshold: float = Field(
         0.5,
         gt=0,
@@ -192,11 +174,7 @@ def flink_job_degraded(params: FlinkJobDegradedParams) -> FlinkDegradedResult:
         params=params,
     ) as report:
         # the same target as flink-job-crashed: the two never act on one job at once
-        target = Target(
-            "flink-job",
-            f"{flink.rest_url.rstrip('/')}/{params.job_name}",
-            f"{get_jobmanager_address(flink)} job {params.job_name}",
-        )
+        target = job_target(flink, params.job_name)
         with report.guard(target) as guard:
             return _run(flink, params, report, guard, summary)
     return _summarize(summary, report)
