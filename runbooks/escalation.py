@@ -223,7 +223,7 @@ def _redact_urls(text: str) -> str:
     return _URL.sub(lambda m: redact_url(m.group(0)) + "/…", text)
 
 
-def _describe(exc: BaseException) -> str:
+def describe_http_error(exc: BaseException) -> str:
     """A log-safe description of a channel error (no URLs, no secrets)."""
     if isinstance(exc, httpx.HTTPStatusError):
         return f"HTTP {exc.response.status_code} from {redact_url(str(exc.request.url))}"
@@ -254,10 +254,11 @@ def _retry_after_s(exc: BaseException) -> float | None:
     return None
 
 
-def _with_retries(
+def with_retries(
     call: Callable[[], T], channel: str, attempts: int, backoff_s: float
 ) -> tuple[T, int]:
-    """Run ``call`` up to ``attempts`` times while it fails transiently; returns (result, attempts used)."""
+    """Run ``call`` up to ``attempts`` times while it fails transiently (``is_transient_http_error``;
+    a 429's Retry-After is honoured); returns (result, attempts used)."""
     for attempt in range(1, attempts + 1):
         try:
             return call(), attempt
@@ -272,7 +273,7 @@ def _with_retries(
                 channel,
                 attempt,
                 attempts,
-                _describe(exc),
+                describe_http_error(exc),
                 delay,
             )
             time.sleep(delay)
@@ -291,7 +292,7 @@ def _send_notification_block(ref: str, message: EscalationMessage, policy: Escal
         with block.raise_on_failure():
             block.notify(body, subject, _sync=True)
 
-    _, used = _with_retries(notify, f"notification:{ref}", policy.attempts, policy.retry_backoff_s)
+    _, used = with_retries(notify, f"notification:{ref}", policy.attempts, policy.retry_backoff_s)
     return f"notified via {type(block).__name__}" + (f" after {used} attempts" if used > 1 else "")
 
 
@@ -352,7 +353,7 @@ def _post_webhook(message: EscalationMessage, policy: EscalationPolicy) -> str:
             resp.raise_for_status()
             return resp
 
-        resp, used = _with_retries(
+        resp, used = with_retries(
             post, _webhook_channel(policy), policy.attempts, policy.retry_backoff_s
         )
     return f"HTTP {resp.status_code}" + (f" after {used} attempts" if used > 1 else "")
@@ -388,7 +389,7 @@ def _deliver(channel: str, send: Callable[[], str], logger: Any) -> Delivery:
     try:
         detail = send()
     except Exception as exc:
-        detail = _describe(exc)
+        detail = describe_http_error(exc)
         logger.error("escalation via %s failed: %s", channel, detail)
         return Delivery(channel=channel, ok=False, detail=detail)
     logger.info("escalation via %s: %s", channel, detail)

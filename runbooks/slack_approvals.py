@@ -11,17 +11,17 @@ so a click on an old message never answers a later question.
 from __future__ import annotations
 
 import json
-import random
-import time
 from typing import Any
 
 import httpx
 
-from runbooks.backoff import backoff_delay
+from runbooks.escalation import describe_http_error, with_retries
 
 APPROVE = "runbooks_approve"
 REJECT = "runbooks_reject"
 POST_TIMEOUT_S = 10.0
+POST_ATTEMPTS = 2
+POST_BACKOFF_S = 0.5
 # Slack's limits: 3000 characters in a section's text, 2000 in a button's value
 SECTION_MAX = 2900
 
@@ -90,28 +90,23 @@ def approval_message(
 
 
 def post_approval_request(block_name: str, **fields: Any) -> None:
-    """Post the request to the Slack Webhook block ``block_name``; one retry on a transient
-    error (connect error, timeout, 5xx or 429), then the error goes to the caller."""
+    """Post the request to the Slack Webhook block ``block_name``, retried like an escalation
+    (transient errors only, backoff with jitter); a failure raises with a URL-free message (the
+    webhook URL is a secret)."""
     from prefect.blocks.notifications import SlackWebhook
 
     url = SlackWebhook.load(block_name).url.get_secret_value()
     message = approval_message(**fields)
-    for attempt in range(2):
-        try:
-            response = httpx.post(url, json=message, timeout=POST_TIMEOUT_S)
-        except httpx.TransportError as exc:
-            if attempt:
-                # the URL is a secret: never in the error text
-                raise ConnectionError(f"Slack did not answer: {type(exc).__name__}") from None
-            time.sleep(backoff_delay(1, 0.5, 2.0, random.random()))
-            continue
-        if response.status_code < 300:
-            return
-        if attempt or (response.status_code < 500 and response.status_code != 429):
-            raise ValueError(
-                f"Slack refused the message: HTTP {response.status_code} {response.text[:200]}"
-            )
-        time.sleep(backoff_delay(1, 0.5, 2.0, random.random()))
+
+    def post() -> None:
+        httpx.post(url, json=message, timeout=POST_TIMEOUT_S).raise_for_status()
+
+    try:
+        with_retries(post, f"slack-approvals:{block_name}", POST_ATTEMPTS, POST_BACKOFF_S)
+    except httpx.HTTPError as exc:
+        raise ConnectionError(
+            f"Slack did not take the message: {describe_http_error(exc)}"
+        ) from None
 
 
 def _button(text: str, action_id: str, value: str, style: str) -> dict[str, Any]:

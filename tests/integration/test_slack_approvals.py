@@ -284,3 +284,24 @@ def test_a_step_that_needs_typing_offers_no_approve_button_in_slack() -> None:
     )  # fmt: skip
     assert set(buttons(message)) == {REJECT}
     assert "only the Prefect UI" in str(message["blocks"])
+
+
+def test_posting_retries_a_transient_error_and_never_shows_the_webhook_url() -> None:
+    from runbooks.slack_approvals import post_approval_request
+
+    fields = dict(
+        runbook="r", label="l", target="t", danger="d", changes=["c"], run_id="x",
+        run_url=None, pause_key="k",
+    )  # fmt: skip
+    with HttpReceiver(statuses=[503, 200]) as flaky, HttpReceiver(statuses=[404]) as wrong:
+        for receiver in (flaky, wrong):
+            SlackWebhook(url=SecretStr(f"{receiver.url}/services/T1/B1/secret-part")).save(
+                name := unique("slack"), overwrite=True
+            )
+            receiver.block = name  # type: ignore[attr-defined]
+        post_approval_request(flaky.block, **fields)
+        assert [r.status for r in flaky.requests] == [503, 200], "one retry after the 503"
+        with pytest.raises(ConnectionError) as refused:
+            post_approval_request(wrong.block, **fields)
+        assert len(wrong.requests) == 1, "a 404 is not retried"
+        assert "HTTP 404" in str(refused.value) and "secret-part" not in str(refused.value)
