@@ -18,10 +18,12 @@ Prefect is not imported (the gateway restarts fast): its API is called with http
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import logging
+import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -31,9 +33,12 @@ from urllib.parse import parse_qs
 import httpx
 from pydantic import SecretStr
 
+from runbooks.backoff import backoff_delay
+
 logger = logging.getLogger("alert_gateway.slack")
 
 MAX_SKEW_S = 300
+RESUME_ATTEMPTS = 3
 APPROVE = "runbooks_approve"  # the action ids runbooks.slack_approvals puts on its buttons
 REJECT = "runbooks_reject"
 
@@ -156,7 +161,7 @@ async def answer(click: Click, api_url: str, headers: dict[str, str], timeout_s:
     base = api_url.rstrip("/")
     decision = "approved" if click.approve else "rejected"
     async with httpx.AsyncClient(timeout=timeout_s, headers=headers) as client:
-        response = await client.get(f"{base}/flow_runs/{click.run_id}")
+        response = await _retried(client, "GET", f"{base}/flow_runs/{click.run_id}")
         if response.status_code == 404:
             return Answered(False, "This run no longer exists.")
         response.raise_for_status()
@@ -173,8 +178,8 @@ async def answer(click: Click, api_url: str, headers: dict[str, str], timeout_s:
             "approver": click.user,
             "reason": f"{decision} in Slack",
         }
-        result = await client.post(
-            f"{base}/flow_runs/{click.run_id}/resume", json={"run_input": run_input}
+        result = await _retried(
+            client, "POST", f"{base}/flow_runs/{click.run_id}/resume", {"run_input": run_input}
         )
         result.raise_for_status()
         status = result.json().get("status")
@@ -182,6 +187,26 @@ async def answer(click: Click, api_url: str, headers: dict[str, str], timeout_s:
             reason = (result.json().get("details") or {}).get("reason") or status
             return Answered(False, f"Not {decision}: Prefect refused the answer ({reason}).")
     return Answered(True, f"{decision.capitalize()} by {click.user}; the run goes on.")
+
+
+async def _retried(
+    client: httpx.AsyncClient, method: str, url: str, body: dict[str, Any] | None = None
+) -> httpx.Response:
+    """One request to Prefect, tried again (twice at most, backoff with jitter) on a transport
+    error or a 5xx: a SQLite-backed server answers 500 "database is locked" while the paused run
+    writes its form. Retrying a resume is safe: the run's state is read again by the server, and
+    a run no longer paused is refused, never resumed twice."""
+    for attempt in range(1, RESUME_ATTEMPTS + 1):
+        try:
+            response = await client.request(method, url, json=body)
+        except httpx.TransportError:
+            if attempt == RESUME_ATTEMPTS:
+                raise
+        else:
+            if response.status_code < 500 or attempt == RESUME_ATTEMPTS:
+                return response
+        await asyncio.sleep(backoff_delay(attempt, 0.2, 1.0, random.random()))
+    raise AssertionError("unreachable")
 
 
 async def update_message(url: str, text: str, timeout_s: float) -> None:
