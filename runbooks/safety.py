@@ -442,12 +442,11 @@ class Guard:
         """Before the first change: silence the run's alert where the deployment opted in."""
         if self.silence is None:
             return
-        ctx = FlowRunContext.get()
-        run_id = str(ctx.flow_run.id) if ctx and ctx.flow_run else "outside a flow run"
+        run_id = _this_run_id()
         self.silence.start(
             self.report,
-            run_id,
-            _run_url(run_id) if ctx else None,
+            run_id or "outside a flow run",
+            _run_url(run_id),
             self.report.params.safety.silence_max_s,
         )
 
@@ -563,8 +562,7 @@ class Guard:
             return
         from runbooks.slack_approvals import post_approval_request
 
-        ctx = FlowRunContext.get()
-        run_id = str(ctx.flow_run.id) if ctx and ctx.flow_run else ""
+        run_id = _this_run_id()
         try:
             post_approval_request(
                 block,
@@ -573,7 +571,7 @@ class Guard:
                 target=self.target.label,
                 danger=danger,
                 changes=[c.describe() for c in plan.planned],
-                run_id=run_id,
+                run_id=run_id or "",
                 run_url=_run_url(run_id),
                 pause_key=pause_key,
                 required=required,
@@ -680,6 +678,12 @@ def _busy(
 def _holder_text(holder: LockHolder) -> str:
     link = _run_url(holder.flow_run_id)
     return holder.describe() + (f" ({link})" if link else "")
+
+
+def _this_run_id() -> str | None:
+    """The id of the flow run this code runs in (None outside one)."""
+    ctx = FlowRunContext.get()
+    return str(ctx.flow_run.id) if ctx and ctx.flow_run else None
 
 
 def _run_url(flow_run_id: Any) -> str | None:
