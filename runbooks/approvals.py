@@ -121,12 +121,30 @@ def request_approval(
         _save_input(client, run.id, _plan_key(keyset), plan)
         _save_input(client, run.id, deadline_key(keyset), deadline.isoformat())
         before_suspending(deadline)
-        state = propose_state_sync(client, proposed, flow_run_id=run.id)
+        state = _propose_pause(client, proposed, run.id)
     if not state.is_paused():
         raise RuntimeError(f"the run cannot suspend for approval (state {state.type.value})")
     if on_waiting is not None:
         on_waiting(key)
     raise Pause(state=state)
+
+
+def _propose_pause(client: Any, proposed: Any, run_id: Any) -> Any:
+    """Propose the pause; a client retry of a proposal the server had already accepted counts.
+
+    The client retries a request whose answer was lost (on a busy SQLite server: a 500 "database
+    is locked" after the commit). The retry carries the same transition id, so Prefect rejects it
+    as "already made this state transition" and ``propose_state_sync`` raises ``Pause`` with the
+    run's current state: our own pause (same key) means the first proposal landed.
+    """
+    try:
+        return propose_state_sync(client, proposed, flow_run_id=run_id)
+    except Pause as exc:
+        state = exc.state
+        key = proposed.state_details.pause_key
+        if state is not None and state.is_paused() and state.state_details.pause_key == key:
+            return state
+        raise
 
 
 def deadline_key(keyset: dict[str, str]) -> str:
@@ -163,7 +181,7 @@ def _pause_in_process(
     keyset = keyset_from_paused_state(proposed)
     proposed.state_details.run_input_keyset = keyset
     with get_client(sync_client=True) as client:
-        state = propose_state_sync(client, proposed, flow_run_id=run_id)
+        state = _propose_pause(client, proposed, run_id)
         if state.is_running():  # this very pause was answered before (the run was re-run)
             return _answer(form, keyset, run_id)
         if not state.is_paused():
