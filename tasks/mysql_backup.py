@@ -43,7 +43,7 @@ from tasks.db_backup_format import (
     backup_prefix,
     server_label,
 )
-from tasks.kafka_backup_s3 import get_json
+from tasks.s3_objects import get_json
 from tasks.mysql import is_transient
 from tasks.pg_backup import (
     BackupResult,
