@@ -1,5 +1,6 @@
 """Runbook: archive old events (seed 003 monthly "review and archive old events"), on a
-PostgreSQL event store."""
+PostgreSQL event store: into an archive table (tasks.event_archive) or, with ``destination: s3``,
+into gzip'd JSON-lines objects in S3, one per batch (tasks.event_archive_s3)."""
 
 from typing import Literal
 

@@ -37,6 +37,7 @@ from flows.event_store.archive_old_events import (
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
 from tasks.event_archive_s3 import MANIFESTS, archive_root, encode_rows, object_key
+from tests.approvals import Approver
 from tests.conftest import unique
 from tests.moto_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, MotoServer
 from tests.pg_env import scratch_database
@@ -377,3 +378,21 @@ def test_an_unfinished_batch_with_a_row_held_by_a_writer_is_finished_without_it(
     assert len(ids) == len(set(ids)) and set(ids) == old_terminal_ids()
     assert all(r == before[r["id"]] for r in archived)
     assert set(env.rows(table)) == set(before) - old_terminal_ids()
+
+
+def test_more_than_approve_over_rejected_writes_and_deletes_nothing(env: Env) -> None:
+    table, prefix = env.table(), unique("arch")
+    block = env.block(table)
+    before = env.rows(table)
+    approver = Approver(
+        "archive-old-events", {"approve": False, "approver": "carol", "reason": "not this month"}
+    )
+    approver.start()
+
+    state = run(env, block, prefix, approve_over=100)
+
+    approver.join(10)
+    assert approver.error is None and approver.paused_run is not None
+    assert f"{len(old_terminal_ids()):,} events would move" in approver.description
+    assert state.is_failed() and "rejected by carol" in state.message
+    assert env.keys(prefix) == [] and env.rows(table) == before
