@@ -2,8 +2,9 @@
 
 Each batch is one database transaction: it locks the next old terminal rows by id (``FOR UPDATE
 SKIP LOCKED``: a row a writer holds is skipped, never waited on), writes exactly those rows as one
-gzip'd JSON-lines object (``<prefix>/<schema>.<table>/<first id>-<last id>.jsonl.gz``, metadata:
-rows, sha256, first and last id), checks that S3 holds it (HEAD: size, sha256 and rows), and only
+gzip'd JSON-lines object (``<prefix>/<database>/<schema>.<table>/<first id>-<last id>.jsonl.gz``,
+metadata: rows, sha256, first and last id, and the source: server system identifier, database,
+table), checks that S3 holds it (HEAD: size, sha256 and rows), and only
 then deletes those rows and commits. Nothing is deleted that is not verifiably in S3.
 
 A crash between the upload and the commit leaves the object in S3 and its rows in the table (the
@@ -12,7 +13,8 @@ in the table is written again at the same key with those rows as they are now (b
 same when they did not change: gzip without a timestamp), verified, and its rows deleted. So every
 row ends in S3 exactly once, and a re-run continues where the last one stopped. An object whose
 rows are gone from the table is a finished batch: never written over (a new batch whose key would
-collide gets its checksum in the key).
+collide gets its checksum in the key). Objects of another source (another server's table of
+the same name under the same prefix) are never read as this table's, nor written over.
 """
 
 from __future__ import annotations
@@ -74,10 +76,11 @@ def archive_prefix_problem(prefix: str) -> str | None:
     return None
 
 
-def archive_root(prefix: str, schema: str, table: str) -> str:
-    """Where a table's archive objects go: ``<prefix>/<schema>.<table>/``."""
+def archive_root(prefix: str, database: str, schema: str, table: str) -> str:
+    """Where a table's archive objects go: ``<prefix>/<database>/<schema>.<table>/``."""
     prefix = prefix.strip("/")
-    return f"{prefix}/{schema}.{table}/" if prefix else f"{schema}.{table}/"
+    tail = f"{database}/{schema}.{table}/"
+    return f"{prefix}/{tail}" if prefix else tail
 
 
 def _id(value: int) -> str:
@@ -117,8 +120,11 @@ def planned_batches(total: int, batch_size: int) -> int:
     return math.ceil(total / batch_size) if total > 0 else 0
 
 
-def head_matches(head: dict[str, Any] | None, size: int, sha256: str, rows: int) -> bool:
-    """Whether an object's HEAD shows exactly this body: size, sha256 and row count."""
+def head_matches(
+    head: dict[str, Any] | None, size: int, sha256: str, rows: int, source: str
+) -> bool:
+    """Whether an object's HEAD shows exactly this body from this source: size, sha256, row
+    count and source table."""
     if head is None:
         return False
     meta = head.get("Metadata", {})
@@ -126,6 +132,7 @@ def head_matches(head: dict[str, Any] | None, size: int, sha256: str, rows: int)
         head.get("ContentLength") == size
         and meta.get("sha256") == sha256
         and meta.get("rows") == str(rows)
+        and meta.get("source") == source
     )
 
 
@@ -171,6 +178,7 @@ class S3ArchiveManifest(BaseModel):
     """What one run archived: written last, next to the objects."""
 
     table: str
+    source: str = Field(description="Server system identifier / database / schema.table.")
     cutoff: datetime
     statuses: list[str]
     finished_at: datetime
@@ -237,6 +245,7 @@ class _Batches:
 
     def __init__(
         self,
+        source: str,
         conn: psycopg.Connection,
         s3: Any,
         store: EventStore,
@@ -245,6 +254,7 @@ class _Batches:
         root: str,
         result: S3ArchiveResult,
     ):
+        self.source = source
         self.conn, self.s3, self.store, self.spec = conn, s3, store, spec
         self.bucket, self.root, self.result = bucket, root, result
         self.delete = _sql(
@@ -259,8 +269,8 @@ class _Batches:
         if key is None:
             key = object_key(self.root, first, last)
             head = _head(self.s3, self.bucket, key)
-            if head is not None and not head_matches(head, len(body), sha, len(rows)):
-                # a finished batch holds this key (its rows are gone): never written over
+            if head is not None and not head_matches(head, len(body), sha, len(rows), self.source):
+                # a finished batch (or another source's) holds this key: never written over
                 key = object_key(self.root, first, last, sha)
         self.s3.put_object(
             Bucket=self.bucket,
@@ -272,11 +282,11 @@ class _Batches:
                 "sha256": sha,
                 "first-id": str(first),
                 "last-id": str(last),
-                "source": f"{self.store.schema_name}.{self.store.table}",
+                "source": self.source,
             },
         )
         head = _head(self.s3, self.bucket, key)
-        if not head_matches(head, len(body), sha, len(rows)):
+        if not head_matches(head, len(body), sha, len(rows), self.source):
             raise RuntimeError(
                 f"s3://{self.bucket}/{key} does not hold the {len(rows)} row(s) just written "
                 f"({len(body)} bytes, sha256 {sha[:12]}): nothing deleted"
@@ -341,7 +351,10 @@ def _finish_unfinished(batches: _Batches, objects: dict[str, int]) -> set[int]:
     pick = _sql(store, spec, _PICK.replace("{where}", " AND x.{id} = ANY(%(ids)s)"))
     for (i,) in hits:
         key = root + names[i - 1]
-        raw = gzip.decompress(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        obj = s3.get_object(Bucket=bucket, Key=key)
+        if obj.get("Metadata", {}).get("source") != batches.source:
+            continue  # another server's table of the same name: never read as ours
+        raw = gzip.decompress(obj["Body"].read())
         ids = [json.loads(line)[store.id_column] for line in raw.decode().splitlines() if line]
         if not conn.execute(present, {"ids": ids}).fetchone():
             continue  # a finished batch: its rows are gone; the old rows in its range are others
@@ -370,7 +383,8 @@ def archive_old_events_to_s3(
     Batches are sized to take about the block's ``batch_target_ms``; none starts after
     ``spec.time_budget_s``. Idempotent and resumable: a re-run (or a retry) first finishes the
     batches an interrupted run uploaded, then continues with what is left."""
-    root = archive_root(prefix, store.schema_name, store.table)
+    db = store.database
+    root = archive_root(prefix, db.dbname, store.schema_name, store.table)
     s3 = backup.get_s3_client()
     _check_bucket(s3, bucket)
     result = S3ArchiveResult(dry_run=dry_run, bucket=bucket, root=root)
@@ -399,7 +413,11 @@ def archive_old_events_to_s3(
         result.batches_planned = planned_batches(sum(counts.values()), batch_bounds(store)[0])
         if dry_run:
             return result
-        batches = _Batches(conn, s3, store, spec, bucket, root, result)
+        (system_id,) = conn.execute(
+            "SELECT system_identifier::text FROM pg_control_system()"
+        ).fetchone()
+        source = f"{system_id}/{db.dbname}/{store.schema_name}.{store.table}"
+        batches = _Batches(source, conn, s3, store, spec, bucket, root, result)
         started = time.monotonic()
         held = _finish_unfinished(batches, list_objects(s3, bucket, root))
         result.held_back = len(held)
@@ -414,6 +432,7 @@ def archive_old_events_to_s3(
             result.manifest_key,
             S3ArchiveManifest(
                 table=f"{store.schema_name}.{store.table}",
+                source=batches.source,
                 cutoff=spec.cutoff,
                 statuses=spec.statuses,
                 finished_at=stamp,

@@ -82,7 +82,7 @@ class ArchiveParams(RunbookParams):
     destination: Literal["table", "s3"] = Field(
         "table",
         description="table: into the archive table; s3: gzip'd JSON-lines objects in S3, one per "
-        "batch (<prefix>/<schema>.<table>/<first id>-<last id>.jsonl.gz), rows deleted only once "
+        "batch (<prefix>/<database>/<schema>.<table>/<first id>-<last id>.jsonl.gz), rows deleted only once "
         "S3 verifiably holds them.",
     )
     backup_store_block: BlockName = Field(

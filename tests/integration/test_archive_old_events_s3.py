@@ -131,6 +131,32 @@ class Env:
         )
         return {i: json.loads(text) for i, text in cur.fetchall()}
 
+    def source(self, table: str) -> str:
+        (system_id,) = self.admin.execute(
+            "SELECT system_identifier::text FROM pg_control_system()"
+        ).fetchone()
+        return f"{system_id}/{self.db}/{SCHEMA}.{table}"
+
+    def put_batch(self, key: str, table: str, ids: list[int], source: str) -> bytes:
+        """An archive object of these rows as the runbook writes it (the rows stay)."""
+        lines = [
+            text
+            for (text,) in self.admin.execute(
+                sql.SQL(
+                    "SELECT row_to_json(x)::text FROM {} AS x WHERE id = ANY(%s) ORDER BY id"
+                ).format(sql.Identifier(SCHEMA, table)),
+                (ids,),
+            ).fetchall()
+        ]
+        body, sha = encode_rows(lines)
+        self.s3().put_object(
+            Bucket=self.bucket,
+            Key=key,
+            Body=body,
+            Metadata={"rows": str(len(lines)), "sha256": sha, "source": source},
+        )
+        return body
+
     def s3(self) -> Any:
         return self.moto.client("s3")
 
@@ -200,7 +226,7 @@ def test_moves_exactly_the_old_terminal_events_into_s3_objects(env: Env) -> None
     table, prefix = env.table(), unique("arch")
     block = env.block(table)
     before = env.rows(table)
-    root = archive_root(prefix, SCHEMA, table)
+    root = archive_root(prefix, env.db, SCHEMA, table)
 
     summary = completed(run(env, block, prefix))
 
@@ -250,7 +276,7 @@ def test_dry_run_plans_and_writes_nothing(env: Env) -> None:
     assert summary.archive.batches_planned == -(-n // BATCH)
     assert summary.archive.moved == 0 and summary.archive.applied == []
     assert f"{n:,} event(s) older than" in summary.report
-    assert f"s3://{env.bucket}/{archive_root(prefix, SCHEMA, table)}" in summary.report
+    assert f"s3://{env.bucket}/{archive_root(prefix, env.db, SCHEMA, table)}" in summary.report
     assert env.keys(prefix) == []
     assert env.rows(table) == before
 
@@ -261,7 +287,7 @@ def test_killed_between_upload_and_commit_the_next_run_finishes_without_duplicat
     table, prefix = env.table(), unique("arch")
     block = env.block(table)
     before = env.rows(table)
-    root = archive_root(prefix, SCHEMA, table)
+    root = archive_root(prefix, env.db, SCHEMA, table)
     proc = subprocess.run(
         [
             sys.executable,
@@ -335,22 +361,10 @@ def test_an_unfinished_batch_with_a_row_held_by_a_writer_is_finished_without_it(
     table, prefix = env.table(), unique("arch")
     block = env.block(table)
     before = env.rows(table)
-    root = archive_root(prefix, SCHEMA, table)
+    root = archive_root(prefix, env.db, SCHEMA, table)
     batch = sorted(old_terminal_ids())[:BATCH]
-    lines = [
-        text
-        for (text,) in env.admin.execute(
-            sql.SQL(
-                "SELECT row_to_json(x)::text FROM {} AS x WHERE id = ANY(%s) ORDER BY id"
-            ).format(sql.Identifier(SCHEMA, table)),
-            (batch,),
-        ).fetchall()
-    ]
-    body, sha = encode_rows(lines)
     key = object_key(root, batch[0], batch[-1])
-    env.s3().put_object(
-        Bucket=env.bucket, Key=key, Body=body, Metadata={"rows": str(len(lines)), "sha256": sha}
-    )
+    env.put_batch(key, table, batch, env.source(table))
     held = batch[5]
     with psycopg.connect(env.server.conninfo(dbname=env.db)) as writer:
         writer.execute(
@@ -396,3 +410,32 @@ def test_more_than_approve_over_rejected_writes_and_deletes_nothing(env: Env) ->
     assert f"{len(old_terminal_ids()):,} events would move" in approver.description
     assert state.is_failed() and "rejected by carol" in state.message
     assert env.keys(prefix) == [] and env.rows(table) == before
+
+
+def test_an_object_of_another_server_under_the_same_key_is_never_read_nor_overwritten(
+    env: Env,
+) -> None:
+    """Another server's table of the same name archived under the same prefix: its object at the
+    key this table's first batch would take (ids that are in this table too) is left as it is,
+    and this table's batch gets its checksum in its key."""
+    table, prefix = env.table(), unique("arch")
+    block = env.block(table)
+    root = archive_root(prefix, env.db, SCHEMA, table)
+    batch = sorted(old_terminal_ids())[:BATCH]
+    foreign_key = object_key(root, batch[0], batch[-1])
+    foreign = env.put_batch(foreign_key, table, batch[:10], "6999999999999999999/other/x.y")
+
+    summary = completed(run(env, block, prefix))
+
+    assert summary.outcome is Outcome.RESOLVED, summary.report
+    assert env.s3().get_object(Bucket=env.bucket, Key=foreign_key)["Body"].read() == foreign
+    ours = [o.key for o in summary.archive.objects]
+    assert foreign_key not in ours and not any(o.resumed for o in summary.archive.objects)
+    assert any(k.startswith(foreign_key[: -len(".jsonl.gz")] + ".") for k in ours)
+    ids = [r["id"] for o in ours for r in _rows(env, o)]
+    assert len(ids) == len(set(ids)) and set(ids) == old_terminal_ids()
+
+
+def _rows(env: Env, key: str) -> list[dict[str, Any]]:
+    body = env.s3().get_object(Bucket=env.bucket, Key=key)["Body"].read()
+    return [json.loads(line) for line in gzip.decompress(body).decode().splitlines()]

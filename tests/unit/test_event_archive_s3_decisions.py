@@ -65,13 +65,13 @@ def test_bucket_name_problem(bucket, ok) -> None:
 @pytest.mark.parametrize(
     ("prefix", "schema", "table", "expected"),
     [
-        ("event-archive", "public", "events", "event-archive/public.events/"),
-        ("a/b/", "ops", "events", "a/b/ops.events/"),
-        ("", "public", "events", "public.events/"),
+        ("event-archive", "public", "events", "event-archive/app/public.events/"),
+        ("a/b/", "ops", "events", "a/b/app/ops.events/"),
+        ("", "public", "events", "app/public.events/"),
     ],
 )
 def test_archive_root(prefix, schema, table, expected) -> None:
-    assert archive_root(prefix, schema, table) == expected
+    assert archive_root(prefix, "app", schema, table) == expected
 
 
 @pytest.mark.parametrize(
@@ -124,19 +124,28 @@ def test_encode_rows_is_deterministic_and_round_trips() -> None:
     assert encode_rows(lines[:1])[1] != sha
 
 
+SRC = "7301/app/public.events"
+
+
 @pytest.mark.parametrize(
     ("head", "expected"),
     [
-        ({"ContentLength": 10, "Metadata": {"sha256": "s", "rows": "3"}}, True),
-        ({"ContentLength": 11, "Metadata": {"sha256": "s", "rows": "3"}}, False),
-        ({"ContentLength": 10, "Metadata": {"sha256": "t", "rows": "3"}}, False),
-        ({"ContentLength": 10, "Metadata": {"sha256": "s", "rows": "2"}}, False),
+        ({"ContentLength": 10, "Metadata": {"sha256": "s", "rows": "3", "source": SRC}}, True),
+        ({"ContentLength": 11, "Metadata": {"sha256": "s", "rows": "3", "source": SRC}}, False),
+        ({"ContentLength": 10, "Metadata": {"sha256": "t", "rows": "3", "source": SRC}}, False),
+        ({"ContentLength": 10, "Metadata": {"sha256": "s", "rows": "2", "source": SRC}}, False),
+        # the same bytes from another server's table of the same name: not ours
+        (
+            {"ContentLength": 10, "Metadata": {"sha256": "s", "rows": "3", "source": "9/app/t"}},
+            False,
+        ),
+        ({"ContentLength": 10, "Metadata": {"sha256": "s", "rows": "3"}}, False),
         ({"ContentLength": 10, "Metadata": {}}, False),
         (None, False),
     ],
 )
 def test_head_matches(head, expected) -> None:
-    assert head_matches(head, 10, "s", 3) is expected
+    assert head_matches(head, 10, "s", 3, SRC) is expected
 
 
 @pytest.mark.parametrize(
