@@ -483,7 +483,8 @@ def _move_in_batches(batches: _Batches, held: set[int], started: float) -> None:
             break
         last: Any = None
         while True:
-            if time.monotonic() >= deadline:
+            # at least one batch a run: a budget the listing alone uses up still makes progress
+            if result.objects and time.monotonic() >= deadline:
                 result.out_of_time = True
                 break
             t0 = time.perf_counter()

@@ -439,3 +439,21 @@ def test_an_object_of_another_server_under_the_same_key_is_never_read_nor_overwr
 def _rows(env: Env, key: str) -> list[dict[str, Any]]:
     body = env.s3().get_object(Bucket=env.bucket, Key=key)["Body"].read()
     return [json.loads(line) for line in gzip.decompress(body).decode().splitlines()]
+
+
+def test_time_budget_stops_and_the_next_run_continues(env: Env) -> None:
+    table, prefix = env.table(), unique("arch")
+    block = env.block(table)
+    root = archive_root(prefix, env.db, SCHEMA, table)
+
+    state = run(env, block, prefix, time_budget_s=0.001)
+
+    assert state.is_failed() and "time budget" in state.message
+    first = {r["id"] for r in env.archived(root)}
+    assert 0 < len(first) < len(old_terminal_ids())
+    assert first.isdisjoint(env.rows(table))
+    rest = completed(run(env, block, prefix))
+    assert rest.outcome is Outcome.RESOLVED
+    assert rest.archive.moved == len(old_terminal_ids()) - len(first)
+    ids = [r["id"] for r in env.archived(root)]
+    assert len(ids) == len(set(ids)) and set(ids) == old_terminal_ids()
