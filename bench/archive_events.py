@@ -9,11 +9,14 @@ are the rows the archive locks), one short transaction each, timing every statem
     bare      WITH moved AS (DELETE FROM events WHERE status = ANY(...) AND updated_at < cutoff
               RETURNING *) INSERT INTO events_archive SELECT * FROM moved     (one statement)
     project   tasks.event_archive.archive_old_events with the block's default batching
+    s3        (with --s3) tasks.event_archive_s3.archive_old_events_to_s3: the same batches
+              written as gzip'd JSON-lines objects to a local moto S3, each verified before its
+              rows are deleted (row locks are held through the upload)
 
 Each contender gets a freshly seeded table. The table shows rows/s and the ratio to bare, the
 batches and the slowest, and the writers' statement latency before and during each contender.
 
-    python -m bench archive-events [--rows 1000000] [--writers 2]
+    python -m bench archive-events [--rows 1000000] [--writers 2] [--s3]
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 
 from bench.stack import percentile
+from tests.moto_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, MotoServer
 from tests.servers import PostgresServer, start_postgres
 
 STATUSES = ["COMPLETED", "FAILED"]
@@ -129,10 +134,13 @@ def _seed(pg: PostgresServer, total: int) -> int:
     return old
 
 
-def _contender(pg: PostgresServer, name: str, args: argparse.Namespace, total: int) -> Result:
+def _contender(
+    pg: PostgresServer, name: str, args: argparse.Namespace, total: int, s3: Any = None
+) -> Result:
     from blocks.event_store import EventStore
     from blocks.postgres import PostgresDatabase
     from tasks.event_archive import ArchiveSpec, archive_old_events
+    from tasks.event_archive_s3 import archive_old_events_to_s3
 
     expected = _seed(pg, total)
     with psycopg.connect(pg.conninfo(), autocommit=True) as conn:
@@ -162,7 +170,12 @@ def _contender(pg: PostgresServer, name: str, args: argparse.Namespace, total: i
                 older_than_days=90,
                 time_budget_s=3600,
             )
-            result = archive_old_events.fn(store, spec, dry_run=False)
+            if name == "s3":
+                result = archive_old_events_to_s3.fn(
+                    store, s3, spec, s3.bucket, "bench", dry_run=False
+                )
+            else:
+                result = archive_old_events.fn(store, spec, dry_run=False)
             rows, batches = result.moved, len(result.batch_sizes)
             slowest = result.slowest_batch_s
         end = time.monotonic()
@@ -173,6 +186,8 @@ def _contender(pg: PostgresServer, name: str, args: argparse.Namespace, total: i
             (STATUSES, cutoff),
         ).fetchone()
         (archived,) = conn.execute("SELECT count(*) FROM events_archive").fetchone()
+    if name == "s3":
+        archived = rows  # counted by the task's verified objects
     if left or archived != rows or rows != expected:
         print(f"  {name}: {rows:,} moved of {expected:,}, {left:,} left, archive {archived:,}")
     return Result(
@@ -199,17 +214,36 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000, help="old terminal events (about)")
     parser.add_argument("--writers", type=int, default=2)
     parser.add_argument("--before-s", type=float, default=2.0, help="load measured before each")
+    parser.add_argument("--s3", action="store_true", help="also archive to a local moto S3")
     args = parser.parse_args(argv)
     total = round(args.rows * 1.1)
 
     pg = start_postgres()
     print(f"PostgreSQL on port {pg.port} ({pg.datadir})")
+    moto = MotoServer().start() if args.s3 else None
     try:
         results = []
-        for name in ("bare", "project"):
+        store = None
+        if moto is not None:
+            from blocks.backup_store import BackupStore
+
+            bucket = "bench-event-archive"
+            moto.client("s3").create_bucket(
+                Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": moto.region}
+            )
+            store = BackupStore(
+                bucket=bucket,
+                endpoint_url=moto.endpoint_url,
+                region=moto.region,
+                aws_access_key_id=ACCESS_KEY_ID,
+                aws_secret_access_key=SECRET_ACCESS_KEY,
+            )
+        for name in ("bare", "project", *(("s3",) if moto else ())):
             print(f"{name}: seeding {total:,} rows ...", flush=True)
-            results.append(_contender(pg, name, args, total))
+            results.append(_contender(pg, name, args, total, store))
     finally:
+        if moto is not None:
+            moto.stop()
         pg.stop()
         shutil.rmtree(pg.datadir.parent, ignore_errors=True)
     bare = results[0]

@@ -12,6 +12,15 @@ from pydantic import Field, field_validator
 from blocks.fields import BLOCK_CONFIG, OptionalSecretStr
 
 
+def bucket_name_problem(bucket: str) -> str | None:
+    """Why ``bucket`` is not an S3 bucket name (None: it is)."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+        return "not an S3 bucket name (3-63 lowercase letters, digits, '.', '-')"
+    if ".." in bucket or re.fullmatch(r"\d+\.\d+\.\d+\.\d+", bucket):
+        return "not an S3 bucket name (no '..', not an IP address)"
+    return None
+
+
 class BackupStore(Block):
     """An S3 bucket and key prefix that holds backups, and how to reach it.
 
@@ -60,8 +69,9 @@ class BackupStore(Block):
     @field_validator("bucket")
     @classmethod
     def _bucket_name(cls, bucket: str) -> str:
-        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
-            raise ValueError("not an S3 bucket name (3-63 lowercase letters, digits, '.', '-')")
+        problem = bucket_name_problem(bucket)
+        if problem:
+            raise ValueError(problem)
         return bucket
 
     @field_validator("prefix")

@@ -43,7 +43,6 @@ from tasks.db_backup_format import (
     backup_prefix,
     server_label,
 )
-from tasks.kafka_backup_s3 import get_json
 from tasks.mysql import is_transient
 from tasks.pg_backup import (
     BackupResult,
@@ -52,6 +51,7 @@ from tasks.pg_backup import (
     stderr_tail,
     tool_version,
 )
+from tasks.s3_objects import get_json
 from tasks.s3_upload import MultipartUpload
 
 ENGINE = "mysql"

@@ -49,9 +49,9 @@ from tasks.db_backup_format import (
     scratch_comment,
     server_label,
 )
-from tasks.kafka_backup_s3 import get_json, put_json
 from tasks.pg_fingerprint import fingerprint_connection, fingerprint_tables, user_tables
 from tasks.postgres import is_transient
+from tasks.s3_objects import get_json, put_json
 from tasks.s3_upload import MultipartUpload
 
 ENGINE = "postgres"

@@ -26,13 +26,14 @@ from tests.moto_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
 class _DyingStore(BackupStore):
     _block_type_slug = "runbooks-test-dying-backup-store"
     kill_after_puts: int = 0
+    victim_suffix: str = ".seg.gz"  # the objects counted (tests/event_archive_victim.py: archives)
 
     def get_s3_client(self) -> Any:
         client = super().get_s3_client()
         left = [self.kill_after_puts]
 
         def before_put(params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
-            context["victim_segment"] = params["Key"].endswith(".seg.gz")
+            context["victim_segment"] = params["Key"].endswith(self.victim_suffix)
 
         def after_put(context: dict[str, Any], **_: Any) -> None:
             if not context.get("victim_segment"):

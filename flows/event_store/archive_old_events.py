@@ -1,14 +1,18 @@
 """Runbook: archive old events (seed 003 monthly "review and archive old events"), on a
-PostgreSQL event store."""
+PostgreSQL event store: into an archive table (tasks.event_archive) or, with ``destination: s3``,
+into gzip'd JSON-lines objects in S3, one per batch (tasks.event_archive_s3)."""
+
+from typing import Literal
 
 from prefect import flow
 from pydantic import BaseModel, Field, field_validator
 
+from blocks.backup_store import BackupStore, bucket_name_problem
 from blocks.event_store import EventStore
 from runbooks.errors import Escalation, VerificationFailed
 from runbooks.params import BlockName, RunbookParams
 from runbooks.report import IncidentReport, Outcome, ends_as_reported, incident_report
-from runbooks.safety import Budget, Target
+from runbooks.safety import Budget, Guard, Target
 from tasks.event_archive import (
     ArchiveResult,
     ArchiveSpec,
@@ -23,6 +27,12 @@ from tasks.event_archive import (
 )
 from tasks.event_archive import (
     archive_old_events as archive_task,
+)
+from tasks.event_archive_s3 import (
+    S3ArchiveResult,
+    archive_old_events_to_s3,
+    archive_prefix_problem,
+    count_archived_rows,
 )
 from tasks.postgres import get_system_identifier
 
@@ -69,6 +79,25 @@ class ArchiveParams(RunbookParams):
         description="Start no new batch after this many seconds (empty: the block's); the next "
         "run continues.",
     )
+    destination: Literal["table", "s3"] = Field(
+        "table",
+        description="table: into the archive table; s3: gzip'd JSON-lines objects in S3, one per "
+        "batch (<prefix>/<database>/<schema>.<table>/<first id>-<last id>.jsonl.gz), rows deleted only once "
+        "S3 verifiably holds them.",
+    )
+    backup_store_block: BlockName = Field(
+        "default",
+        description="destination s3: name of the saved 'Runbooks Backup Store' block (S3 "
+        "credentials, endpoint, bucket).",
+    )
+    s3_bucket: str | None = Field(
+        None, description="destination s3: bucket; empty: the Backup Store block's bucket."
+    )
+    s3_prefix: str | None = Field(
+        None,
+        description="destination s3: key prefix (no leading '/', no '..'); empty: the block's "
+        "prefix + '/event-archive'.",
+    )
 
     @field_validator("time_column", "archive_table")
     @classmethod
@@ -79,6 +108,26 @@ class ArchiveParams(RunbookParams):
         if problem:
             raise ValueError(problem)
         return value
+
+    @field_validator("s3_bucket")
+    @classmethod
+    def _bucket(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        problem = bucket_name_problem(value)
+        if problem:
+            raise ValueError(f"s3_bucket {value!r}: {problem}")
+        return value
+
+    @field_validator("s3_prefix")
+    @classmethod
+    def _prefix(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        problem = archive_prefix_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value.rstrip("/")
 
     @field_validator("statuses")
     @classmethod
@@ -92,15 +141,15 @@ class ArchiveParams(RunbookParams):
 class ArchiveSummary(BaseModel):
     outcome: Outcome
     before: ArchiveSurvey
-    archive: ArchiveResult | None = None
+    archive: S3ArchiveResult | ArchiveResult | None = None
     after: ArchiveSurvey | None = None
     report: str
 
 
 @flow(
     name=RUNBOOK,
-    description="Move events in terminal states older than N days into an archive table in "
-    "short batches; verify the counts.",
+    description="Move events in terminal states older than N days into an archive table or S3 "
+    "objects in short batches; verify the counts.",
 )
 @ends_as_reported
 def archive_old_events(params: ArchiveParams) -> ArchiveSummary:
@@ -135,6 +184,8 @@ def archive_old_events(params: ArchiveParams) -> ArchiveSummary:
             if report.check("old events in terminal states", before.total == 0, before.describe()):
                 report.finish(Outcome.NO_ACTION_NEEDED, f"Nothing to archive: {before.describe()}.")
                 return _summary(report, before)
+            if params.destination == "s3":
+                return _archive_to_s3(report, guard, params, store, spec, before)
 
             try:
                 result = guard.act(
@@ -183,6 +234,103 @@ def archive_old_events(params: ArchiveParams) -> ArchiveSummary:
                 f"{_rate(result)}; the archive grew by exactly that many.",
             )
             return _summary(report, before, result, after)
+
+
+def _archive_to_s3(
+    report: IncidentReport,
+    guard: Guard,
+    params: ArchiveParams,
+    store: EventStore,
+    spec: ArchiveSpec,
+    before: ArchiveSurvey,
+) -> ArchiveSummary:
+    backup = BackupStore.load(params.backup_store_block)
+    bucket = params.s3_bucket or backup.bucket
+    prefix = (
+        params.s3_prefix
+        if params.s3_prefix is not None
+        else "/".join(p for p in (backup.prefix, "event-archive") if p)
+    )
+    try:
+        result = guard.act(
+            "archive old events to S3",
+            lambda dry_run: archive_old_events_to_s3(store, backup, spec, bucket, prefix, dry_run),
+            budget=ARCHIVE_BUDGET,
+            approval=lambda plan: _danger(plan, params.approve_over),
+        )
+    except ArchiveUnsuitable as exc:
+        raise Escalation(
+            f"{exc}; nothing was moved: create the bucket, fix the Backup Store block's "
+            "credentials, or name another bucket (s3_bucket)"
+        ) from None
+    where = f"s3://{bucket}/{result.root}"
+    if params.dry_run:
+        report.finish(
+            Outcome.PLANNED,
+            f"Would move {before.describe()} to {where} as gzip'd JSON-lines objects, one per "
+            f"batch: about {result.batches_planned:,} batch(es) of up to "
+            f"{store.batch_size:,} rows (sized to take about {store.batch_target_ms:g} ms), for "
+            f"at most {spec.time_budget_s:g}s. Nothing is written to S3 or deleted.",
+        )
+        return _summary(report, before, result)
+
+    after = survey_archivable(store, spec, check_locks=not result.out_of_time)
+    report.evidence("old events after", after)
+    report.evidence(
+        "objects written",
+        [
+            {"key": o.key, "rows": o.rows, "bytes": o.bytes, "sha256": o.sha256}
+            for o in result.objects
+        ],
+    )
+    in_s3 = count_archived_rows(backup, bucket, [o.key for o in result.objects])
+    ok = report.check(
+        "S3 objects hold exactly the rows removed",
+        in_s3 == result.moved,
+        f"{len(result.objects)} object(s) in {where} hold {in_s3:,} row(s) by their metadata "
+        f"(HEAD); {result.moved:,} row(s) deleted",
+    )
+    if not ok:
+        raise VerificationFailed(
+            f"the objects written hold {in_s3:,} rows but {result.moved:,} were deleted from "
+            f"{after.table}: compare them with the manifest {result.manifest_key}"
+        )
+    report.check(
+        "no old terminal events left below the cutoff",
+        after.total == 0 or result.out_of_time,
+        after.describe(),
+    )
+    if result.out_of_time:
+        raise Escalation(
+            f"time budget of {spec.time_budget_s:g}s ended: moved {result.moved:,} "
+            f"event(s) to {where} ({_rate(result)}); {after.total:,} left; the next run continues"
+        )
+    left = after.total if after.lockable is None else after.lockable
+    if left:
+        raise VerificationFailed(
+            f"{left:,} old terminal event(s) are still in {after.table} after the run"
+        )
+    if after.total:
+        report.follow_ups.append(
+            f"{after.total:,} old event(s) were locked by live transactions and skipped; "
+            "the next run archives them."
+        )
+    resumed = [o for o in result.objects if o.resumed]
+    report.finish(
+        Outcome.RESOLVED,
+        f"Moved {result.moved:,} event(s) "
+        f"({', '.join(f'{n:,} {s}' for s, n in sorted(result.moved_by_status.items()))}) "
+        f"to {where} in {len(result.objects)} object(s), {result.bytes_written:,} bytes gzip'd"
+        + (
+            f" ({len(resumed)} of them finished a batch an interrupted run had uploaded)"
+            if resumed
+            else ""
+        )
+        + f", {_rate(result)}; each object was verified in S3 (size, sha256, rows) before its "
+        f"rows were deleted, and the objects hold exactly the rows removed. Manifest: "
+        f"{result.manifest_key}.",
+    )
+    return _summary(report, before, result, after)
 
 
 def _rate(result: ArchiveResult) -> str:
