@@ -194,7 +194,7 @@ def add_route(text: str, alert: str) -> str:
     return text[:end] + f"|{alert}" + text[end:]
 
 
-CASES_END = '}\n\n\ndef test_every_deployment_has_a_case() -> None:\n'
+CASES_END = "}\n\n\ndef test_every_deployment_has_a_case() -> None:\n"
 
 
 def add_trigger_case(text: str, case: str) -> str:
@@ -225,7 +225,9 @@ def add_table_row(text: str, header: str, row: str, where: str) -> str:
 
 def plan(scaffold: Scaffold, root: Path = PROJECT_ROOT) -> dict[Path, str]:
     """Every file the scaffold writes, with its whole new content; raises before any is written."""
-    files = {root / path: scaffold.render(template) for path, template in scaffold.new_files.items()}
+    files = {
+        root / path: scaffold.render(template) for path, template in scaffold.new_files.items()
+    }
     family_init = root / "flows" / scaffold.family / "__init__.py"
     if not family_init.exists():
         files[family_init] = ""
@@ -234,7 +236,9 @@ def plan(scaffold: Scaffold, root: Path = PROJECT_ROOT) -> dict[Path, str]:
         return (root / path).read_text()
 
     shared = {
-        "prefect.yaml": add_deployment(read("prefect.yaml"), scaffold.render("deployment.yaml.tmpl")),
+        "prefect.yaml": add_deployment(
+            read("prefect.yaml"), scaffold.render("deployment.yaml.tmpl")
+        ),
         "examples/prometheus/alerts.yml": add_rule_group(
             read("examples/prometheus/alerts.yml"), scaffold.render("rule.yaml.tmpl")
         ),
@@ -243,7 +247,8 @@ def plan(scaffold: Scaffold, root: Path = PROJECT_ROOT) -> dict[Path, str]:
         ),
         "examples/alertmanager.yml": add_route(read("examples/alertmanager.yml"), scaffold.alert),
         "tests/integration/test_alert_triggers.py": add_trigger_case(
-            read("tests/integration/test_alert_triggers.py"), scaffold.render("trigger_case.py.tmpl")
+            read("tests/integration/test_alert_triggers.py"),
+            scaffold.render("trigger_case.py.tmpl"),
         ),
     }
     readme = add_table_row(
@@ -330,4 +335,3 @@ def main(args: argparse.Namespace, root: Path = PROJECT_ROOT) -> int:
         )
     )
     return 0
-

@@ -75,9 +75,7 @@ _CANCEL = sql.SQL(
 
 
 @task(**pg_retries)
-def list_long_queries(
-    db: PostgresDatabase, database: str, running_for_s: float
-) -> list[LongQuery]:
+def list_long_queries(db: PostgresDatabase, database: str, running_for_s: float) -> list[LongQuery]:
     """Client statements on ``database`` running longer than ``running_for_s``, oldest first;
     never the runbook's own."""
     with db.connect(autocommit=True) as conn:
@@ -103,9 +101,7 @@ class CancelResult(ChangeSet):
 
 
 @task(**pg_retries)
-def cancel_queries(
-    db: PostgresDatabase, queries: list[LongQuery], dry_run: bool
-) -> CancelResult:
+def cancel_queries(db: PostgresDatabase, queries: list[LongQuery], dry_run: bool) -> CancelResult:
     """Cancel the statements listed, each only while it is still the one listed. Idempotent: a
     statement already finished or cancelled is reported as gone, never signalled twice."""
     planned = [
