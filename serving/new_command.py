@@ -116,7 +116,7 @@ def validate(
     if system not in SYSTEMS:
         raise ScaffoldError(f"system {system!r}: supported are {', '.join(sorted(SYSTEMS))}")
     module = name.replace("-", "_")
-    if keyword.iskeyword(module) or keyword.issoftkeyword(module):
+    if keyword.iskeyword(module):
         raise ScaffoldError(f"name {name!r}: {module!r} is a Python keyword, not a module name")
     alert = default_alert(name) if alert is None else alert
     if not ALERT.fullmatch(alert) or len(alert) > MAX_ALERT:
@@ -268,18 +268,20 @@ def plan(scaffold: Scaffold, root: Path = PROJECT_ROOT) -> dict[Path, str]:
 
 
 def write(files: dict[Path, str], code: list[Path], root: Path = PROJECT_ROOT) -> None:
-    """Write every file, then lay out the new ``code`` with the project's formatter (a long name
-    makes long lines; the code itself is the template's)."""
+    """Write every file, then sort the new ``code``'s imports and lay it out with the project's
+    linter and formatter (a name decides where its imports sort and how long lines get; the
+    code itself is the template's)."""
     for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    subprocess.run(
-        [sys.executable, "-m", "ruff", "format", "--quiet", *map(str, code)],
-        cwd=root,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    for tool in (["check", "--fix", "--select", "I"], ["format"]):
+        subprocess.run(
+            [sys.executable, "-m", "ruff", *tool, "--quiet", *map(str, code)],
+            cwd=root,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
 
 
 NEXT_STEPS = """
