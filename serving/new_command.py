@@ -263,6 +263,12 @@ def plan(scaffold: Scaffold, root: Path = PROJECT_ROOT) -> dict[Path, str]:
         scaffold.render("readme_safety_row.md.tmpl"),
         "README.md",
     )
+    shared["examples/README.md"] = add_table_row(
+        read("examples/README.md"),
+        "| Alerts | Runbook | Labels (block type) |",
+        scaffold.render("examples_readme_row.md.tmpl"),
+        "examples/README.md",
+    )
     files.update({root / path: text for path, text in shared.items()})
     return files
 

@@ -105,8 +105,8 @@ def test_scaffolded_runbook_passes_every_test_unchanged(checkout: Path) -> None:
     passed = [line.split(" ")[0] for line in tests.stdout.splitlines() if " PASSED" in line]
     assert not [line for line in tests.stdout.splitlines() if " SKIPPED" in line]
     # every case of the generated tests ran, the integration ones against the real server
-    assert len([t for t in passed if t.startswith(GENERATED[2])]) == 7
-    assert len([t for t in passed if t.startswith(GENERATED[3])]) == 4
+    assert len([t for t in passed if t.startswith(GENERATED[2])]) == 12
+    assert len([t for t in passed if t.startswith(GENERATED[3])]) == 6
     assert CONSISTENCY_TESTS[-1] in passed
     assert any(
         t.startswith("tests/unit/test_example_rules.py::") and "ProbeThing" in t for t in passed

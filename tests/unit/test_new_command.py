@@ -24,6 +24,7 @@ from serving.new_command import (
 SHARED = [
     "prefect.yaml",
     "README.md",
+    "examples/README.md",
     "examples/alertmanager.yml",
     "examples/prometheus/alerts.yml",
     "examples/prometheus/alerts_test.yml",
