@@ -140,7 +140,10 @@ def validate(
         for trigger in spec.triggers:
             names = trigger["match"].get("alertname", [])
             if alert in ([names] if isinstance(names, str) else names):
-                raise ScaffoldError(f"alert {alert!r}: already starts {spec.name} (prefect.yaml)")
+                raise ScaffoldError(
+                    f"alert {alert!r}: already starts {spec.name} (prefect.yaml); name another "
+                    "with --alert"
+                )
     rules = (root / "examples" / "prometheus" / "alerts.yml").read_text()
     if re.search(rf"^\s*- alert: {alert}\s*$", rules, re.M):
         raise ScaffoldError(f"alert {alert!r}: examples/prometheus/alerts.yml already has it")
