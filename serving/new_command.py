@@ -2,6 +2,7 @@
 
     runbooks new long-statements --system postgres
     runbooks new orders-queries-stuck --system postgres --alert OrdersQueriesStuck --family orders
+    runbooks new sessions-cache-idle --system redis
 
 writes the flow (flows/<family>/<name>.py: parameters, a check, a decision, one change through
 the guard with plan/dry-run/verify, the report), its decision module and their tests (a data
@@ -37,14 +38,27 @@ MAX_ALERT = 80
 
 @dataclass(frozen=True)
 class System:
-    """What a scaffold for one kind of system needs: its templates and the first tags."""
+    """What a scaffold for one kind of system needs: its templates (serving/templates/<dir>),
+    the deployment's first tags, the report's severity, the real server its integration test
+    runs against and the labels of an alert for `runbooks simulate`."""
 
     templates: str
     tags: tuple[str, ...]
     severity: str
+    server: str
+    labels: str
 
 
-SYSTEMS = {"postgres": System("postgres", ("postgresql", "sev-p3"), "P3")}
+SYSTEMS = {
+    "postgres": System(
+        "postgres",
+        ("postgresql", "sev-p3"),
+        "P3",
+        "PostgreSQL",
+        "database=orders-db datname=orders",
+    ),
+    "redis": System("redis", ("redis", "sev-p3"), "P3", "Redis", "redis=sessions-cache"),
+}
 
 
 class ScaffoldError(ValueError):
@@ -295,12 +309,12 @@ def write(files: dict[Path, str], code: list[Path], root: Path = PROJECT_ROOT) -
 
 NEXT_STEPS = """
 Next:
-  1. Run its tests (the integration test starts a real PostgreSQL and a Prefect test server):
+  1. Run its tests (the integration test starts a real {server} and a Prefect test server):
        .venv/bin/python -m pytest -q {unit} {integration}
   2. Make it yours: the decision in {decisions} (and its data table in {unit}),
      the check and the change in {flow}; keep the tests passing.
   3. Before it fires for real:
-       .venv/bin/runbooks simulate --labels alertname={alert} database=orders-db datname=orders
+       .venv/bin/runbooks simulate --labels alertname={alert} {labels}
 """
 
 
@@ -343,6 +357,8 @@ def main(args: argparse.Namespace, root: Path = PROJECT_ROOT) -> int:
             decisions=paths["decisions.py.tmpl"],
             flow=paths["flow.py.tmpl"],
             alert=scaffold.alert,
+            server=SYSTEMS[scaffold.system].server,
+            labels=SYSTEMS[scaffold.system].labels,
         )
     )
     return 0

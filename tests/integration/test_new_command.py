@@ -1,8 +1,9 @@
-"""`runbooks new` end to end: in a copy of this checkout, scaffold a PostgreSQL runbook, then run
-exactly what CI would run on it, unchanged: the consistency tests that tie prefect.yaml, the
-examples, the run form and the layout together, the generated decision test, the generated
-integration test against a real PostgreSQL, its alert trigger against a real Prefect server,
-promtool and amtool on the examples, and ruff on the generated code."""
+"""`runbooks new` end to end: in a copy of this checkout, scaffold a PostgreSQL and a Redis
+runbook, then run exactly what CI would run on them, unchanged: the consistency tests that tie
+prefect.yaml, the examples, the run form and the layout together, the generated decision tests,
+the generated integration tests against a real PostgreSQL and a real Redis, their alert triggers
+against a real Prefect server, promtool and amtool on the examples, and ruff on the generated
+code."""
 
 from __future__ import annotations
 
@@ -18,21 +19,31 @@ from deployments.catalog import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 
-NAME = "probe-thing"
-GENERATED = [
-    "flows/postgres/probe_thing.py",
-    "tasks/probe_thing_decisions.py",
-    "tests/unit/test_probe_thing_decisions.py",
-    "tests/integration/test_probe_thing.py",
-]
+# name, system -> generated files, and how many cases each generated test has
+SCAFFOLDS = {
+    ("probe-thing", "postgres"): {
+        "flows/postgres/probe_thing.py": 0,
+        "tasks/probe_thing_decisions.py": 0,
+        "tests/unit/test_probe_thing_decisions.py": 12,
+        "tests/integration/test_probe_thing.py": 6,
+    },
+    ("probe-cache", "redis"): {
+        "flows/redis/probe_cache.py": 0,
+        "tasks/probe_cache_decisions.py": 0,
+        "tests/unit/test_probe_cache_decisions.py": 11,
+        "tests/integration/test_probe_cache.py": 6,
+    },
+}
+GENERATED = {path: cases for files in SCAFFOLDS.values() for path, cases in files.items()}
+TRIGGERS = "tests/integration/test_alert_triggers.py"
 CONSISTENCY_TESTS = [
     "tests/unit/test_catalog.py",
     "tests/unit/test_example_rules.py",
     "tests/unit/test_layout.py",
     "tests/unit/test_run_form.py",
-    "tests/integration/test_alert_triggers.py::test_every_deployment_has_a_case",
-    "tests/integration/test_alert_triggers.py::test_every_trigger_has_a_case",
-    f"tests/integration/test_alert_triggers.py::test_alert_starts_its_runbook_with_labels[{NAME}]",
+    f"{TRIGGERS}::test_every_deployment_has_a_case",
+    f"{TRIGGERS}::test_every_trigger_has_a_case",
+    *(f"{TRIGGERS}::test_alert_starts_its_runbook_with_labels[{name}]" for name, _ in SCAFFOLDS),
 ]
 
 
@@ -64,16 +75,18 @@ def run(copy: Path, *argv: str, timeout: float = 300) -> subprocess.CompletedPro
     )
 
 
-def test_scaffolded_runbook_passes_every_test_unchanged(checkout: Path) -> None:
+def test_scaffolded_runbooks_pass_every_test_unchanged(checkout: Path) -> None:
     python = sys.executable
-    new = run(checkout, python, "-m", "serving.cli", "new", NAME, "--system", "postgres")
-    assert new.returncode == 0, new.stdout + new.stderr
+    for name, system in SCAFFOLDS:
+        new = run(checkout, python, "-m", "serving.cli", "new", name, "--system", system)
+        assert new.returncode == 0, new.stdout + new.stderr
+        for path in SCAFFOLDS[name, system]:
+            assert (checkout / path).is_file(), path
+            assert f"created {path}" in new.stdout
+        assert "added to prefect.yaml" in new.stdout
+        assert "Next:" in new.stdout
     for path in GENERATED:
-        assert (checkout / path).is_file(), path
-        assert f"created {path}" in new.stdout
-    assert "added to prefect.yaml" in new.stdout
-    assert "Next:" in new.stdout
-    assert "from __future__" not in (checkout / GENERATED[0]).read_text()
+        assert "from __future__" not in (checkout / path).read_text(), path
 
     for check in (["check"], ["format", "--check"]):
         ruff = run(checkout, python, "-m", "ruff", *check, *GENERATED)
@@ -89,6 +102,7 @@ def test_scaffolded_runbook_passes_every_test_unchanged(checkout: Path) -> None:
         result = run(checkout, binary, *tool[1:], timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
 
+    tested = [path for path, cases in GENERATED.items() if cases]
     tests = run(
         checkout,
         python,
@@ -98,20 +112,20 @@ def test_scaffolded_runbook_passes_every_test_unchanged(checkout: Path) -> None:
         "-p",
         "no:cacheprovider",
         *CONSISTENCY_TESTS,
-        *GENERATED[2:],
+        *tested,
         timeout=600,
     )
     assert tests.returncode == 0, tests.stdout[-6000:] + tests.stderr[-2000:]
     passed = [line.split(" ")[0] for line in tests.stdout.splitlines() if " PASSED" in line]
     assert not [line for line in tests.stdout.splitlines() if " SKIPPED" in line]
-    # every case of the generated tests ran, the integration ones against the real server
-    assert len([t for t in passed if t.startswith(GENERATED[2])]) == 12
-    assert len([t for t in passed if t.startswith(GENERATED[3])]) == 6
-    assert CONSISTENCY_TESTS[-1] in passed
-    assert any(
-        t.startswith("tests/unit/test_example_rules.py::") and "ProbeThing" in t for t in passed
-    )
+    # every case of the generated tests ran, the integration ones against the real servers
+    for path in tested:
+        assert len([t for t in passed if t.startswith(f"{path}::")]) == GENERATED[path], path
+    assert set(CONSISTENCY_TESTS[4:]) <= set(passed)
+    for alert in ("ProbeThing", "ProbeCache"):
+        assert f"tests/unit/test_example_rules.py::test_rule_is_complete[{alert}]" in passed
 
-    again = run(checkout, python, "-m", "serving.cli", "new", NAME, "--system", "postgres")
-    assert again.returncode == 2
-    assert "already has a deployment" in again.stderr
+    for name, system in SCAFFOLDS:
+        again = run(checkout, python, "-m", "serving.cli", "new", name, "--system", system)
+        assert again.returncode == 2
+        assert "already has a deployment" in again.stderr
