@@ -344,6 +344,13 @@ def main(args: argparse.Namespace, root: Path = PROJECT_ROOT) -> int:
     except ScaffoldError as exc:
         print(f"runbooks new: {exc}; nothing was written", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(
+            f"runbooks new: cannot read {exc.filename}: {exc.strerror} (run it in a checkout "
+            "of the project); nothing was written",
+            file=sys.stderr,
+        )
+        return 2
     created = [path for path in files if not path.exists()]
     write(files, [path for path in created if path.suffix == ".py"], root)
     print(f"scaffolded runbook {scaffold.name} (alert {scaffold.alert}, system {scaffold.system}):")

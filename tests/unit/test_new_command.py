@@ -177,3 +177,14 @@ def test_table_row_goes_after_the_tables_last_row() -> None:
     assert add_table_row(text, "| A | B |", "| 5 | 6 |\n", "t") == (
         "intro\n| A | B |\n|---|---|\n| 1 | 2 |\n| 5 | 6 |\n\n| A | C |\n| 3 | 4 |\n"
     )
+
+
+def test_a_checkout_without_a_shared_file_is_refused(tmp_path: Path, capsys) -> None:
+    root = _project_copy(tmp_path)
+    (root / "tests" / "integration" / "test_alert_triggers.py").unlink()
+    before = _snapshot(root)
+
+    assert new_command.main(_args("probe-thing"), root) == 2
+
+    assert _snapshot(root) == before
+    assert "cannot read" in capsys.readouterr().err
