@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from blocks.postgres import PostgresDatabase
 from runbooks.results import Change, ChangeSet
-from tasks.postgres import _SIGNALABLE, pg_retries
+from tasks.postgres import _SIGNALABLE, pg_retries  # terminate's rule of who may signal whom
 
 
 class LongQuery(BaseModel):
