@@ -274,6 +274,12 @@ def start_team_topology() -> TeamTopology:
                 f"runbooks deploy failed: {deployed.stdout[-2000:]}{deployed.stderr[-4000:]}"
             )
         (home / "deploy.log").write_text(deployed.stdout + deployed.stderr)
+        # a queue of each worker's own (a worker polling a queue that does not exist gets no
+        # runs at all, from any of its queues)
+        for queue in ("w1", "w2"):
+            httpx.post(
+                f"{topology.api_a}/work_pools/runbooks/queues", json={"name": queue}, timeout=10
+            ).raise_for_status()
         topology.start_worker("worker-1", topology.api_a, "w1")
         topology.start_worker("worker-2", topology.api_b, "w2")
         topology.wait_worker_online("worker-1")
