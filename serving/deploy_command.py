@@ -18,7 +18,9 @@ PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (`runbooks worker` sets it to ``--hear
 the automation marks a run CRASHED once ``3 x`` that passed without one (Prefect's documented
 "detect zombie flows" pattern). Runs that pause, suspend or end close the window.
 
-`worker` is `prefect worker start --pool runbooks --type process` with that heartbeat frequency.
+`worker` is `prefect worker start --pool runbooks --type process` with that heartbeat frequency,
+plus the watcher that resumes suspended approvals past their deadline (so they escalate), as
+`runbooks up` does in its runner.
 """
 
 from __future__ import annotations
@@ -256,7 +258,39 @@ def worker_env(api_url: str, heartbeat_seconds: int) -> dict[str, str]:
 
 
 def worker_main(args: argparse.Namespace) -> int:
+    """The stock process worker as a child, and beside it the approval-timeout watcher: a run
+    suspended for approval has no process to notice its deadline (serving/approval_timeouts.py,
+    which `runbooks up` runs in its runner); with workers, every `runbooks worker` runs it. Two
+    watchers resuming the same run is harmless: the server accepts only the first resume."""
+    import asyncio
+    import signal
+    import subprocess
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from serving.approval_timeouts import watch_approval_timeouts
+    from serving.lifetime import die_with_parent
+
     api_url = _api_url(args)
-    env = worker_env(api_url, args.heartbeat_seconds)
-    os.execve(sys.executable, worker_command(args), env)
-    return 0  # not reached
+    child = subprocess.Popen(
+        worker_command(args),
+        env=worker_env(api_url, args.heartbeat_seconds),
+        preexec_fn=die_with_parent,
+    )
+
+    def forward(signum: int, frame: object) -> None:
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+
+    async def watch_while_the_worker_runs() -> None:
+        watcher = asyncio.create_task(watch_approval_timeouts(), name="approval-timeouts")
+        while child.poll() is None:
+            await asyncio.sleep(0.5)
+        watcher.cancel()
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        asyncio.run(watch_while_the_worker_runs())
+    return child.returncode

@@ -10,6 +10,8 @@ only on A: events and leases cross between them through Redis.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,15 +22,16 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import redis
 from prefect import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.approvals import Approver
 from tests.conftest import read_actions_table, read_incident_report
 from tests.integration.test_alert_triggers import post_alert_event
-from tests.integration.test_db_connection_pool import Crowd, crowd, params  # noqa: F401
+from tests.integration.test_db_connection_pool import IDLE_S, Crowd, crowd, params  # noqa: F401
 from tests.pg_env import Env, env, wait_until  # noqa: F401 - env: a fixture
-from tests.team_topology import PROJECT_ROOT, TeamTopology
+from tests.team_topology import HEARTBEAT_SECONDS, PROJECT_ROOT, TeamTopology
 
 pytestmark = pytest.mark.integration
 
@@ -180,6 +183,9 @@ def test_two_runs_on_two_workers_one_lock(team: TeamTopology, env: Env, crowd: C
     assert "awaits approval" in read_incident_report(other["id"])
     assert applied_targets(other["id"]) == set()
     assert env.live_pids() >= victims
+    # the held lock's lease is in Redis, where both API servers read it (prefect_redis)
+    with redis.Redis(port=team.redis_port, socket_timeout=5) as r:
+        assert r.keys("*concurrency*lease*")
 
     approver = Approver(DEPLOYMENT, APPROVE, wait_s=30)
     approver.run()
@@ -226,3 +232,76 @@ def test_paused_approval_survives_both_workers_killed(
             conn.execute("SELECT 1")
     team.procs["worker-3"].stop()
     team.procs["worker-4"].stop()
+
+
+# The zombie-run automation (runbooks deploy) crashes a run 3 heartbeat intervals after its last
+# heartbeat; the run's first heartbeat is at its start, so this bounds the time from the kill.
+CRASH_BOUND_S = 3 * HEARTBEAT_SECONDS + 30
+# The next run for the target: picked up (worker poll 1 s), started (a cold interpreter), the
+# dead holder's lock released at once (same host: its pid is gone), sessions terminated.
+NEXT_RUN_BOUND_S = 60
+
+
+def test_worker_machine_death_while_holding_the_lock(
+    team: TeamTopology, env: Env, crowd: Crowd
+) -> None:
+    """worker-1 and its run SIGKILLed while the run holds the database's lock (it terminated the
+    idle sessions and is verifying): the next run for the database, on worker-2, takes the lock
+    the dead run left and acts within NEXT_RUN_BOUND_S; the dead run is marked CRASHED by the
+    heartbeat automation within CRASH_BOUND_S of the kill."""
+    # more free slots than terminating can give: the run stays in its verification, lock held
+    p = params(env, env.headroom() + 10, verify_timeout_s=300)
+    dying = start_run(p, "w1")
+    assert wait_until(lambda: not (env.live_pids() & crowd.idle_pids), timeout_s=90), api(
+        f"/flow_runs/{dying}"
+    )["state_name"]
+    run = api(f"/flow_runs/{dying}")
+    assert run["state_type"] == "RUNNING" and worker_of(run) == "worker-1"
+    run_pid = int(run["infrastructure_pid"].rsplit(":", 1)[-1])
+
+    # machine death: the worker, and the run's process (a session of its own)
+    team.procs["worker-1"].kill()
+    os.killpg(os.getpgid(run_pid), signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    fresh = [env.connect(env.app_role, "victim-idle") for _ in range(3)]
+    try:
+        fresh_pids = {c.info.backend_pid for c in fresh}
+        time.sleep(IDLE_S + 0.5)  # the sessions must be idle past the threshold to be victims
+        next_run = start_run(params(env, env.headroom() + 1), "w2")
+        done = wait_state(next_run, FINAL, timeout_s=NEXT_RUN_BOUND_S)
+        assert done["state_type"] == "COMPLETED", done["state"]["message"]
+        assert worker_of(done) == "worker-2"
+        assert not (env.live_pids() & fresh_pids)
+        assert applied_targets(next_run) and applied_targets(next_run).isdisjoint(
+            applied_targets(dying)
+        )
+        report = read_incident_report(next_run)
+        assert "released the lock of" in report and "its process is gone" in report
+
+        remaining = CRASH_BOUND_S - (time.monotonic() - killed_at)
+        crashed = wait_state(dying, FINAL, timeout_s=max(remaining, 1))
+        assert crashed["state_type"] == "CRASHED"
+        assert "No heartbeat" in crashed["state"]["message"]
+    finally:
+        for conn in fresh:
+            conn.close()
+
+
+def test_unanswered_approval_times_out_on_a_worker(
+    team: TeamTopology, env: Env, crowd: Crowd
+) -> None:
+    """Nobody answers: at the deadline `runbooks worker`'s watcher resumes the suspended run, which
+    records the timeout, touches nothing and fails (escalates)."""
+    p = params(env, env.headroom() + 1, include_idle_in_transaction=True)
+    p.safety.approval_timeout_s = 5
+    p.safety.escalation_block = None
+    run_id = start_run(p, "w2")
+    paused = wait_state(run_id, {"PAUSED", *FINAL})
+    assert paused["state_name"] == "Suspended", paused["state"]["message"]
+
+    final = wait_state(run_id, FINAL, timeout_s=60)
+    assert final["state_type"] == "FAILED", final["state"]
+    assert env.live_pids() >= {*crowd.idle_pids, crowd.pid(crowd.idle_in_transaction)}
+    assert "| terminate idle connections | timed out |" in read_incident_report(run_id)
+    assert applied_targets(run_id) == set()
