@@ -224,7 +224,12 @@ def deploy(
 
 def deploy_main(args: argparse.Namespace) -> int:
     api_url = _api_url(args)
-    directory = str(Path(args.directory).resolve())
+    # the path as the workers' machines see it: not resolved here, where it may not exist
+    if not Path(args.directory).is_absolute():
+        raise SystemExit(
+            f"--directory must be an absolute path on the workers, got {args.directory!r}"
+        )
+    directory = args.directory.rstrip("/") or "/"
     ids = deploy(api_url, directory, args.heartbeat_seconds, not args.no_heartbeat_automation)
     print(f"{len(ids)} deployments on {api_url}, work pool {POOL!r}, code in {directory}")
     return 0

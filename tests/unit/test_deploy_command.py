@@ -35,6 +35,7 @@ def test_pull_step_only_changes_into_the_checkout() -> None:
     [
         (["deploy", "--api-url", "http://x/api", "--heartbeat-seconds", "10"], "at least 30"),
         (["worker", "--api-url", "http://x/api", "--heartbeat-seconds", "5"], "at least 30"),
+        (["deploy", "--api-url", "http://x/api", "--directory", "srv/runbooks"], "absolute path"),
     ],
 )
 def test_bad_input_is_refused_before_anything_is_contacted(argv: list[str], message: str) -> None:
