@@ -1,6 +1,6 @@
 """Read the runbook deployments declared in `prefect.yaml`.
 
-`prefect.yaml` stays the single source of truth: a team runs `prefect deploy --all` against a
+`prefect.yaml` stays the single source of truth: a team runs `runbooks deploy` (serving/deploy_command.py) against a
 work pool; `runbooks up` (one laptop) reads the same entries here and serves them in-process.
 """
 

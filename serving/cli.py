@@ -75,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     from serving import new_command
 
     new_command.add_arguments(sub.add_parser("new", help=new_command.HELP))
+    from serving import deploy_command
+
+    deploy_command.add_arguments(
+        sub.add_parser("deploy", help=deploy_command.HELP),
+        sub.add_parser("worker", help=deploy_command.WORKER_HELP),
+    )
     # `block` parses its own arguments: its parser imports every block module, built only for it
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["block"]:
@@ -104,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         return simulate_command.fire_main(args)
     if args.command == "new":
         return new_command.main(args)
+    if args.command == "deploy":
+        return deploy_command.deploy_main(args)
+    if args.command == "worker":
+        return deploy_command.worker_main(args)
     if args.command == "register-blocks":
         names = register_block_types()
         print("registered block types:", ", ".join(names))

@@ -388,3 +388,14 @@ def spark_cluster() -> Iterator[Any]:
     cluster = start_spark()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def team_topology() -> Iterator[Any]:
+    """A team's Prefect topology (tests/team_topology.py): PostgreSQL, Redis, two API servers
+    (one with services, one without), `runbooks deploy` applied, two stock process workers."""
+    from tests.team_topology import start_team_topology
+
+    topology = start_team_topology()
+    yield topology
+    topology.stop()
