@@ -211,21 +211,7 @@ def archive_old_events(params: ArchiveParams) -> ArchiveSummary:
             after = survey_archivable(store, spec, check_locks=not result.out_of_time)
             report.evidence("old events after", after)
             _verify_counts(report, before, result, after)
-            if result.out_of_time:
-                raise Escalation(
-                    f"time budget of {spec.time_budget_s:g}s ended: moved {result.moved:,} "
-                    f"event(s) ({_rate(result)}); {after.total:,} left; the next run continues"
-                )
-            left = after.total if after.lockable is None else after.lockable
-            if left:
-                raise VerificationFailed(
-                    f"{left:,} old terminal event(s) are still in {after.table} after the run"
-                )
-            if after.total:
-                report.follow_ups.append(
-                    f"{after.total:,} old event(s) were locked by live transactions and skipped; "
-                    "the next run archives them."
-                )
+            _account_for_the_rest(report, spec, result, after, "")
             report.finish(
                 Outcome.RESOLVED,
                 f"Moved {result.moved:,} event(s) "
@@ -300,21 +286,7 @@ def _archive_to_s3(
         after.total == 0 or result.out_of_time,
         after.describe(),
     )
-    if result.out_of_time:
-        raise Escalation(
-            f"time budget of {spec.time_budget_s:g}s ended: moved {result.moved:,} "
-            f"event(s) to {where} ({_rate(result)}); {after.total:,} left; the next run continues"
-        )
-    left = after.total if after.lockable is None else after.lockable
-    if left:
-        raise VerificationFailed(
-            f"{left:,} old terminal event(s) are still in {after.table} after the run"
-        )
-    if after.total:
-        report.follow_ups.append(
-            f"{after.total:,} old event(s) were locked by live transactions and skipped; "
-            "the next run archives them."
-        )
+    _account_for_the_rest(report, spec, result, after, f" to {where}")
     resumed = [o for o in result.objects if o.resumed]
     report.finish(
         Outcome.RESOLVED,
@@ -331,6 +303,32 @@ def _archive_to_s3(
         f"{result.manifest_key}.",
     )
     return _summary(report, before, result, after)
+
+
+def _account_for_the_rest(
+    report: IncidentReport,
+    spec: ArchiveSpec,
+    result: ArchiveResult,
+    after: ArchiveSurvey,
+    to_where: str,
+) -> None:
+    """Old events still there after the batches: out of time (escalate, the next run goes on),
+    left though lockable (verification failed), or held by live transactions (a follow-up)."""
+    if result.out_of_time:
+        raise Escalation(
+            f"time budget of {spec.time_budget_s:g}s ended: moved {result.moved:,} "
+            f"event(s){to_where} ({_rate(result)}); {after.total:,} left; the next run continues"
+        )
+    left = after.total if after.lockable is None else after.lockable
+    if left:
+        raise VerificationFailed(
+            f"{left:,} old terminal event(s) are still in {after.table} after the run"
+        )
+    if after.total:
+        report.follow_ups.append(
+            f"{after.total:,} old event(s) were locked by live transactions and skipped; "
+            "the next run archives them."
+        )
 
 
 def _rate(result: ArchiveResult) -> str:
