@@ -101,7 +101,9 @@ def main(argv: list[str]) -> int:
     load_before = os.getloadavg()
     try:
         with child(up, env, home / "runbooks-up.log"):
-            dep_id = wait_for(lambda: _deployment_id(api), 180, "deployment served", interval_s=0.5)
+            dep_id = wait_for(
+                lambda: find_deployment_id(api), 180, "deployment served", interval_s=0.5
+            )
             # prefect is already imported (its settings read): point it at this server explicitly
             from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -117,10 +119,10 @@ def main(argv: list[str]) -> int:
                 ).save("bench-db", overwrite=True)
             time.sleep(3)  # automations load shortly after creation
             # the first sample warms caches and is dropped
-            samples = [_one_alert(api, gateway, dep_id) for _ in range(args.alerts + 1)][1:]
+            samples = [one_alert(api, gateway, dep_id) for _ in range(args.alerts + 1)][1:]
             time.sleep(6)  # Prefect's event persister writes events in batches, every 5 s
-            _add_event_stages(api, samples)
-            starts = _run_starts(api, [s["flow_run_id"] for s in samples])
+            add_event_stages(api, samples)
+            starts = run_starts(api, [s["flow_run_id"] for s in samples])
     finally:
         pg.stop()
     load_after = os.getloadavg()
@@ -131,6 +133,16 @@ def main(argv: list[str]) -> int:
         f"\ntrigger latency, {len(samples)} alerts (`runbooks up` {' '.join(up[8:]) or 'defaults'}; "
         f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after)"
     )
+    print_stages(samples)
+    print(
+        f"mean first task: {statistics.mean(s['first_task'] for s in samples):.2f}s; "
+        f"runs started more than once: {len(twice)}; per-sample stages in {home / 'samples.json'}"
+    )
+    return 1 if twice else 0
+
+
+def print_stages(samples: list[dict]) -> None:
+    """The stage table: p50/p95/p99/max of each stage, timed from the webhook POST."""
     print(f"{'webhook POST to the gateway ->':34} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7}")
     for name, key in STAGES:
         values = [s[key] for s in samples if s.get(key) is not None]
@@ -145,14 +157,9 @@ def main(argv: list[str]) -> int:
             + " ".join(f"{percentile(values, q):6.2f}s" for q in (50, 95, 99))
             + f" {max(values):6.2f}s{missing}"
         )
-    print(
-        f"mean first task: {statistics.mean(s['first_task'] for s in samples):.2f}s; "
-        f"runs started more than once: {len(twice)}; per-sample stages in {home / 'samples.json'}"
-    )
-    return 1 if twice else 0
 
 
-def _deployment_id(api: str) -> str | None:
+def find_deployment_id(api: str) -> str | None:
     found = httpx.post(
         f"{api}/deployments/filter",
         timeout=5,
@@ -161,7 +168,7 @@ def _deployment_id(api: str) -> str | None:
     return found[0]["id"] if found else None
 
 
-def _one_alert(api: str, gateway: str, deployment_id: str) -> dict:
+def one_alert(api: str, gateway: str, deployment_id: str) -> dict:
     fingerprint = uuid.uuid4().hex[:16]
     labels = {
         "alertname": "PostgresTooManyConnections",
@@ -174,27 +181,7 @@ def _one_alert(api: str, gateway: str, deployment_id: str) -> dict:
         gateway,
         timeout=10,
         headers={"Authorization": f"Bearer {TOKEN}"},
-        json={
-            "version": "4",
-            "groupKey": f"{{}}:{{fp={fingerprint}}}",
-            "status": "firing",
-            "receiver": "runbooks",
-            "groupLabels": {},
-            "commonLabels": labels,
-            "commonAnnotations": {},
-            "externalURL": "http://alertmanager:9093",
-            "alerts": [
-                {
-                    "status": "firing",
-                    "labels": labels,
-                    "annotations": {},
-                    "startsAt": datetime.now(UTC).isoformat(),
-                    "endsAt": "0001-01-01T00:00:00Z",
-                    "generatorURL": "",
-                    "fingerprint": fingerprint,
-                }
-            ],
-        },
+        json=alertmanager_body(fingerprint, labels),
     ).raise_for_status()
     accepted = time.time() - t0
 
@@ -268,11 +255,36 @@ def _one_alert(api: str, gateway: str, deployment_id: str) -> dict:
     }
 
 
+def alertmanager_body(fingerprint: str, labels: dict[str, str]) -> dict:
+    """An Alertmanager v4 webhook with one firing alert, as Alertmanager sends it."""
+    return {
+        "version": "4",
+        "groupKey": f"{{}}:{{fp={fingerprint}}}",
+        "status": "firing",
+        "receiver": "runbooks",
+        "groupLabels": {},
+        "commonLabels": labels,
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093",
+        "alerts": [
+            {
+                "status": "firing",
+                "labels": labels,
+                "annotations": {},
+                "startsAt": datetime.now(UTC).isoformat(),
+                "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "",
+                "fingerprint": fingerprint,
+            }
+        ],
+    }
+
+
 def _seen_since(run: dict, since: datetime) -> bool:
     return datetime.fromisoformat(run["created"]) >= since
 
 
-def _add_event_stages(api: str, samples: list[dict]) -> None:
+def add_event_stages(api: str, samples: list[dict]) -> None:
     """Add when Prefect received each alert event and when its automation fired."""
     since = datetime.fromtimestamp(samples[0]["t0"] - 5, UTC)
     alerts = {
@@ -313,7 +325,7 @@ def _events(api: str, names: list[str], since: datetime) -> list[dict]:
     return events
 
 
-def _run_starts(api: str, run_ids: list[str]) -> dict[str, int]:
+def run_starts(api: str, run_ids: list[str]) -> dict[str, int]:
     """How many times each run was set RUNNING (a run started twice would show 2)."""
     starts = {}
     for run_id in run_ids:
