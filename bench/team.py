@@ -20,6 +20,7 @@ anything.
 
     python -m bench team [--latency-alerts 20] [--default-poll-alerts 10] [--alerts 100]
                          [--workers 1,2,4] [--short-poll 1] [--skip-latency] [--skip-throughput]
+    python -m bench team --sqlite [--alerts 100]    the same throughput on `runbooks up` (SQLite)
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ from bench.trigger_latency import (
     one_alert,
     print_stages,
     run_starts,
+    runbooks_up,
+    save_db_blocks,
 )
-from tests.servers import free_port
+from tests.servers import PostgresServer, free_port
 from tests.team_topology import TeamTopology, start_team_topology
 
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -69,11 +72,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--phase-timeout", type=float, default=400)
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument(
+        "--sqlite", action="store_true", help="throughput on `runbooks up` (SQLite) instead"
+    )
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.workers.split(",")]
     if any(n < 1 or n > len(WORKERS) for n in counts) or counts != sorted(counts):
         parser.error(f"--workers: increasing counts between 1 and {len(WORKERS)}")
 
+    if args.sqlite:
+        return _sqlite_throughput(args)
     t_start = time.monotonic()
     topology = start_team_topology()
     print(f"topology up in {time.monotonic() - t_start:.0f} s; logs in {topology.home}", flush=True)
@@ -102,7 +110,7 @@ def main(argv: list[str]) -> int:
                 "gateway up",
             )
             webhook = f"{gateway}/alerts/alertmanager"
-            _save_blocks(topology, ["bench-db"])
+            save_db_blocks(topology.api_a, topology.postgres, ["bench-db"])
             time.sleep(3)  # automations load shortly after creation
             topology.procs["worker-2"].stop()  # one worker, as `runbooks up` has one runner
             if not args.skip_latency:
@@ -115,15 +123,22 @@ def main(argv: list[str]) -> int:
             if not args.skip_throughput:
                 _restart_worker(topology, "worker-1", 1.0)
                 blocks = [f"bench-db-{i}" for i in range(max(args.alerts, 1))]
-                _save_blocks(topology, blocks)
-                groups = {"gateway": gateway_proc.pid}
+                save_db_blocks(topology.api_a, topology.postgres, blocks)
+                named = {gateway_proc.pid: "gateway"}
                 results = []
                 for n in counts:
                     for name in list(WORKERS)[:n]:
                         if not topology.procs.get(name) or not topology.procs[name].alive:
                             _restart_worker(topology, name, 1.0)
+                    named.update({p.proc.pid: k for k, p in topology.procs.items() if p.proc})
                     result = _throughput(
-                        topology, webhook, dep_id, blocks, n, groups, args.phase_timeout
+                        topology.api_a,
+                        webhook,
+                        dep_id,
+                        blocks,
+                        str(n),
+                        lambda: _cpu_by_group(named, topology.postgres),
+                        args.phase_timeout,
                     )
                     results.append(result)
                     failed |= bool(result["lost"] or result["doubled"] or result["unfinished"])
@@ -133,22 +148,23 @@ def main(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
-def _save_blocks(topology: TeamTopology, names: list[str]) -> None:
-    """PostgreSQL Database blocks, all on the topology's PostgreSQL (a healthy pool)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from blocks.postgres import PostgresDatabase
-
-    pg = topology.postgres
-    with temporary_settings(updates={PREFECT_API_URL: topology.api_a}):
-        for name in names:
-            PostgresDatabase(
-                host="127.0.0.1",
-                port=pg.port,
-                dbname="postgres",
-                user=pg.user,
-                password=pg.password,
-            ).save(name, overwrite=True)
+def _sqlite_throughput(args: argparse.Namespace) -> int:
+    """The same throughput measure on `runbooks up` (its SQLite server, one runner)."""
+    with runbooks_up([], None, []) as stack:
+        blocks = [f"bench-db-{i}" for i in range(max(args.alerts, 1))]
+        save_db_blocks(stack.api, stack.postgres, blocks)
+        named = {stack.proc.pid: "runbooks up (server, gateway, runner, runs)"}
+        result = _throughput(
+            stack.api,
+            stack.webhook,
+            stack.deployment_id,
+            blocks,
+            "`runbooks up`",
+            lambda: _cpu_by_group(named, stack.postgres),
+            args.phase_timeout,
+        )
+    _print_throughput([result], "`runbooks up` on SQLite, its default poll")
+    return 1 if result["lost"] or result["doubled"] or result["unfinished"] else 0
 
 
 def _restart_worker(topology: TeamTopology, name: str, poll_s: float | None) -> None:
@@ -212,11 +228,11 @@ def _fingerprint(run: dict) -> str | None:
     return ((run["parameters"].get("params") or {}).get("alert") or {}).get("fingerprint")
 
 
-def _throughput(topology, webhook, dep_id, blocks, workers, groups, timeout_s) -> dict:
+def _throughput(api, webhook, dep_id, blocks, workers, cpu_by_group, timeout_s) -> dict:
     tag = uuid.uuid4().hex[:6]
     fingerprints = {f"{tag}{i:06d}": block for i, block in enumerate(blocks)}
     since = datetime.now(UTC) - timedelta(seconds=1)
-    cpu_before = _cpu_by_group(topology, groups)
+    cpu_before = cpu_by_group()
     t0 = time.time()
     with httpx.Client(timeout=10, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
         for fp, block in fingerprints.items():
@@ -230,16 +246,14 @@ def _throughput(topology, webhook, dep_id, blocks, workers, groups, timeout_s) -
     timeline: list[tuple[float, dict[str, int]]] = []
     deadline = time.monotonic() + timeout_s
     while True:
-        runs = [
-            r for r in _flow_runs(topology.api_a, dep_id, since) if _fingerprint(r) in fingerprints
-        ]
+        runs = [r for r in _flow_runs(api, dep_id, since) if _fingerprint(r) in fingerprints]
         states = collections.Counter(r["state"]["name"] for r in runs)
         timeline.append((time.time() - t0, dict(states)))
         done = [r for r in runs if r["state"]["type"] in TERMINAL]
         if len(done) >= len(fingerprints) or time.monotonic() > deadline:
             break
         time.sleep(1)
-    cpu_after = _cpu_by_group(topology, groups)
+    cpu_after = cpu_by_group()
     wall_s = time.time() - t0
     per_alert = collections.Counter(_fingerprint(r) for r in runs)
     ends = [datetime.fromisoformat(r["end_time"]).timestamp() for r in done if r.get("end_time")]
@@ -248,9 +262,7 @@ def _throughput(topology, webhook, dep_id, blocks, workers, groups, timeout_s) -
     ]
     created = [datetime.fromisoformat(r["created"]).timestamp() for r in runs]
     last_s = (max(ends) - t0) if ends else None
-    started_twice = [
-        r for r, k in run_starts(topology.api_a, [r["id"] for r in runs]).items() if k > 1
-    ]
+    started_twice = [r for r, k in run_starts(api, [r["id"] for r in runs]).items() if k > 1]
     return {
         "workers": workers,
         "alerts": len(fingerprints),
@@ -277,11 +289,10 @@ def _throughput(topology, webhook, dep_id, blocks, workers, groups, timeout_s) -
     }
 
 
-def _print_throughput(results: list[dict]) -> None:
-    print(
-        f"\nteam topology throughput: {results[0]['alerts']} distinct alerts on distinct targets, "
-        "stock process workers polling every 1 s"
-    )
+def _print_throughput(
+    results: list[dict], where: str = "team topology, stock process workers polling every 1 s"
+) -> None:
+    print(f"\nthroughput: {results[0]['alerts']} distinct alerts on distinct targets, {where}")
     rows = [
         ("alerts posted in", lambda r: f"{r['fired_s']:.1f} s"),
         ("last run created after", lambda r: _s(r["last_created_s"])),
@@ -331,15 +342,12 @@ def _s(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} s"
 
 
-def _cpu_by_group(topology: TeamTopology, extra: dict[str, int]) -> dict[str, float]:
+def _cpu_by_group(named: dict[int, str], postgres: PostgresServer) -> dict[str, float]:
     """CPU seconds (user + system, own and reaped children's) of every live process, summed by the
-    nearest ancestor that is a topology process, the gateway, this script or the topology's
-    PostgreSQL; the rest by command name."""
-    names = {p.proc.pid: name for name, p in topology.procs.items() if p.proc is not None}
-    names.update({pid: name for name, pid in extra.items()})
-    names[os.getpid()] = "this bench (alerts, polling)"
+    nearest ancestor named in `named`, this script or `postgres`; the rest by command name."""
+    names = {**named, os.getpid(): "this bench (alerts, polling)"}
     with contextlib.suppress(OSError, ValueError):
-        pidfile = topology.postgres.datadir / "postmaster.pid"
+        pidfile = postgres.datadir / "postmaster.pid"
         names[int(pidfile.read_text().split()[0])] = "postgres (Prefect's database, targets)"
     tick = os.sysconf("SC_CLK_TCK")
     procs: dict[int, tuple[int, str, float]] = {}

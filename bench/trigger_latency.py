@@ -22,20 +22,24 @@ change the figures:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 
 from bench.stack import child, percentile, wait_for
-from tests.servers import free_port, start_postgres
+from tests.servers import PostgresServer, free_port, start_postgres
 
 TOKEN = uuid.uuid4().hex
 DEPLOYMENT = "db-connection-pool-exhausted"
@@ -70,6 +74,46 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
 
+    load_before = os.getloadavg()
+    with runbooks_up(args.up_arg, args.poll_seconds, args.server_env) as stack:
+        api, gateway, dep_id, home = stack.api, stack.webhook, stack.deployment_id, stack.home
+        # the first sample warms caches and is dropped
+        samples = [one_alert(api, gateway, dep_id) for _ in range(args.alerts + 1)][1:]
+        time.sleep(6)  # Prefect's event persister writes events in batches, every 5 s
+        add_event_stages(api, samples)
+        starts = run_starts(api, [s["flow_run_id"] for s in samples])
+    load_after = os.getloadavg()
+    (home / "samples.json").write_text(json.dumps(samples, indent=1))
+
+    twice = {run: n for run, n in starts.items() if n != 1}
+    print(
+        f"\ntrigger latency, {len(samples)} alerts (`runbooks up` {stack.args or 'defaults'}; "
+        f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after)"
+    )
+    print_stages(samples)
+    print(
+        f"mean first task: {statistics.mean(s['first_task'] for s in samples):.2f}s; "
+        f"runs started more than once: {len(twice)}; per-sample stages in {home / 'samples.json'}"
+    )
+    return 1 if twice else 0
+
+
+@dataclass
+class UpStack:
+    api: str
+    webhook: str  # the gateway's Alertmanager endpoint
+    deployment_id: str  # db-connection-pool-exhausted's
+    home: Path
+    postgres: PostgresServer  # the runbook's target, a healthy pool
+    proc: subprocess.Popen
+    args: str  # the `runbooks up` options given
+
+
+@contextlib.contextmanager
+def runbooks_up(
+    up_args: list[str], poll_seconds: float | None, server_env: list[str]
+) -> Iterator[UpStack]:
+    """`runbooks up` as a user starts it, a throwaway PostgreSQL and its block `bench-db`."""
     home = Path(tempfile.mkdtemp(prefix="bench-"))
     print(f"logs in {home}")
     port, gateway_port = free_port(), free_port()
@@ -82,63 +126,41 @@ def main(argv: list[str]) -> int:
         RUNBOOKS_GATEWAY_TOKEN=TOKEN,
         RUNBOOKS_GATEWAY_SPOOL_PATH=str(home / "spool.sqlite3"),
     )
-    env.update(dict(item.split("=", 1) for item in args.server_env))
-    up = [
-        sys.executable,
-        "-m",
-        "serving.cli",
-        "up",
-        "--port",
-        str(port),
-        "--gateway-port",
-        str(gateway_port),
-        *args.up_arg,
-    ]
-    if args.poll_seconds is not None:
-        up += ["--poll-seconds", str(args.poll_seconds)]
+    env.update(dict(item.split("=", 1) for item in server_env))
+    options = ["--port", str(port), "--gateway-port", str(gateway_port), *up_args]
+    if poll_seconds is not None:
+        options += ["--poll-seconds", str(poll_seconds)]
+    up = [sys.executable, "-m", "serving.cli", "up", *options]
 
     pg = start_postgres()
-    load_before = os.getloadavg()
     try:
-        with child(up, env, home / "runbooks-up.log"):
+        with child(up, env, home / "runbooks-up.log") as proc:
             dep_id = wait_for(
                 lambda: find_deployment_id(api), 180, "deployment served", interval_s=0.5
             )
-            # prefect is already imported (its settings read): point it at this server explicitly
-            from prefect.settings import PREFECT_API_URL, temporary_settings
-
-            from blocks.postgres import PostgresDatabase
-
-            with temporary_settings(updates={PREFECT_API_URL: api}):
-                PostgresDatabase(
-                    host="127.0.0.1",
-                    port=pg.port,
-                    dbname="postgres",
-                    user=pg.user,
-                    password=pg.password,
-                ).save("bench-db", overwrite=True)
+            save_db_blocks(api, pg, ["bench-db"])
             time.sleep(3)  # automations load shortly after creation
-            # the first sample warms caches and is dropped
-            samples = [one_alert(api, gateway, dep_id) for _ in range(args.alerts + 1)][1:]
-            time.sleep(6)  # Prefect's event persister writes events in batches, every 5 s
-            add_event_stages(api, samples)
-            starts = run_starts(api, [s["flow_run_id"] for s in samples])
+            yield UpStack(api, gateway, dep_id, home, pg, proc, " ".join(options[4:]))
     finally:
         pg.stop()
-    load_after = os.getloadavg()
-    (home / "samples.json").write_text(json.dumps(samples, indent=1))
 
-    twice = {run: n for run, n in starts.items() if n != 1}
-    print(
-        f"\ntrigger latency, {len(samples)} alerts (`runbooks up` {' '.join(up[8:]) or 'defaults'}; "
-        f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after)"
-    )
-    print_stages(samples)
-    print(
-        f"mean first task: {statistics.mean(s['first_task'] for s in samples):.2f}s; "
-        f"runs started more than once: {len(twice)}; per-sample stages in {home / 'samples.json'}"
-    )
-    return 1 if twice else 0
+
+def save_db_blocks(api: str, pg: PostgresServer, names: list[str]) -> None:
+    """PostgreSQL Database blocks with these names, all on `pg`."""
+    # prefect is already imported (its settings read): point it at this server explicitly
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from blocks.postgres import PostgresDatabase
+
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        for name in names:
+            PostgresDatabase(
+                host="127.0.0.1",
+                port=pg.port,
+                dbname="postgres",
+                user=pg.user,
+                password=pg.password,
+            ).save(name, overwrite=True)
 
 
 def print_stages(samples: list[dict]) -> None:
