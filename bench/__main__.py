@@ -20,6 +20,7 @@ BENCHMARKS = {
     "db-backup": "bench.db_backup",  # [--size-mb 1024] [--repeats 1] [--no-checksums]
     "archive-events": "bench.archive_events",  # [--rows 1000000] [--writers 2]
     "flink-restore": "bench.flink_restore",  # [--failures 10]
+    "team": "bench.team",  # [--latency-alerts 20] [--alerts 100] [--workers 1,2,4]
 }
 
 

@@ -22,20 +22,24 @@ change the figures:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 
 from bench.stack import child, percentile, wait_for
-from tests.servers import free_port, start_postgres
+from tests.servers import PostgresServer, free_port, start_postgres
 
 TOKEN = uuid.uuid4().hex
 DEPLOYMENT = "db-connection-pool-exhausted"
@@ -70,6 +74,46 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
 
+    load_before = os.getloadavg()
+    with runbooks_up(args.up_arg, args.poll_seconds, args.server_env) as stack:
+        api, gateway, dep_id, home = stack.api, stack.webhook, stack.deployment_id, stack.home
+        # the first sample warms caches and is dropped
+        samples = [one_alert(api, gateway, dep_id) for _ in range(args.alerts + 1)][1:]
+        time.sleep(6)  # Prefect's event persister writes events in batches, every 5 s
+        add_event_stages(api, samples)
+        starts = run_starts(api, [s["flow_run_id"] for s in samples])
+    load_after = os.getloadavg()
+    (home / "samples.json").write_text(json.dumps(samples, indent=1))
+
+    twice = {run: n for run, n in starts.items() if n != 1}
+    print(
+        f"\ntrigger latency, {len(samples)} alerts (`runbooks up` {stack.args or 'defaults'}; "
+        f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after)"
+    )
+    print_stages(samples)
+    print(
+        f"mean first task: {statistics.mean(s['first_task'] for s in samples):.2f}s; "
+        f"runs started more than once: {len(twice)}; per-sample stages in {home / 'samples.json'}"
+    )
+    return 1 if twice else 0
+
+
+@dataclass
+class UpStack:
+    api: str
+    webhook: str  # the gateway's Alertmanager endpoint
+    deployment_id: str  # db-connection-pool-exhausted's
+    home: Path
+    postgres: PostgresServer  # the runbook's target, a healthy pool
+    proc: subprocess.Popen
+    args: str  # the `runbooks up` options given
+
+
+@contextlib.contextmanager
+def runbooks_up(
+    up_args: list[str], poll_seconds: float | None, server_env: list[str]
+) -> Iterator[UpStack]:
+    """`runbooks up` as a user starts it, a throwaway PostgreSQL and its block `bench-db`."""
     home = Path(tempfile.mkdtemp(prefix="bench-"))
     print(f"logs in {home}")
     port, gateway_port = free_port(), free_port()
@@ -82,55 +126,45 @@ def main(argv: list[str]) -> int:
         RUNBOOKS_GATEWAY_TOKEN=TOKEN,
         RUNBOOKS_GATEWAY_SPOOL_PATH=str(home / "spool.sqlite3"),
     )
-    env.update(dict(item.split("=", 1) for item in args.server_env))
-    up = [
-        sys.executable,
-        "-m",
-        "serving.cli",
-        "up",
-        "--port",
-        str(port),
-        "--gateway-port",
-        str(gateway_port),
-        *args.up_arg,
-    ]
-    if args.poll_seconds is not None:
-        up += ["--poll-seconds", str(args.poll_seconds)]
+    env.update(dict(item.split("=", 1) for item in server_env))
+    options = ["--port", str(port), "--gateway-port", str(gateway_port), *up_args]
+    if poll_seconds is not None:
+        options += ["--poll-seconds", str(poll_seconds)]
+    up = [sys.executable, "-m", "serving.cli", "up", *options]
 
     pg = start_postgres()
-    load_before = os.getloadavg()
     try:
-        with child(up, env, home / "runbooks-up.log"):
-            dep_id = wait_for(lambda: _deployment_id(api), 180, "deployment served", interval_s=0.5)
-            # prefect is already imported (its settings read): point it at this server explicitly
-            from prefect.settings import PREFECT_API_URL, temporary_settings
-
-            from blocks.postgres import PostgresDatabase
-
-            with temporary_settings(updates={PREFECT_API_URL: api}):
-                PostgresDatabase(
-                    host="127.0.0.1",
-                    port=pg.port,
-                    dbname="postgres",
-                    user=pg.user,
-                    password=pg.password,
-                ).save("bench-db", overwrite=True)
+        with child(up, env, home / "runbooks-up.log") as proc:
+            dep_id = wait_for(
+                lambda: find_deployment_id(api), 180, "deployment served", interval_s=0.5
+            )
+            save_db_blocks(api, pg, ["bench-db"])
             time.sleep(3)  # automations load shortly after creation
-            # the first sample warms caches and is dropped
-            samples = [_one_alert(api, gateway, dep_id) for _ in range(args.alerts + 1)][1:]
-            time.sleep(6)  # Prefect's event persister writes events in batches, every 5 s
-            _add_event_stages(api, samples)
-            starts = _run_starts(api, [s["flow_run_id"] for s in samples])
+            yield UpStack(api, gateway, dep_id, home, pg, proc, " ".join(options[4:]))
     finally:
         pg.stop()
-    load_after = os.getloadavg()
-    (home / "samples.json").write_text(json.dumps(samples, indent=1))
 
-    twice = {run: n for run, n in starts.items() if n != 1}
-    print(
-        f"\ntrigger latency, {len(samples)} alerts (`runbooks up` {' '.join(up[8:]) or 'defaults'}; "
-        f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after)"
-    )
+
+def save_db_blocks(api: str, pg: PostgresServer, names: list[str]) -> None:
+    """PostgreSQL Database blocks with these names, all on `pg`."""
+    # prefect is already imported (its settings read): point it at this server explicitly
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from blocks.postgres import PostgresDatabase
+
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        for name in names:
+            PostgresDatabase(
+                host="127.0.0.1",
+                port=pg.port,
+                dbname="postgres",
+                user=pg.user,
+                password=pg.password,
+            ).save(name, overwrite=True)
+
+
+def print_stages(samples: list[dict]) -> None:
+    """The stage table: p50/p95/p99/max of each stage, timed from the webhook POST."""
     print(f"{'webhook POST to the gateway ->':34} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7}")
     for name, key in STAGES:
         values = [s[key] for s in samples if s.get(key) is not None]
@@ -145,14 +179,9 @@ def main(argv: list[str]) -> int:
             + " ".join(f"{percentile(values, q):6.2f}s" for q in (50, 95, 99))
             + f" {max(values):6.2f}s{missing}"
         )
-    print(
-        f"mean first task: {statistics.mean(s['first_task'] for s in samples):.2f}s; "
-        f"runs started more than once: {len(twice)}; per-sample stages in {home / 'samples.json'}"
-    )
-    return 1 if twice else 0
 
 
-def _deployment_id(api: str) -> str | None:
+def find_deployment_id(api: str) -> str | None:
     found = httpx.post(
         f"{api}/deployments/filter",
         timeout=5,
@@ -161,7 +190,7 @@ def _deployment_id(api: str) -> str | None:
     return found[0]["id"] if found else None
 
 
-def _one_alert(api: str, gateway: str, deployment_id: str) -> dict:
+def one_alert(api: str, gateway: str, deployment_id: str) -> dict:
     fingerprint = uuid.uuid4().hex[:16]
     labels = {
         "alertname": "PostgresTooManyConnections",
@@ -174,27 +203,7 @@ def _one_alert(api: str, gateway: str, deployment_id: str) -> dict:
         gateway,
         timeout=10,
         headers={"Authorization": f"Bearer {TOKEN}"},
-        json={
-            "version": "4",
-            "groupKey": f"{{}}:{{fp={fingerprint}}}",
-            "status": "firing",
-            "receiver": "runbooks",
-            "groupLabels": {},
-            "commonLabels": labels,
-            "commonAnnotations": {},
-            "externalURL": "http://alertmanager:9093",
-            "alerts": [
-                {
-                    "status": "firing",
-                    "labels": labels,
-                    "annotations": {},
-                    "startsAt": datetime.now(UTC).isoformat(),
-                    "endsAt": "0001-01-01T00:00:00Z",
-                    "generatorURL": "",
-                    "fingerprint": fingerprint,
-                }
-            ],
-        },
+        json=alertmanager_body(fingerprint, labels),
     ).raise_for_status()
     accepted = time.time() - t0
 
@@ -268,11 +277,36 @@ def _one_alert(api: str, gateway: str, deployment_id: str) -> dict:
     }
 
 
+def alertmanager_body(fingerprint: str, labels: dict[str, str]) -> dict:
+    """An Alertmanager v4 webhook with one firing alert, as Alertmanager sends it."""
+    return {
+        "version": "4",
+        "groupKey": f"{{}}:{{fp={fingerprint}}}",
+        "status": "firing",
+        "receiver": "runbooks",
+        "groupLabels": {},
+        "commonLabels": labels,
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093",
+        "alerts": [
+            {
+                "status": "firing",
+                "labels": labels,
+                "annotations": {},
+                "startsAt": datetime.now(UTC).isoformat(),
+                "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "",
+                "fingerprint": fingerprint,
+            }
+        ],
+    }
+
+
 def _seen_since(run: dict, since: datetime) -> bool:
     return datetime.fromisoformat(run["created"]) >= since
 
 
-def _add_event_stages(api: str, samples: list[dict]) -> None:
+def add_event_stages(api: str, samples: list[dict]) -> None:
     """Add when Prefect received each alert event and when its automation fired."""
     since = datetime.fromtimestamp(samples[0]["t0"] - 5, UTC)
     alerts = {
@@ -313,7 +347,7 @@ def _events(api: str, names: list[str], since: datetime) -> list[dict]:
     return events
 
 
-def _run_starts(api: str, run_ids: list[str]) -> dict[str, int]:
+def run_starts(api: str, run_ids: list[str]) -> dict[str, int]:
     """How many times each run was set RUNNING (a run started twice would show 2)."""
     starts = {}
     for run_id in run_ids:
