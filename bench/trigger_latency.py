@@ -39,7 +39,7 @@ from pathlib import Path
 import httpx
 
 from bench.stack import child, percentile, wait_for
-from tests.servers import PostgresServer, free_port, start_postgres
+from tests.servers import PostgresServer, free_port, start_postgres, wait_for_port
 
 TOKEN = uuid.uuid4().hex
 DEPLOYMENT = "db-connection-pool-exhausted"
@@ -139,6 +139,8 @@ def runbooks_up(
                 lambda: find_deployment_id(api), 180, "deployment served", interval_s=0.5
             )
             save_db_blocks(api, pg, ["bench-db"])
+            # `runbooks up` starts its gateway only once every deployment is applied
+            wait_for_port(gateway_port, timeout_s=120)
             time.sleep(3)  # automations load shortly after creation
             yield UpStack(api, gateway, dep_id, home, pg, proc, " ".join(options[4:]))
     finally:
