@@ -250,12 +250,21 @@ class ArchiveResult(ChangeSet):
         return self.moved / self.elapsed_s if self.elapsed_s > 0 else None
 
 
-def _status_change(store: EventStore, spec: ArchiveSpec, status: str, rows: int) -> Change:
+def _status_change(
+    store: EventStore,
+    spec: ArchiveSpec,
+    status: str,
+    rows: int,
+    *,
+    action: str = "archive_events",
+    destination: str | None = None,
+) -> Change:
+    """One planned or applied move of a status's old events (to the archive table by default)."""
     return Change(
-        action="archive_events",
+        action=action,
         # no count in the target: the plan approved and the plan re-made on resume must match
-        target=f"{store.schema_name}.{store.table} -> {spec.archive_table}: {status} older than "
-        f"{spec.older_than_days:g} days",
+        target=f"{store.schema_name}.{store.table} -> {destination or spec.archive_table}: "
+        f"{status} older than {spec.older_than_days:g} days",
         detail={"status": status, "rows": rows, "cutoff": spec.cutoff.isoformat()},
     )
 

@@ -46,6 +46,7 @@ from tasks.event_archive import (
     _params,
     _sql,
 )
+from tasks.event_archive import _status_change as _table_status_change
 from tasks.event_store import batch_bounds, next_batch_size
 from tasks.postgres import is_transient
 from tasks.s3_objects import list_objects, put_json
@@ -208,12 +209,13 @@ _ID_TYPE = (
 def _status_change(
     store: EventStore, spec: ArchiveSpec, root: str, bucket: str, status: str, rows: int
 ) -> Change:
-    return Change(
+    return _table_status_change(
+        store,
+        spec,
+        status,
+        rows,
         action="archive_events_to_s3",
-        # no count in the target: the plan approved and the plan re-made on resume must match
-        target=f"{store.schema_name}.{store.table} -> s3://{bucket}/{root}: {status} older than "
-        f"{spec.older_than_days:g} days",
-        detail={"status": status, "rows": rows, "cutoff": spec.cutoff.isoformat()},
+        destination=f"s3://{bucket}/{root}",
     )
 
 
