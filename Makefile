@@ -25,8 +25,12 @@ system-deps:
 up: venv
 	$(BIN)/runbooks up
 
+# two pytest processes: most integration tests wait on servers, so two halve the wall time on
+# two cores; `--dist loadgroup` keeps each group of tests (tests/conftest.py) on one process
+TEST_WORKERS ?= 2
+
 test: venv system-deps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 lint: venv
 	$(BIN)/ruff check runbooks serving flows tasks blocks deployments alert_gateway tests bench

@@ -1,4 +1,5 @@
-"""Speed of the runbooks on the PostgreSQL team topology (issue #16), with stock process workers.
+"""Speed of the runbooks on the PostgreSQL team topology (issue #16), with our worker type
+(`runbooks worker`: serving/fast_worker.py) and with stock process workers (`runbooks worker --stock`).
 
 tests/team_topology.py starts the topology as processes on free ports: PostgreSQL for Prefect's
 database, Redis, API server A (with services) and B (`--no-services`), `runbooks deploy`, and
@@ -9,16 +10,19 @@ blocks: a healthy pool, so each run checks, finds nothing to do and finishes wit
 anything.
 
 1. Latency (bench/trigger_latency.py's `one_alert`, same stages, same table): one Alertmanager
-   webhook at a time to the gateway, followed to the run's first task, with one worker polling
-   every `--short-poll` seconds and then with Prefect's default poll (PREFECT_WORKER_QUERY_SECONDS
-   unset: 10 s).
+   webhook at a time to the gateway, followed to the run's first task, with one worker: ours
+   (runs start on their Scheduled event; its poll, the fallback, at Prefect's default 10 s), then
+   a stock one polling every `--short-poll` seconds and with Prefect's default poll
+   (PREFECT_WORKER_QUERY_SECONDS unset: 10 s); then all of them side by side in one table.
 2. Throughput: `--alerts` webhooks, each for a database block of its own (distinct targets, so no
    run waits for another's target lock), posted back to back; the time until every run has
-   finished, runs/minute, runs per alert (none lost, none doubled), with 1, 2 and 4 workers (each
-   worker polls every second, half of them talk to A and half to B), the runs' states every second,
+   finished, runs/minute, runs per alert (none lost, none doubled), with 1, 2 and 4 workers (ours
+   unless `--throughput-worker stock`; each polls every second, half of them talk to A and half to
+   B), the runs' states every second,
    and the CPU each process group used meanwhile (from /proc).
 
     python -m bench team [--latency-alerts 20] [--default-poll-alerts 10] [--alerts 100]
+                         [--skip-ours] [--skip-stock] [--throughput-worker ours|stock]
                          [--workers 1,2,4] [--short-poll 1] [--skip-latency] [--skip-throughput]
     python -m bench team --sqlite [--alerts 100]    the same throughput on `runbooks up` (SQLite)
 """
@@ -39,6 +43,7 @@ import httpx
 
 from bench.stack import child, percentile, wait_for
 from bench.trigger_latency import (
+    STAGES,
     TOKEN,
     add_event_stages,
     alertmanager_body,
@@ -71,7 +76,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workers", default="1,2,4", help="throughput: worker counts, in order")
     parser.add_argument("--phase-timeout", type=float, default=400)
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--skip-ours", action="store_true", help="latency: no run with ours")
+    parser.add_argument("--skip-stock", action="store_true", help="latency: no stock worker")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument(
+        "--throughput-worker",
+        choices=("ours", "stock"),
+        default="ours",
+        help="throughput: `runbooks worker` (ours, the default) or `runbooks worker --stock`",
+    )
     parser.add_argument(
         "--sqlite", action="store_true", help="throughput on `runbooks up` (SQLite) instead"
     )
@@ -114,14 +127,24 @@ def main(argv: list[str]) -> int:
             time.sleep(3)  # automations load shortly after creation
             topology.procs["worker-2"].stop()  # one worker, as `runbooks up` has one runner
             if not args.skip_latency:
-                for poll, n in (
-                    (args.short_poll, args.latency_alerts),
-                    (None, args.default_poll_alerts),
-                ):
+                phases = [] if args.skip_ours else [(False, None, args.latency_alerts)]
+                if not args.skip_stock:
+                    phases += [
+                        (True, args.short_poll, args.latency_alerts),
+                        (True, None, args.default_poll_alerts),
+                    ]
+                columns = []
+                for stock, poll, n in phases:
                     if n:
-                        failed |= _latency(topology, webhook, dep_id, poll, n)
+                        label, samples, twice = _latency(
+                            topology, webhook, dep_id, poll, n, stock=stock
+                        )
+                        columns.append((label, samples))
+                        failed |= twice
+                _print_side_by_side(columns)
             if not args.skip_throughput:
-                _restart_worker(topology, "worker-1", 1.0)
+                stock = args.throughput_worker == "stock"
+                _restart_worker(topology, "worker-1", 1.0, stock=stock)
                 blocks = [f"bench-db-{i}" for i in range(max(args.alerts, 1))]
                 save_db_blocks(topology.api_a, topology.postgres, blocks)
                 named = {gateway_proc.pid: "gateway"}
@@ -129,7 +152,7 @@ def main(argv: list[str]) -> int:
                 for n in counts:
                     for name in list(WORKERS)[:n]:
                         if not topology.procs.get(name) or not topology.procs[name].alive:
-                            _restart_worker(topology, name, 1.0)
+                            _restart_worker(topology, name, 1.0, stock=stock)
                     named.update({p.proc.pid: k for k, p in topology.procs.items() if p.proc})
                     result = _throughput(
                         topology.api_a,
@@ -142,7 +165,13 @@ def main(argv: list[str]) -> int:
                     )
                     results.append(result)
                     failed |= bool(result["lost"] or result["doubled"] or result["unfinished"])
-                    _print_throughput(results)  # so far: a later phase may run out of time
+                    # so far: a later phase may run out of time
+                    _print_throughput(
+                        results,
+                        "team topology, "
+                        + ("stock process workers" if stock else "our workers (event + warm)")
+                        + " polling every 1 s",
+                    )
     finally:
         topology.stop()
     return 1 if failed else 0
@@ -167,8 +196,11 @@ def _sqlite_throughput(args: argparse.Namespace) -> int:
     return 1 if result["lost"] or result["doubled"] or result["unfinished"] else 0
 
 
-def _restart_worker(topology: TeamTopology, name: str, poll_s: float | None) -> None:
-    """(Re)start a worker polling every poll_s seconds (None: Prefect's default, 10 s)."""
+def _restart_worker(
+    topology: TeamTopology, name: str, poll_s: float | None, stock: bool = True
+) -> None:
+    """(Re)start a worker polling every poll_s seconds (None: Prefect's default, 10 s): a stock
+    one (`runbooks worker --stock`) or ours (`runbooks worker`)."""
     server, queue = WORKERS[name]
     proc = topology.procs.get(name)
     if proc is None:
@@ -176,6 +208,7 @@ def _restart_worker(topology: TeamTopology, name: str, poll_s: float | None) -> 
             name, topology.api_a if server == "a" else topology.api_b, queue
         )
     proc.stop()
+    proc.command = [c for c in proc.command if c != "--stock"] + (["--stock"] if stock else [])
     if poll_s is None:
         proc.env.pop("PREFECT_WORKER_QUERY_SECONDS", None)
     else:
@@ -184,8 +217,16 @@ def _restart_worker(topology: TeamTopology, name: str, poll_s: float | None) -> 
     topology.wait_worker_online(name)
 
 
-def _latency(topology, webhook: str, dep_id: str, poll_s: float | None, n: int) -> bool:
-    _restart_worker(topology, "worker-1", poll_s)
+def _latency(
+    topology, webhook: str, dep_id: str, poll_s: float | None, n: int, stock: bool = True
+) -> tuple[str, list[dict], bool]:
+    _restart_worker(topology, "worker-1", poll_s, stock=stock)
+    if not stock:  # ours follows the events once it has synced with the pool
+        wait_for(
+            lambda: "following the events" in topology.procs["worker-1"].tail(20000),
+            60,
+            "our worker following the events",
+        )
     load_before = os.getloadavg()
     # the first sample warms caches and is dropped
     samples = [one_alert(topology.api_a, webhook, dep_id) for _ in range(n + 1)][1:]
@@ -193,14 +234,38 @@ def _latency(topology, webhook: str, dep_id: str, poll_s: float | None, n: int) 
     add_event_stages(topology.api_a, samples)
     starts = run_starts(topology.api_a, [s["flow_run_id"] for s in samples])
     twice = [run for run, k in starts.items() if k != 1]
-    poll = f"{poll_s:g} s" if poll_s is not None else "default (10 s)"
+    poll = f"poll {poll_s:g} s" if poll_s is not None else "poll default (10 s)"
+    label = f"stock worker, {poll}" if stock else f"our worker (event + warm), {poll}"
     print(
-        f"\nteam topology trigger latency, {n} alerts, 1 stock process worker, poll {poll} "
+        f"\nteam topology trigger latency, {n} alerts, 1 {label} "
         f"(load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after)"
     )
     print_stages(samples)
     print(f"runs started more than once: {len(twice)}", flush=True)
-    return bool(twice)
+    return label, samples, bool(twice)
+
+
+def _print_side_by_side(columns: list[tuple[str, list[dict]]]) -> None:
+    """Every latency phase in one table: p50 / p95 / p99 of each stage, one column a phase."""
+    if not columns:
+        return
+    print("\nalert -> first task on the team topology, p50 / p95 / p99 (s), side by side")
+    width = max(len(name) for name, _ in STAGES)
+    print(
+        f"| {'webhook POST to the gateway ->'.ljust(width)} | "
+        + " | ".join(c for c, _ in columns)
+        + " |"
+    )
+    print(f"|{'-' * (width + 2)}|" + "|".join("---" for _ in columns) + "|")
+    for name, key in STAGES:
+        cells = []
+        for _, samples in columns:
+            values = [s[key] for s in samples if s.get(key) is not None]
+            cells.append(
+                " / ".join(f"{percentile(values, q):.2f}" for q in (50, 95, 99)) if values else "-"
+            )
+        print(f"| {name.ljust(width)} | " + " | ".join(cells) + " |")
+    sys.stdout.flush()
 
 
 def _flow_runs(api: str, dep_id: str, since: datetime) -> list[dict]:

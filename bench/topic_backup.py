@@ -7,9 +7,10 @@ alternately:
 - backup: the bare loop (assign, consume to the end, frame key/value/headers into a buffer, gzip
   level 1 and put every 16 MB, one thread: what anyone would write) against ``backup_topic``
   (the same plus timestamps and offsets, digests, parallel uploads, plan and manifest);
-- restore: a bare idempotent producer sending the records already in memory (acks=all,
-  linger 5 ms) into a new topic, against ``restore_topic`` (downloads, decompresses and decodes the
-  segments, then the same producer settings) into a new topic.
+- restore: a bare producer sending the records already in memory into a new topic, with the
+  restore's own producer settings (``RESTORE_PRODUCER``: idempotent, gapless, acks=all, linger
+  5 ms, delivery reports for failures only), against ``restore_topic`` (downloads, decompresses
+  and decodes the segments, then the same producer) into a new topic.
 
 Prints MB/s (key + value + header bytes) of each, the median of the repeats, and the ratios.
 """
@@ -29,7 +30,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from blocks.backup_store import BackupStore
 from blocks.kafka import KafkaCluster
 from tasks.kafka_backup import backup_topic
-from tasks.kafka_restore import restore_topic
+from tasks.kafka_restore import RESTORE_PRODUCER, restore_topic
 from tests.conftest import create_topic
 from tests.moto_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, MotoServer
 from tests.servers import start_kafka
@@ -99,11 +100,18 @@ def bare_backup(bootstrap: str, topic: str, s3, bucket: str, run: str) -> int:
     return count
 
 
+def cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far."""
+    total = 0
+    for pid in pids:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def bare_restore(bootstrap: str, topic: str, records: list[tuple]) -> None:
-    producer = Producer(
-        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 5,
-         "batch.size": 1_000_000, "queue.buffering.max.kbytes": 256 * 1024}
-    )
+    # the restore's settings: same durability (acks=all, idempotent) and the same client work
+    producer = Producer({"bootstrap.servers": bootstrap, **RESTORE_PRODUCER})
     for i, (p, key, value, headers, ts) in enumerate(records):
         while True:
             try:
@@ -141,6 +149,10 @@ def main(argv: list[str]) -> int:
         print(f"filled {topic} with {len(records):,} records ({mb:.1f} MB) in {time.monotonic() - started:.1f} s")
 
         rates: dict[str, list[float]] = {k: [] for k in ("bare_b", "task_b", "bare_r", "task_r")}
+        # CPU seconds of this process, the broker and moto: on a shared 2-core machine the
+        # restore is CPU-bound, and this says how much work each side did whatever the load
+        pids = [os.getpid(), broker.proc.pid, moto._proc.pid]
+        cpu: dict[str, list[float]] = {"bare_r": [], "task_r": []}
         for i in range(args.repeats):
             t0 = time.perf_counter()
             n = bare_backup(broker.bootstrap, topic, s3, bucket, f"r{i}")
@@ -154,15 +166,19 @@ def main(argv: list[str]) -> int:
             assert result.manifest is not None and result.manifest.records == len(records)
 
             target = create_topic(broker.bootstrap, f"bench-bare-restore-{i}", partitions=PARTITIONS)
+            c0 = cpu_s(pids)
             t0 = time.perf_counter()
             bare_restore(broker.bootstrap, target, records)
             rates["bare_r"].append(mb / (time.perf_counter() - t0))
+            cpu["bare_r"].append(cpu_s(pids) - c0)
+            c0 = cpu_s(pids)
             t0 = time.perf_counter()
             restored = restore_topic.fn(
                 cluster, store, topic, dry_run=False, backup_id=result.backup_id,
                 target_topic=f"bench-restore-{i}", replication_factor=1,
             )
             rates["task_r"].append(mb / (time.perf_counter() - t0))
+            cpu["task_r"].append(cpu_s(pids) - c0)
             assert sum(restored.sent.values()) == len(records)
         med = {k: statistics.median(v) for k, v in rates.items()}
         print()
@@ -170,10 +186,16 @@ def main(argv: list[str]) -> int:
         print("|---|---|---|")
         print(f"| bare consume + gzip + put loop | {med['bare_b']:.1f} | 1.00x |")
         print(f"| `backup_topic` (plan, segments, digests, manifest) | {med['task_b']:.1f} | **{med['task_b'] / med['bare_b']:.2f}x** |")
-        print(f"| bare idempotent produce loop (records in memory) | {med['bare_r']:.1f} | 1.00x |")
+        print(f"| bare produce loop, records in memory, the restore's producer settings | {med['bare_r']:.1f} | 1.00x |")
         print(f"| `restore_topic` (get, gunzip, decode, produce, progress) | {med['task_r']:.1f} | **{med['task_r'] / med['bare_r']:.2f}x** |")
         print(f"\nbackup: {result.manifest.bytes / 1e6:.1f} MB in {len(result.manifest.segments)} segments")
         print("all runs (MB/s):", {k: [round(x, 1) for x in v] for k, v in rates.items()})
+        print(
+            "restore CPU s (this process + broker + moto), median:",
+            {k: round(statistics.median(v), 2) for k, v in cpu.items()},
+            "all:", {k: [round(x, 2) for x in v] for k, v in cpu.items()},
+        )
+        print("load average:", os.getloadavg())
     finally:
         moto.stop()
         broker.stop()

@@ -49,6 +49,10 @@ STAGES = [
     ("automation fired", "automation_fired"),
     ("flow run created (automation)", "created"),
     ("run picked up (PENDING)", "pending"),
+    # a worker's steps (none on `runbooks up`, whose runner has no job and no pull steps)
+    ("  job resolved (Submitting)", "submitting"),
+    ("  workspace step began (log)", "workspace"),
+    ("  pull steps done (log)", "pulled"),
     ("process started (RUNNING)", "running"),
     ("first task running", "first_task"),
 ]
@@ -237,14 +241,14 @@ def one_alert(api: str, gateway: str, deployment_id: str) -> dict:
     run = wait_for(alert_run, 60, "run started", interval_s=LOOK_S)
 
     def first_task_start():
-        tasks = httpx.post(
-            f"{api}/task_runs/filter",
-            timeout=5,
-            json={
+        tasks = _read(
+            api,
+            "/task_runs/filter",
+            {
                 "task_runs": {"flow_run_id": {"any_": [run["id"]]}},
                 "sort": "EXPECTED_START_TIME_ASC",
             },
-        ).json()
+        )
         starts = [t["start_time"] for t in tasks if t.get("start_time")]
         return min(starts) if starts else None
 
@@ -263,9 +267,26 @@ def one_alert(api: str, gateway: str, deployment_id: str) -> dict:
         f"{api}/flow_run_states/", params={"flow_run_id": run["id"]}, timeout=5
     ).json()
 
-    def first_state(kind: str) -> float | None:
-        times = [_ts(st["timestamp"]) for st in states if st["type"] == kind]
+    def first_state(kind: str, name: str | None = None) -> float | None:
+        times = [
+            _ts(st["timestamp"])
+            for st in states
+            if st["type"] == kind and (name is None or st["name"] == name)
+        ]
         return min(times) - t0 if times else None
+
+    # a worker's steps between PENDING and RUNNING, from what Prefect records of them: the
+    # Submitting state (job resolved), and the workspace step's own log lines in the child
+    logs = _read(
+        api,
+        "/logs/filter",
+        {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "sort": "TIMESTAMP_ASC", "limit": 200},
+    )
+
+    def first_log(test) -> float | None:
+        return next(
+            (_ts(entry["timestamp"]) - t0 for entry in logs if test(entry["message"])), None
+        )
 
     return {
         "fingerprint": fingerprint,
@@ -274,9 +295,17 @@ def one_alert(api: str, gateway: str, deployment_id: str) -> dict:
         "accepted": accepted,
         "created": _ts(run["created"]) - t0,
         "pending": first_state("PENDING"),
+        "submitting": first_state("PENDING", "Submitting"),
+        "workspace": first_log(lambda m: m.startswith("Running ") and "pull step" in m),
+        "pulled": first_log(lambda m: m == "All deployment steps completed successfully"),
         "running": first_state("RUNNING"),
         "first_task": first_task - t0,
     }
+
+
+def _read(api: str, path: str, body: dict) -> list[dict]:
+    """One filter request to Prefect's API (a list of objects)."""
+    return httpx.post(f"{api}{path}", timeout=5, json=body).json()
 
 
 def alertmanager_body(fingerprint: str, labels: dict[str, str]) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any
 
 from botocore.config import Config
@@ -54,7 +55,9 @@ class BackupStore(Block):
     )
     aws_access_key_id: str | None = Field(None, description="Access key id; empty: default chain.")
     aws_secret_access_key: OptionalSecretStr = Field(None, description="Secret access key.")
-    aws_session_token: OptionalSecretStr = Field(None, description="Session token (temporary keys).")
+    aws_session_token: OptionalSecretStr = Field(
+        None, description="Session token (temporary keys)."
+    )
     timeout_s: float = Field(
         30.0, gt=0, le=600, description="Connect and read timeout of every S3 request, in seconds."
     )
@@ -91,22 +94,40 @@ class BackupStore(Block):
 
     def get_s3_client(self) -> Any:
         """A boto3 S3 client with this store's credentials, timeouts and standard-mode retries."""
-        import boto3
-
-        session = boto3.Session(
-            aws_access_key_id=self.aws_access_key_id,
-            aws_secret_access_key=self.aws_secret_access_key.get_secret_value()
-            if self.aws_secret_access_key
-            else None,
-            aws_session_token=self.aws_session_token.get_secret_value()
-            if self.aws_session_token
-            else None,
-            region_name=self.region,
-        )
         config = Config(
             connect_timeout=self.timeout_s,
             read_timeout=self.timeout_s,
             retries={"max_attempts": self.max_attempts, "mode": "standard"},
             max_pool_connections=16,
         )
-        return session.client("s3", endpoint_url=self.endpoint_url, config=config)
+        with _SESSION_LOCK:  # creating clients from one session is not thread-safe
+            return _shared_session().client(
+                "s3",
+                endpoint_url=self.endpoint_url,
+                region_name=self.region,
+                aws_access_key_id=self.aws_access_key_id,
+                aws_secret_access_key=self.aws_secret_access_key.get_secret_value()
+                if self.aws_secret_access_key
+                else None,
+                aws_session_token=self.aws_session_token.get_secret_value()
+                if self.aws_session_token
+                else None,
+                config=config,
+            )
+
+
+_SESSION_LOCK = threading.Lock()
+_SESSION: Any = None
+
+
+def _shared_session() -> Any:
+    """One boto3 session per process: its loader keeps the parsed service models, so a client
+    costs ~0.05 s instead of ~0.3 s (a new session parses S3's JSON model again). Credentials are
+    given per client; without them the session's default chain (resolved once, refreshed by
+    botocore when temporary) applies."""
+    global _SESSION
+    if _SESSION is None:
+        import boto3
+
+        _SESSION = boto3.Session()
+    return _SESSION

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import redis
@@ -17,9 +18,13 @@ def is_transient(exc: BaseException) -> bool:
     """Whether another try may succeed: a refused or dropped connection, a timeout, a loading server.
 
     redis-py makes a refused password (``AuthenticationError``) a ``ConnectionError``: it would
-    only repeat, and each retry is one more failed login in the server's ACL log.
+    only repeat, and each retry is one more failed login in the server's ACL log. So would a
+    server certificate that does not verify (wrong CA, wrong name): redis-py raises it as a
+    ``ConnectionError`` raised while handling the ``ssl.SSLCertVerificationError``.
     """
     if isinstance(exc, redis.AuthenticationError):
+        return False
+    if isinstance(exc.__context__, ssl.SSLCertVerificationError):
         return False
     return isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
 

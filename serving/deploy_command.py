@@ -18,9 +18,11 @@ PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (`runbooks worker` sets it to ``--hear
 the automation marks a run CRASHED once ``3 x`` that passed without one (Prefect's documented
 "detect zombie flows" pattern). Runs that pause, suspend or end close the window.
 
-`worker` is `prefect worker start --pool runbooks --type process` with that heartbeat frequency,
-plus the watcher that resumes suspended approvals past their deadline (so they escalate), as
-`runbooks up` does in its runner.
+`worker` runs our worker type, `runbooks-process` (serving/fast_worker.py: runs start on their
+Scheduled event and fork from a warm interpreter, as under `runbooks up`), with that heartbeat
+frequency and the watcher that resumes suspended approvals past their deadline (so they escalate).
+`worker --stock` runs Prefect's own `prefect worker start --pool runbooks --type process` beside
+that watcher instead: the same runs, only slower to start. Both serve the same `process` pool.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 HELP = "apply every runbook of prefect.yaml to a Prefect server's `runbooks` work pool"
-WORKER_HELP = "start a Prefect process worker for the `runbooks` work pool"
+WORKER_HELP = (
+    "start a worker for the `runbooks` work pool (ours; --stock: Prefect's process worker)"
+)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 POOL = "runbooks"
 HEARTBEAT_SECONDS = 30  # Prefect 3.8.8's minimum (flows.heartbeat_frequency ge=30)
@@ -80,6 +84,12 @@ def add_arguments(deploy: argparse.ArgumentParser, worker: argparse.ArgumentPars
         action="append",
         default=None,
         help="work queue(s) to poll (default: all of the pool's)",
+    )
+    worker.add_argument(
+        "--stock",
+        action="store_true",
+        help="run Prefect's stock process worker (`prefect worker start --type process`) "
+        "instead of ours: runs start at its next poll, each in a fresh interpreter",
     )
 
 
@@ -263,6 +273,37 @@ def worker_env(api_url: str, heartbeat_seconds: int) -> dict[str, str]:
 
 
 def worker_main(args: argparse.Namespace) -> int:
+    if not getattr(args, "stock", False):
+        return fast_worker_main(args)
+    return stock_worker_main(args)
+
+
+def fast_worker_main(args: argparse.Namespace) -> int:
+    """Our worker type in this process (it runs the approval-timeout watcher itself)."""
+    from prefect import get_client
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        temporary_settings,
+    )
+
+    from serving.fast_worker import run_worker
+
+    api_url = _api_url(args)
+    # the runs' environment is this process's (as a stock worker's runs get its environment)
+    os.environ.update(worker_env(api_url, args.heartbeat_seconds))
+    updates = {PREFECT_API_URL: api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: args.heartbeat_seconds}
+    with temporary_settings(updates=updates):
+        # a pool the worker had to create itself would be of its own type: make the `process`
+        # pool `runbooks deploy` makes (stock workers serve it too)
+        with get_client(sync_client=True) as client:
+            if ensure_work_pool(client):
+                print(f"created work pool {POOL!r} (process)")
+        run_worker(POOL, name=args.name, work_queues=args.work_queue)
+    return 0
+
+
+def stock_worker_main(args: argparse.Namespace) -> int:
     """The stock process worker as a child, and beside it the approval-timeout watcher: a run
     suspended for approval has no process to notice its deadline (serving/approval_timeouts.py,
     which `runbooks up` runs in its runner); with workers, every `runbooks worker` runs it. Two

@@ -15,7 +15,8 @@ SCHEDULED state and is started again, as Prefect intends). Between processes, Pr
 refuses a second PENDING transition (its `PreventPendingTransitions` rule).
 
 Runs the scheduler creates ahead of time (tag `auto-scheduled`) are left to the poll, which
-starts them when due. Pinned to prefect 3.8.8's runner internals;
+starts them when due. The same pickup serves our worker type (serving/fast_worker.py): `EventPickup`
+hands runs to a target, `RunnerTarget` for a runner's deployments, the worker's for its work pool. Pinned to prefect 3.8.8's runner internals;
 tests/integration/test_event_pickup.py fails if they change.
 """
 
@@ -27,7 +28,7 @@ import datetime
 import logging
 import random
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 from prefect.runner import Runner
@@ -35,6 +36,7 @@ from prefect.runner import Runner
 from serving.approval_timeouts import watch_approval_timeouts
 
 if TYPE_CHECKING:
+    from prefect.client.orchestration import PrefectClient
     from prefect.client.schemas.objects import FlowRun
     from prefect.events import Event
 
@@ -55,6 +57,26 @@ BACKOFF_MAX_S = 30.0
 REMEMBERED_STATES = 10_000
 
 
+class SubmittedStates:
+    """The SCHEDULED state ids already submitted in this process (the newest REMEMBERED_STATES).
+
+    Used by the runner (`install_submit_once`) and by serving.fast_worker's worker: whichever
+    path finds a run (poll or event), it is acted on at most once per SCHEDULED state.
+    """
+
+    def __init__(self) -> None:
+        self._ids: OrderedDict[UUID, None] = OrderedDict()
+
+    def fresh(self, flow_run: FlowRun) -> bool:
+        return flow_run.state is None or flow_run.state.id not in self._ids
+
+    def remember(self, flow_run: FlowRun) -> None:
+        if flow_run.state is not None:
+            self._ids[flow_run.state.id] = None
+        while len(self._ids) > REMEMBERED_STATES:
+            self._ids.popitem(last=False)
+
+
 def install_submit_once(runner: Runner) -> None:
     """Make the runner act on each SCHEDULED state of a run at most once, whoever finds it.
 
@@ -67,28 +89,44 @@ def install_submit_once(runner: Runner) -> None:
     if getattr(poller, "_runbooks_submit_once", False):
         return
     original = poller._submit_scheduled_flow_runs
-    submitted: OrderedDict[UUID, None] = OrderedDict()
+    submitted = SubmittedStates()
 
     async def submit_once(flow_run_response: list[FlowRun], task_group: Any) -> None:
-        fresh = [r for r in flow_run_response if r.state is None or r.state.id not in submitted]
+        fresh = [r for r in flow_run_response if submitted.fresh(r)]
         await original(flow_run_response=fresh, task_group=task_group)
         # no await since the filter: nothing else ran in between on this event loop
         for flow_run in fresh:
-            if flow_run.state is not None and flow_run.id in poller._submitting_flow_run_ids:
-                submitted[flow_run.state.id] = None
-        while len(submitted) > REMEMBERED_STATES:
-            submitted.popitem(last=False)
+            if flow_run.id in poller._submitting_flow_run_ids:
+                submitted.remember(flow_run)
 
     poller._submit_scheduled_flow_runs = submit_once
     poller._runbooks_submit_once = True
 
 
-class EventPickup:
-    """Submits the runner's runs on their `prefect.flow-run.Scheduled` event."""
+class PickupTarget(Protocol):
+    """What `EventPickup` hands runs to: a runner (`RunnerTarget`) or a worker
+    (serving.fast_worker)."""
 
-    def __init__(self, runner: Runner, api_url: str | None = None, reconnection_attempts: int = 2):
-        self._runner = runner
-        self._api_url = api_url  # default: the API the runner uses
+    def related_ids(self) -> list[str]:
+        """Prefect resource ids (deployment, work pool ...) whose runs' events to follow."""
+
+    def client(self) -> PrefectClient: ...
+
+    def taken(self, flow_run_id: UUID) -> bool:
+        """Already being submitted here (no need to read it)."""
+
+    async def submit(self, flow_run: FlowRun) -> bool:
+        """Start this SCHEDULED run if it is due, ours and not taken; True if submitted."""
+
+
+class EventPickup:
+    """Submits a runner's or a worker's runs on their `prefect.flow-run.Scheduled` event."""
+
+    def __init__(
+        self, target: PickupTarget, api_url: str | None = None, reconnection_attempts: int = 2
+    ):
+        self._target = target
+        self._api_url = api_url  # default: the API the target uses
         self._reconnection_attempts = reconnection_attempts
         self.connected = asyncio.Event()
         self.submitted = 0  # runs this pickup handed to the runner (for tests and logs)
@@ -134,10 +172,9 @@ class EventPickup:
         from prefect.events.clients import PrefectEventSubscriber, get_events_subscriber
         from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 
-        deployments = sorted(str(d) for d in self._runner._deployment_registry.get_deployment_ids())
         event_filter = EventFilter(
             event=EventNameFilter(name=list(PICKUP_EVENTS)),
-            related=EventRelatedFilter(id=[f"prefect.deployment.{d}" for d in deployments]),
+            related=EventRelatedFilter(id=self._target.related_ids()),
         )
         if self._api_url:
             return PrefectEventSubscriber(
@@ -171,21 +208,14 @@ class EventPickup:
         except Exception as exc:  # the poll takes it from here
             logger.warning("event pickup could not read flow run %s: %r", flow_run_id, exc)
             return
-        runner = self._runner
-        poller = runner._scheduled_run_poller
-        if (
-            flow_run is None
-            or not _due(flow_run, runner._prefetch_seconds)
-            or flow_run.deployment_id not in runner._deployment_registry.get_deployment_ids()
-            or not getattr(runner, "started", False)
-            or poller.stopping
-            or flow_run_id in poller._submitting_flow_run_ids
-        ):
-            return  # changed meanwhile, not due yet, not ours, or already taken
-        await poller._submit_scheduled_flow_runs(
-            flow_run_response=[flow_run], task_group=runner._runs_task_group
-        )
-        if flow_run_id in poller._submitting_flow_run_ids:
+        if flow_run is None:
+            return
+        try:
+            submitted = await self._target.submit(flow_run)
+        except Exception as exc:  # e.g. the API is unreachable: the poll takes it from here
+            logger.warning("event pickup could not submit flow run %s: %r", flow_run_id, exc)
+            return
+        if submitted:
             self.submitted += 1
             logger.debug("flow run %s submitted on its Scheduled event", flow_run_id)
 
@@ -194,10 +224,10 @@ class EventPickup:
         from prefect.exceptions import ObjectNotFound
 
         for attempt in range(READ_ATTEMPTS):
-            if flow_run_id in self._runner._scheduled_run_poller._submitting_flow_run_ids:
+            if self._target.taken(flow_run_id):
                 return None
             with contextlib.suppress(ObjectNotFound):
-                flow_run = await self._runner._client.read_flow_run(flow_run_id)
+                flow_run = await self._target.client().read_flow_run(flow_run_id)
                 if flow_run.state is not None and flow_run.state.id == state_id:
                     return flow_run
             # not committed yet (or still the previous state): look again shortly
@@ -205,8 +235,41 @@ class EventPickup:
         return None
 
 
-def _due(flow_run: FlowRun, prefetch_s: float) -> bool:
-    """Scheduled, and due within the runner's prefetch window (as its poll would take it)."""
+class RunnerTarget:
+    """A `Runner`'s deployments, submitted through its poller's own path."""
+
+    def __init__(self, runner: Runner):
+        self._runner = runner
+
+    def related_ids(self) -> list[str]:
+        deployments = sorted(str(d) for d in self._runner._deployment_registry.get_deployment_ids())
+        return [f"prefect.deployment.{d}" for d in deployments]
+
+    def client(self) -> PrefectClient:
+        return self._runner._client
+
+    def taken(self, flow_run_id: UUID) -> bool:
+        return flow_run_id in self._runner._scheduled_run_poller._submitting_flow_run_ids
+
+    async def submit(self, flow_run: FlowRun) -> bool:
+        runner = self._runner
+        poller = runner._scheduled_run_poller
+        if (
+            not due(flow_run, runner._prefetch_seconds)
+            or flow_run.deployment_id not in runner._deployment_registry.get_deployment_ids()
+            or not getattr(runner, "started", False)
+            or poller.stopping
+            or self.taken(flow_run.id)
+        ):
+            return False  # changed meanwhile, not due yet, not ours, or already taken
+        await poller._submit_scheduled_flow_runs(
+            flow_run_response=[flow_run], task_group=runner._runs_task_group
+        )
+        return self.taken(flow_run.id)
+
+
+def due(flow_run: FlowRun, prefetch_s: float) -> bool:
+    """Scheduled, and due within the prefetch window (as a runner's or worker's poll takes it)."""
     from prefect.types._datetime import now
 
     state = flow_run.state
@@ -242,7 +305,7 @@ class EventDrivenRunner(Runner):
         await super().__aenter__()
         install_submit_once(self)
         if self._event_pickup:
-            self.pickup = EventPickup(self, api_url=self._events_api_url)
+            self.pickup = EventPickup(RunnerTarget(self), api_url=self._events_api_url)
             self._pickup_task = asyncio.create_task(self.pickup.run(), name="event-pickup")
         # suspended approval steps have no process to notice their deadline: the server does
         self._timeouts_task = asyncio.create_task(

@@ -226,6 +226,15 @@ def install() -> None:
     AioSqliteConfiguration.begin_sqlite_stmt = begin_sqlite_stmt  # type: ignore[method-assign]
 
 
+def create_app() -> Any:
+    """Prefect's server app with this module's patch, for ``uvicorn --factory`` (the tests'
+    session server runs it so; tests/conftest.py)."""
+    install()
+    from prefect.server.api.server import create_app as prefect_create_app
+
+    return prefect_create_app()
+
+
 def main(argv: list[str]) -> None:
     from serving.lifetime import stacks_on_sigusr1
 

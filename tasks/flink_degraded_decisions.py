@@ -175,14 +175,15 @@ class CheckpointHealth(BaseModel):
         return self.slow or self.failing or self.duration_growing or self.size_growing
 
 
-def growing(values: Sequence[float], factor: float) -> bool:
-    """The newer half's mean is over ``factor`` times the older half's (at least 4 values)."""
+def growing(values: Sequence[float], factor: float, floor: float = 0) -> bool:
+    """The newer half's mean is over ``factor`` times the older half's (at least 4 values) and
+    at least ``floor``: 30 ms -> 70 ms is a ratio, not a problem."""
     if len(values) < 4:
         return False
     half = len(values) // 2
     older, newer = values[:half], values[len(values) - half :]
     before, after = sum(older) / len(older), sum(newer) / len(newer)
-    return after > factor * max(before, 1)
+    return after > factor * max(before, 1) and after >= floor
 
 
 def assess_checkpoints(
@@ -192,9 +193,12 @@ def assess_checkpoints(
     slow_ms: int = 60_000,
     growth_factor: float = 1.5,
     max_failed: int = 1,
+    growing_floor_ms: int = 1_000,
 ) -> CheckpointHealth:
     """Slow (newest completed duration over ``slow_ms``), growing (duration or state size trend
-    over ``growth_factor``) and failing (``max_failed`` or more failures in the history, or the
+    over ``growth_factor``; durations only once the newer ones average ``growing_floor_ms``: a
+    job just restored or rescaled takes tens of milliseconds more per checkpoint while it warms
+    up, which is no problem of its state) and failing (``max_failed`` or more failures in the history, or the
     newest finished one failed). Savepoints are left out: they are taken on demand, not on the
     job's own schedule."""
     finished = sorted(
@@ -206,7 +210,7 @@ def assess_checkpoints(
     durations = [s.duration_ms for s in completed if s.duration_ms is not None]
     sizes = [s.state_size for s in completed if s.state_size is not None]
     slow = bool(durations) and durations[-1] > slow_ms
-    duration_growing = growing(durations, growth_factor)
+    duration_growing = growing(durations, growth_factor, growing_floor_ms)
     size_growing = growing(sizes, growth_factor)
     newest_failed = bool(finished) and finished[-1].status == "FAILED"
     failing = len(failed) >= max_failed or newest_failed

@@ -33,10 +33,12 @@ from tasks.kafka_backup_format import (
     Resume,
     SegmentInfo,
     SegmentWriter,
+    TopicConfigs,
     backup_root,
     backup_to_resume,
     check_manifest,
     compress,
+    configs_to_keep,
     decompress,
     iter_segment,
     new_backup_id,
@@ -145,7 +147,10 @@ class BackupResult(ChangeSet):
 
 
 def _selection(
-    from_offset: int | None, to_offset: int | None, from_time: datetime | None, to_time: datetime | None
+    from_offset: int | None,
+    to_offset: int | None,
+    from_time: datetime | None,
+    to_time: datetime | None,
 ) -> dict[str, Any]:
     return {
         "from_offset": from_offset,
@@ -176,7 +181,37 @@ def _new_plan(
         segment_bytes=segment_bytes,
         compress_level=compress_level,
         selection=selection,
+        topic_configs=topic_configs(cluster, topic),
     )
+
+
+def describe_topic_configs(
+    cluster: KafkaCluster, topic: str
+) -> list[tuple[str, str | None, int, bool, bool]]:
+    """DescribeConfigs of ``topic``: (name, value, source, read-only, sensitive) per entry."""
+    from confluent_kafka.admin import ConfigResource, ResourceType
+
+    timeout = cluster.request_timeout_s
+    admin = cluster.get_admin_client()
+    [future] = admin.describe_configs(
+        [ConfigResource(ResourceType.TOPIC, topic)], request_timeout=timeout
+    ).values()
+    return [
+        (e.name, e.value, int(e.source), bool(e.is_read_only), bool(e.is_sensitive))
+        for e in future.result(timeout * 2).values()
+    ]
+
+
+def topic_configs(cluster: KafkaCluster, topic: str) -> TopicConfigs | None:
+    """The configs a backup of ``topic`` records (see ``configs_to_keep``); None when the broker
+    refuses to describe them (e.g. no DescribeConfigs permission): the records still matter
+    more, and a restore then says the backup has no configs."""
+    try:
+        return configs_to_keep(describe_topic_configs(cluster, topic))
+    except KafkaException as exc:
+        if is_retriable(exc):
+            raise
+        return None
 
 
 def _resume_points(plan: BackupPlan, objects: dict[str, int]) -> dict[int, Resume]:
@@ -318,7 +353,10 @@ def backup_topic(
     refs = {b.backup_id: b for b in list_backups(store, topic, s3)}
     if backup_id is None:
         backup_id = backup_to_resume(
-            [(b.backup_id, b.complete, b.plan.selection if b.plan else None) for b in refs.values()],
+            [
+                (b.backup_id, b.complete, b.plan.selection if b.plan else None)
+                for b in refs.values()
+            ],
             selection,
         )
     ref = refs.get(backup_id) if backup_id else None
@@ -394,6 +432,7 @@ def backup_topic(
         segments=segments,
         records=sum(s.records for s in segments),
         bytes=sum(s.size for s in segments),
+        topic_configs=plan.topic_configs,
     )
     problems = check_manifest(manifest, {s.key: s.size for s in segments})
     if problems:
@@ -444,7 +483,10 @@ def check_backup(store: BackupStore, topic: str, backup_id: str, deep: bool = Fa
                 digest.update(content)
                 n += 1
             read += 1
-            if hashlib.sha256(body).hexdigest() != seg.sha256 or digest.hexdigest() != seg.records_sha256:
+            if (
+                hashlib.sha256(body).hexdigest() != seg.sha256
+                or digest.hexdigest() != seg.records_sha256
+            ):
                 problems.append(f"segment {seg.key}: content does not match its checksum")
             elif n != seg.records:
                 problems.append(f"segment {seg.key}: {n} records, the manifest says {seg.records}")

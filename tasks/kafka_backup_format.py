@@ -42,6 +42,7 @@ RESTORES = "restores"
 _POS = struct.Struct(">qqb")  # offset, timestamp, timestamp type
 _CONTENT = struct.Struct(">iiH")  # key length, value length, header count
 _HEADER = struct.Struct(">Hi")  # name length, value length
+_RECORD = struct.Struct(">qqbiiH")  # _POS and _CONTENT together: one unpack per record
 _SEGMENT = re.compile(r"p(\d{5})/(\d{8})-(\d{20})-(\d{20})\.seg\.gz")
 _BACKUP_ID = re.compile(r"\d{8}T\d{6}Z(?:-[a-z0-9-]{1,40})?")
 
@@ -168,11 +169,7 @@ def decompress(data: bytes) -> bytes:
 def iter_segment(raw: bytes, contents: bool = True) -> Iterator[tuple[Record, bytes]]:
     """Each record of a decompressed segment, with its content bytes (what the digest covers;
     empty when ``contents`` is off: a restore needs them only for records it skips)."""
-    unpack_pos, unpack_content, unpack_header = (
-        _POS.unpack_from,
-        _CONTENT.unpack_from,
-        _HEADER.unpack_from,
-    )
+    unpack_pos, unpack_content = _POS.unpack_from, _CONTENT.unpack_from
     i, n = 0, len(raw)
     while i < n:
         offset, ts, ts_type = unpack_pos(raw, i)
@@ -190,23 +187,100 @@ def iter_segment(raw: bytes, contents: bool = True) -> Iterator[tuple[Record, by
         else:
             value = raw[i : i + vlen]
             i += vlen
-        headers: list[tuple[str, bytes | None]] = []
-        for _ in range(nh):
-            nlen, hlen = unpack_header(raw, i)
-            i += 6
-            name = raw[i : i + nlen].decode()
-            i += nlen
-            if hlen < 0:
-                headers.append((name, None))
-            else:
-                headers.append((name, raw[i : i + hlen]))
-                i += hlen
+        headers, i = _headers(raw, i, nh)
         if i > n:
             raise ValueError("segment ends inside a record")
         yield Record(offset, ts, ts_type, key, value, headers), raw[start:i] if contents else b""
 
 
+def _headers(raw: bytes, i: int, count: int) -> tuple[list[tuple[str, bytes | None]], int]:
+    """``count`` headers (name, value or None) of a record at ``i``; and the offset after them."""
+    unpack_header = _HEADER.unpack_from
+    headers: list[tuple[str, bytes | None]] = []
+    for _ in range(count):
+        nlen, hlen = unpack_header(raw, i)
+        i += 6
+        name = raw[i : i + nlen].decode()
+        i += nlen
+        if hlen < 0:
+            headers.append((name, None))
+        else:
+            headers.append((name, raw[i : i + hlen]))
+            i += hlen
+    return headers, i
+
+
+def iter_sendable(
+    raw: bytes,
+) -> Iterator[tuple[int, bytes | None, bytes | None, list[tuple[str, bytes | None]] | None]]:
+    """(timestamp, key, value, headers or None) of each record of a decompressed segment: what a
+    restore sends. ``iter_segment`` without what a send does not need (offsets, the content
+    bytes, a Record per record): the restore's hot loop, one unpack per record."""
+    unpack_record = _RECORD.unpack_from
+    i, n = 0, len(raw)
+    while i < n:
+        _, ts, _, klen, vlen, nh = unpack_record(raw, i)
+        i += 27
+        if klen < 0:
+            key = None
+        else:
+            key = raw[i : i + klen]
+            i += klen
+        if vlen < 0:
+            value = None
+        else:
+            value = raw[i : i + vlen]
+            i += vlen
+        headers: list[tuple[str, bytes | None]] | None = None
+        if nh:  # no call for the common record without headers
+            headers, i = _headers(raw, i, nh)
+        if i > n:
+            raise ValueError("segment ends inside a record")
+        yield ts, key, value, headers
+
+
 # --- plan and manifest ------------------------------------------------------------------------
+
+
+class TopicConfigs(BaseModel):
+    """The source topic's configs (retention, cleanup.policy, ...) as the broker described them
+    when the backup started; a restore creates a missing target with them."""
+
+    configs: dict[str, str] = Field(default_factory=dict)
+    which: str = Field(
+        description="'overrides': the entries the broker marks as set on the topic; 'reported': "
+        "every entry it reported, because it marks none as set on the topic (tansu reports its "
+        "topics' overrides as defaults)."
+    )
+
+
+DYNAMIC_TOPIC_CONFIG = 1  # ConfigSource of a value set on the topic (Kafka's DescribeConfigs)
+
+
+def configs_to_keep(entries: Iterable[tuple[str, str | None, int, bool, bool]]) -> TopicConfigs:
+    """From DescribeConfigs entries (name, value, source, read-only, sensitive), what a backup
+    records: the topic's own overrides when the broker marks any entry as one, else every entry
+    it reported (it cannot tell overrides from defaults). Read-only, sensitive and valueless
+    entries are never recorded: a create could not set them."""
+    usable = [
+        (name, value, source)
+        for name, value, source, read_only, sensitive in entries
+        if value is not None and not read_only and not sensitive
+    ]
+    overrides = {n: v for n, v, source in usable if source == DYNAMIC_TOPIC_CONFIG}
+    if overrides:
+        return TopicConfigs(configs=dict(sorted(overrides.items())), which="overrides")
+    return TopicConfigs(configs=dict(sorted((n, v) for n, v, _ in usable)), which="reported")
+
+
+def config_drift(backed_up: dict[str, str], target: dict[str, str]) -> list[str]:
+    """How an existing target's configs differ from the backup's (a restore reports, never sets
+    them: the target's owner chose them)."""
+    return [
+        f"{name}: {target.get(name, 'not set (broker default)')} in the target, {value} in the backup"
+        for name, value in sorted(backed_up.items())
+        if target.get(name) != value
+    ]
 
 
 class BackupPlan(BaseModel):
@@ -223,6 +297,9 @@ class BackupPlan(BaseModel):
     compress_level: int = Field(description="gzip level of the segments.")
     selection: dict[str, Any] = Field(
         default_factory=dict, description="How the ranges were chosen (offsets, times), as asked."
+    )
+    topic_configs: TopicConfigs | None = Field(
+        None, description="The topic's configs when the backup started (None: an older backup)."
     )
 
 
@@ -262,6 +339,9 @@ class Manifest(BaseModel):
     segments: list[SegmentInfo]
     records: int
     bytes: int = Field(description="Bytes of all segments (compressed).")
+    topic_configs: TopicConfigs | None = Field(
+        None, description="The topic's configs when the backup started (None: an older backup)."
+    )
 
 
 def partition_checksum(digests: Iterable[str]) -> str:
@@ -333,7 +413,9 @@ class Resume(NamedTuple):
     stray: list[str]  # segments past a gap (a crash between parallel uploads): rewritten
 
 
-def resume_point(start: int, end: int, found: list[SegmentKey], keys: dict[SegmentKey, str]) -> Resume:
+def resume_point(
+    start: int, end: int, found: list[SegmentKey], keys: dict[SegmentKey, str]
+) -> Resume:
     """From the segments of one partition already in S3, where its backup continues.
 
     Segments are numbered from 0; only the unbroken run from 0 counts (uploads run in parallel,
@@ -379,7 +461,9 @@ def check_manifest(manifest: Manifest, objects: dict[str, int]) -> list[str]:
         if prev >= want.end:
             problems.append(f"partition {p}: records past the planned end {want.end}")
         if got.records != want.records:
-            problems.append(f"partition {p}: {got.records} records, its segments hold {want.records}")
+            problems.append(
+                f"partition {p}: {got.records} records, its segments hold {want.records}"
+            )
         if got.checksum != want.checksum:
             problems.append(f"partition {p}: checksum does not match its segments")
     if set(manifest.partitions) - set(expected):
@@ -400,7 +484,9 @@ def restore_skip(restored: int, backed_up: int) -> int:
     return restored
 
 
-def backup_to_resume(found: list[tuple[str, bool, dict[str, Any] | None]], selection: dict[str, Any]) -> str | None:
+def backup_to_resume(
+    found: list[tuple[str, bool, dict[str, Any] | None]], selection: dict[str, Any]
+) -> str | None:
     """The unfinished backup a run continues: ``found`` is (backup id, complete, selection of its
     plan) per backup of the topic. The newest unfinished one with the same selection, unless a
     newer backup completed since (then the unfinished one is abandoned and a new one starts)."""

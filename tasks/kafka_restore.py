@@ -29,15 +29,17 @@ from blocks.backup_store import BackupStore
 from blocks.kafka import KafkaCluster
 from runbooks.results import Change, ChangeSet
 from runbooks.retry import runbook_task_options
-from tasks.kafka_backup import log_bounds, read_deadline
+from tasks.kafka_backup import describe_topic_configs, log_bounds, read_deadline
 from tasks.kafka_backup_format import (
     RESTORES,
     Manifest,
     Record,
     backup_root,
     check_manifest,
+    config_drift,
     decompress,
     iter_segment,
+    iter_sendable,
     record_content,
     restore_skip,
 )
@@ -90,11 +92,18 @@ class RestoreResult(ChangeSet):
     )
     refused: str | None = Field(None, description="Why nothing was restored (a non-empty target).")
     target_records: int = Field(0, description="Records in the target before the restore.")
+    config_drift: list[str] = Field(
+        default_factory=list,
+        description="How the existing target's configs differ from the backed-up topic's "
+        "(reported, not changed).",
+    )
     elapsed_s: float = 0.0
 
 
 def state_key(store: BackupStore, manifest: Manifest, target: str) -> str:
-    return backup_root(store.prefix, manifest.topic, manifest.backup_id) + f"{RESTORES}/{target}.json"
+    return (
+        backup_root(store.prefix, manifest.topic, manifest.backup_id) + f"{RESTORES}/{target}.json"
+    )
 
 
 def read_target(cluster: KafkaCluster, topic: str) -> TargetState:
@@ -123,32 +132,53 @@ def _digests_from(
     return out
 
 
-def _segments(s3: Any, store: BackupStore, manifest: Manifest) -> Iterator[tuple[int, bytes]]:
-    """(partition, decompressed segment) of every segment, partition by partition in order,
-    the next ones downloading and decompressing (zlib releases the GIL) meanwhile. Decoding is
-    left to the caller's thread: on worker threads it contended with the sends for the GIL."""
-    root = backup_root(store.prefix, manifest.topic, manifest.backup_id)
-    segs = sorted(manifest.segments, key=lambda s: (s.partition, s.seq))
+class SegmentStream:
+    """(partition, decompressed segment) of every segment, partition by partition in order.
 
-    def fetch(key: str) -> bytes:
-        return decompress(s3.get_object(Bucket=store.bucket, Key=root + key)["Body"].read())
+    Downloads start when it is made (a restore makes it before creating the target and writing
+    its progress record, which then cost no time) and run ``ahead`` segments ahead on two
+    threads that also decompress (zlib releases the GIL). Decoding is left to the caller's
+    thread: on worker threads it contended with the sends for the GIL."""
 
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="restore-get") as pool:
-        ahead = deque((s.partition, pool.submit(fetch, s.key)) for s in segs[:3])
-        rest = iter(segs[3:])
-        while ahead:
-            partition, fut = ahead.popleft()
+    def __init__(self, s3: Any, store: BackupStore, manifest: Manifest, ahead: int = 3) -> None:
+        root = backup_root(store.prefix, manifest.topic, manifest.backup_id)
+
+        def fetch(key: str) -> bytes:
+            return decompress(s3.get_object(Bucket=store.bucket, Key=root + key)["Body"].read())
+
+        self._fetch = fetch
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="restore-get")
+        segs = sorted(manifest.segments, key=lambda s: (s.partition, s.seq))
+        self._rest = iter(segs[ahead:])
+        self._ahead = deque((s.partition, self._pool.submit(fetch, s.key)) for s in segs[:ahead])
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        while self._ahead:
+            partition, fut = self._ahead.popleft()
             raw = fut.result()
-            nxt = next(rest, None)
+            nxt = next(self._rest, None)
             if nxt is not None:
-                ahead.append((nxt.partition, pool.submit(fetch, nxt.key)))
+                self._ahead.append((nxt.partition, self._pool.submit(self._fetch, nxt.key)))
             yield partition, raw
 
+    def close(self) -> None:
+        self._ahead.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
-def _create_topic(cluster: KafkaCluster, topic: str, partitions: int, replication: int) -> None:
+    def __enter__(self) -> SegmentStream:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+
+def _create_topic(
+    cluster: KafkaCluster, topic: str, partitions: int, replication: int, configs: dict[str, str]
+) -> None:
     admin = cluster.get_admin_client()
     futures = admin.create_topics(
-        [NewTopic(topic, partitions, replication)], request_timeout=cluster.request_timeout_s
+        [NewTopic(topic, partitions, replication, config=configs)],
+        request_timeout=cluster.request_timeout_s,
     )
     for fut in futures.values():
         fut.result(cluster.request_timeout_s * 2)
@@ -161,56 +191,63 @@ def _create_topic(cluster: KafkaCluster, topic: str, partitions: int, replicatio
     raise TimeoutError(f"topic {topic} created but not in the metadata yet")
 
 
+RESTORE_PRODUCER: dict[str, Any] = {
+    "enable.idempotence": True,  # per partition, the target holds a prefix of what was sent ...
+    "enable.gapless.guarantee": True,  # ... with no gap: a failed record fails all later ones
+    "acks": "all",
+    "linger.ms": 5,
+    "batch.size": 1_000_000,
+    "queue.buffering.max.kbytes": 256 * 1024,
+    # delivery reports for failed records only: a report per delivered record costs the client
+    # about as much as the send (served by poll); failures still reach the callback, and flush
+    # waits for every record
+    "delivery.report.only.error": True,
+}
+"""The restore's producer settings (the benchmark's bare produce loop uses the same)."""
+
+
 def _produce(
-    s3: Any,
     cluster: KafkaCluster,
-    store: BackupStore,
     manifest: Manifest,
     target: str,
     skip: dict[int, int],
     found: dict[int, tuple[int, Any]],
+    segments: SegmentStream,
 ) -> dict[int, int]:
     """Send each partition's records after the first ``skip[p]``; those are checked against what
     ``found`` read in the target. Returns records sent per partition."""
     timeout = cluster.request_timeout_s
-    producer = cluster.get_producer(
-        **{
-            "enable.idempotence": True,
-            "enable.gapless.guarantee": True,
-            "acks": "all",
-            "linger.ms": 5,
-            "batch.size": 1_000_000,
-            "queue.buffering.max.kbytes": 256 * 1024,
-        }
-    )
     failures: list[str] = []
 
-    def delivered(err: Any, _msg: Any) -> None:
+    def failed(err: Any, _msg: Any) -> None:  # called for failed records only
         if err is not None:
             failures.append(str(err))
 
+    producer = cluster.get_producer(**RESTORE_PRODUCER, on_delivery=failed)
     sent: dict[int, int] = {p: 0 for p in manifest.partitions}
     left = {p: skip.get(p, 0) for p in manifest.partitions}
     prefixes = {p: hashlib.sha256() for p in manifest.partitions}
     produce, poll = producer.produce, producer.poll
-    for p, raw in _segments(s3, store, manifest):
-        records = iter_segment(raw, contents=bool(left[p]))
-        if left[p]:
-            records = _skip_restored(records, p, left, prefixes[p], skip[p], found[p][1], target)
-        pending: Record | None = None
+    for p, raw in segments:
+        if left[p]:  # resuming: the records an interrupted run restored are checked, not sent
+            records = _skip_restored(
+                iter_segment(raw), p, left, prefixes[p], skip[p], found[p][1], target
+            )
+            sendable: Iterator[tuple[int, Any, Any, Any]] = (
+                (r.timestamp, r.key, r.value, r.headers or None) for r, _ in records
+            )
+        else:
+            sendable = iter_sendable(raw)
         count = 0
-        for rec, _ in records:
-            if pending is not None:
-                _send(produce, poll, target, p, pending, None)
-            pending = rec
+        # the hot loop of a restore: one produce per record, nothing else
+        for ts, key, value, headers in sendable:
+            try:
+                produce(target, value, key, p, timestamp=ts if ts > 0 else 0, headers=headers)
+            except BufferError:  # the local queue is full: let deliveries drain it, send again
+                _send_when_room(produce, poll, target, p, ts, key, value, headers)
             count += 1
-            if count % 1000 == 0:
+            if not count & 1023:
                 poll(0)
-        if pending is not None:
-            # a report for each segment's last record only: with gapless idempotence a record
-            # that fails fails every later one too (and a report per record costs as much as
-            # the send)
-            _send(produce, poll, target, p, pending, delivered)
         sent[p] += count
         if failures:
             _undelivered(failures)
@@ -242,21 +279,16 @@ def _skip_restored(
             )
 
 
-def _send(produce: Any, poll: Any, target: str, p: int, rec: Record, report: Any) -> None:
+def _send_when_room(
+    produce: Any, poll: Any, target: str, p: int, ts: int, key: Any, value: Any, headers: Any
+) -> None:
     while True:
+        poll(0.05)
         try:
-            produce(
-                target,
-                key=rec.key,
-                value=rec.value,
-                headers=rec.headers or None,
-                partition=p,
-                timestamp=rec.timestamp if rec.timestamp > 0 else 0,
-                on_delivery=report,
-            )
+            produce(target, value, key, p, timestamp=ts if ts > 0 else 0, headers=headers)
             return
-        except BufferError:  # the local queue is full: let deliveries drain it
-            poll(0.05)
+        except BufferError:
+            continue
 
 
 def _undelivered(failures: list[str]) -> None:
@@ -272,15 +304,15 @@ def restore_topic(
     dry_run: bool,
     backup_id: str | None = None,
     target_topic: str | None = None,
-    confirm_non_empty: bool = False,
+    into_non_empty: bool = False,
     replication_factor: int = 3,
 ) -> RestoreResult:
     """Restore backup ``backup_id`` of ``topic`` (default: the newest complete one) into
     ``target_topic`` (default: ``topic``), creating it with the backup's partitions if missing.
 
-    Refuses (``refused``, nothing planned) a target that holds records unless
-    ``confirm_non_empty``; continues an interrupted
-    restore of the same backup into the same target without sending anything twice.
+    Refuses (``refused``, nothing planned) a target that holds records unless ``into_non_empty``
+    (the runbook sets it only once the approver typed the topic's name); continues an
+    interrupted restore of the same backup into the same target without sending anything twice.
     """
     started = time.monotonic()
     s3 = store.get_s3_client()
@@ -306,19 +338,25 @@ def restore_topic(
             f"{target} has {now.partitions} partitions, the backup {needed}: records would change "
             "partition; restore into a new topic instead"
         )
-    if not resuming and now.exists and not now.empty and not confirm_non_empty:
+    if not resuming and now.exists and not now.empty and not into_non_empty:
         # the restored records would follow what is there; consumers would read both
+        done = f" (restored from this backup at {state.completed_at:%Y-%m-%d %H:%M:%S} UTC)"
         return result.model_copy(
             update={
-                "refused": f"{target} already holds {sum(now.records.values())} records: not "
-                "restoring into it unless confirm_non_empty is set",
-                "target_records": sum(now.records.values()),
+                "refused": f"{target} already holds {sum(now.records.values())} records"
+                + (done if state is not None and state.completed_at else "")
+                + ": not restoring into it unless the approver types its name",
             }
         )
-    if state is not None and not resuming and not confirm_non_empty:
-        return result.model_copy(
-            update={"notes": [f"restored into {target} already at {state.completed_at}"]}
-        )
+
+    configs = manifest.topic_configs.configs if manifest.topic_configs else {}
+    if now.exists and configs:
+        target_configs = {
+            name: value
+            for name, value, *_ in describe_topic_configs(cluster, target)
+            if value is not None
+        }
+        result.config_drift = config_drift(configs, target_configs)
 
     found: dict[int, tuple[int, Any]] = {}
     skip: dict[int, int] = {}
@@ -339,7 +377,11 @@ def restore_topic(
             Change(
                 action="create_topic",
                 target=target,
-                detail={"partitions": needed, "replication_factor": replication_factor},
+                detail={
+                    "partitions": needed,
+                    "replication_factor": replication_factor,
+                    "configs": configs,
+                },
             )
         )
     planned += [
@@ -366,19 +408,20 @@ def restore_topic(
     if dry_run or not planned:
         return result
 
-    if not now.exists:
-        _create_topic(cluster, target, needed, replication_factor)
-    if not resuming:
-        state = RestoreState(
-            backup_id=manifest.backup_id,
-            target_topic=target,
-            start_offsets=starts,
-            started_at=datetime.now(UTC),
-        )
-        # before the first send: whatever a crash leaves in the target, the next run finds
-        put_json(s3, store.bucket, state_key(store, manifest, target), state)
-    assert state is not None
-    sent = _produce(s3, cluster, store, manifest, target, skip, found)
+    with SegmentStream(s3, store, manifest) as segments:  # downloads begin now
+        if not now.exists:
+            _create_topic(cluster, target, needed, replication_factor, configs)
+        if not resuming:
+            state = RestoreState(
+                backup_id=manifest.backup_id,
+                target_topic=target,
+                start_offsets=starts,
+                started_at=datetime.now(UTC),
+            )
+            # before the first send: whatever a crash leaves in the target, the next run finds
+            put_json(s3, store.bucket, state_key(store, manifest, target), state)
+        assert state is not None
+        sent = _produce(cluster, manifest, target, skip, found, segments)
     state.completed_at = datetime.now(UTC)
     put_json(s3, store.bucket, state_key(store, manifest, target), state)
     return result.model_copy(
@@ -405,7 +448,12 @@ class RestoreCheck(BaseModel):
 
 @task(**runbook_task_options(KafkaException, BotoCoreError, TimeoutError, when=_transient))
 def check_restore(
-    cluster: KafkaCluster, store: BackupStore, topic: str, backup_id: str, target_topic: str, start_offsets: dict[int, int]
+    cluster: KafkaCluster,
+    store: BackupStore,
+    topic: str,
+    backup_id: str,
+    target_topic: str,
+    start_offsets: dict[int, int],
 ) -> RestoreCheck:
     """Read the target from ``start_offsets`` and compare counts and per-segment digests."""
     manifest = load_manifest(store, topic, backup_id)
@@ -417,8 +465,12 @@ def check_restore(
     index = {p: 0 for p in manifest.partitions}
     left = {p: (segs[p][0].records if segs.get(p) else 0) for p in manifest.partitions}
     digests = {p: hashlib.sha256() for p in manifest.partitions}
-    bounds: dict[int, tuple[int, int | None]] = {p: (start_offsets.get(p, 0), None) for p in manifest.partitions}
-    for msg in read_records(cluster, target_topic, bounds, deadline_s=read_deadline(manifest.records)):
+    bounds: dict[int, tuple[int, int | None]] = {
+        p: (start_offsets.get(p, 0), None) for p in manifest.partitions
+    }
+    for msg in read_records(
+        cluster, target_topic, bounds, deadline_s=read_deadline(manifest.records)
+    ):
         p = msg.partition()
         counts[p] += 1
         if index[p] >= len(segs.get(p, [])):
@@ -436,5 +488,7 @@ def check_restore(
     expected = {p: s.records for p, s in manifest.partitions.items()}
     for p in sorted(expected):
         if counts[p] != expected[p]:
-            problems.append(f"{target_topic}[{p}]: {counts[p]} records, the backup has {expected[p]}")
+            problems.append(
+                f"{target_topic}[{p}]: {counts[p]} records, the backup has {expected[p]}"
+            )
     return RestoreCheck(records=counts, expected=expected, problems=problems)

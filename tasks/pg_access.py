@@ -188,6 +188,14 @@ class LogRead(BaseModel):
     note: str | None = None
 
 
+def read_log_tail(path: Path, max_bytes: int) -> str:
+    """The last ``max_bytes`` of a log file on this host, as text (raises OSError)."""
+    with path.open("rb") as f:
+        size = path.stat().st_size
+        f.seek(max(0, size - max_bytes))
+        return f.read().decode(errors="replace")
+
+
 @task(**pg_retries)
 def read_failed_logins(
     db: PostgresDatabase, log_path: str | None, max_bytes: int = 16 * 1024 * 1024
@@ -200,10 +208,7 @@ def read_failed_logins(
     if log_path:
         path = Path(log_path)
         try:
-            with path.open("rb") as f:
-                size = path.stat().st_size
-                f.seek(max(0, size - max_bytes))
-                text = f.read().decode(errors="replace")
+            text = read_log_tail(path, max_bytes)
             source = str(path)
         except OSError as exc:
             return LogRead(note=f"cannot read {path}: {exc.strerror}")

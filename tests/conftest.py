@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 # before prefect is imported: its settings are read at import; telemetry has no network here
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -16,6 +19,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
+from prefect.settings import get_current_settings
 from prefect.testing.utilities import prefect_test_harness
 
 from blocks.kafka import KafkaCluster
@@ -33,12 +37,121 @@ from tests.servers import (
 )
 from tests.supervisor_server import SupervisorServer, start_supervisord
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# `make test` runs the suite on two pytest processes (pytest-xdist, `--dist loadgroup`). Each
+# process starts the session's servers it needs, so tests sharing a heavy server (JVMs, a whole
+# Prefect topology) form one group that runs on one process and the server starts once; other
+# tests are grouped by module (module-scoped fixtures start once too). Groups are handed out in
+# this order: the longest first, so the two processes finish close together.
+HEAVY_GROUPS = {
+    "team_topology": "team",
+    "flink_cluster": "flink",
+    "spark_cluster": "spark",
+    "zookeeper_ensemble": "zookeeper",
+    "podman": "podman",
+}
+FIRST = ["team", "flink", "spark", "zookeeper", "podman"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks (its worker hook registers later)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def group(item: pytest.Item) -> str:
+        for fixture, name in HEAVY_GROUPS.items():
+            if fixture in item.fixturenames:
+                return name
+        return item.nodeid.split("::", 1)[0]
+
+    groups = {item.nodeid: group(item) for item in items}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        name = groups[item.nodeid]
+        if name in FIRST:
+            return (0, FIRST.index(name))
+        return (1 if "/integration/" in name else 2, 0)
+
+    items.sort(key=rank)  # stable: collection order within a rank
+
+
+def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
+    """Refuse to run when pytest-xdist ignored the groups (every test has one, see above): it
+    applies them by renaming each item's nodeid (`<id>@<group>`), which pytest 9.2 no longer lets
+    it do (pyproject.toml pins below that). Ungrouped, both processes start every heavy server at
+    once and the suite runs twice as loaded: the failure would show as timeouts far from here."""
+    if node.config.getoption("dist", default=None) != "loadgroup":
+        return
+    ignored = [i for i in ids if "@" not in i.rsplit("]", 1)[-1]]
+    if ignored:
+        pytest.exit(
+            f"pytest-xdist ignored the test groups ({len(ignored)} tests without one, e.g. "
+            f"{ignored[0]}) under pytest {pytest.__version__}: tests sharing a heavy server "
+            "would start it on every process; install the versions pyproject.toml pins",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own teardown of the item
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop a heavy session server as soon as the next test does not need it: its group ran
+    (the items are ordered so its tests are contiguous), and JVMs or a whole Prefect topology left
+    idle would load the machine for the rest of the session. A later test that asks for it again
+    gets a fresh one (pytest re-runs a finished fixture)."""
+    for fixture in HEAVY_GROUPS:
+        if fixture not in item.fixturenames:
+            continue
+        if nextitem is not None and fixture in nextitem.fixturenames:
+            continue
+        for fixturedef in item._fixtureinfo.name2fixturedefs.get(fixture, ()):
+            fixturedef.finish(request=item._request)  # type: ignore[arg-type]
+
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server() -> Iterator[None]:
-    """One throwaway Prefect server (SQLite) for the whole session."""
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    """One throwaway Prefect server (SQLite) for the whole session, with the write turns that
+    `runbooks up`'s server has (serving/sqlite_server.py): Prefect's stock server fails a
+    deferred transaction that meets another writer with "database is locked" at once; on CI
+    that answered a Slack approval with 503 and dropped a task run's record mid-test."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    stock = SubprocessASGIServer._run_uvicorn_command
+
+    def run_ours(self: SubprocessASGIServer) -> subprocess.Popen[Any]:
+        # Prefect's command (prefect 3.8.8, server/api/server.py), with our factory
+        return subprocess.Popen(
+            args=[
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--app-dir",
+                str(PROJECT_ROOT),
+                "--factory",
+                "serving.sqlite_server:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "error",
+                "--lifespan",
+                "on",
+            ],
+            env={
+                **os.environ,
+                "PREFECT_UI_ENABLED": "0",
+                "PREFECT__SERVER_EPHEMERAL": "1",
+                "PREFECT__SERVER_FINAL": "1",
+                **get_current_settings().to_environment_variables(exclude_unset=True),
+            },
+        )
+
+    SubprocessASGIServer._run_uvicorn_command = run_ours  # type: ignore[method-assign]
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+    finally:
+        SubprocessASGIServer._run_uvicorn_command = stock  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session")
@@ -192,7 +305,8 @@ def produce_one_per_batch(bootstrap: str, topic: str, values: list[bytes], parti
         assert producer.flush(10) == 0
 
 
-def _latest_artifact(flow_run_id: object, kind: str) -> str:
+def _artifacts(flow_run_id: object, kind: str) -> list[dict[str, Any]]:
+    """A flow run's artifacts of one type (every version), from the API."""
     import httpx
     from prefect.settings import PREFECT_API_URL
 
@@ -203,7 +317,11 @@ def _latest_artifact(flow_run_id: object, kind: str) -> str:
         timeout=10,
     )
     resp.raise_for_status()
-    artifacts = resp.json()
+    return resp.json()
+
+
+def _latest_artifact(flow_run_id: object, kind: str) -> str:
+    artifacts = _artifacts(flow_run_id, kind)
     assert artifacts, f"no {kind} artifact"
     assert len({r["key"] for r in artifacts}) == 1, f"one {kind} artifact per run, under one key"
     return max(artifacts, key=lambda r: r["created"])["data"]
@@ -221,7 +339,8 @@ def read_actions_table(flow_run_id: object, timeout_s: float = 20) -> list[dict[
     The ``runbook.action.*`` events carry every change's detail (the table artifact only
     summarizes them for people): "before" is the detail the plan recorded, "after" what the
     system showed once the change was applied. Events are stored asynchronously: the rows are
-    read once every planned change has its outcome.
+    read once the events of every change the run's table artifact lists are in (with their
+    outcomes, except a dry-run's plan); at ``timeout_s``, whatever came.
     """
     import time
     from datetime import UTC, datetime, timedelta
@@ -232,6 +351,12 @@ def read_actions_table(flow_run_id: object, timeout_s: float = 20) -> list[dict[
 
     since = (datetime.now(UTC) - timedelta(days=1)).isoformat()
     deadline = time.monotonic() + timeout_s
+    # how many changes the run's table artifact counts (written through the API before the run
+    # ended, not as events), and how many of them have an outcome (all but a dry-run's): the
+    # events of every one are awaited, not only of those that came first
+    table = _changes_in_table(flow_run_id)
+    # no table (yet): every planned change that came has its outcome
+    want_rows, want_outcomes = table if table is not None else (1, None)
     while True:
         events = read_events(
             PREFECT_API_URL.value(),
@@ -253,7 +378,14 @@ def read_actions_table(flow_run_id: object, timeout_s: float = 20) -> list[dict[
                                  "before": change["detail"], "after": None, "status": "planned"}
                 else:
                     outcomes[key] = (status, change["detail"])
-        if rows and all(k in outcomes for k in rows) or time.monotonic() > deadline:
+        done = sum(k in outcomes for k in rows)
+        if want_outcomes is None:
+            complete = bool(rows) and done == len(rows)
+        else:
+            complete = len(rows) >= want_rows and done >= want_outcomes
+        if complete:
+            break
+        if time.monotonic() > deadline:
             break
         time.sleep(0.5)
     for key, row in rows.items():
@@ -261,6 +393,20 @@ def read_actions_table(flow_run_id: object, timeout_s: float = 20) -> list[dict[
         row["status"] = "applied" if status == "executed" else status
         row["after"] = detail if status == "executed" else None
     return list(rows.values())
+
+
+def _changes_in_table(flow_run_id: object) -> tuple[int, int] | None:
+    """How many changes (targets) a run's latest actions table artifact lists, and how many of
+    them were carried out or refused (not a dry-run's plan); None without a table."""
+    import json
+
+    if not (artifacts := _artifacts(flow_run_id, "table")):
+        return None
+    data = max(artifacts, key=lambda r: r["created"])["data"]
+    table = json.loads(data) if isinstance(data, str) else data
+    planned_only = [row for row in table if row["status"].startswith("planned (dry-run)")]
+    total = sum(int(row["n"]) for row in table)
+    return total, total - sum(int(row["n"]) for row in planned_only)
 
 
 def read_flow_run(flow_run_id: object) -> dict:

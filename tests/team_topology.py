@@ -109,6 +109,10 @@ class TeamTopology:
             "PREFECT_REDIS_MESSAGING_HOST": "127.0.0.1",
             "PREFECT_REDIS_MESSAGING_PORT": str(self.redis_port),
             "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect_redis.lease_storage",
+            # which events the triggers service already evaluated: in Redis, not in the server's
+            # memory, or events Redis redelivers after a server died fire their triggers again
+            # (a second run for one alert: tests/integration/test_team_gateways.py)
+            "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "prefect_redis.ordering",
             "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
         }
 
@@ -119,6 +123,10 @@ class TeamTopology:
             "PREFECT_API_URL": api_url,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
+            # a run's result persisted: Prefect's server then refuses to take a COMPLETED run
+            # back to PENDING (HandleFlowTerminalStateTransitions), which a worker's submission
+            # retried across an API server's death otherwise can (test_team_gateways.py)
+            "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         }
 
     def _start_server(self, name: str, api_url: str, extra: list[str]) -> None:
@@ -144,7 +152,8 @@ class TeamTopology:
         p.start()
         wait_healthy(api_url, p)
 
-    def start_worker(self, name: str, api_url: str, queue: str) -> Proc:
+    def start_worker(self, name: str, api_url: str, queue: str, stock: bool = True) -> Proc:
+        """`runbooks worker --stock` (Prefect's process worker), or ours with stock=False."""
         env = self.client_env(api_url)
         env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(HEARTBEAT_SECONDS)
         env["PREFECT_WORKER_QUERY_SECONDS"] = "1"
@@ -164,6 +173,7 @@ class TeamTopology:
                 queue,
                 "--heartbeat-seconds",
                 str(HEARTBEAT_SECONDS),
+                *(["--stock"] if stock else []),
             ],
             env,
             self.home / f"{name}.log",
@@ -188,6 +198,40 @@ class TeamTopology:
                 return
             time.sleep(0.3)
         raise TimeoutError(f"{name} not online after {timeout_s}s: {self.procs[name].tail()}")
+
+    def start_gateway(
+        self, name: str, api_url: str, token: str, **settings: str
+    ) -> tuple[Proc, str]:
+        """An alert gateway (``python -m alert_gateway``) forwarding to ``api_url``, with a spool
+        of its own (``<home>/<name>-spool.sqlite3``); ``settings``: more ``RUNBOOKS_GATEWAY_*``
+        values (``cooldown_s="0"``). Returns the process, healthy, and its base URL; restart it
+        with ``proc.start()`` (same port, same spool)."""
+        port = free_port()
+        env = {
+            **self.client_env(api_url),
+            "RUNBOOKS_GATEWAY_TOKEN": token,
+            "RUNBOOKS_GATEWAY_SPOOL_PATH": str(self.home / f"{name}-spool.sqlite3"),
+            **{f"RUNBOOKS_GATEWAY_{k.upper()}": v for k, v in settings.items()},
+        }
+        p = Proc(
+            name,
+            [sys.executable, "-m", "alert_gateway", "--host", "127.0.0.1", "--port", str(port)],
+            env,
+            self.home / f"{name}.log",
+        )
+        self.procs[name] = p
+        p.start()
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            if not p.alive:
+                raise RuntimeError(f"{name} exited: {p.tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    return p, url
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} not healthy after 60s: {p.tail()}")
+            time.sleep(0.2)
 
     def stop(self) -> None:
         for p in reversed(list(self.procs.values())):

@@ -57,6 +57,28 @@ def _certificate(subject: str, key, issuer: x509.Name | None, issuer_key, *, ca:
 
 
 @dataclass
+class TestPki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+
+
+def write_test_pki(directory: Path) -> TestPki:
+    """A CA and a server certificate for 127.0.0.1 signed by it, as PEM files in ``directory``
+    (for servers that speak TLS themselves, e.g. redis-server --tls-port)."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate("runbooks test CA", ca_key, None, ca_key, ca=True)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = _certificate("127.0.0.1", server_key, ca.subject, ca_key, server=True)
+    pki = TestPki(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    pki.ca.write_text(_pem(ca))
+    pki.server_cert.write_text(_pem(server))
+    pki.server_key.write_text(_pem(server_key))
+    pki.server_key.chmod(0o600)
+    return pki
+
+
+@dataclass
 class TlsProxy:
     """TLS on 127.0.0.1:<port> in front of ``unix_socket``."""
 

@@ -37,10 +37,14 @@ class KafkaTopicBackupParams(RunbookParams):
     )
     topic: TopicName = Field("match-events-raw", description="The topic to back up.")
     from_offset: int | None = Field(
-        None, ge=0, description="Back up from this offset on, in every partition; empty: the earliest."
+        None,
+        ge=0,
+        description="Back up from this offset on, in every partition; empty: the earliest.",
     )
     to_offset: int | None = Field(
-        None, ge=0, description="Back up offsets below this one, in every partition; empty: to the end."
+        None,
+        ge=0,
+        description="Back up offsets below this one, in every partition; empty: to the end.",
     )
     from_time: datetime | None = Field(None, description="Back up records from this time on.")
     to_time: datetime | None = Field(None, description="Back up records before this time.")
@@ -60,7 +64,6 @@ class KafkaTopicBackupParams(RunbookParams):
         description="Prometheus Pushgateway to push the last successful backup's time to "
         "(the KafkaTopicBackupMissing alert reads it); empty: nothing pushed.",
     )
-
 
 
 class KafkaTopicBackupResult(BaseModel):
@@ -141,15 +144,21 @@ def _planned_records(result: BackupResult) -> int:
 
 
 def _verify(
-    report: IncidentReport, guard, store: BackupStore, params: KafkaTopicBackupParams, result: BackupResult
+    report: IncidentReport,
+    guard,
+    store: BackupStore,
+    params: KafkaTopicBackupParams,
+    result: BackupResult,
 ) -> int:
     checked = guard.verify(
         "backup objects match the manifest",
         lambda: check_backup(store, params.topic, result.backup_id, params.deep_check),
         lambda c: c.ok,
         timeout_s=5,
-        describe=lambda c: f"{c.segments} segments, {c.records} records"
-        + (f"; problems: {'; '.join(c.problems[:3])}" if c.problems else ""),
+        describe=lambda c: (
+            f"{c.segments} segments, {c.records} records"
+            + (f"; problems: {'; '.join(c.problems[:3])}" if c.problems else "")
+        ),
         give_up=lambda c: not c.ok,
     )
     check: BackupCheck | None = checked.last
@@ -164,6 +173,16 @@ def _verify(
         "partitions backed up",
         {p: s.model_dump(mode="json") for p, s in manifest.partitions.items()},
     )
+    if manifest.topic_configs is not None:
+        report.evidence(
+            f"topic configs recorded ({manifest.topic_configs.which})",
+            manifest.topic_configs.configs,
+        )
+    else:
+        report.step(
+            "the topic's configs are not in the backup (the broker refused DescribeConfigs, or an "
+            "older run planned it): a restore creates a missing topic with the broker's defaults"
+        )
     report.finish(
         Outcome.RESOLVED,
         f"Backed up {manifest.records} record(s) of {params.topic} in {len(manifest.segments)} "
@@ -175,7 +194,9 @@ def _verify(
     return manifest.records
 
 
-def _push_metrics(report: IncidentReport, params: KafkaTopicBackupParams, result: BackupResult) -> None:
+def _push_metrics(
+    report: IncidentReport, params: KafkaTopicBackupParams, result: BackupResult
+) -> None:
     """The time of the last good backup, for the alert on a missing backup."""
     if not params.pushgateway_url or result.manifest is None:
         return

@@ -3,9 +3,10 @@ from latest backup".
 
 Restore a backup made by ``kafka-topic-backup`` into a topic (the same name or a new one): each
 record to its partition, in order, with key, value, headers and timestamp; exactly once, also when
-a run is interrupted and run again. Writes to a topic, so approval always; a target that holds
-records is refused unless ``confirm_non_empty``. Verified by reading the target back: counts and
-checksums per segment against the manifest.
+a run is interrupted and run again. Writes to a topic, so approval always; into a target that
+already holds records (its consumers would read the restored ones after them) the approver must
+also type the topic's name on the approval form, and a wrong name writes nothing. Verified by
+reading the target back: counts and checksums per segment against the manifest.
 """
 
 from prefect import flow
@@ -43,8 +44,8 @@ class KafkaTopicRestoreParams(RunbookParams):
     )
     confirm_non_empty: bool = Field(
         False,
-        description="Restore even though the target topic holds records (the restored ones follow "
-        "them, and its consumers read both).",
+        description="No longer used (kept so saved parameters still load): restoring into a topic "
+        "that holds records needs the approver to type the topic's name on the approval form.",
     )
     replication_factor: int = Field(
         3, ge=1, le=10, description="Replication factor of the target topic when it is created."
@@ -66,7 +67,8 @@ class KafkaTopicRestoreResult(BaseModel):
     name="kafka-topic-restore",
     description="Restore a Kafka topic backup from S3 into a topic (same or new name), preserving "
     "partitions, order, keys, values, headers and timestamps; exactly once across interruptions; "
-    "approval always, a non-empty target refused unless confirmed; verified by counts and checksums.",
+    "approval always (into a topic that holds records: the approver types its name); verified by "
+    "counts and checksums.",
 )
 @ends_as_reported
 def kafka_topic_restore(params: KafkaTopicRestoreParams) -> KafkaTopicRestoreResult:
@@ -81,6 +83,12 @@ def kafka_topic_restore(params: KafkaTopicRestoreParams) -> KafkaTopicRestoreRes
         report.step(
             f"backup {manifest.backup_id} of {manifest.topic}: {manifest.records} records in "
             f"{len(manifest.partitions)} partition(s), completed {manifest.completed_at:%Y-%m-%d %H:%M} UTC"
+            + (
+                f"; topic configs recorded: {len(manifest.topic_configs.configs)}"
+                if manifest.topic_configs is not None
+                else "; no topic configs in it (made before backups recorded them, or the "
+                "broker refused DescribeConfigs): a created target gets the broker's defaults"
+            )
         )
         cluster_id = get_cluster_id(kafka)
         target = Target(
@@ -89,30 +97,53 @@ def kafka_topic_restore(params: KafkaTopicRestoreParams) -> KafkaTopicRestoreRes
             f"{cluster_id}/{target_topic}" if cluster_id else "",
         )
         with report.guard(target) as guard:
+            plans: list[RestoreResult] = []
 
             def run(dry_run: bool) -> RestoreResult:
-                return restore_topic(
+                # the plan covers a target that holds records (the approver then types its
+                # name); the restore writes into one only when the approved plan showed it so
+                shown = bool(plans and plans[-1].target_records and not plans[-1].resumed)
+                result = restore_topic(
                     kafka,
                     store,
                     params.topic,
                     dry_run,
                     backup_id=manifest.backup_id,
                     target_topic=target_topic,
-                    confirm_non_empty=params.confirm_non_empty,
+                    into_non_empty=dry_run or shown,
                     replication_factor=params.replication_factor,
                 )
+                if dry_run:
+                    plans.append(result)
+                return result
 
+            if params.confirm_non_empty:
+                report.step(
+                    "confirm_non_empty is no longer used: a target that holds records needs the "
+                    "approver to type its name"
+                )
             restored = guard.act(
                 f"restore {manifest.topic}@{manifest.backup_id} into {target_topic}",
                 run,
                 budget=RESTORE_BUDGET,
                 approval=lambda plan: _danger(plan),
+                # records already there: the approver types the topic's name to write after them
+                confirm=lambda plan: (
+                    [plan.target_topic] if plan.target_records and not plan.resumed else []
+                ),
             )
             assert isinstance(restored, RestoreResult)
             result = restored
-            report.check("target topic empty", not result.target_records, str(result.target_records))
+            report.check(
+                "target topic empty", not result.target_records, str(result.target_records)
+            )
             if result.refused:
                 raise Escalation(result.refused)
+            if result.config_drift:
+                report.step(
+                    f"{target_topic} exists with other configs than the backed-up topic had (not "
+                    "changed: its owner chose them): " + "; ".join(result.config_drift)
+                )
             if result.already_there:
                 report.step(
                     "an interrupted restore had put "
@@ -125,18 +156,27 @@ def kafka_topic_restore(params: KafkaTopicRestoreParams) -> KafkaTopicRestoreRes
                     f"Would restore {_count(result)} record(s) into {target_topic}; nothing was sent.",
                 )
             elif not result.planned:
-                report.finish(Outcome.NO_ACTION_NEEDED, "; ".join(result.notes) or "nothing to restore")
+                report.finish(
+                    Outcome.NO_ACTION_NEEDED, "; ".join(result.notes) or "nothing to restore"
+                )
             else:
                 checked = guard.verify(
                     f"{target_topic} holds the backup's records",
                     lambda: check_restore(
-                        kafka, store, params.topic, manifest.backup_id, target_topic, result.start_offsets
+                        kafka,
+                        store,
+                        params.topic,
+                        manifest.backup_id,
+                        target_topic,
+                        result.start_offsets,
                     ),
                     lambda c: c.ok,
                     timeout_s=params.verify_timeout_s,
                     interval_s=2.0,
-                    describe=lambda c: f"{sum(c.records.values())} of {sum(c.expected.values())} records"
-                    + (f"; {'; '.join(c.problems[:3])}" if c.problems else ""),
+                    describe=lambda c: (
+                        f"{sum(c.records.values())} of {sum(c.expected.values())} records"
+                        + (f"; {'; '.join(c.problems[:3])}" if c.problems else "")
+                    ),
                 )
                 check: RestoreCheck | None = checked.last
                 if not checked.ok:

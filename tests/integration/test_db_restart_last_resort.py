@@ -110,14 +110,30 @@ stdout_logfile={home}/postgres.log
     supervisord = Path(sys.executable).parent / "supervisord"
     proc = subprocess.Popen([str(supervisord), "-c", str(conf)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    try:
+        yield from _serve(home, pg_port, sv_port, sv_password, proc)
+    finally:  # a failed set-up too: supervisord stops the postgres it started
+        proc.terminate()
+        proc.wait(60)
+
+
+def _serve(home: Path, pg_port: int, sv_port: int, sv_password: str, proc: subprocess.Popen) -> Iterator[Stack]:
     wait_for_port(sv_port, 30)
     wait_for_port(pg_port, 60)
     s = Stack(home, pg_port, sv_port, sv_password, proc)
-    with psycopg.connect(s.conninfo(), autocommit=True) as conn:
+    # the port opens before recovery ends ("the database system is starting up"): wait for that
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            conn = psycopg.connect(s.conninfo(), autocommit=True, connect_timeout=5)
+            break
+        except psycopg.OperationalError as exc:
+            if "starting up" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    with conn:
         conn.execute(f"CREATE ROLE app LOGIN PASSWORD '{PASSWORD}'")
     yield s
-    proc.terminate()
-    proc.wait(60)
 
 
 class Busy:

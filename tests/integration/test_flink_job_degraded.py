@@ -156,8 +156,9 @@ def test_dry_run_plans_the_rescale_and_changes_nothing(slow_job: SlowJob) -> Non
     report = result.report_markdown
     assert "trigger_savepoint" in report and "stop_with_savepoint" in report
     assert "run_jar_from_savepoint" in report and "parallelism 4" in report
-    # planned only: no outcome event ever comes, so do not wait for one long
-    rows = read_actions_table(state.state_details.flow_run_id, timeout_s=3)
+    # planned only: no outcome event ever comes; the planned changes' events the run's table
+    # lists are awaited
+    rows = read_actions_table(state.state_details.flow_run_id)
     assert {r["action"] for r in rows} == {
         "trigger_savepoint",
         "stop_with_savepoint",
@@ -342,3 +343,67 @@ def test_backpressured_job_in_a_full_cluster_is_escalated_untouched(
         assert read_actions_table(state.state_details.flow_run_id, timeout_s=3) == []
     finally:
         flink_cluster.cancel_all(timeout_s=60)
+
+
+@pytest.mark.timeout(900)
+def test_deployed_run_suspends_and_resumes_without_a_second_savepoint(
+    slow_job: SlowJob, tmp_path: Path
+) -> None:
+    """As served by `runbooks up`: the run takes its safety savepoint, then suspends for the
+    approval (its process ends); the approval resumes the run from the deployment, which runs the
+    flow again from the top (that a suspended approval survives SIGKILL and restart of every
+    process of ours is tests/integration/test_crash_safety.py's). It must reuse the savepoint it took before suspending (not take a second one), stop
+    the job with a savepoint and resubmit it at parallelism 4: one safety savepoint and one stop
+    savepoint in all."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests.up import RunbooksUp
+
+    cluster = slow_job.cluster
+    up = RunbooksUp(home=tmp_path / "prefect-home")
+    try:
+        up.start(deployment="flink-job-degraded")
+        with temporary_settings(updates={PREFECT_API_URL: up.api}):
+            FlinkCluster(rest_url=cluster.rest_url, request_timeout_s=10).save(
+                slow_job.block, overwrite=True
+            )
+        on_disk = savepoints_on_disk(cluster)
+        params = slow_job.params().model_dump(mode="json")
+        params["safety"] = {"approval_poll_s": 1, "escalation_block": None}
+        run_id = up.start_run(params, deployment="flink-job-degraded")
+        up.wait_suspended(run_id)
+
+        # suspended after the safety savepoint, before any change to the job
+        (safety_savepoint,) = savepoints_on_disk(cluster) - on_disk
+        (live,) = slow_job.live_jobs()
+        assert live["jid"] == slow_job.job_id and live["state"] == "RUNNING"
+        state = up.run(run_id)["state"]
+        assert (state["type"], state["name"]) == ("PAUSED", "Suspended"), state
+
+        resumed = httpx.post(
+            f"{up.api}/flow_runs/{run_id}/resume",
+            timeout=10,
+            json={"run_input": {"approve": True, "approver": "erin", "reason": "match day"}},
+        )
+        assert resumed.json().get("status") == "ACCEPT", resumed.text
+        final = up.wait_final(run_id, timeout_s=300)
+        assert final["state"]["type"] == "COMPLETED", final["state"]["message"]
+
+        # stopped with a savepoint, running again at parallelism 4 from it
+        assert cluster.job(slow_job.job_id)["state"] == "FINISHED"
+        (live,) = slow_job.live_jobs()
+        new_id = live["jid"]
+        assert new_id != slow_job.job_id and live["state"] == "RUNNING"
+        assert [v["parallelism"] for v in cluster.job(new_id)["vertices"]] == [4, 4]
+        stop_path = cluster.checkpoints(slow_job.job_id)["latest"]["savepoint"]["external_path"]
+        restored = cluster.checkpoints(new_id)["latest"]["restored"]
+        assert restored["is_savepoint"] is True and restored["external_path"] == stop_path
+        # the resumed run reused the savepoint taken before it suspended: two in all, not three
+        assert savepoints_on_disk(cluster) - on_disk == {safety_savepoint, Path(stop_path).name}
+        report = up.report(run_id)
+        assert "| approved | erin | match day |" in report and "**RESOLVED**" in report
+        assert safety_savepoint in report
+    finally:
+        up.stop()
+        print("runbooks up output (shown by pytest when the test failed):\n" + up.log_tail())

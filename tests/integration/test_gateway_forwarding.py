@@ -121,14 +121,15 @@ def test_delivery_starts_as_soon_as_an_alert_is_accepted(gateway: str) -> None:
     """No polling interval between the 202 and the POST to Prefect: accepting an alert wakes the
     forwarder, which otherwise sleeps PRUNE_INTERVAL_S (600 s). How fast is the benchmark's
     business (python -m bench trigger-latency: about 0.01 s); a bound far below 600 s and far
-    above a loaded machine's hiccups proves the wake without timing it."""
+    above a loaded machine's hiccups proves the wake without timing it (the session's Prefect
+    server once took over 30 s to answer, in a run overloaded by duplicated heavy servers)."""
     assert PRUNE_INTERVAL_S >= 600
     latencies = []
     for _ in range(5):
         reply = post_alerts(gateway, alertmanager_notification(alert("LatencyProbe")))
         assert reply.status_code == 202
-        latencies.append(wait_until_delivered(gateway, timeout_s=30))
-    assert max(latencies) < 30, latencies
+        latencies.append(wait_until_delivered(gateway, timeout_s=120))
+    assert max(latencies) < 120, latencies
     assert metric(gateway, "runbooks_gateway_forward_latency_seconds_count") == 5
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka.admin import NewTopic
 
 from blocks.backup_store import BackupStore
 from blocks.kafka import KafkaCluster
@@ -21,12 +22,12 @@ from flows.kafka.kafka_topic_backup import KafkaTopicBackupParams, kafka_topic_b
 from flows.kafka.kafka_topic_restore import KafkaTopicRestoreParams, kafka_topic_restore
 from runbooks.params import SafetyParams
 from runbooks.report import Outcome
-from tasks.kafka_backup import backup_topic, check_backup
+from tasks.kafka_backup import backup_topic, check_backup, describe_topic_configs
 from tasks.kafka_backup_format import MANIFEST, backup_root, parse_segment_key
 from tasks.kafka_backup_s3 import list_objects, load_manifest
 from tasks.kafka_restore import check_restore, restore_topic
 from tests.approvals import Approver
-from tests.conftest import create_topic, read_incident_report, unique
+from tests.conftest import create_topic, unique
 from tests.moto_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, MotoServer
 from tests.servers import KafkaBroker
 
@@ -59,7 +60,9 @@ def cluster(kafka_broker: KafkaBroker) -> KafkaCluster:
 def fill(bootstrap: str, topic: str, count: int, partitions: int, value_size: int = 120) -> None:
     """Records of every shape: null keys and values, no headers, repeated and null headers."""
     rnd = random.Random(topic)
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True}
+    )
     for i in range(count):
         headers = (
             None
@@ -118,7 +121,9 @@ def run_victim(*argv: str) -> None:
         timeout=180,
         env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
     )
-    assert proc.returncode == -9, f"victim did not die by SIGKILL: {proc.returncode} {proc.stderr[-2000:]!r}"
+    assert proc.returncode == -9, (
+        f"victim did not die by SIGKILL: {proc.returncode} {proc.stderr[-2000:]!r}"
+    )
 
 
 def test_round_trip_of_100k_records(
@@ -145,7 +150,9 @@ def test_round_trip_of_100k_records(
     after = read_topic(kafka_broker.bootstrap, target, 4)
     for p in range(4):  # keys, values, headers, timestamps, in each partition's order
         assert after[p] == before[p], f"partition {p} differs"
-    verified = check_restore.fn(cluster, store, source, backup.backup_id, target, restored.start_offsets)
+    verified = check_restore.fn(
+        cluster, store, source, backup.backup_id, target, restored.start_offsets
+    )
     assert verified.ok, verified.problems
 
 
@@ -156,7 +163,13 @@ def test_backup_killed_halfway_resumes_without_duplicate_objects(
     fill(kafka_broker.bootstrap, source, 20_000, 3, value_size=200)
     segment_bytes = 64 * 1024
     run_victim(
-        "backup", kafka_broker.bootstrap, moto.endpoint_url, store.bucket, source, "20", str(segment_bytes)
+        "backup",
+        kafka_broker.bootstrap,
+        moto.endpoint_url,
+        store.bucket,
+        source,
+        "20",
+        str(segment_bytes),
     )
     s3 = store.get_s3_client()
     left_behind = list_objects(s3, store.bucket, f"{store.prefix}/{source}/")
@@ -178,7 +191,11 @@ def test_backup_killed_halfway_resumes_without_duplicate_objects(
 
     # the same topic backed up in one go gives the very same segments
     clean = backup_topic.fn(
-        cluster, store, source, dry_run=False, segment_bytes=segment_bytes,
+        cluster,
+        store,
+        source,
+        dry_run=False,
+        segment_bytes=segment_bytes,
         backup_id="20990101T000000Z-clean",
     )
     assert clean.manifest is not None
@@ -194,7 +211,9 @@ def test_restore_killed_halfway_then_run_again_is_exactly_once(
     fill(kafka_broker.bootstrap, source, 20_000, 3)
     backup = backup_topic.fn(cluster, store, source, dry_run=False, segment_bytes=256 * 1024)
     target = unique("restore-kill-target")
-    run_victim("restore", kafka_broker.bootstrap, moto.endpoint_url, store.bucket, source, "7000", target)
+    run_victim(
+        "restore", kafka_broker.bootstrap, moto.endpoint_url, store.bucket, source, "7000", target
+    )
     partial = read_topic(kafka_broker.bootstrap, target, 3)
     landed = sum(len(rows) for rows in partial.values())
     assert 6999 <= landed < 7500
@@ -205,7 +224,9 @@ def test_restore_killed_halfway_then_run_again_is_exactly_once(
     assert read_topic(kafka_broker.bootstrap, target, 3) == read_topic(
         kafka_broker.bootstrap, source, 3
     )
-    assert check_restore.fn(cluster, store, source, backup.backup_id, target, again.start_offsets).ok
+    assert check_restore.fn(
+        cluster, store, source, backup.backup_id, target, again.start_offsets
+    ).ok
     # a third run finds the restore done and sends nothing
     third = restore_topic.fn(cluster, store, source, dry_run=False, target_topic=target)
     assert not third.planned and not third.applied and third.refused
@@ -228,10 +249,51 @@ def test_dry_runs_write_nothing(
     assert plan.planned[0].action == "create_topic" and not plan.applied
     assert not topic_exists(cluster, target), "a dry-run restore created the topic"
     before = read_topic(kafka_broker.bootstrap, source, 2)
-    plan = restore_topic.fn(cluster, store, source, dry_run=True, confirm_non_empty=True)
+    plan = restore_topic.fn(cluster, store, source, dry_run=True, into_non_empty=True)
     assert sum(c.detail["records"] for c in plan.planned) == 500
     assert read_topic(kafka_broker.bootstrap, source, 2) == before
     assert list_objects(s3, store.bucket, "") == listed, "a dry-run restore wrote to S3"
+
+
+def test_topic_configs_are_backed_up_and_given_to_a_created_target(
+    kafka_broker: KafkaBroker, cluster: KafkaCluster, store: BackupStore
+) -> None:
+    configs = {"retention.ms": "123456789", "retention.bytes": "987654321"}
+    source = unique("backup-cfg")
+    admin = cluster.get_admin_client()
+    for fut in admin.create_topics([NewTopic(source, 2, 1, config=configs)]).values():
+        fut.result(15)
+    fill(kafka_broker.bootstrap, source, 200, 2)
+
+    backup = backup_topic.fn(cluster, store, source, dry_run=False)
+    # tansu reports only what was set on the topic, marked as defaults: all of it is kept
+    manifest = load_manifest(store, source, backup.backup_id)
+    assert manifest.topic_configs is not None
+    assert (manifest.topic_configs.configs, manifest.topic_configs.which) == (configs, "reported")
+
+    target = unique("restored-cfg")
+    restored = restore_topic.fn(
+        cluster, store, source, dry_run=False, target_topic=target, replication_factor=1
+    )
+    assert restored.created_topic and restored.planned[0].detail["configs"] == configs
+    described = {name: value for name, value, *_ in describe_topic_configs(cluster, target)}
+    assert {k: described.get(k) for k in configs} == configs
+    assert read_topic(kafka_broker.bootstrap, target, 2) == read_topic(
+        kafka_broker.bootstrap, source, 2
+    )
+
+    # an existing target with other configs: reported, not changed
+    other = unique("restore-cfg-drift")
+    for fut in admin.create_topics(
+        [NewTopic(other, 2, 1, config={"retention.ms": "1000"})]
+    ).values():
+        fut.result(15)
+    plan = restore_topic.fn(cluster, store, source, dry_run=True, target_topic=other)
+    assert plan.config_drift == [
+        "retention.bytes: not set (broker default) in the target, 987654321 in the backup",
+        "retention.ms: 1000 in the target, 123456789 in the backup",
+    ]
+    assert {n: v for n, v, *_ in describe_topic_configs(cluster, other)} == {"retention.ms": "1000"}
 
 
 def _save_blocks(cluster: KafkaCluster, store: BackupStore) -> str:
@@ -241,7 +303,7 @@ def _save_blocks(cluster: KafkaCluster, store: BackupStore) -> str:
     return name
 
 
-def test_runbooks_back_up_then_restore_after_approval_refusing_a_non_empty_topic(
+def test_runbooks_back_up_then_restore_after_approval_a_non_empty_topic_only_when_its_name_is_typed(
     kafka_broker: KafkaBroker, cluster: KafkaCluster, store: BackupStore
 ) -> None:
     block = _save_blocks(cluster, store)
@@ -254,19 +316,56 @@ def test_runbooks_back_up_then_restore_after_approval_refusing_a_non_empty_topic
     assert done.outcome == Outcome.RESOLVED and done.records == 300, done.report
     assert load_manifest(store, source, done.backup_id).records == 300
 
-    # into the source topic, which still holds its records: refused, nothing written
-    before = read_topic(kafka_broker.bootstrap, source, 2)
-    state = kafka_topic_restore(KafkaTopicRestoreParams(**common), return_state=True)
-    assert state.is_failed()
-    assert "already holds 300 records" in read_incident_report(state.state_details.flow_run_id)
-    assert read_topic(kafka_broker.bootstrap, source, 2) == before
-
+    # into a new topic: approval, nothing to type
     target = unique("runbook-restored")
-    approver = Approver("kafka-topic-restore", {"approve": True, "approver": "alice", "reason": "DR drill"})
+    approver = Approver(
+        "kafka-topic-restore", {"approve": True, "approver": "alice", "reason": "DR drill"}
+    )
     approver.start()
-    result = kafka_topic_restore(KafkaTopicRestoreParams(**common, target_topic=target, replication_factor=1))
+    result = kafka_topic_restore(
+        KafkaTopicRestoreParams(**common, target_topic=target, replication_factor=1)
+    )
     approver.join(10)
     assert approver.error is None and approver.paused_run is not None
     assert "300 records would be written into" in (approver.description or "")
+    assert "confirm field" not in (approver.description or "")
     assert result.outcome == Outcome.RESOLVED, result.report
+    before = read_topic(kafka_broker.bootstrap, source, 2)
     assert read_topic(kafka_broker.bootstrap, target, 2) == before
+
+    # into the source topic, which still holds its records: the approver must type its name;
+    # a tick with another name (the old flag set too) writes nothing
+    seen = {approver.paused_run}
+    approver = Approver(
+        "kafka-topic-restore",
+        {"approve": True, "approver": "bob", "reason": "dup", "confirm": target},
+        ignore=seen,
+    )
+    approver.start()
+    state = kafka_topic_restore(
+        KafkaTopicRestoreParams(**common, confirm_non_empty=True), return_state=True
+    )
+    approver.join(10)
+    assert approver.error is None and approver.paused_run is not None
+    assert f"also type `{source}` in the confirm field" in (approver.description or "")
+    assert "already holds 300 records" in (approver.description or "")
+    assert state.is_failed()
+    assert f"approved without typing {source} in the confirm field" in (state.message or "")
+    assert read_topic(kafka_broker.bootstrap, source, 2) == before
+
+    # typed: the backup's records follow the ones there, each partition in order
+    seen.add(approver.paused_run)
+    approver = Approver(
+        "kafka-topic-restore",
+        {"approve": True, "approver": "bob", "reason": "replay", "confirm": source},
+        ignore=seen,
+    )
+    approver.start()
+    again = kafka_topic_restore(KafkaTopicRestoreParams(**common))
+    approver.join(10)
+    assert approver.error is None and approver.paused_run is not None
+    assert again.outcome == Outcome.RESOLVED, again.report
+    assert sum(again.sent.values()) == 300
+    assert read_topic(kafka_broker.bootstrap, source, 2) == {
+        p: rows + rows for p, rows in before.items()
+    }

@@ -322,3 +322,37 @@ def test_unreachable_master_is_retried_then_reported(spark_cluster: SparkTestClu
         state.result()
     report = read_incident_report(state.state_details.flow_run_id)
     assert "**FAILED**" in report or "**ESCALATED**" in report
+
+
+def test_no_checkpoint_approved_starts_fresh_from_batch_zero(
+    app: StreamingApp, kafka_block: str, mysql_block: str
+) -> None:
+    """The approved side of the question above: the job starts with an empty checkpoint."""
+    cluster = app.cluster
+    drivers_before = {d["id"] for d in app.drivers()}
+    approver = Approver(
+        "spark-streaming-job-failed",
+        {"approve": True, "approver": "alice", "reason": "fresh start is fine, sink is empty"},
+    )
+    approver.start()
+
+    state = run(app.params(kafka_block=kafka_block, mysql_block=mysql_block))
+
+    approver.join(5)
+    assert approver.error is None and approver.paused_run == state.state_details.flow_run_id
+    assert "no checkpoint at that location" in approver.description
+    assert state.is_completed(), state.message
+    result: SparkRecovery = state.result()
+    assert result.outcome is Outcome.RESOLVED, result.report_markdown
+    assert result.last_committed_batch is None
+    new = result.new_driver_id
+    assert new is not None and new not in drivers_before
+    assert {d["id"] for d in app.drivers()} - drivers_before == {new}
+    assert cluster.driver_state(new) == "RUNNING"
+    # a fresh query: its first batches are 0, 1, ... in the checkpoint it created where asked
+    assert result.new_batches[:2] == [0, 1]
+    after = app.commits()
+    assert after == list(range(max(after) + 1))
+    assert_exactly_once(app)
+    report = read_incident_report(state.state_details.flow_run_id)
+    assert "| approved | alice |" in report and "**RESOLVED**" in report and new in report

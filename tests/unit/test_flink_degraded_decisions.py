@@ -208,6 +208,17 @@ CHECKPOINTS = [
         "noise",
     ),
     (
+        # seen on a job just rescaled to parallelism 4: ratio over 1.5, but tens of milliseconds
+        [cp(i, dur=d) for i, d in enumerate([29, 31, 30, 28, 33, 52, 61, 66, 70, 70], 1)],
+        (False, False, False, False),
+        "fast checkpoints a little slower: not growing",
+    ),
+    (
+        [cp(i, dur=d) for i, d in enumerate([200, 300, 400, 500, 900, 1200, 1500, 1800], 1)],
+        (False, True, False, False),
+        "growing past a second",
+    ),
+    (
         [cp(3), cp(1, dur=90_000), cp(2)],
         (False, False, False, False),
         "sorted by id, not listed order",

@@ -5,6 +5,7 @@ format round trip."""
 from __future__ import annotations
 
 import hashlib
+import struct
 from datetime import UTC, datetime
 
 import pytest
@@ -18,9 +19,12 @@ from tasks.kafka_backup_format import (
     backup_to_resume,
     check_manifest,
     compress,
+    config_drift,
+    configs_to_keep,
     decompress,
     is_backup_id,
     iter_segment,
+    iter_sendable,
     parse_segment_key,
     plan_ranges,
     record_content,
@@ -83,11 +87,18 @@ def test_resume_point(segs: list, seq: int, offset: int, done: bool, stray: list
         ([("20260101T000000Z", False, {"a": 2})], {"a": 1}, None),  # another range
         ([("20260101T000000Z", True, {"a": 1})], {"a": 1}, None),  # complete: a new one
         # a newer complete backup: the older unfinished one is abandoned
-        ([("20260101T000000Z", False, {"a": 1}), ("20260108T000000Z", True, {"a": 1})], {"a": 1}, None),
+        (
+            [("20260101T000000Z", False, {"a": 1}), ("20260108T000000Z", True, {"a": 1})],
+            {"a": 1},
+            None,
+        ),
         # the newest unfinished one of the same range
         (
-            [("20260101T000000Z", False, {"a": 1}), ("20260108T000000Z", False, {"a": 1}),
-             ("20260109T000000Z", False, {"a": 2})],
+            [
+                ("20260101T000000Z", False, {"a": 1}),
+                ("20260108T000000Z", False, {"a": 1}),
+                ("20260109T000000Z", False, {"a": 2}),
+            ],
             {"a": 1},
             "20260108T000000Z",
         ),
@@ -98,9 +109,7 @@ def test_backup_to_resume(found: list, selection: dict, expected: str | None) ->
     assert backup_to_resume(found, selection) == expected
 
 
-@pytest.mark.parametrize(
-    ("restored", "backed_up", "skip"), [(0, 10, 0), (4, 10, 4), (10, 10, 10)]
-)
+@pytest.mark.parametrize(("restored", "backed_up", "skip"), [(0, 10, 0), (4, 10, 4), (10, 10, 10)])
 def test_restore_skip(restored: int, backed_up: int, skip: int) -> None:
     assert restore_skip(restored, backed_up) == skip
 
@@ -112,8 +121,13 @@ def test_restore_skip_refuses_more_than_backed_up() -> None:
 
 @pytest.mark.parametrize(
     ("value", "ok"),
-    [("20260105T030000Z", True), ("20990101T000000Z-clean", True), ("../x", False),
-     ("20260105", False), ("20260105T030000Z/..", False)],
+    [
+        ("20260105T030000Z", True),
+        ("20990101T000000Z-clean", True),
+        ("../x", False),
+        ("20260105", False),
+        ("20260105T030000Z/..", False),
+    ],
 )
 def test_backup_ids(value: str, ok: bool) -> None:
     assert is_backup_id(value) is ok
@@ -121,8 +135,14 @@ def test_backup_ids(value: str, ok: bool) -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(None, None), ("", None), ("None", None), ("20260105T030000Z", "20260105T030000Z"),
-     ("../x", ValueError), ("20260105", ValueError)],
+    [
+        (None, None),
+        ("", None),
+        ("None", None),
+        ("20260105T030000Z", "20260105T030000Z"),
+        ("../x", ValueError),
+        ("20260105", ValueError),
+    ],
 )
 @pytest.mark.parametrize("runbook", ["backup", "restore"])
 def test_backup_id_parameter(runbook: str, value: str | None, expected: object) -> None:
@@ -169,6 +189,90 @@ def test_segment_round_trip_keeps_every_field_and_the_digest() -> None:
     assert (writer.first, writer.last, writer.records) == (0, 6, 4)
 
 
+def test_sendable_records_are_the_segment_records() -> None:
+    """The restore's fast decoder gives what iter_segment gives (timestamp, key, value, headers;
+    no headers: None), and refuses a truncated segment."""
+    writer = SegmentWriter()
+    for offset, ts, ts_type, key, value, headers in RECORDS:
+        writer.add(offset, ts, ts_type, record_content(key, value, headers))
+    raw = writer.body()
+    assert list(iter_sendable(raw)) == [
+        (r.timestamp, r.key, r.value, r.headers or None) for r, _ in iter_segment(raw)
+    ]
+    for cut in (raw[:-1], raw[:30]):
+        with pytest.raises((ValueError, struct.error)):
+            list(iter_segment(cut))
+        with pytest.raises((ValueError, struct.error)):
+            list(iter_sendable(cut))
+
+
+# (name, value, source, read-only, sensitive); source 1 = DYNAMIC_TOPIC_CONFIG, 5 = DEFAULT_CONFIG
+_OVERRIDE, _DEFAULT, _BROKER = 1, 5, 4
+
+
+@pytest.mark.parametrize(
+    ("entries", "configs", "which"),
+    [
+        # Apache Kafka: every config, overrides marked: only those
+        (
+            [
+                ("retention.ms", "3600000", _OVERRIDE, False, False),
+                ("cleanup.policy", "delete", _DEFAULT, False, False),
+                ("segment.bytes", "1048576", _BROKER, False, False),
+            ],
+            {"retention.ms": "3600000"},
+            "overrides",
+        ),
+        # tansu: only what was set at creation, reported as defaults: all of it
+        (
+            [
+                ("retention.ms", "123456789", _DEFAULT, False, False),
+                ("cleanup.policy", "compact", _DEFAULT, False, False),
+            ],
+            {"cleanup.policy": "compact", "retention.ms": "123456789"},
+            "reported",
+        ),
+        ([], {}, "reported"),  # nothing set, nothing reported
+        # never read-only, sensitive or valueless entries
+        (
+            [
+                ("retention.ms", "1", _OVERRIDE, False, False),
+                ("message.format.version", "3.0", _OVERRIDE, True, False),
+                ("sasl.jaas.config", None, _OVERRIDE, False, True),
+                ("x.secret", "s", _OVERRIDE, False, True),
+                ("unset", None, _OVERRIDE, False, False),
+            ],
+            {"retention.ms": "1"},
+            "overrides",
+        ),
+    ],
+)
+def test_configs_to_keep(entries: list, configs: dict, which: str) -> None:
+    kept = configs_to_keep(entries)
+    assert (kept.configs, kept.which) == (configs, which)
+
+
+@pytest.mark.parametrize(
+    ("backed_up", "target", "drift"),
+    [
+        ({"retention.ms": "1"}, {"retention.ms": "1", "other": "x"}, []),
+        (
+            {"retention.ms": "1"},
+            {"retention.ms": "2"},
+            ["retention.ms: 2 in the target, 1 in the backup"],
+        ),
+        (
+            {"cleanup.policy": "compact"},
+            {},
+            ["cleanup.policy: not set (broker default) in the target, compact in the backup"],
+        ),
+        ({}, {"retention.ms": "2"}, []),
+    ],
+)
+def test_config_drift(backed_up: dict, target: dict, drift: list) -> None:
+    assert config_drift(backed_up, target) == drift
+
+
 def test_null_and_empty_differ_in_the_digest() -> None:
     assert record_content(None, b"v", []) != record_content(b"", b"v", [])
     assert record_content(b"k", None, []) != record_content(b"k", b"", [])
@@ -179,20 +283,36 @@ def _manifest(segments: list[tuple[int, int, int, int, int]]) -> Manifest:
     """segments: (partition, seq, first, last, records)."""
     infos = [
         SegmentInfo(
-            key=segment_key(p, seq, first, last), partition=p, seq=seq, first_offset=first,
-            last_offset=last, records=n, size=100 + seq, sha256="0" * 64,
+            key=segment_key(p, seq, first, last),
+            partition=p,
+            seq=seq,
+            first_offset=first,
+            last_offset=last,
+            records=n,
+            size=100 + seq,
+            sha256="0" * 64,
             records_sha256=hashlib.sha256(f"{p}/{seq}".encode()).hexdigest(),
         )
         for p, seq, first, last, n in segments
     ]
     now = datetime(2026, 1, 5, tzinfo=UTC)
     plan = BackupPlan(
-        topic="t", backup_id="20260105T000000Z", created_at=now, ranges={0: (0, 100), 1: (0, 50)},
-        segment_bytes=1000, compress_level=1,
+        topic="t",
+        backup_id="20260105T000000Z",
+        created_at=now,
+        ranges={0: (0, 100), 1: (0, 50)},
+        segment_bytes=1000,
+        compress_level=1,
     )
     return Manifest(
-        topic="t", backup_id=plan.backup_id, created_at=now, completed_at=now, plan=plan,
-        partitions=summarize(plan, infos), segments=infos, records=sum(s.records for s in infos),
+        topic="t",
+        backup_id=plan.backup_id,
+        created_at=now,
+        completed_at=now,
+        plan=plan,
+        partitions=summarize(plan, infos),
+        segments=infos,
+        records=sum(s.records for s in infos),
         bytes=sum(s.size for s in infos),
     )
 

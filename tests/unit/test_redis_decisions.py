@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 import pytest
 import redis
 
@@ -292,6 +294,18 @@ def test_decide(findings, killable, left_alone, flush, kill, flushes, escalate) 
         assert text in said
 
 
+def _cert_failure() -> redis.ConnectionError:
+    """What redis-py raises for a certificate that does not verify: a ConnectionError raised
+    while handling the ssl error (redis/connection.py)."""
+    try:
+        try:
+            raise ssl.SSLCertVerificationError(1, "certificate verify failed")
+        except OSError as exc:
+            raise redis.ConnectionError(f"Error 1 connecting: {exc}")  # noqa: B904 - as redis-py
+    except redis.ConnectionError as error:
+        return error
+
+
 # error -> whether another try may help (the block's client and the tasks retry only these)
 TRANSIENT_CASES = [
     (redis.ConnectionError("Error 111 connecting"), True),
@@ -300,6 +314,7 @@ TRANSIENT_CASES = [
     (redis.AuthenticationError("invalid username-password pair"), False),
     (redis.ResponseError("NOPERM this user has no permissions"), False),
     (ValueError("x"), False),
+    (_cert_failure(), False),  # the server's certificate does not verify: it would again
 ]
 
 

@@ -157,3 +157,200 @@ def test_findings_are_most_severe_first() -> None:
         NOW,
     )
     assert [f.severity for f in found] == [Severity.HIGH, Severity.MEDIUM, Severity.LOW]
+
+
+# --- access-audit on MySQL / MariaDB -----------------------------------------------------------
+
+from tasks.mysql_access import (  # noqa: E402
+    MySQLAccount,
+    MySQLAuditPolicy,
+    effective_privileges,
+    mariadb_account,
+    mysql_audit_findings,
+    parse_grantee,
+    parse_mysql_failed_logins,
+)
+
+MYSQL_LOG_CASES = [
+    # MariaDB 10.11 (log_warnings=2)
+    (
+        [
+            "2026-12-01 14:50:02 5 [Warning] Access denied for user 'app'@'localhost' (using password: YES)"
+        ],
+        [("2026-12-01 14:50:02", "app", "localhost", "wrong password")],
+    ),
+    # MySQL 8 (log_error_verbosity=3)
+    (
+        [
+            "2026-12-01T14:50:02.123456Z 8 [Note] [MY-010926] [Server] Access denied for user "
+            "'root'@'10.0.0.7' (using password: NO)"
+        ],
+        [("2026-12-01T14:50:02", "root", "10.0.0.7", "no password given")],
+    ),
+    # a quote inside a user name is doubled; other lines are not refused logins
+    (
+        [
+            "2026-12-01 14:50:03 0 [Note] mariadbd: ready for connections.",
+            "2026-12-01 14:50:04 9 [Warning] Access denied for user 'o''neil'@'192.0.2.1' "
+            "(using password: YES)",
+            "2026-12-01 14:50:05 10 [Warning] Aborted connection 10 to db: 'x' user: 'app'",
+        ],
+        [("2026-12-01 14:50:04", "o'neil", "192.0.2.1", "wrong password")],
+    ),
+    ([], []),
+]
+
+
+@pytest.mark.parametrize(("lines", "expected"), MYSQL_LOG_CASES)
+def test_parse_mysql_failed_logins(lines, expected) -> None:
+    assert [
+        (f.at, f.user, f.client, f.reason) for f in parse_mysql_failed_logins(lines)
+    ] == expected
+
+
+GRANTEE_CASES = [
+    ("'app'@'%'", ("app", "%")),
+    ("'o''neil'@'10.0.0.%'", ("o'neil", "10.0.0.%")),
+    ("''@'localhost'", ("", "localhost")),
+    ("'dba'", ("dba", "")),  # a MariaDB role
+    ("app@%", None),
+]
+
+
+@pytest.mark.parametrize(("grantee", "expected"), GRANTEE_CASES)
+def test_parse_grantee(grantee, expected) -> None:
+    assert parse_grantee(grantee) == expected
+
+
+def test_effective_privileges_follow_roles_of_roles_without_looping() -> None:
+    own = {("app", "%"): {"SELECT"}, ("dba", ""): {"SUPER"}, ("ops", ""): {"FILE"}}
+    roles = {("app", "%"): {"ops"}, ("ops", ""): {"dba"}, ("dba", ""): {"ops"}}  # a cycle
+    eff = effective_privileges(own, roles)
+    assert eff[("app", "%")] == {"SELECT", "FILE", "SUPER"}
+    assert eff[("dba", "")] == {"SUPER", "FILE"}
+
+
+# a row of mysql.global_priv -> (has_password, password_expired, lifetime days, locked) or None
+GLOBAL_PRIV_CASES = [
+    ('{"access":18446744073709551615}', (False, False, None, False)),  # root after install-db
+    (
+        '{"access":0,"plugin":"mysql_native_password","authentication_string":"*D82","password_last_changed":1796136162}',
+        (True, False, None, False),
+    ),
+    (
+        '{"access":0,"plugin":"mysql_native_password","authentication_string":"","account_locked":true,"password_last_changed":0}',
+        (False, True, None, True),  # mariadb.sys
+    ),
+    (
+        '{"plugin":"mysql_native_password","authentication_string":"*B69","password_last_changed":1,"password_lifetime":10}',
+        (True, False, 10, False),
+    ),
+    ('{"plugin":"unix_socket","authentication_string":""}', (True, False, None, False)),
+    ('{"access":549755812863,"is_role":true}', None),
+]
+
+
+@pytest.mark.parametrize(("priv", "expected"), GLOBAL_PRIV_CASES)
+def test_mariadb_account(priv, expected) -> None:
+    account = mariadb_account("u", "h", priv)
+    if expected is None:
+        assert account is None
+        return
+    assert account is not None
+    got = (
+        account.has_password,
+        account.password_expired,
+        account.password_lifetime_days,
+        account.locked,
+    )
+    assert got == expected
+
+
+def account(user: str, host: str = "%", **kw) -> MySQLAccount:
+    fields = dict(
+        user=user,
+        host=host,
+        plugin="mysql_native_password",
+        has_password=True,
+        password_changed=NOW - timedelta(days=30),
+    )
+    return MySQLAccount(**(fields | kw))
+
+
+# accounts, refused logins, server default_password_lifetime -> (severity, subject, a word)
+MYSQL_FINDING_CASES = [
+    ([account("root", "localhost", privileges=["SUPER"])], [], 0, []),
+    ([account("app", privileges=["SELECT"])], [], 0, []),
+    (
+        [account("dba", privileges=["SUPER"])],
+        [],
+        0,
+        [("high", "'dba'@'%'", "from any address")],
+    ),
+    (
+        [account("etl", privileges=["SUPER"], roles=["admin"])],
+        [],
+        0,
+        [("high", "'etl'@'%'", "through role admin")],
+    ),
+    ([account("dba", privileges=["SUPER"], locked=True)], [], 0, []),  # cannot log in
+    (
+        [account("", "localhost", has_password=False)],
+        [],
+        0,
+        [("high", "''@'localhost'", "anonymous")],
+    ),
+    ([account("app", has_password=False)], [], 0, [("high", "'app'@'%'", "without a password")]),
+    ([account("svc", "localhost", plugin="unix_socket", has_password=True)], [], 0, []),
+    ([account("app", has_password=None)], [], 0, []),  # not readable: no claim either way
+    (
+        [account("old", plugin="mysql_old_password")],
+        [],
+        0,
+        [("medium", "'old'@'%'", "old_password")],
+    ),
+    (
+        [account("etl", privileges=["FILE", "SELECT"])],
+        [],
+        0,
+        [("medium", "'etl'@'%'", "FILE")],
+    ),
+    ([account("exp", password_expired=True)], [], 0, [("low", "'exp'@'%'", "next login")]),
+    # own lifetime 35 days, changed 30 days ago: expires in 5
+    ([account("soon", password_lifetime_days=35)], [], 0, [("medium", "'soon'@'%'", "expires")]),
+    # the server's default lifetime of 20 days applies: expired 10 days ago
+    ([account("gone")], [], 20, [("low", "'gone'@'%'", "expired on")]),
+    ([account("never", password_lifetime_days=0)], [], 20, []),  # its own 0 wins: never
+    (
+        [],
+        fails("app", "10.0.0.7", 5),
+        0,
+        [("high", "app from 10.0.0.7", "5 refused logins")],
+    ),
+    ([], fails("app", "10.0.0.7", 3) + fails("app", "10.0.0.8", 3), 0, []),  # per address
+]
+
+
+@pytest.mark.parametrize(("accounts", "failures", "lifetime", "expected"), MYSQL_FINDING_CASES)
+def test_mysql_audit_findings(accounts, failures, lifetime, expected) -> None:
+    found = mysql_audit_findings(accounts, failures, MySQLAuditPolicy(), lifetime, NOW)
+    assert len(found) == len(expected), found
+    for f, (severity, subject, word) in zip(found, expected, strict=True):
+        assert (f.severity, f.subject) == (Severity(severity), subject)
+        assert word in f.finding
+
+
+def test_mysql_allowed_lists_match_user_or_account() -> None:
+    policy = MySQLAuditPolicy(allowed_superusers=["dba@10.%"], allowed_powerful=["'etl'@'%'"])
+    found = mysql_audit_findings(
+        [
+            account("dba", "10.%", privileges=["SUPER"]),
+            account("dba", "%", privileges=["SUPER"]),
+            account("etl", privileges=["FILE"]),
+        ],
+        [],
+        policy,
+        0,
+        NOW,
+    )
+    assert [(f.severity, f.subject) for f in found] == [(Severity.HIGH, "'dba'@'%'")]
