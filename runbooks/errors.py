@@ -1,4 +1,5 @@
-"""Domain errors that end a runbook run: an escalation, a failed verification, a busy target."""
+"""Domain errors that end a runbook run: an escalation, a failed verification, a busy target, a
+duplicate alert run."""
 
 
 class Escalation(RuntimeError):
@@ -18,6 +19,11 @@ class TargetBusy(RuntimeError):
     def __init__(self, message: str, *, escalate: bool = False):
         super().__init__(message)
         self.escalate = escalate
+
+
+class DuplicateAlertRun(RuntimeError):
+    """Another run already has this alert event from the same automation (runbooks.alert_claims):
+    Prefect delivered the event twice. This run stops before acting; nobody is paged."""
 
 
 class BudgetSpent(Escalation):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, TypeVar
+from uuid import UUID
 
 from prefect.types.names import LOWERCASE_LETTERS_NUMBERS_AND_DASHES_ONLY_REGEX
 from pydantic import (
@@ -191,6 +193,20 @@ class AlertContext(BaseModel):
     severity: str | None = Field(None, description="The alert's `severity` label.")
     labels: dict[str, str] = Field(default_factory=dict, description="All labels of the alert.")
     starts_at: str | None = Field(None, description="When the alert started firing (RFC 3339).")
+    event_id: UUID | None = Field(
+        None,
+        description="The Prefect event that started the run (runbooks.alert_claims: one run per "
+        "event and automation). Leave empty on a manual run.",
+    )
+    event_occurred: datetime | None = Field(
+        None, description="When the gateway saw the alert (the event's `occurred`)."
+    )
+
+    @field_validator("event_id", "event_occurred", mode="before")
+    @classmethod
+    def _absent_is_none(cls, value: Any) -> Any:
+        # a template that had nothing to render renders "None" or ""
+        return None if value in ("", "None", "null") else value
 
     @field_validator("labels", mode="before")
     @classmethod

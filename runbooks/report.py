@@ -28,16 +28,18 @@ from prefect.settings import PREFECT_UI_URL
 from prefect.states import Completed, Failed
 from pydantic import BaseModel
 
+from runbooks.alert_claims import MAX_ATTEMPTS, Verdict, claim_alert_event
 from runbooks.audit import ActionRow, group_rows, scrub, table_row
 from runbooks.errors import (
     ApprovalRejected,
     ApprovalTimedOut,
     BudgetSpent,
+    DuplicateAlertRun,
     Escalation,
     TargetBusy,
     VerificationFailed,
 )
-from runbooks.escalation import EscalationKind
+from runbooks.escalation import EscalationKind, flow_run_url
 from runbooks.params import RunbookParams
 from runbooks.results import ChangeSet
 from runbooks.safety import Guard, Target, guard
@@ -60,6 +62,7 @@ class Outcome(StrEnum):
     WAITING = "WAITING (SELF-HEALING)"
     HANDED_OFF = "HANDED OFF"  # to another runbook's run, which acts under its own guard
     TARGET_BUSY = "NOT ACTED: TARGET BUSY"
+    DUPLICATE = "NOT ACTED: DUPLICATE ALERT"  # the alert event already started another run
     AWAITING_APPROVAL = "WAITING FOR APPROVAL"
     WOULD_ESCALATE = "DRY-RUN: WOULD ESCALATE"
     ESCALATED = "ESCALATED"
@@ -103,7 +106,7 @@ class Ending:
         """The run's final state; None for an unexpected error, whose traceback must show."""
         if not self.expected:
             return None
-        if self.outcome is Outcome.WOULD_ESCALATE:
+        if self.outcome in (Outcome.WOULD_ESCALATE, Outcome.DUPLICATE):
             return Completed(message=self.conclusion)
         # the exception as the state's data: calling the flow directly still raises it
         return Failed(message=self.conclusion, data=exc)
@@ -115,6 +118,10 @@ def decide_ending(exc: BaseException, dry_run: bool, cancelled: bool = False) ->
     ``cancelled``: a person cancelled the run (Prefect's cancellation), which needs no page.
     """
     quiet = Notify.OBSERVE if dry_run else Notify.PAGE
+    if isinstance(exc, DuplicateAlertRun):  # the run that has the alert acts and reports
+        return Ending(
+            Outcome.DUPLICATE, f"Stopped without acting: {exc}.", None, Notify.NOBODY, True
+        )
     if isinstance(exc, TargetBusy):  # gave up waiting for another run: nobody may be fixing it
         if dry_run:
             return Ending(
@@ -425,6 +432,7 @@ def incident_report(
             "again against the live system before anything is changed"
         )
     try:
+        claim_alert(report, params)
         yield report
     except Pause:
         # suspended for approval: the run starts again once answered (runbooks.approvals)
@@ -480,7 +488,7 @@ def _call_as_reported(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> 
     token = _ending.set(None)
     try:
         return fn(*args, **kwargs)
-    except (Escalation, VerificationFailed, TargetBusy) as exc:
+    except (Escalation, VerificationFailed, TargetBusy, DuplicateAlertRun) as exc:
         decided = _ending.get()
         if decided is None or decided[0] is not exc or decided[1] is None:
             raise  # raised outside an incident report: nothing recorded it
@@ -599,6 +607,48 @@ def _cancelled(exc: BaseException) -> bool:
     return state is not None and (state.is_cancelling() or state.is_cancelled())
 
 
+def claim_alert(report: IncidentReport, params: RunbookParams) -> None:
+    """One run per alert event and automation (runbooks.alert_claims): a second run started by a
+    redelivered event stops here, before any check or change; the first one goes on."""
+    alert = params.alert
+    ctx = FlowRunContext.get()
+    if alert is None or alert.event_id is None or ctx is None or ctx.flow_run is None:
+        return
+    run = ctx.flow_run
+    claim = claim_alert_event(
+        alert.event_id, alert.event_occurred, run.idempotency_key, run.id, run.name
+    )
+    if claim is None:
+        return  # not started by an automation: a person (or a schedule) means this run
+    event = f"alert event {claim.event_id}"
+    verdict, attempt, holder = claim.decision.verdict, claim.decision.attempt, claim.holder
+    if verdict is Verdict.FIRST:
+        report.step(f"{event} claimed by this run: a second delivery of it will not act")
+    elif verdict is Verdict.OWN:
+        report.step(f"{event} is this run's already (claimed before it was resumed)")
+    else:
+        assert holder is not None
+        name = holder.flow_run_name or str(holder.flow_run_id)
+        link = flow_run_url(str(holder.flow_run_id))
+        other = f"run {name}" + (f" ({link})" if link else "")
+        how = claim.holder_state or "deleted"
+        if verdict is Verdict.TAKE_OVER:
+            report.step(
+                f"{event} was claimed by {other}, which ended {how} before finishing: this run "
+                f"takes it over (attempt {attempt} of {MAX_ATTEMPTS})"
+            )
+        elif verdict is Verdict.DUPLICATE:
+            raise DuplicateAlertRun(
+                f"{event} already started {other} ({how}) from the same automation; Prefect "
+                "delivered the event again (at-least-once after a server restart)"
+            )
+        else:
+            raise Escalation(
+                f"{event}: its last {attempt} runs ended {how} before finishing (the last: "
+                f"{other}); not starting it again"
+            )
+
+
 def _resumed() -> bool:
     """Whether this run was suspended for approval and started again (runbooks.approvals)."""
     ctx = FlowRunContext.get()
@@ -652,6 +702,7 @@ _NOTHING_DONE: dict[Outcome | None, str] = {
     Outcome.HANDED_OFF: "Nothing was changed here: the runbook it was handed to acts, under its "
     "own lock, budget and approvals (see its run).",
     Outcome.TARGET_BUSY: "Nothing was changed: another run is acting on the target.",
+    Outcome.DUPLICATE: "Nothing was changed: the run that has this alert acts on it.",
     Outcome.WOULD_ESCALATE: "Nothing was planned: the run would escalate before acting.",
     Outcome.ESCALATED: "Nothing was changed: escalated before acting.",
     Outcome.FAILED: "Nothing was changed: the run failed before acting.",

@@ -75,6 +75,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=rank)  # stable: collection order within a rank
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: `-p no:xdist` runs without it
 def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
     """Refuse to run when pytest-xdist ignored the groups (every test has one, see above): it
     applies them by renaming each item's nodeid (`<id>@<group>`), which pytest 9.2 no longer lets

@@ -302,6 +302,9 @@ def test_alert_starts_its_runbook_with_labels(
     assert params.alert.status == "firing"
     assert params.alert.severity == "critical"
     assert params.alert.starts_at == "2026-11-22T03:00:00Z"
+    # what the run claims (runbooks/alert_claims.py): the event that started it
+    assert params.alert.event_id == uuid.UUID(sent[0]["id"])
+    assert params.alert.event_occurred == datetime.fromisoformat(sent[0]["occurred"])
     assert params.alert.labels["alertname"] == labels["alertname"]
     assert not any(k.startswith("prefect.") for k in params.alert.labels)
     assert params.dry_run is False

@@ -295,13 +295,15 @@ def test_api_server_killed_while_alerts_arrive(
     a run, each run started once (one RUNNING state, one process launched by one worker: the
     worker logs), and the store is reset once.
 
-    Known defect (issue #16), asserted precisely rather than hidden: an alert whose event A's
-    triggers evaluated just before the SIGKILL can become two runs. Prefect's triggers consumer
-    (prefect 3.8.8 server/events/triggers.py) records an event as seen only after evaluating it,
-    and Redis redelivers the unacknowledged message after the restart, so the automation fires
-    again: the same automation and action, a new invocation (1 of 5 runs of this test
-    alone). Any other doubling fails: a second automation, a run without an invocation key, a
-    run started twice, a change applied twice."""
+    An alert whose event A's triggers evaluated just before the SIGKILL can become two runs:
+    Prefect's triggers consumer (prefect 3.8.8 server/events/triggers.py) records an event as
+    seen only after evaluating it, and Redis redelivers the unacknowledged message after the
+    restart, so the automation fires again: the same automation and action, a new invocation (1
+    of 5 runs of this test alone, issue #16). The second run must stop before acting, COMPLETED
+    "duplicate alert" naming the first (runbooks/alert_claims.py; its deterministic test is
+    tests/integration/test_alert_claims.py). Any other doubling fails: a second automation, a run
+    without an invocation key, two runs that both acted, a run started twice, a change applied
+    twice."""
     gateway_a, gateway_b = gateways
     labels = {"event_store": store.block, "service": "matches"}
     fingerprints = [uuid.uuid4().hex[:16] for _ in range(ALERTS)]
@@ -334,18 +336,22 @@ def test_api_server_killed_while_alerts_arrive(
 
     assert wait_until(all_started, timeout_s=120), [f for f in accepted if not alert_runs(f)]
     runs = {f: alert_runs(f) for f in accepted}
+    for run in (r for rs in runs.values() for r in rs):
+        wait_state(run["id"], FINAL, timeout_s=90)
     for f, rs in runs.items():
         if len(rs) == 1:
             continue
-        # the known redelivery (see the docstring): one automation and action, new invocations
+        # the redelivery (see the docstring): one automation and action, new invocations, and
+        # every run but one stopped as a duplicate before acting
         keys = [r["idempotency_key"] or "" for r in rs]
         sources = {k.rsplit(", invocation ", 1)[0] for k in keys}
         assert len(sources) == 1 and all(", invocation " in k for k in keys), (
             f"alert {f} has {len(rs)} runs not explained by one automation firing again "
             f"(A killed after {KILL_AFTER}): {[(r['name'], r['created'], k) for r, k in zip(rs, keys, strict=True)]}"
         )
-    for run in (r for rs in runs.values() for r in rs):
-        wait_state(run["id"], FINAL, timeout_s=90)
+        messages = [wait_state(r["id"], FINAL, timeout_s=90)["state"]["message"] or "" for r in rs]
+        duplicates = [m for m in messages if "Stopped without acting: alert event" in m]
+        assert len(duplicates) == len(rs) - 1, (f, messages)
     launches = team.procs["worker-1"].tail(10**7) + team.procs["worker-2"].tail(10**7)
     for f, run in ((f, r) for f, rs in runs.items() for r in rs):
         done = wait_state(run["id"], FINAL, timeout_s=90)

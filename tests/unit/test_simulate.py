@@ -79,3 +79,41 @@ def test_cli_prints_matches_and_checks_parameters(capsys, tmp_path) -> None:
         main(["simulate", "--labels", "novalue"])
     with pytest.raises(SystemExit, match="one of them"):
         main(["simulate"])
+
+
+def _alert_cases() -> list[tuple[str, dict[str, str]]]:
+    # the labels each trigger's integration test sends (every trigger has one: that test checks)
+    from tests.integration.test_alert_triggers import CASES, MORE_CASES
+
+    cases = [(name, labels) for name, (labels, _) in sorted(CASES.items())]
+    return cases + [(name, labels) for name, labels, _ in MORE_CASES]
+
+
+@pytest.mark.parametrize(
+    ("deployment", "labels"),
+    _alert_cases(),
+    ids=lambda v: v if isinstance(v, str) else v["alertname"],
+)
+def test_every_trigger_renders_parameters_its_runbook_accepts(deployment, labels) -> None:
+    """Prefect refuses to create the run of a template that does not render (the alert would be
+    lost: "Unable to create flow run from deployment: InvalidJinja()"), and a run whose
+    parameters do not validate fails at once: each trigger is rendered here by Prefect's own code
+    and its parameters validated by the runbook's model, with the event fields a run claims."""
+    import typing
+    import uuid
+
+    from prefect.flows import load_flow_from_entrypoint
+
+    from deployments.catalog import load_catalog
+    from serving.simulate_command import PROJECT_ROOT
+
+    (event,) = alert_events(labels_payload({**labels, "severity": "critical"}))
+    matches = [m for m in simulate(event) if m.deployment == deployment]
+    assert matches, f"{labels['alertname']} does not start {deployment}"
+    spec = next(s for s in load_catalog() if s.name == deployment)
+    flow = load_flow_from_entrypoint(str(PROJECT_ROOT / spec.entrypoint))
+    model = typing.get_type_hints(flow.fn)["params"]
+    for match in matches:
+        params = model.model_validate(match.parameters["params"])
+        assert params.alert.event_id == uuid.UUID(event["id"])
+        assert params.alert.event_occurred is not None
