@@ -244,6 +244,9 @@ class TeamTopology:
         if "redis" in self.procs:
             self.procs["redis"].stop()
         self.postgres.stop()
+        if os.environ.get("RUNBOOKS_KEEP_TEST_LOGS"):  # every process's log, to read a failure
+            print(f"team topology logs kept in {self.home}")
+            return
         shutil.rmtree(self.home, ignore_errors=True)
 
 
