@@ -120,6 +120,13 @@ def judge_claim(
     return Decision(Verdict.TAKE_OVER, latest.attempt + 1)
 
 
+def holder_state_text(state: StateType | None, found: bool) -> str:
+    """How the report names the state of the run that had the event."""
+    if not found:
+        return "deleted"
+    return state.value if state is not None else "not started yet"
+
+
 @dataclass(frozen=True)
 class Claim:
     """What claiming found: the decision, and the run that had the event before (if any)."""
@@ -127,7 +134,7 @@ class Claim:
     decision: Decision
     event_id: UUID
     holder: ClaimRecord | None = None
-    holder_state: str | None = None
+    holder_state: str = ""
 
 
 def claim_alert_event(
@@ -157,7 +164,7 @@ def claim_alert_event(
             state, found = _run_state(client, latest.flow_run_id) if latest else (None, True)
             decision = judge_claim(flow_run_id, latest, state, found)
             if decision.verdict not in (Verdict.FIRST, Verdict.TAKE_OVER):
-                return Claim(decision, event_id, latest, state.value if state else None)
+                return Claim(decision, event_id, latest, holder_state_text(state, found))
             record = ClaimRecord(
                 flow_run_id=flow_run_id,
                 flow_run_name=flow_run_name,
@@ -174,7 +181,7 @@ def claim_alert_event(
                 )
             except ObjectAlreadyExists:
                 continue
-            return Claim(decision, event_id, latest, state.value if state else None)
+            return Claim(decision, event_id, latest, holder_state_text(state, found))
     raise RuntimeError(f"could not claim alert event {event_id}: the claim kept changing")
 
 

@@ -631,7 +631,7 @@ def claim_alert(report: IncidentReport, params: RunbookParams) -> None:
         name = holder.flow_run_name or str(holder.flow_run_id)
         link = flow_run_url(str(holder.flow_run_id))
         other = f"run {name}" + (f" ({link})" if link else "")
-        how = claim.holder_state or "deleted"
+        how = claim.holder_state
         if verdict is Verdict.TAKE_OVER:
             report.step(
                 f"{event} was claimed by {other}, which ended {how} before finishing: this run "

@@ -13,6 +13,7 @@ from runbooks.alert_claims import (
     claim_day,
     claim_name,
     expired,
+    holder_state_text,
     judge_claim,
 )
 from runbooks.params import AlertContext
@@ -128,3 +129,16 @@ def test_alert_context_event_fields(rendered, event_id, occurred):
 def test_alert_context_rejects_a_garbled_event_id():
     with pytest.raises(ValueError, match="event_id"):
         AlertContext.model_validate({"event_id": "../../etc/passwd"})
+
+
+@pytest.mark.parametrize(
+    "state,found,text",
+    [
+        (StateType.COMPLETED, True, "COMPLETED"),
+        (StateType.CRASHED, True, "CRASHED"),
+        (None, True, "not started yet"),
+        (None, False, "deleted"),
+    ],
+)
+def test_holder_state_text(state, found, text):
+    assert holder_state_text(state, found) == text
