@@ -28,7 +28,14 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from tests.conftest import read_incident_report
 from tests.gateway_proc import read_events
 from tests.integration.test_alert_triggers import post_alert_event
-from tests.integration.test_team_topology import DEPLOYMENT, FINAL, api, wait_state, worker_of
+from tests.integration.test_team_topology import (
+    FINAL,
+    api,
+    deployment_runs,
+    first_new_run,
+    wait_state,
+    worker_of,
+)
 from tests.pg_env import Env, env, wait_until  # noqa: F401 - env: a fixture
 from tests.team_topology import HEARTBEAT_SECONDS, PROJECT_ROOT, Proc, TeamTopology
 
@@ -150,16 +157,10 @@ def test_alert_runs_on_our_worker_from_its_event(fast: TeamTopology, env: Env) -
     """An alert's run is taken on its Scheduled event (both of ours follow the pool's events; the
     poll is POLL_S away) and runs the runbook against the real database: tasks, logs, report."""
     block = env.block()
-    before = {
-        r["id"] for r in api("/flow_runs/filter", {"deployments": {"name": {"any_": [DEPLOYMENT]}}})
-    }
+    before = {r["id"] for r in deployment_runs()}
     post_alert_event({"alertname": "PostgresTooManyConnections", "database": block})
 
-    def new_run() -> dict | None:
-        runs = api("/flow_runs/filter", {"deployments": {"name": {"any_": [DEPLOYMENT]}}})
-        return next((r for r in runs if r["id"] not in before), None)
-
-    run = wait_until(new_run, timeout_s=60)
+    run = wait_until(lambda: first_new_run(before), timeout_s=60)
     assert run, "the alert started no run"
     run = wait_state(run["id"], FINAL, timeout_s=60)
     assert run["state_type"] == "COMPLETED", run["state"]["message"]

@@ -32,7 +32,13 @@ from blocks.escalation import EscalationPolicy
 from tests.conftest import read_incident_report
 from tests.gateway_proc import read_events
 from tests.integration.test_event_processing_stuck import SCHEMA, Env, env, seeded  # noqa: F401
-from tests.integration.test_team_topology import FINAL, api, team, wait_state  # noqa: F401
+from tests.integration.test_team_topology import (  # noqa: F401
+    FINAL,
+    api,
+    deployment_runs,
+    team,
+    wait_state,
+)
 from tests.pg_env import wait_until
 from tests.receivers import HttpReceiver
 from tests.team_topology import Proc, TeamTopology, wait_healthy
@@ -197,10 +203,9 @@ def alert_body(fingerprint: str, labels: dict[str, str], starts_at: str) -> dict
 
 def alert_runs(fingerprint: str) -> list[dict]:
     """Every run of the deployment an alert with this fingerprint started."""
-    runs = api("/flow_runs/filter", {"deployments": {"name": {"any_": [DEPLOYMENT]}}})
     return [
         r
-        for r in runs
+        for r in deployment_runs(DEPLOYMENT)
         if ((r["parameters"].get("params") or {}).get("alert") or {}).get("fingerprint")
         == fingerprint
     ]

@@ -63,6 +63,16 @@ def api(path: str, body: dict | None = None) -> Any:
     return resp.json()
 
 
+def deployment_runs(name: str = DEPLOYMENT) -> list[dict]:
+    """Every run of a deployment (by default this module's test deployment)."""
+    return api("/flow_runs/filter", {"deployments": {"name": {"any_": [name]}}})
+
+
+def first_new_run(before: set[str]) -> dict | None:
+    """A run of the test deployment whose id is not in ``before`` (None while there is none)."""
+    return next((r for r in deployment_runs() if r["id"] not in before), None)
+
+
 def deployment_id() -> str:
     (found,) = api("/deployments/filter", {"deployments": {"name": {"any_": [DEPLOYMENT]}}})
     return found["id"]
@@ -135,18 +145,11 @@ def test_alert_event_runs_on_a_worker(team: TeamTopology, env: Env) -> None:
     through Redis, and a worker runs the runbook against the real database it names."""
     with temporary_settings(updates={PREFECT_API_URL: team.api_b}):
         block = env.block()
-    before = {
-        r["id"] for r in api("/flow_runs/filter", {"deployments": {"name": {"any_": [DEPLOYMENT]}}})
-    }
+    before = {r["id"] for r in deployment_runs()}
 
     post_alert_event({"alertname": "PostgresTooManyConnections", "database": block})
 
-    def new_run() -> dict | None:
-        runs = api("/flow_runs/filter", {"deployments": {"name": {"any_": [DEPLOYMENT]}}})
-        fresh = [r for r in runs if r["id"] not in before]
-        return fresh[0] if fresh else None
-
-    run = wait_until(new_run, timeout_s=60)
+    run = wait_until(lambda: first_new_run(before), timeout_s=60)
     assert run, "the alert started no run"
     run = wait_state(run["id"], FINAL)
     assert run["state_type"] == "COMPLETED", run["state"]["message"]
