@@ -13,6 +13,7 @@ BENCHMARKS = {
     "trigger-latency": "bench.trigger_latency",  # [--alerts 50]
     "alert-storm": "bench.alert_storm",
     "restart-backlog": "bench.restart_backlog",  # [--alerts 50]
+    "sqlite-races": "bench.sqlite_races",  # [--seconds 120] [--clients 8] [--server both]
     "wal-drain": "bench.wal_drain",
     "dlq-triage": "bench.dlq_triage",
     "topic-backup": "bench.topic_backup",  # [--records 100000] [--size 1024] [--repeats 3]

@@ -35,6 +35,7 @@ def main(argv: list[str]) -> int:
         ("API first answered after launch", s(result.first_healthy_s)),
         ("longest API silence after that", s(result.longest_silence_s)),
         ('"database is locked" in the log', str(result.locked_lines)),
+        ("event loop blocked for 10 s or more", str(result.blocked_lines)),
         ("first run finished after launch", s(result.first_run_done_s)),
         ("last run finished after launch", s(result.last_run_done_s)),
         ("runs created", str(result.runs)),

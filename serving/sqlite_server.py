@@ -27,8 +27,24 @@ holder started and awaits (``asyncio.gather`` inside a transaction). Prefect kee
 in a context variable, which a task started inside a transaction inherits: such a task's plain
 reads no longer begin IMMEDIATE (they held SQLite's write lock outside the turn for as long as
 their session lived). A thread logs the loop thread's stack when the event loop is blocked for
-``LOOP_BLOCKED_S``. Nothing else changes; pinned to prefect 3.8.8, and
-tests/integration/test_sqlite_server.py fails if the pieces it relies on change.
+``LOOP_BLOCKED_S``.
+
+That thread named the 60 s stall of issue #9 (the API silent for 60 s, then "database is locked"):
+a statement that fails (a racing create of a target lock's concurrency limit ends in
+IntegrityError) leaves its sqlite3 cursor open, because SQLAlchemy's aiosqlite adapter closes the
+cursor only after a statement succeeds; the exception's traceback keeps it alive until Python's
+garbage collector frees it, on whatever thread allocates at that moment: the event loop's. Freeing
+a cursor that still holds its statement resets the statement, which needs the connection's SQLite
+mutex; if that pooled connection is meanwhile waiting in SQLite's busy handler (inside
+``sqlite3_step``, holding the mutex) for a write lock that a transaction on this same event loop
+holds, the loop thread waits for the busy handler, the loop cannot run the holder's COMMIT, and
+both wait until SQLite's 60 s busy timeout fails the statement. (3) Every aiosqlite cursor whose
+operation fails is therefore closed at once, on its connection's own thread, before the error
+propagates: a cursor freed later holds no statement and touches no mutex.
+
+Nothing else changes; pinned to prefect 3.8.8 and aiosqlite 0.22.1, and
+tests/integration/test_sqlite_server.py and test_sqlite_turns.py fail if the pieces it relies on
+change.
 
     python -m serving.sqlite_server --host 127.0.0.1 --port 4200   (= prefect server start ...)
 """
@@ -36,6 +52,7 @@ tests/integration/test_sqlite_server.py fails if the pieces it relies on change.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import sys
@@ -92,7 +109,9 @@ async def _watch_turns(loop: asyncio.AbstractEventLoop) -> None:
             reported = task
             logger.warning(
                 "SQLite write turn held for %.0fs by %s, awaiting in:\n%s",
-                loop.time() - since, task.get_name(), "\n".join(coroutine_stack(task.get_coro())),
+                loop.time() - since,
+                task.get_name(),
+                "\n".join(coroutine_stack(task.get_coro())),
             )
 
 
@@ -103,8 +122,10 @@ def coroutine_stack(coro: Any) -> list[str]:
     seen: set[int] = set()
     while coro is not None and id(coro) not in seen and len(lines) < 200:
         seen.add(id(coro))
-        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None) or getattr(
-            coro, "ag_frame", None
+        frame = (
+            getattr(coro, "cr_frame", None)
+            or getattr(coro, "gi_frame", None)
+            or getattr(coro, "ag_frame", None)
         )
         if frame is None:  # not a coroutine: a future (or its iterator) or another awaitable
             lines.append(f"  awaiting {coro!r}"[:500])
@@ -182,10 +203,35 @@ def watch_loop(loop: asyncio.AbstractEventLoop, blocked_s: float = LOOP_BLOCKED_
     threading.Thread(target=watch, name="runbooks-loop-watch", daemon=True).start()
 
 
+def close_failed_cursors() -> None:
+    """(3) of the module docstring: an aiosqlite cursor whose operation fails (or is cancelled) is
+    closed on its connection's thread before the error propagates. Idempotent."""
+    import aiosqlite
+
+    original = aiosqlite.Cursor._execute
+    if getattr(original, "_runbooks", False):
+        return
+
+    async def _execute(self: aiosqlite.Cursor, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await original(self, fn, *args, **kwargs)
+        except BaseException:
+            if fn != self._cursor.close:
+                # queued behind the failed call on the connection's thread; a close that fails
+                # too leaves things as they were
+                with contextlib.suppress(Exception):
+                    await original(self, self._cursor.close)
+            raise
+
+    _execute._runbooks = True  # type: ignore[attr-defined]
+    aiosqlite.Cursor._execute = _execute  # type: ignore[method-assign]
+
+
 def install() -> None:
     """Patch this process's Prefect server (before it starts): see the module docstring."""
     from prefect.server.database.configurations import AioSqliteConfiguration
 
+    close_failed_cursors()
     if getattr(AioSqliteConfiguration.begin_transaction, "_runbooks", False):
         return
     original_begin = AioSqliteConfiguration.begin_transaction

@@ -38,6 +38,7 @@ class BacklogResult:
     first_healthy_s: float
     longest_silence_s: float
     locked_lines: int
+    blocked_lines: int  # the server's watchdog: its event loop ran nothing for 10 s
     first_run_done_s: float | None
     last_run_done_s: float | None
     states: Counter = field(default_factory=Counter)
@@ -187,6 +188,7 @@ def restart_with_backlog(
             first_healthy_s=probe.answered[0] - launched,
             longest_silence_s=probe.longest_silence(ended),
             locked_lines=log.count("database is locked"),
+            blocked_lines=log.count("event loop blocked"),
             first_run_done_s=min(done_at.values()) if done_at else None,
             last_run_done_s=max(done_at.values()) if len(done_at) >= alerts else None,
             states=states,

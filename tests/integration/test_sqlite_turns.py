@@ -133,3 +133,56 @@ def test_transactions_of_one_task_take_turns_with_another(db: Path) -> None:
     assert asyncio.run(main()) == ["a in", "a out", "b in", "b out"]
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (2,)
+
+
+BUSY_S = 5  # SQLite's busy timeout in the test below (the server's is 60 s)
+
+
+def test_a_failed_statement_cannot_stall_the_event_loop(db: Path) -> None:
+    """Issue #9's 60 s stall, in its own shape, with aiosqlite as SQLAlchemy's adapter uses it
+    (a cursor per statement): a statement fails on connection C1 (UNIQUE) and its error, with the
+    cursor in its traceback, outlives it; a transaction of this loop (C2) holds the write lock;
+    C1's `BEGIN IMMEDIATE` waits for it in SQLite's busy handler; the garbage collector then frees
+    the failed cursor on the loop's thread. Before the fix, freeing it reset its statement, which
+    waited for C1's mutex, held by the busy handler: the loop stopped, C2 could not commit, and
+    C1 failed after the busy timeout with "database is locked". Now the failed cursor was closed
+    on C1's thread when it failed: the loop runs on, C2 commits, C1 gets the lock."""
+    import gc
+
+    import aiosqlite
+
+    async def main() -> None:
+        sqlite_server.close_failed_cursors()
+        c1 = await aiosqlite.connect(db, isolation_level=None, timeout=BUSY_S)
+        c2 = await aiosqlite.connect(db, isolation_level=None, timeout=BUSY_S)
+        try:
+            await c1.execute("CREATE TABLE u (x int PRIMARY KEY)")
+            await c1.execute("INSERT INTO u VALUES (1)")
+            failed: list[BaseException] = []
+            cursor = await c1.cursor()
+            try:
+                await cursor.execute("INSERT INTO u VALUES (1)")
+            except sqlite3.IntegrityError as exc:
+                failed.append(exc)  # as a traceback keeps its frames (and the cursor) alive
+            del cursor
+            # the session rolls back on C1 after the error: C1's thread holds the cursor no more
+            await c1.rollback()
+            await c2.execute("BEGIN IMMEDIATE")
+
+            async def holder() -> None:
+                await asyncio.sleep(0.5)
+                await c2.execute("COMMIT")
+
+            committed = asyncio.create_task(holder())
+            waiting = asyncio.create_task(c1.execute("BEGIN IMMEDIATE"))
+            await asyncio.sleep(0.2)  # C1's thread is in SQLite's busy handler now
+            failed.clear()  # the last reference to the failed cursor goes, on the loop's thread
+            gc.collect()
+            await committed
+            await waiting  # "database is locked" after BUSY_S before the fix
+            await c1.execute("ROLLBACK")
+        finally:
+            await c1.close()
+            await c2.close()
+
+    asyncio.run(main())
