@@ -197,7 +197,7 @@ def _sqlite_throughput(args: argparse.Namespace) -> int:
 
 
 def _restart_worker(
-    topology: TeamTopology, name: str, poll_s: float | None, stock: bool = True
+    topology: TeamTopology, name: str, poll_s: float | None, stock: bool
 ) -> None:
     """(Re)start a worker polling every poll_s seconds (None: Prefect's default, 10 s): a stock
     one (`runbooks worker --stock`) or ours (`runbooks worker`)."""

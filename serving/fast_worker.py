@@ -81,6 +81,7 @@ from prefect.settings import get_current_settings
 from prefect.utilities.processutils import get_sys_executable, sanitize_subprocess_env
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
+from serving.api_restarts import tolerate_api_restarts
 from serving.pickup import EventPickup, SubmittedStates, due
 
 if TYPE_CHECKING:
@@ -410,6 +411,7 @@ def supervise_warm(
     from prefect.runner._workspace_runtime import read_model
     from prefect.settings import Settings
 
+    tolerate_api_restarts()  # this run's process only: its API may be restarting right now
     _replace_environment(env)
     read_again = supervisor.prepare_workspace_for_flow_run
 

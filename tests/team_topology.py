@@ -8,8 +8,8 @@
 - API server B: ``prefect server start --no-services`` (API only), on the same database and Redis:
   what Prefect 3.8.8 supports for more API replicas (``--workers N`` also implies no services);
 - ``runbooks deploy`` against A: the `runbooks` process work pool, every deployment of prefect.yaml;
-- two stock ``prefect worker start --pool runbooks`` processes, worker-1 talking to A and
-  worker-2 to B, each polling the pool's default queue and a queue of its own (``w1``/``w2``) so a
+- two ``runbooks worker`` processes (our worker type, serving/fast_worker.py: what a team runs),
+  worker-1 talking to A and worker-2 to B, each polling the pool's default queue and a queue of its own (``w1``/``w2``) so a
   test can place a run on one worker.
 
 Every process is in its own session: a test SIGKILLs a worker with its process group (the worker
@@ -152,8 +152,8 @@ class TeamTopology:
         p.start()
         wait_healthy(api_url, p)
 
-    def start_worker(self, name: str, api_url: str, queue: str, stock: bool = True) -> Proc:
-        """`runbooks worker --stock` (Prefect's process worker), or ours with stock=False."""
+    def start_worker(self, name: str, api_url: str, queue: str, stock: bool = False) -> Proc:
+        """`runbooks worker` (ours), or `runbooks worker --stock` (Prefect's process worker)."""
         env = self.client_env(api_url)
         env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(HEARTBEAT_SECONDS)
         env["PREFECT_WORKER_QUERY_SECONDS"] = "1"

@@ -131,9 +131,9 @@ class TlsProxy:
                 socket.socket(socket.AF_UNIX) as engine,
             ):
                 engine.connect(self.unix_socket)
-                pump = threading.Thread(target=_copy, args=(engine, tls), daemon=True)
+                pump = threading.Thread(target=copy_stream, args=(engine, tls), daemon=True)
                 pump.start()
-                _copy(tls, engine)
+                copy_stream(tls, engine)
                 pump.join(10)
 
     def stop(self) -> None:
@@ -142,7 +142,8 @@ class TlsProxy:
             self._listener.close()
 
 
-def _copy(source: socket.socket, target: socket.socket) -> None:
+def copy_stream(source: socket.socket, target: socket.socket) -> None:
+    """Bytes from source to target until source ends; then target's write side is shut."""
     with contextlib.suppress(OSError):
         while data := source.recv(65536):
             target.sendall(data)

@@ -1,18 +1,19 @@
 """Our worker type, `runbooks-process` (serving/fast_worker.py), on the team topology
 (tests/team_topology.py): runs start on their Scheduled event in warm forked interpreters.
 
-For these tests the topology's two stock workers are stopped (they would race ours for the
-pool's default queue) and two of ours serve the pool, both polling only every POLL_S seconds:
+For these tests the topology's two workers are stopped (they would race these for the pool's
+default queue) and two others of ours serve the pool, both polling only every POLL_S seconds:
 `fast-1` is `runbooks worker` talking to API server A; `fast-2` is Prefect's own `prefect worker
 start --type runbooks-process` talking to B, finding the type through the `prefect.collections`
-entry point pyproject.toml declares. Afterwards the stock workers are started again, and one of
-them serves a run, next to nothing of ours.
+entry point pyproject.toml declares. A stock worker (`runbooks worker --stock`) serves a run
+beside them; afterwards the topology's workers are started again.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 import tomllib
 import uuid
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ import pytest
 from prefect import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from serving.deploy_command import WorkingDirectory
 from tests.conftest import read_incident_report
 from tests.gateway_proc import read_events
 from tests.integration.test_alert_triggers import post_alert_event
@@ -37,14 +39,14 @@ from tests.integration.test_team_topology import (
     worker_of,
 )
 from tests.pg_env import Env, env, wait_until  # noqa: F401 - env: a fixture
-from tests.team_topology import HEARTBEAT_SECONDS, PROJECT_ROOT, Proc, TeamTopology
+from tests.team_topology import HEARTBEAT_SECONDS, PROJECT_ROOT, Proc, TeamTopology, wait_healthy
 
 # the topology starts within the first test: minutes on a loaded machine
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 POLL_S = 300  # far beyond every wait below: a run started meanwhile came from its event
 PICKED_UP = "picked up on its Scheduled event"
-STOCK = {"worker-1": "w1", "worker-2": "w2"}
+TOPOLOGY_WORKERS = {"worker-1": "w1", "worker-2": "w2"}
 
 
 def _entry_point_path(home: Path) -> str:
@@ -81,11 +83,13 @@ def _fast_worker(team: TeamTopology, name: str, api_url: str, queue: str, cli: s
     return proc
 
 
-def _apply_probe(api_url: str, name: str, entrypoint: str) -> None:
+def _apply_probe(
+    api_url: str, name: str, entrypoint: str, storage: WorkingDirectory | None = None
+) -> None:
     """A deployment of a test flow in the `runbooks` pool, pulled from this checkout."""
     import importlib
 
-    from serving.deploy_command import POOL, WorkingDirectory
+    from serving.deploy_command import POOL
 
     path, func = entrypoint.split(":")
     module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
@@ -94,7 +98,7 @@ def _apply_probe(api_url: str, name: str, entrypoint: str) -> None:
             name=name, work_pool_name=POOL, job_variables={"working_dir": str(PROJECT_ROOT)}
         )
         deployment.entrypoint = entrypoint
-        deployment.storage = WorkingDirectory(str(PROJECT_ROOT))
+        deployment.storage = storage or WorkingDirectory(str(PROJECT_ROOT))
         deployment.apply()
 
 
@@ -108,7 +112,7 @@ def fast(team_topology: TeamTopology) -> Iterator[TeamTopology]:
         assert resp.status_code in (201, 409), resp.text
     _apply_probe(team.api_a, "fast-worker-hold", "tests/fast_worker_probe.py:hold")
     _apply_probe(team.api_a, "fast-worker-append", "tests/pickup_probe.py:append_line")
-    for name in STOCK:
+    for name in TOPOLOGY_WORKERS:
         team.procs[name].stop()
     _fast_worker(team, "fast-1", team.api_a, "f1", cli="runbooks")
     _fast_worker(team, "fast-2", team.api_b, "f2", cli="prefect")
@@ -125,10 +129,10 @@ def fast(team_topology: TeamTopology) -> Iterator[TeamTopology]:
     finally:
         for name in ("fast-1", "fast-2"):
             team.procs.pop(name).stop()
-        for name, queue in STOCK.items():
+        for name, queue in TOPOLOGY_WORKERS.items():
             if not team.procs[name].alive:
                 team.start_worker(name, team.api_a if name == "worker-1" else team.api_b, queue)
-        for name in STOCK:
+        for name in TOPOLOGY_WORKERS:
             team.wait_worker_online(name)
 
 
@@ -251,15 +255,81 @@ def test_sigkill_of_our_workers_group_kills_its_runs(fast: TeamTopology, tmp_pat
     fast.wait_worker_online("fast-1")
 
 
+class SlowPull(WorkingDirectory):
+    """The probes' storage with a pull step that marks its start, then takes PULL_S, before the
+    usual change of directory: the window in which the test takes the API server away."""
+
+    def __init__(self, directory: str, marker: Path):
+        super().__init__(directory)
+        self.marker = marker
+
+    def to_pull_step(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        script = f"touch {self.marker}\nsleep {PULL_S}"
+        return [
+            {"prefect.deployments.steps.run_shell_script": {"script": script}},
+            super().to_pull_step(),
+        ]
+
+
+PULL_S = 3
+STEPS_DONE = "All deployment steps completed successfully"  # the child, then the engine at once
+# A stays down this long after the run's workspace step ended: the engine's first request (it
+# reads the run, within a second of that line) meets a refused connection
+ENGINE_DOWN_S = 5
+
+
+def test_run_started_while_its_api_server_restarts_completes(
+    fast: TeamTopology, tmp_path: Path
+) -> None:
+    """API server A dies as our worker (fast-1, on A) starts a run and comes back once the run's
+    engine has begun: its first request meets a refused connection and waits for A
+    (serving/api_restarts.py) instead of exiting 1 (Prefect's client retries a refused
+    connection only once it has connected; the worker then marked the run CRASHED: "Flow run
+    infrastructure exited with non-zero status code 1"). The run completes, started once; the
+    worker follows A's events again afterwards."""
+    marker, out = tmp_path / "pulling", tmp_path / "restart.txt"
+    slow = SlowPull(str(PROJECT_ROOT), marker)
+    _apply_probe(fast.api_a, "fast-worker-slow-pull", "tests/pickup_probe.py:append_line", slow)
+    a, worker = fast.procs["api-a"], fast.procs["fast-1"]
+    run_id = _probe_run("fast-worker-slow-pull", {"path": str(out)}, "f1")
+    try:
+        assert wait_until(marker.exists, timeout_s=60), "the run's pull step never began"
+        steps_done = worker.tail(10**7).count(STEPS_DONE)
+        a.kill()
+        # the child's pull-step events wait for A before giving up, so this takes a while
+        assert wait_until(
+            lambda: worker.tail(10**7).count(STEPS_DONE) > steps_done, timeout_s=180
+        ), worker.tail()
+        time.sleep(ENGINE_DOWN_S)
+        assert not out.exists(), "the run got ahead of the test: A was not down for its start"
+    finally:
+        if not a.alive:
+            a.start()
+            wait_healthy(fast.api_a, a)
+    run = wait_state(run_id, FINAL, timeout_s=180)
+    assert run["state_type"] == "COMPLETED", run["state"]["message"]
+    assert worker_of(run) == "fast-1"
+    assert _states(run_id).count("RUNNING") == 1
+    assert len(out.read_text().splitlines()) == 1
+    # fast-1 still takes runs on their events from the restarted A (its poll is POLL_S away)
+    again = wait_state(_probe_run("fast-worker-append", {"path": str(tmp_path / "after.txt")}, "f1"),
+                       FINAL, timeout_s=90)  # fmt: skip
+    assert again["state_type"] == "COMPLETED", again["state"]["message"]
+    assert "fast-1" in _picked_up_by(fast, again["id"])
+
+
 def test_stock_worker_still_serves_the_pool(fast: TeamTopology, tmp_path: Path) -> None:
     """`runbooks worker --stock` beside ours: a run on its own queue, executed once, by it."""
-    fast.start_worker("worker-1", fast.api_a, "w1")
-    fast.wait_worker_online("worker-1")
-    out = tmp_path / "stock.txt"
-    run = wait_state(_probe_run("fast-worker-append", {"path": str(out)}, "w1"), FINAL, 90)
-    assert run["state_type"] == "COMPLETED", run["state"]["message"]
-    assert worker_of(run) == "worker-1"
-    assert len(out.read_text().splitlines()) == 1
+    fast.start_worker("stock-1", fast.api_a, "w1", stock=True)  # w1: worker-1's, stopped
+    try:
+        fast.wait_worker_online("stock-1")
+        out = tmp_path / "stock.txt"
+        run = wait_state(_probe_run("fast-worker-append", {"path": str(out)}, "w1"), FINAL, 90)
+        assert run["state_type"] == "COMPLETED", run["state"]["message"]
+        assert worker_of(run) == "stock-1"
+        assert len(out.read_text().splitlines()) == 1
+    finally:
+        fast.procs.pop("stock-1").stop()
 
 
 def _alive(pid: int) -> bool:

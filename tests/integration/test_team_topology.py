@@ -1,5 +1,5 @@
 """The runbooks on a team's topology (issue #16): PostgreSQL-backed Prefect, two API servers sharing
-events and leases through Redis, `runbooks deploy`, two stock process workers
+events and leases through Redis, `runbooks deploy`, two of our workers (`runbooks worker`)
 (tests/team_topology.py).
 
 db-connection-pool-exhausted against the session's real PostgreSQL (tests/pg_env.py): real idle
