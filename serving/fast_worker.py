@@ -295,6 +295,9 @@ class _WorkerTarget:
     def taken(self, flow_run_id: UUID) -> bool:
         return flow_run_id in self._worker._submitting_flow_run_ids
 
+    async def poll(self) -> None:
+        await self._worker.get_and_submit_flow_runs()
+
     async def submit(self, flow_run: FlowRun) -> bool:
         from prefect.client.schemas.responses import WorkerFlowRunResponse
 

@@ -7,7 +7,8 @@ websocket. `EventPickup` subscribes to those events for the runner's deployments
 run, as soon as it is due, to the runner's own submission path
 (`ScheduledRunPoller._submit_scheduled_flow_runs`: its concurrency slots and its set of runs being
 submitted). The runner's poll keeps running as the fallback: a run whose event is lost (websocket
-down, server restarted) is still started by the next poll.
+down, server restarted) is still started by a poll, the one the pickup makes as soon as the
+stream is back or else the next regular one.
 
 A run is never started twice by this runner: both paths go through `submit_once`, which acts on
 a run's SCHEDULED state at most once (by state id; a retried or re-run flow run gets a new
@@ -118,6 +119,9 @@ class PickupTarget(Protocol):
     async def submit(self, flow_run: FlowRun) -> bool:
         """Start this SCHEDULED run if it is due, ours and not taken; True if submitted."""
 
+    async def poll(self) -> None:
+        """Poll once now, as the runner's or worker's own poll does."""
+
 
 class EventPickup:
     """Submits a runner's or a worker's runs on their `prefect.flow-run.Scheduled` event."""
@@ -140,7 +144,11 @@ class EventPickup:
                 async with self._subscriber() as events:
                     self.connected.set()
                     if failures:
+                        # runs announced while the stream was down: the subscriber backfills
+                        # only what Prefect had persisted (its event persister writes a few
+                        # seconds late), so poll once now instead of at the next poll
                         logger.info("event pickup reconnected after %d failures", failures)
+                        self._spawn(self._poll())
                     failures = 0
                     async for event in events:
                         self._handle(event)
@@ -198,9 +206,18 @@ class EventPickup:
             flow_run_id = UUID(resource_id.removeprefix("prefect.flow-run."))
         except ValueError:
             return
-        task = asyncio.create_task(self._submit(flow_run_id, state_id=event.id))
+        self._spawn(self._submit(flow_run_id, state_id=event.id))
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _poll(self) -> None:
+        try:
+            await self._target.poll()
+        except Exception as exc:  # the regular poll comes anyway
+            logger.warning("event pickup could not poll after reconnecting: %r", exc)
 
     async def _submit(self, flow_run_id: UUID, state_id: UUID) -> None:
         try:
@@ -220,7 +237,12 @@ class EventPickup:
             logger.debug("flow run %s submitted on its Scheduled event", flow_run_id)
 
     async def _read_scheduled(self, flow_run_id: UUID, state_id: UUID) -> FlowRun | None:
-        """The flow run, once Prefect shows it in the state the event announced."""
+        """The flow run, once Prefect shows it in the state the event announced, or in a
+        SCHEDULED state that has replaced it since: Prefect's late-runs service marks a run
+        "Late" 15 s after its start time, and an event can reach us that late when the stream
+        was down and the reconnected subscriber backfills it. Such a run is as due as before,
+        and the poll would start it (once per state: SubmittedStates)."""
+        from prefect.client.schemas.objects import StateType
         from prefect.exceptions import ObjectNotFound
 
         for attempt in range(READ_ATTEMPTS):
@@ -228,7 +250,8 @@ class EventPickup:
                 return None
             with contextlib.suppress(ObjectNotFound):
                 flow_run = await self._target.client().read_flow_run(flow_run_id)
-                if flow_run.state is not None and flow_run.state.id == state_id:
+                state = flow_run.state
+                if state is not None and (state.id == state_id or state.type == StateType.SCHEDULED):
                     return flow_run
             # not committed yet (or still the previous state): look again shortly
             await asyncio.sleep(READ_RETRY_S * (attempt + 1))
@@ -250,6 +273,9 @@ class RunnerTarget:
 
     def taken(self, flow_run_id: UUID) -> bool:
         return flow_run_id in self._runner._scheduled_run_poller._submitting_flow_run_ids
+
+    async def poll(self) -> None:
+        await self._runner._get_and_submit_flow_runs()
 
     async def submit(self, flow_run: FlowRun) -> bool:
         runner = self._runner

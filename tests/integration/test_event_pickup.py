@@ -208,6 +208,55 @@ def test_runs_missed_while_the_event_stream_is_down_are_started_by_the_poll(tmp_
     asyncio.run(scenario())
 
 
+def test_a_run_gone_late_while_the_stream_was_down_starts_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """The event stream is down when a run is created, and the run is marked Late before the
+    pickup reconnects (Prefect's late-runs service does that 15 s after its start time; an API
+    server restart takes longer): the run starts as soon as the stream is back, without the
+    regular poll (an hour away here), once. The pickup polls once on reconnecting (the
+    subscriber's backfill only has what Prefect's event persister already wrote, seconds late),
+    and a backfilled Scheduled event of a run gone Late is taken too. Before, the run waited for
+    the regular poll (seen on the team topology: `runbooks worker` after its API server
+    restarted)."""
+    from prefect.states import Late
+
+    async def scenario() -> None:
+        proxy = CuttableProxy(PREFECT_API_URL.value())
+        await proxy.open()
+        runner = EventDrivenRunner(
+            name=f"pickup-{uuid.uuid4().hex[:8]}",
+            query_seconds=NO_POLL_S,
+            pause_on_shutdown=False,
+            events_api_url=proxy.url(),
+        )
+        task, deployment_id = await _serving(runner)
+        try:
+            assert runner.pickup is not None
+            await asyncio.wait_for(runner.pickup.connected.wait(), 30)
+            await proxy.cut()
+            await _until(
+                lambda: _true(not runner.pickup.connected.is_set()),
+                60,
+                "the pickup noticed the lost stream",
+            )
+            async with get_client() as client:
+                late = tmp_path / "late"
+                run_id = await _run_of(client, deployment_id, late)
+                await client.set_flow_run_state(run_id, Late(), force=True)
+                await proxy.open()
+                await _until(lambda: _finished(client, run_id), 120, "the Late run finished")
+                states = await _state_types(client, run_id)
+                assert (StateType.SCHEDULED, "Late") in states, states
+                _assert_started_once(states, late)
+        finally:
+            await _stop(runner, task)
+            with contextlib.suppress(Exception):
+                await proxy.cut()
+
+    asyncio.run(scenario())
+
+
 def test_event_and_fast_poll_together_start_each_run_once(tmp_path: Path) -> None:
     async def scenario() -> None:
         runner = EventDrivenRunner(
