@@ -184,7 +184,11 @@ class Backend(BaseModel):
     state_change: datetime | None
     idle_s: float | None = Field(description="Seconds since state_change, by the server's clock.")
     signalable: bool = Field(description="Whether the runbook's role may terminate it.")
-    own_session: bool = Field(description="The session that read pg_stat_activity.")
+    own_session: bool = Field(
+        description="The session that read pg_stat_activity, or another of the runbooks' (the "
+        "block's application_name): an earlier step's connection can still be listed, idle, for "
+        "a moment after it closed."
+    )
 
     def label(self) -> str:
         return f"{self.datname} pid={self.pid} ({self.usename}/{self.application_name or '-'})"
@@ -230,24 +234,30 @@ _SIGNALABLE = sql.SQL(
     " ELSE pg_has_role(a.usesysid, 'USAGE') OR pg_has_role('pg_signal_backend', 'USAGE') END"
 )
 
+# This session, or another with the same (non-empty) application_name: the runbooks' own
+_OWN = sql.SQL(
+    "(a.pid = pg_backend_pid() OR (current_setting('application_name') <> ''"
+    " AND a.application_name = current_setting('application_name')))"
+)
+
 _LIST_BACKENDS = sql.SQL(
     "SELECT a.pid, a.backend_start, a.backend_type, a.datname, a.usename, a.application_name,"
     " host(a.client_addr) AS client_addr, a.state, a.state_change,"
     " extract(epoch FROM now() - a.state_change)::float8 AS idle_s,"
     " coalesce({signalable}, false) AS signalable,"
-    " a.pid = pg_backend_pid() AS own_session"
+    " {own} AS own_session"
     " FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid ORDER BY a.pid"
-).format(signalable=_SIGNALABLE)
+).format(signalable=_SIGNALABLE, own=_OWN)
 
 # skip_reason but the idle time, as SQL over pg_stat_activity a / pg_roles r
 _QUALIFIES = sql.SQL(
-    "a.backend_type = 'client backend' AND a.pid <> pg_backend_pid()"
+    "a.backend_type = 'client backend' AND NOT {own}"
     " AND (cardinality(%(databases)s::text[]) = 0 OR a.datname = ANY(%(databases)s::text[]))"
     " AND a.usename <> ALL(%(exclude_roles)s::text[])"
     " AND coalesce(a.application_name, '') <> ALL(%(exclude_applications)s::text[])"
     " AND {signalable}"
     " AND a.state = ANY(%(states)s::text[])"
-).format(signalable=_SIGNALABLE)
+).format(signalable=_SIGNALABLE, own=_OWN)
 
 # One statement re-checks every candidate and signals only those that still qualify: a
 # session that ran a query since it was listed (its state_change moved) survives, even if it
@@ -375,8 +385,8 @@ def classify_sessions(backends: list[Backend], criteria: IdleCriteria) -> Sessio
 def survey_connections(db: PostgresDatabase, criteria: IdleCriteria) -> SessionSurvey:
     """Client sessions as pg_stat_activity shows them, sorted by what terminating could free.
 
-    Never the runbook's own session, never replication or background processes, never a
-    session the runbook role may not signal.
+    Never the runbooks' own sessions (this one, and any with the block's application_name),
+    never replication or background processes, never a session the runbook role may not signal.
     """
     with db.connect(autocommit=True) as conn:
         backends = conn.cursor(row_factory=class_row(Backend)).execute(_LIST_BACKENDS).fetchall()

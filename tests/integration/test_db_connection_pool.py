@@ -320,6 +320,48 @@ def test_terminate_rechecks_each_session_at_the_last_moment(env: Env, crowd: Cro
     assert_alive(env, [turns_busy])
 
 
+def test_the_runbooks_own_sessions_are_never_candidates(env: Env) -> None:
+    """A session with the block's application_name is the runbooks' own (an earlier step's
+    connection can still be listed, idle, a moment after it closed: on a loaded CI machine the
+    runbook once asked approval to terminate its own just-closed session): neither listed nor
+    terminated, however long idle; another application's idle session is both."""
+    db = PostgresDatabase.load(env.block())
+    ours = env.connect(env.app_role, db.application_name)
+    theirs = env.connect(env.app_role, "victim-idle")
+    try:
+        time.sleep(IDLE_S + 0.5)
+        criteria = IdleCriteria(idle_for_s=IDLE_S, databases=[env.db])
+
+        @flow
+        def find():
+            return survey_connections(db, criteria)
+
+        survey = find()
+        listed = {b.pid for b in survey.candidates + survey.recently_idle}
+        assert theirs.info.backend_pid in listed
+        assert ours.info.backend_pid not in listed
+
+        # handed to the terminate step anyway, its last-moment re-check spares it
+        own = next(b for b in survey.candidates if b.pid == theirs.info.backend_pid).model_copy(
+            update={"pid": ours.info.backend_pid}
+        )
+        backend_start, state_change = env.admin.execute(
+            "SELECT backend_start, state_change FROM pg_stat_activity WHERE pid = %s",
+            (ours.info.backend_pid,),
+        ).fetchone()
+        own = own.model_copy(update={"backend_start": backend_start, "state_change": state_change})
+
+        @flow
+        def terminate():
+            return terminate_idle_connections(db, [own], criteria, dry_run=False)
+
+        assert terminate().spared == [ours.info.backend_pid]
+        assert_alive(env, [ours])
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def test_sessions_carry_the_block_timeouts_and_name(env: Env) -> None:
     db = PostgresDatabase.load(env.block(application_name="runbooks-test", statement_timeout_s=1.5))
     with db.connect() as conn:

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -110,6 +110,37 @@ async def _run_of(client: Any, deployment_id: uuid.UUID, mark: Path) -> uuid.UUI
     return run.id
 
 
+@contextlib.asynccontextmanager
+async def _stream_cut(
+    query_seconds: float,
+) -> AsyncIterator[tuple[CuttableProxy, EventDrivenRunner, uuid.UUID]]:
+    """A runner serving a flow whose event stream goes through a proxy, cut once the pickup has
+    connected (and noticed the cut); stopped afterwards."""
+    proxy = CuttableProxy(PREFECT_API_URL.value())
+    await proxy.open()
+    runner = EventDrivenRunner(
+        name=f"pickup-{uuid.uuid4().hex[:8]}",
+        query_seconds=query_seconds,
+        pause_on_shutdown=False,
+        events_api_url=proxy.url(),
+    )
+    task, deployment_id = await _serving(runner)
+    try:
+        assert runner.pickup is not None
+        await asyncio.wait_for(runner.pickup.connected.wait(), 30)
+        await proxy.cut()
+        await _until(
+            lambda: _true(not runner.pickup.connected.is_set()),
+            60,
+            "the pickup noticed the lost stream",
+        )
+        yield proxy, runner, deployment_id
+    finally:
+        await _stop(runner, task)
+        with contextlib.suppress(Exception):
+            await proxy.cut()
+
+
 def _assert_started_once(states: list[tuple[StateType, str]], mark: Path) -> None:
     # one submission: Pending (the runner took it), Submitting (its executor), then one start
     assert [name for _, name in states if _ == StateType.PENDING] == ["Pending", "Submitting"], (
@@ -168,42 +199,21 @@ def test_a_run_starts_on_its_scheduled_event_without_a_poll(tmp_path: Path) -> N
 
 def test_runs_missed_while_the_event_stream_is_down_are_started_by_the_poll(tmp_path: Path) -> None:
     async def scenario() -> None:
-        proxy = CuttableProxy(PREFECT_API_URL.value())
-        await proxy.open()
-        runner = EventDrivenRunner(
-            name=f"pickup-{uuid.uuid4().hex[:8]}",
-            query_seconds=1.0,
-            pause_on_shutdown=False,
-            events_api_url=proxy.url(),
-        )
-        task, deployment_id = await _serving(runner)
-        try:
+        async with _stream_cut(1.0) as (proxy, runner, deployment_id), get_client() as client:
             assert runner.pickup is not None
-            await asyncio.wait_for(runner.pickup.connected.wait(), 30)
-            await proxy.cut()
-            await _until(
-                lambda: _true(not runner.pickup.connected.is_set()),
-                60,
-                "the pickup noticed the lost stream",
-            )
-            async with get_client() as client:
-                missed = tmp_path / "missed"
-                run_id = await _run_of(client, deployment_id, missed)
-                await _until(lambda: _finished(client, run_id), 90, "the poll started the run")
-                _assert_started_once(await _state_types(client, run_id), missed)
-                assert runner.pickup.submitted == 0
+            missed = tmp_path / "missed"
+            run_id = await _run_of(client, deployment_id, missed)
+            await _until(lambda: _finished(client, run_id), 90, "the poll started the run")
+            _assert_started_once(await _state_types(client, run_id), missed)
+            assert runner.pickup.submitted == 0
 
-                # the stream comes back: the pickup reconnects on its own
-                await proxy.open()
-                await asyncio.wait_for(runner.pickup.connected.wait(), 60)
-                after = tmp_path / "after"
-                run_id = await _run_of(client, deployment_id, after)
-                await _until(lambda: _finished(client, run_id), 90, "the run finished")
-                _assert_started_once(await _state_types(client, run_id), after)
-        finally:
-            await _stop(runner, task)
-            with contextlib.suppress(Exception):
-                await proxy.cut()
+            # the stream comes back: the pickup reconnects on its own
+            await proxy.open()
+            await asyncio.wait_for(runner.pickup.connected.wait(), 60)
+            after = tmp_path / "after"
+            run_id = await _run_of(client, deployment_id, after)
+            await _until(lambda: _finished(client, run_id), 90, "the run finished")
+            _assert_started_once(await _state_types(client, run_id), after)
 
     asyncio.run(scenario())
 
@@ -222,37 +232,15 @@ def test_a_run_gone_late_while_the_stream_was_down_starts_when_it_is_back(
     from prefect.states import Late
 
     async def scenario() -> None:
-        proxy = CuttableProxy(PREFECT_API_URL.value())
-        await proxy.open()
-        runner = EventDrivenRunner(
-            name=f"pickup-{uuid.uuid4().hex[:8]}",
-            query_seconds=NO_POLL_S,
-            pause_on_shutdown=False,
-            events_api_url=proxy.url(),
-        )
-        task, deployment_id = await _serving(runner)
-        try:
-            assert runner.pickup is not None
-            await asyncio.wait_for(runner.pickup.connected.wait(), 30)
-            await proxy.cut()
-            await _until(
-                lambda: _true(not runner.pickup.connected.is_set()),
-                60,
-                "the pickup noticed the lost stream",
-            )
-            async with get_client() as client:
-                late = tmp_path / "late"
-                run_id = await _run_of(client, deployment_id, late)
-                await client.set_flow_run_state(run_id, Late(), force=True)
-                await proxy.open()
-                await _until(lambda: _finished(client, run_id), 120, "the Late run finished")
-                states = await _state_types(client, run_id)
-                assert (StateType.SCHEDULED, "Late") in states, states
-                _assert_started_once(states, late)
-        finally:
-            await _stop(runner, task)
-            with contextlib.suppress(Exception):
-                await proxy.cut()
+        async with _stream_cut(NO_POLL_S) as (proxy, _, deployment_id), get_client() as client:
+            late = tmp_path / "late"
+            run_id = await _run_of(client, deployment_id, late)
+            await client.set_flow_run_state(run_id, Late(), force=True)
+            await proxy.open()
+            await _until(lambda: _finished(client, run_id), 120, "the Late run finished")
+            states = await _state_types(client, run_id)
+            assert (StateType.SCHEDULED, "Late") in states, states
+            _assert_started_once(states, late)
 
     asyncio.run(scenario())
 
