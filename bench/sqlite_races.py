@@ -21,6 +21,8 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,12 +43,9 @@ class Result:
     rounds: int = 0
     created: int = 0
     conflicts: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
+    errors: Counter[str] = field(default_factory=Counter)
     health_s: list[float] = field(default_factory=list)
     log: str = ""
-
-    def error(self, what: str) -> None:
-        self.errors[what] = self.errors.get(what, 0) + 1
 
 
 def race(api: str, seconds: float, clients: int) -> Result:
@@ -57,13 +56,13 @@ def race(api: str, seconds: float, clients: int) -> Result:
     def count(response: httpx.Response | None, what: str) -> None:
         with lock:
             if response is None:
-                result.error(f"{what}: no answer")
+                result.errors[f"{what}: no answer"] += 1
             elif response.status_code == 201 and what == "create":
                 result.created += 1
             elif response.status_code == 409 and what == "create":
                 result.conflicts += 1
             elif response.status_code >= 400:
-                result.error(f"{what}: {response.status_code}")
+                result.errors[f"{what}: {response.status_code}"] += 1
 
     def send(client: httpx.Client, what: str, path: str, body: dict) -> None:
         try:
@@ -139,8 +138,8 @@ def main(argv: list[str]) -> int:
     kinds = ["ours", "stock"] if args.server == "both" else [args.server]
     results = {kind: run_one(kind, args.seconds, args.clients) for kind in kinds}
 
-    def row(label: str, value: object) -> str:
-        return f"| {label} | " + " | ".join(str(value(r)) for r in results.values()) + " |"  # type: ignore[operator]
+    def row(label: str, value: Callable[[Result], object]) -> str:
+        return f"| {label} | " + " | ".join(str(value(r)) for r in results.values()) + " |"
 
     print(f"\n{args.clients} clients for {args.seconds:.0f} s, {RACERS} racing creates per name\n")
     print("| | " + " | ".join(kinds) + " |")
@@ -152,7 +151,7 @@ def main(argv: list[str]) -> int:
         row(
             "`/health` p50 / p99 / max",
             lambda r: " / ".join(f"{percentile(r.health_s, q):.2f} s" for q in (50, 99, 100)),
-        ),  # fmt: skip
+        ),
         row("`/health` answers over 10 s", lambda r: sum(1 for h in r.health_s if h > 10)),
         row('"database is locked" in the server log', lambda r: r.log.count("database is locked")),
         row(
@@ -162,7 +161,7 @@ def main(argv: list[str]) -> int:
         print(line)
     for kind, r in results.items():
         if r.errors:
-            print(f"{kind} failures: {r.errors}")
+            print(f"{kind} failures: {dict(r.errors)}")
     return 0
 
 

@@ -251,7 +251,9 @@ class EventPickup:
             with contextlib.suppress(ObjectNotFound):
                 flow_run = await self._target.client().read_flow_run(flow_run_id)
                 state = flow_run.state
-                if state is not None and (state.id == state_id or state.type == StateType.SCHEDULED):
+                if state is not None and (
+                    state.id == state_id or state.type == StateType.SCHEDULED
+                ):
                     return flow_run
             # not committed yet (or still the previous state): look again shortly
             await asyncio.sleep(READ_RETRY_S * (attempt + 1))

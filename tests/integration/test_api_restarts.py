@@ -1,8 +1,8 @@
 """serving/api_restarts.py against Prefect's real clients and server: a new client's first request
 to an API server that is down waits for it to come back (with the patch) or fails at once
 (without: Prefect 3.8.8's own behavior, which this pins). The server "comes back" as a forwarder
-to the session's Prefect server that starts listening on its port once the client is retrying. The whole
-path (a run's process started while its API server restarts) is
+to the session's Prefect server that starts listening on its port once the client is retrying.
+The whole path (a run's process started while its API server restarts) is
 tests/integration/test_fast_worker.py::test_run_started_while_its_api_server_restarts_completes.
 """
 

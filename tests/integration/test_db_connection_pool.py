@@ -341,15 +341,20 @@ def test_the_runbooks_own_sessions_are_never_candidates(env: Env) -> None:
         assert theirs.info.backend_pid in listed
         assert ours.info.backend_pid not in listed
 
-        # handed to the terminate step anyway, its last-moment re-check spares it
-        own = next(b for b in survey.candidates if b.pid == theirs.info.backend_pid).model_copy(
-            update={"pid": ours.info.backend_pid}
-        )
+        # handed to the terminate step anyway (as listed: its pid, start and idle spell), its
+        # last-moment re-check spares it
         backend_start, state_change = env.admin.execute(
             "SELECT backend_start, state_change FROM pg_stat_activity WHERE pid = %s",
             (ours.info.backend_pid,),
         ).fetchone()
-        own = own.model_copy(update={"backend_start": backend_start, "state_change": state_change})
+        listed_theirs = next(b for b in survey.candidates if b.pid == theirs.info.backend_pid)
+        own = listed_theirs.model_copy(
+            update={
+                "pid": ours.info.backend_pid,
+                "backend_start": backend_start,
+                "state_change": state_change,
+            }
+        )
 
         @flow
         def terminate():

@@ -313,8 +313,8 @@ def test_run_started_while_its_api_server_restarts_completes(
     assert len(out.read_text().splitlines()) == 1
     # fast-1 takes the next run at once (its regular poll is POLL_S away): on its event, or by
     # the poll its pickup makes on reconnecting to A, whichever comes first
-    again = wait_state(_probe_run("fast-worker-append", {"path": str(tmp_path / "after.txt")}, "f1"),
-                       FINAL, timeout_s=90)  # fmt: skip
+    after = _probe_run("fast-worker-append", {"path": str(tmp_path / "after.txt")}, "f1")
+    again = wait_state(after, FINAL, timeout_s=90)
     assert again["state_type"] == "COMPLETED", again["state"]["message"]
     assert worker_of(again) == "fast-1"
 
