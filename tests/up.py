@@ -137,14 +137,31 @@ class RunbooksUp:
             start_new_session=True,
         )
 
+    def api_call(self, method: str, path: str, json: Any = None, timeout_s: float = 10) -> Any:
+        """One Prefect API call, answered as Prefect's own client would see it: the 503 the server
+        sends for a retryable error (SQLite busy while a restarted server recovers its database,
+        say) is retried for up to 30 s, as the client retries it; any other error raises."""
+        deadline = time.monotonic() + 30
+        while True:
+            resp = httpx.request(method, f"{self.api}{path}", json=json, timeout=timeout_s)
+            if resp.status_code != 503 or time.monotonic() > deadline:
+                resp.raise_for_status()
+                return resp.json()
+            time.sleep(0.5)
+
+    def lock_slots(self) -> list[int]:
+        """The active slots of every target lock (runbooks/locks.py's global concurrency limits)."""
+        limits = self.api_call("POST", "/v2/concurrency_limits/filter", json={})
+        return [lim["active_slots"] for lim in limits if lim["name"].startswith("runbooks-lock-")]
+
     def start(self, deployment: str = "db-connection-pool-exhausted") -> None:
         self.launch()
 
         def served() -> bool:
-            found = httpx.post(
-                f"{self.api}/deployments/filter", timeout=5,
+            found = self.api_call(
+                "POST", "/deployments/filter", timeout_s=5,
                 json={"deployments": {"name": {"any_": [deployment]}}},
-            ).json()
+            )
             return bool(found)
 
         poll(served, 180, "runbooks up serving its deployments")
@@ -201,22 +218,21 @@ class RunbooksUp:
             self.kill_everything()
 
     def run(self, run_id: str) -> dict:
-        return httpx.get(f"{self.api}/flow_runs/{run_id}", timeout=5).json()
+        return self.api_call("GET", f"/flow_runs/{run_id}", timeout_s=5)
 
     def deployment_id(self, name: str) -> str:
-        [deployment] = httpx.post(
-            f"{self.api}/deployments/filter", timeout=5,
+        [deployment] = self.api_call(
+            "POST", "/deployments/filter", timeout_s=5,
             json={"deployments": {"name": {"any_": [name]}}},
-        ).json()
+        )
         return deployment["id"]
 
     def start_run(self, params: dict, deployment: str = "db-connection-pool-exhausted") -> str:
-        created = httpx.post(
-            f"{self.api}/deployments/{self.deployment_id(deployment)}/create_flow_run",
-            timeout=10, json={"parameters": {"params": params}},
+        created = self.api_call(
+            "POST", f"/deployments/{self.deployment_id(deployment)}/create_flow_run",
+            json={"parameters": {"params": params}},
         )
-        created.raise_for_status()
-        return created.json()["id"]
+        return created["id"]
 
     def wait_final(self, run_id: str, timeout_s: float = 120) -> dict:
         poll(lambda: self.run(run_id)["state"]["type"] in FINAL, timeout_s, f"run {run_id} final")
@@ -226,10 +242,10 @@ class RunbooksUp:
         """Until the run's process has ended with the run suspended (no process holds it)."""
 
         def finished_suspended() -> bool:
-            logs = httpx.post(
-                f"{self.api}/logs/filter", timeout=5,
+            logs = self.api_call(
+                "POST", "/logs/filter", timeout_s=5,
                 json={"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200},
-            ).json()
+            )
             return any("Finished in state Suspended" in log["message"] for log in logs)
 
         poll(finished_suspended, 90, "the run's process ended, the run suspended")

@@ -125,14 +125,13 @@ def test_pending_approval_survives_a_restart(up: RunbooksUp, postgres: PostgresS
         state = up.run(run_id)["state"]
         # still suspended: no process of ours was holding the pending approval
         assert (state["type"], state["name"]) == ("PAUSED", "Suspended"), state
-        resumed = httpx.post(
-            f"{up.api}/flow_runs/{run_id}/resume",
-            timeout=10,
+        resumed = up.api_call(
+            "POST", f"/flow_runs/{run_id}/resume",
             json={
                 "run_input": {"approve": True, "approver": "dana", "reason": "after the restart"}
             },
         )
-        assert resumed.json().get("status") == "ACCEPT", resumed.text
+        assert resumed.get("status") == "ACCEPT", resumed
         final = up.wait_final(run_id)
         assert final["state"]["type"] == "COMPLETED", final["state"]["message"]
         assert pid not in live_pids(postgres)
@@ -222,10 +221,7 @@ def test_unanswered_approval_times_out_and_escalates(
         [page] = slack.wait_for(1, timeout_s=30)
         assert "approval timed out" in page.body.decode()
         # the lock it kept while suspended was given back
-        limit = httpx.post(f"{up.api}/v2/concurrency_limits/filter", timeout=5, json={}).json()
-        assert [
-            lim["active_slots"] for lim in limit if lim["name"].startswith("runbooks-lock-")
-        ] == [0]
+        assert up.lock_slots() == [0]
 
 
 def test_dead_holders_lease_survives_a_server_restart_and_expires(
@@ -242,13 +238,9 @@ def test_dead_holders_lease_survives_a_server_restart_and_expires(
         poll(lambda: pid not in live_pids(postgres), 90, "the holder acted")
         assert up.run(holder)["state"]["type"] == "RUNNING"
 
-    def lock_slots() -> list[int]:
-        limits = httpx.post(f"{up.api}/v2/concurrency_limits/filter", timeout=5, json={}).json()
-        return [lim["active_slots"] for lim in limits if lim["name"].startswith("runbooks-lock-")]
-
-    assert lock_slots() == [1]
+    assert up.lock_slots() == [1]
     up.kill_everything()
     up.start()
     # stock Prefect kept the lease in the server's memory: this slot stayed taken forever.
     # Bound: the lease (renewed until the kill) + the repossessor's loop, plus the restart itself
-    poll(lambda: lock_slots() == [0], LEASE_S + 15 + 60, "the dead holder's slot freed")
+    poll(lambda: up.lock_slots() == [0], LEASE_S + 15 + 60, "the dead holder's slot freed")
