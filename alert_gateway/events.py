@@ -27,6 +27,10 @@ from alert_gateway.models import Alert, parse_timestamp
 # Fixed forever: changing it would give every re-sent alert a new event id.
 EVENT_NAMESPACE = uuid.UUID("5b0f4a43-8d2e-4c1c-9a55-2f0e0c7a1e13")
 
+# The payload field naming the alert's own event id, whatever id a delivery attempt sends it under
+# (``delivery_body``): runbooks claim the alert by it (prefect.yaml's ``alert_context``).
+ALERT_EVENT_ID = "alertEventId"
+
 # Prefect's server silently drops events larger than this (PREFECT_EVENTS_MAXIMUM_SIZE_BYTES).
 PREFECT_MAX_EVENT_BYTES = 1_500_000
 
@@ -89,8 +93,9 @@ def build_event(
     """
     occurred = occurred or datetime.now(UTC)
     episode = firing_episode(alert.status, alert.starts_at, occurred.timestamp(), cooldown_s)
+    eid = str(event_id(alert.fingerprint, alert.status, alert.starts_at, episode))
     event = {
-        "id": str(event_id(alert.fingerprint, alert.status, alert.starts_at, episode)),
+        "id": eid,
         "occurred": occurred.isoformat(),
         "event": f"alert.{alert.status}",
         "resource": resource_labels(alert),
@@ -102,9 +107,39 @@ def build_event(
             "groupKey": alert.group_key,
             "receiver": alert.receiver,
             "source": alert.source,
+            ALERT_EVENT_ID: eid,
         },
     }
     return _without_nul(event)
+
+
+def delivery_id(alert_event_id: str, attempt: int) -> str:
+    """The event id delivery attempt ``attempt`` (1, 2, ...) sends an alert's event under.
+
+    The first attempt sends the alert's own id; every later one a new id derived from it. Why:
+    Prefect's event publisher (prefect-redis, ``deduplicate_by="id"``) sets an event id's
+    deduplication key before it appends the event to its stream, so an API server that dies
+    between the two has "seen" an event it never published; the gateway's attempt failed, and a
+    retry under the same id would be dropped as a duplicate for 5 minutes with a 200, the alert
+    lost (issue #16). Under a new id it is published. When the failed attempt had in fact been
+    published (the answer was lost), Prefect now has the alert twice: both events carry
+    ``payload.alertEventId``, the id runbooks claim the alert by (runbooks/alert_claims.py), so
+    the second run stops without acting. Derived, not random: every gateway and a restarted one
+    name attempt n of an alert alike."""
+    if attempt <= 1:
+        return alert_event_id
+    return str(uuid.uuid5(EVENT_NAMESPACE, f"{alert_event_id}|delivery {attempt}"))
+
+
+def delivery_body(alert_event_id: str, body: str, attempt: int) -> str:
+    """The spooled event ``body`` as delivery attempt ``attempt`` sends it (see ``delivery_id``)."""
+    if attempt <= 1:
+        return body
+    event = json.loads(body)
+    event["id"] = delivery_id(alert_event_id, attempt)
+    # a body spooled before the field existed gets it now: the claim must see the alert's id
+    event.setdefault("payload", {}).setdefault(ALERT_EVENT_ID, alert_event_id)
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
 
 
 def encode_event(event: dict[str, Any]) -> str:

@@ -3,7 +3,9 @@
 The forwarder is woken the moment an alert is committed, so a healthy path adds no polling
 delay. While Prefect is unreachable it waits with exponential backoff and jitter (bounded by
 ``backoff_max_s``) and never drops an event. An event Prefect refuses as invalid (4xx on its
-own) is set aside as rejected, so it cannot block the ones behind it.
+own) is set aside as rejected, so it cannot block the ones behind it. An event whose earlier
+attempt failed goes under a new id (``alert_gateway.events.delivery_id``: Prefect may have
+recorded the failed attempt's id as seen without publishing it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 
 import httpx
 
+from alert_gateway.events import delivery_body
 from alert_gateway.metrics import GatewayMetrics
 from alert_gateway.settings import GatewaySettings, prefect_auth_headers
 from alert_gateway.spool import Spool, SpooledEvent
@@ -128,7 +131,7 @@ class Forwarder:
         await self._spool.call(self._spool.mark_rejected, batch[0].id, error, time.time())
 
     async def _post(self, batch: Sequence[SpooledEvent]) -> httpx.Response:
-        content = "[" + ",".join(e.body for e in batch) + "]"
+        content = "[" + ",".join(delivery_body(e.id, e.body, e.attempts + 1) for e in batch) + "]"
         try:
             return await self._client.post(self._events_url, content=content.encode())
         except httpx.TimeoutException as exc:

@@ -89,6 +89,9 @@ class SpooledEvent:
     id: str
     body: str
     accepted_at: float
+    # delivery attempts that may have reached Prefect before this one (failed ones, and one
+    # that was in flight when the gateway stopped: see ``Spool.__init__``)
+    attempts: int = 0
 
 
 class Spool:
@@ -116,6 +119,10 @@ class Spool:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        # A pending event may have been in flight when this gateway last stopped (killed before
+        # it could record the outcome): count that attempt, so the next one is sent under a new
+        # id (alert_gateway.events.delivery_id) and cannot be dropped as its duplicate.
+        self._db.execute("UPDATE events SET attempts = attempts + 1 WHERE state = 'pending'")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
 
     async def call(self, method: Callable[..., T], *args: object) -> T:
@@ -158,7 +165,8 @@ class Spool:
     def pending(self, limit: int) -> list[SpooledEvent]:
         """The oldest undelivered events, in the order they were accepted."""
         rows = self._db.execute(
-            "SELECT id, body, accepted_at FROM events WHERE state = 'pending' ORDER BY seq LIMIT ?",
+            "SELECT id, body, accepted_at, attempts FROM events WHERE state = 'pending'"
+            " ORDER BY seq LIMIT ?",
             (limit,),
         ).fetchall()
         return [SpooledEvent(*row) for row in rows]

@@ -6,7 +6,11 @@ redelivers a message that was not acknowledged when an API server died, so after
 same automation fires again for the same event: two runs of one runbook for one alert (seen in the
 team topology's chaos test, issue #16). Each runbook is idempotent (it re-checks the live system
 before acting, under its target's lock), but the second run would still report, and possibly
-escalate, a second time.
+escalate, a second time. The alert gateway's own retries do the same on purpose: an attempt that
+failed may still have been published, and the next goes under a new event id (Prefect may have
+recorded the failed one as seen without publishing it: alert_gateway/events.py ``delivery_id``).
+So "the alert event" here is the alert's own id, the gateway's ``payload.alertEventId`` (the
+event's id for events from elsewhere): prefect.yaml's ``alert_context`` passes it as ``event_id``.
 
 So every run that an automation started (its idempotency key is Prefect's ``automation <id>,
 action <n>, invocation <id>``) claims its alert event for that automation and action before it

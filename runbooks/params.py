@@ -195,8 +195,9 @@ class AlertContext(BaseModel):
     starts_at: str | None = Field(None, description="When the alert started firing (RFC 3339).")
     event_id: UUID | None = Field(
         None,
-        description="The Prefect event that started the run (runbooks.alert_claims: one run per "
-        "event and automation). Leave empty on a manual run.",
+        description="The alert's own event id (the gateway's `payload.alertEventId`, else the id "
+        "of the event that started the run; runbooks.alert_claims: one run per alert and "
+        "automation). Leave empty on a manual run.",
     )
     event_occurred: datetime | None = Field(
         None, description="When the gateway saw the alert (the event's `occurred`)."

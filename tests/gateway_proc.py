@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -150,9 +151,31 @@ def post_alerts(
     return httpx.post(f"{base_url}{path}", json=notification, headers=AUTH, timeout=10)
 
 
+def delivered_as(spool_path: Path, alert_ids: Collection[str]) -> dict[str, str]:
+    """Alert event id -> the id its delivered attempt went under (alert_gateway.events
+    delivery_id: the alert's own id on a first attempt, a derived one after a failed or unknown
+    one), read from the spool file: a delivered row's ``attempts`` is that attempt's number."""
+    from alert_gateway.events import delivery_id
+
+    with sqlite3.connect(f"file:{spool_path}?mode=ro", uri=True, timeout=5) as db:
+        rows = db.execute("SELECT id, attempts FROM events WHERE state = 'delivered'").fetchall()
+    return {i: delivery_id(i, n) for i, n in rows if i in set(alert_ids)}
+
+
+def alert_ids(events: list[dict[str, Any]]) -> list[str]:
+    """The alert each event is, by ``payload.alertEventId`` (alert_gateway.events), sorted."""
+    return sorted(e["payload"]["alertEventId"] for e in events)
+
+
 def prefect_events(api_url: str, event_ids: Collection[str]) -> list[dict[str, Any]]:
-    """The events Prefect stored with these ids (every page)."""
-    return read_events(api_url, {"id": {"id": sorted(event_ids)}})
+    """The events Prefect stored with these ids (every page), read 100 ids at a time (a page's
+    next_page URL carries the filter: thousands of ids make it too long)."""
+    ids = sorted(event_ids)
+    return [
+        e
+        for start in range(0, len(ids), 100)
+        for e in read_events(api_url, {"id": {"id": ids[start : start + 100]}})
+    ]
 
 
 # The session's Prefect server (SQLite, beside a second test process on 2 cores) once answered
@@ -181,20 +204,34 @@ def read_events(api_url: str, event_filter: dict[str, Any]) -> list[dict[str, An
     return events
 
 
+# delivery attempts a test looks for an alert's event under (alert_gateway.events.delivery_id)
+ATTEMPTS_LOOKED_FOR = 6
+
+
 def wait_for_events(
     api_url: str, event_ids: Collection[str], timeout_s: float = 60
 ) -> list[dict[str, Any]]:
-    """Poll until Prefect has every one of ``event_ids`` (its persister writes every few seconds),
-    or the deadline passes (then what it has; ``timeout_s=0`` reads once)."""
+    """Poll until Prefect has an event for every one of ``event_ids`` (its persister writes every
+    few seconds), or the deadline passes (then what it has; ``timeout_s=0`` reads once). An id
+    the gateway returned is an alert's: its event may have gone under a later attempt's id (a
+    first attempt that timed out on a busy server), so those ids are read too, and an event
+    counts for the alert its ``payload.alertEventId`` names."""
+    from alert_gateway.events import delivery_id
+
+    wanted = set(event_ids)
+    ids = {delivery_id(i, n) for i in wanted for n in range(1, ATTEMPTS_LOOKED_FOR + 1)}
     deadline = time.monotonic() + timeout_s
     events: list[dict[str, Any]] = []
     while True:
         try:
-            events = prefect_events(api_url, event_ids)
+            events = prefect_events(api_url, ids)
         except httpx.TimeoutException:
             if time.monotonic() > deadline:
                 raise
-        if {e["id"] for e in events} >= set(event_ids) or time.monotonic() > deadline:
+        found = {e["id"] for e in events} | {
+            (e.get("payload") or {}).get("alertEventId") for e in events
+        }
+        if found >= wanted or time.monotonic() > deadline:
             return events
         time.sleep(0.25)
 

@@ -27,6 +27,7 @@ from tests.gateway_proc import (
     TOKEN,
     GatewayProcess,
     alert,
+    alert_ids,
     alertmanager_notification,
     metric,
     post_alerts,
@@ -312,7 +313,7 @@ def test_alerts_accepted_between_bad_requests_all_reach_prefect(gateway: str) ->
     for bad in (b"{", b"[]", b" " * (MIB + 10)):
         httpx.post(f"{gateway}/alerts/grafana", content=bad, headers={**AUTH, **JSON}, timeout=10)
         ids += post_alerts(gateway, json.loads(valid_body())).json()["event_ids"]
-    assert sorted(e["id"] for e in wait_for_events(PREFECT_API_URL.value(), ids)) == sorted(ids)
+    assert alert_ids(wait_for_events(PREFECT_API_URL.value(), ids)) == sorted(ids)
 
 
 def test_insecure_mode_needs_no_token(tmp_path: Path) -> None:

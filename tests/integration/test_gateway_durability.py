@@ -1,5 +1,7 @@
-"""Nothing accepted is lost, nothing is delivered twice: Prefect down then up, the gateway
-SIGKILLed mid-stream, and killed between Prefect's 2xx and marking the event delivered.
+"""Nothing accepted is lost, and an alert is delivered again only when an attempt of it may have
+reached Prefect (then under an id of its own naming the alert's, which runbooks claim it by):
+Prefect down then up, the gateway SIGKILLed mid-stream, and killed between Prefect's 2xx and
+marking the event delivered.
 
 Prefect is a real `prefect server start` (own PREFECT_HOME, basic auth on) for the outage tests,
 and the session's server otherwise. A small HTTP relay between the gateway and Prefect slows
@@ -31,12 +33,15 @@ from prefect.settings import PREFECT_API_URL
 from pydantic import SecretStr
 
 from alert_gateway import GatewaySettings
+from alert_gateway.events import delivery_id
 from deployments.catalog import load_catalog, to_runner_deployments
 from tests.gateway_proc import (
     TOKEN,
     GatewayProcess,
     alert,
+    alert_ids,
     alertmanager_notification,
+    delivered_as,
     metric,
     post_alerts,
     prefect_events,
@@ -103,7 +108,8 @@ class PrefectRelay:
         self.target = target_api_url.rstrip("/")
         self.delay_s = delay_s
         self.kill_pid: int | None = None
-        self.deliveries: list[list[str]] = []
+        self.deliveries: list[list[str]] = []  # event ids Prefect took, per delivery
+        self.alerts: list[list[str]] = []  # the alerts they are (payload.alertEventId)
         relay = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -117,7 +123,9 @@ class PrefectRelay:
                     timeout=10,
                 )
                 if upstream.is_success:
-                    relay.deliveries.append([e["id"] for e in json.loads(body)])
+                    events = json.loads(body)
+                    relay.deliveries.append([e["id"] for e in events])
+                    relay.alerts.append([e["payload"]["alertEventId"] for e in events])
                     if relay.kill_pid is not None:
                         os.kill(relay.kill_pid, signal.SIGKILL)
                         relay.kill_pid = None
@@ -140,6 +148,9 @@ class PrefectRelay:
 
     def sent_ids(self) -> list[str]:
         return [i for delivery in self.deliveries for i in delivery]
+
+    def sent_alerts(self) -> list[str]:
+        return [i for delivery in self.alerts for i in delivery]
 
     def close(self) -> None:
         self.server.shutdown()
@@ -193,13 +204,16 @@ def test_prefect_down_then_up_delivers_everything_once(
         assert metric(gateway, "runbooks_gateway_forward_failures", reason="unreachable") >= 2
 
         own_prefect.start()
-        events = own_prefect.events(during, timeout_s=30)
-        assert sorted(e["id"] for e in events) == sorted(during)  # every one, once
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while metric(gateway, "runbooks_gateway_spool_depth") and time.monotonic() < deadline:
             time.sleep(0.1)
         assert metric(gateway, "runbooks_gateway_events_forwarded") == 21
         assert metric(gateway, "runbooks_gateway_spool_depth") == 0
+        # each retried after failed attempts: under an id of its own, naming the alert's
+        sent = delivered_as(settings.spool_path, during)
+        assert all(sent[i] != i for i in during)
+        events = own_prefect.events(list(sent.values()), timeout_s=30)
+        assert alert_ids(events) == sorted(during)  # every one, once
 
     # Prefect's event store keeps one event per id, across its own restarts: a re-delivery of an
     # event it stored before the outage does not add a second one
@@ -266,8 +280,13 @@ def test_wrong_prefect_credentials_keep_alerts_until_fixed(
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert spool_states(tmp_path / "spool.sqlite3") == {event_id: "pending"}
-    with serving(settings(PREFECT_AUTH)):  # fixed and restarted: the waiting alert goes through
-        assert [e["id"] for e in own_prefect.events([event_id])] == [event_id]
+    with serving(settings(PREFECT_AUTH)) as gateway:  # fixed and restarted: it goes through
+        deadline = time.monotonic() + 20
+        while spool_states(tmp_path / "spool.sqlite3")[event_id] == "pending":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        [sent] = delivered_as(tmp_path / "spool.sqlite3", [event_id]).values()
+        assert alert_ids(own_prefect.events([sent])) == [event_id]
 
 
 def test_gateway_killed_mid_stream_delivers_every_acknowledged_alert_once(tmp_path: Path) -> None:
@@ -319,25 +338,40 @@ def test_gateway_killed_mid_stream_delivers_every_acknowledged_alert_once(tmp_pa
 
         every_id = [i for ids in acked.values() for i in ids]
         assert len(set(every_id)) == len(every_id) == sum(1 + i % 3 for i in range(80))
-        events = wait_for_events(api, every_id, timeout_s=30)
-        assert sorted(e["id"] for e in events) == sorted(every_id)  # each stored once
-        assert set(pending_at_kill) <= {e["id"] for e in events}
-        # the relay saw what the gateway sent: every event, re-sends only for the in-flight ones
-        sent = relay.sent_ids()
+        deadline = time.monotonic() + 30
+        while "pending" in spool_states(gateway.spool_path).values():
+            assert time.monotonic() < deadline, "the restarted gateway did not deliver"
+            time.sleep(0.1)
+        # what was pending at the kill went again under an id of its own (an attempt of it may
+        # have been in flight); the rest under the alert's id
+        sent_as = delivered_as(gateway.spool_path, every_id)
+        assert {i for i in every_id if sent_as[i] != i} == set(pending_at_kill)
+        events = wait_for_events(api, list(sent_as.values()), timeout_s=30)
+        assert set(alert_ids(events)) == set(every_id)  # every acknowledged alert stored
+        # the relay saw what the gateway sent: every alert; an alert twice only if it was in
+        # flight at the kill (Prefect then has it twice, both naming the alert: runbooks claim
+        # it once, tests/integration/test_team_gateways.py); no other alert was sent twice
+        sent = relay.sent_alerts()
         assert set(sent) == set(every_id)
         resent = {i for i in sent if sent.count(i) > 1}
         assert resent <= set(pending_at_kill)
+        stored = alert_ids(wait_for_events(api, relay.sent_ids(), timeout_s=30))
+        assert {i for i in stored if stored.count(i) > 1} <= resent
     finally:
         gateway.kill()
         relay.close()
 
 
-def test_crash_after_prefect_took_the_event_resends_the_same_event_and_runs_once(
+def test_crash_after_prefect_took_the_event_resends_it_as_the_same_alert(
     tmp_path: Path,
 ) -> None:
-    """The one window at-least-once delivery cannot close: Prefect has the event, the gateway
-    dies before noting it. The restarted gateway sends the same event id again; Prefect keeps it
-    once and its trigger starts the runbook once."""
+    """The window at-least-once delivery cannot close: Prefect has the event, the gateway dies
+    before noting it. The restarted gateway cannot know whether its attempt got through (nor
+    whether Prefect only recorded the id as seen: alert_gateway.events.delivery_id), so it sends
+    the alert again under an id of its own that names the alert's. Prefect has it twice and its
+    trigger creates two runs, both for the same alert: the runbook claims the alert by that id,
+    so one run acts and the other stops before acting (run end to end, with real workers, in
+    tests/integration/test_team_gateways.py::test_a_retry_after_prefects_loss_window...)."""
     api = PREFECT_API_URL.value()
     [spec] = [s for s in load_catalog() if s.name == "flink-job-crashed"]
     deployment_id = str(to_runner_deployments([spec])[0].apply())
@@ -365,8 +399,10 @@ def test_crash_after_prefect_took_the_event_resends_the_same_event_and_runs_once
         deadline = time.monotonic() + 10
         while len(relay.sent_ids()) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert relay.sent_ids() == [event_id, event_id]  # the same event, not a new one
-        assert len(wait_for_events(api, [event_id])) == 1
+        again = delivery_id(event_id, 2)
+        assert relay.sent_ids() == [event_id, again]  # a new event ...
+        assert relay.sent_alerts() == [event_id, event_id]  # ... of the same alert
+        assert alert_ids(wait_for_events(api, [event_id, again])) == [event_id, event_id]
 
         def runs() -> list[dict[str, Any]]:
             resp = httpx.post(
@@ -382,10 +418,11 @@ def test_crash_after_prefect_took_the_event_resends_the_same_event_and_runs_once
             ]
 
         deadline = time.monotonic() + 30
-        while not runs() and time.monotonic() < deadline:
+        while len(runs()) < 2 and time.monotonic() < deadline:
             time.sleep(0.3)
-        time.sleep(3)  # room for a second run, if the re-sent event were to start one
-        assert len(runs()) == 1
+        time.sleep(3)  # room for a third run, if anything were to start one
+        # both runs claim the same alert (runbooks/alert_claims.py): one acts, one stops
+        assert [r["parameters"]["params"]["alert"]["event_id"] for r in runs()] == [event_id] * 2
         assert prefect_events(api, [event_id])[0]["resource"]["flink_cluster"] == "flink-eu"
     finally:
         gateway.kill()

@@ -24,6 +24,7 @@ from tests.conftest import runs_of
 from tests.gateway_proc import (
     TOKEN,
     alert,
+    alert_ids,
     alertmanager_notification,
     metric,
     post_alerts,
@@ -86,8 +87,8 @@ def test_grouped_notification_reaches_prefect_exactly_once(gateway: str) -> None
     assert len(set(ids)) == 40
 
     events = wait_for_events(PREFECT_API_URL.value(), ids)
-    assert sorted(e["id"] for e in events) == sorted(ids)  # each exactly once
-    by_id = {e["id"]: e for e in events}
+    assert alert_ids(events) == sorted(ids)  # each exactly once
+    by_id = {e["payload"]["alertEventId"]: e for e in events}
 
     first = by_id[ids[0]]
     assert first["event"] == "alert.firing"
@@ -159,7 +160,7 @@ def test_refiring_within_cooldown_is_held_back_but_resolved_passes(gateway: str)
     )
 
     events = wait_for_events(PREFECT_API_URL.value(), [first_id, resolved_id])
-    assert sorted(e["id"] for e in events) == sorted([first_id, resolved_id])
+    assert alert_ids(events) == sorted([first_id, resolved_id])
     # delivery is in order: once the resolved event is in, a forwarded re-fire would be too
     assert prefect_events(PREFECT_API_URL.value(), [refire_id]) == []
     assert metric(gateway, "runbooks_gateway_events_forwarded") == 2
@@ -197,11 +198,9 @@ def test_alert_still_firing_after_the_cooldown_starts_another_run(
     assert later_id != first_id
 
     api = PREFECT_API_URL.value()
-    assert sorted(e["id"] for e in wait_for_events(api, [first_id, later_id])) == sorted(
-        [first_id, later_id]
-    )
+    assert alert_ids(wait_for_events(api, [first_id, later_id])) == sorted([first_id, later_id])
     events = read_events(api, {"resource": {"id": [f"alert.{fingerprint}"]}})
-    assert sorted(e["id"] for e in events) == sorted([first_id, later_id])
+    assert alert_ids(events) == sorted([first_id, later_id])
     assert {e["event"] for e in events} == {"alert.firing"}
     assert {e["payload"]["startsAt"] for e in events} == {crashed["startsAt"]}
 

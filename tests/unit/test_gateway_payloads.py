@@ -15,6 +15,8 @@ from alert_gateway.events import (
     PREFECT_MAX_EVENT_BYTES,
     EventTooLarge,
     build_event,
+    delivery_body,
+    delivery_id,
     encode_event,
     event_id,
 )
@@ -428,6 +430,7 @@ def test_event_shape_matches_the_triggers_in_prefect_yaml() -> None:
         "groupKey": '{}:{alertname="High memory usage"}',
         "receiver": "runbooks",
         "source": "alertmanager",
+        "alertEventId": event["id"],
     }
 
 
@@ -500,3 +503,45 @@ def test_event_larger_than_prefect_accepts_is_refused() -> None:
     event = build_event(_alert(annotations={"d": "x" * PREFECT_MAX_EVENT_BYTES}))
     with pytest.raises(EventTooLarge, match="alert.b4ab7c4e8d6676fb"):
         encode_event(event)
+
+
+# attempt -> (the event id sent is the alert's own, payload names the alert's id)
+DELIVERY_CASES = [
+    (1, True),
+    (2, False),
+    (3, False),
+    (17, False),
+]
+
+
+@pytest.mark.parametrize(("attempt", "own_id"), DELIVERY_CASES)
+def test_a_retried_delivery_goes_under_a_new_id_naming_the_alert(attempt, own_id) -> None:
+    """Prefect may have recorded a failed attempt's id as seen without publishing it: a retry
+    under the same id would be dropped as its duplicate. Every attempt after the first has an
+    id of its own, derived (any gateway names attempt n alike), and the payload keeps the
+    alert's id, the one runbooks claim the alert by."""
+    event = build_event(_alert())
+    body = encode_event(event)
+    sent = json.loads(delivery_body(event["id"], body, attempt))
+    assert (sent["id"] == event["id"]) is own_id
+    assert sent["id"] == delivery_id(event["id"], attempt)
+    assert sent["payload"]["alertEventId"] == event["id"]
+    assert {k: v for k, v in sent.items() if k != "id"} == {
+        k: v for k, v in event.items() if k != "id"
+    }
+    if attempt == 1:
+        assert delivery_body(event["id"], body, attempt) == body  # sent as spooled
+
+
+def test_delivery_ids_are_distinct_per_attempt_and_alert() -> None:
+    alert_ids = [str(build_event(_alert(fingerprint=f"fp{n}"))["id"]) for n in range(3)]
+    sent = [delivery_id(a, n) for a in alert_ids for n in range(1, 6)]
+    assert len(set(sent)) == len(sent)
+    assert all(str(uuid.UUID(s)) == s for s in sent)  # Prefect takes event ids as UUIDs
+
+
+def test_a_body_spooled_before_the_field_existed_gets_the_alerts_id() -> None:
+    event = build_event(_alert())
+    del event["payload"]["alertEventId"]
+    sent = json.loads(delivery_body(event["id"], encode_event(event), 2))
+    assert sent["payload"]["alertEventId"] == event["id"]

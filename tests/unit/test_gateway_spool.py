@@ -145,6 +145,27 @@ def test_undelivered_events_survive_reopening(tmp_path: Path) -> None:
         again.close()
 
 
+def test_attempts_count_failures_and_one_in_flight_at_a_restart(tmp_path: Path) -> None:
+    """The attempt number picks the id a delivery goes under (alert_gateway.events.delivery_id):
+    an attempt that may have reached Prefect is never repeated under the same id, also when the
+    gateway was killed while it was in flight (the reopen counts it)."""
+    path = tmp_path / "spool.sqlite3"
+    first = Spool(path)
+    first.accept([ev(1, "a"), ev(2, "b"), ev(3, "c")], now=1.0, cooldown_s=300)
+    assert [e.attempts for e in first.pending(10)] == [0, 0, 0]
+    first.record_failure(["id-1"], "Prefect answered 502")
+    first.mark_delivered(["id-3"], now=2.0)
+    assert [(e.id, e.attempts) for e in first.pending(10)] == [("id-1", 1), ("id-2", 0)]
+    first.close()  # as after a SIGKILL: what was in flight is unknown
+    again = Spool(path)
+    try:
+        assert [(e.id, e.attempts) for e in again.pending(10)] == [("id-1", 2), ("id-2", 1)]
+        with sqlite3.connect(path) as db:  # the delivered one is left alone
+            assert db.execute("SELECT attempts FROM events WHERE id = 'id-3'").fetchone() == (1,)
+    finally:
+        again.close()
+
+
 def test_a_second_gateway_cannot_open_the_same_spool(spool: Spool) -> None:
     with pytest.raises(SpoolLocked, match="in use"):
         Spool(spool.path)

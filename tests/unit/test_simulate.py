@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from alert_gateway.events import delivery_body
 from deployments.simulate import alert_events, labels_payload, simulate
 from serving.cli import main
 
@@ -117,3 +118,10 @@ def test_every_trigger_renders_parameters_its_runbook_accepts(deployment, labels
         params = model.model_validate(match.parameters["params"])
         assert params.alert.event_id == uuid.UUID(event["id"])
         assert params.alert.event_occurred is not None
+    # the gateway's second delivery attempt sends the alert under a new event id: the run still
+    # claims the alert by the alert's own id (alert_gateway.events.delivery_id)
+    retried = json.loads(delivery_body(event["id"], json.dumps(event), attempt=2))
+    assert retried["id"] != event["id"]
+    for match in (m for m in simulate(retried) if m.deployment == deployment):
+        params = model.model_validate(match.parameters["params"])
+        assert params.alert.event_id == uuid.UUID(event["id"])
