@@ -7,10 +7,13 @@ alternately:
 - backup: the bare loop (assign, consume to the end, frame key/value/headers into a buffer, gzip
   level 1 and put every 16 MB, one thread: what anyone would write) against ``backup_topic``
   (the same plus timestamps and offsets, digests, parallel uploads, plan and manifest);
-- restore: a bare producer sending the records already in memory into a new topic, with the
-  restore's own producer settings (``RESTORE_PRODUCER``: idempotent, gapless, acks=all, linger
-  5 ms, delivery reports for failures only), against ``restore_topic`` (downloads, decompresses
-  and decodes the segments, then the same producer) into a new topic.
+- restore: two bare loops with the restore's own producer settings (``RESTORE_PRODUCER``:
+  idempotent, gapless, acks=all, linger 5 ms, delivery reports for failures only), each into a
+  new topic: one sending the records already in memory (the producer alone), and one doing what
+  the backup's bare loop calls for on the way back (get its objects from S3 one by one, gunzip,
+  unpack the frames, produce: one thread, what anyone would write), against ``restore_topic``
+  (lists and checks the manifest, reads the target, downloads, decompresses and decodes the
+  segments, sends with the same producer, writes its progress record) into a new topic.
 
 Prints MB/s (key + value + header bytes) of each, the median of the repeats, and the ratios.
 """
@@ -37,6 +40,9 @@ from tests.servers import start_kafka
 
 PARTITIONS = 4
 SEGMENT = 16 * 1024 * 1024
+# the bare loops' frame: timestamp, key length, value length, header count; then per header
+FRAME = struct.Struct(">qiiH")
+HEADER = struct.Struct(">HI")
 
 
 def fill(bootstrap: str, topic: str, count: int, size: int) -> tuple[list[tuple], int]:
@@ -66,7 +72,7 @@ def bare_backup(bootstrap: str, topic: str, s3, bucket: str, run: str) -> int:
     buffers = {p: bytearray() for p in range(PARTITIONS)}
     parts = {p: 0 for p in range(PARTITIONS)}
     count = 0
-    pack = struct.Struct(">ii").pack
+    pack, pack_header = FRAME.pack, HEADER.pack
 
     def put(p: int) -> None:
         c = zlib.compressobj(1, zlib.DEFLATED, 31)
@@ -83,13 +89,16 @@ def bare_backup(bootstrap: str, topic: str, s3, bucket: str, run: str) -> int:
                     open_parts.discard(msg.partition())
                 continue
             p, key, value = msg.partition(), msg.key() or b"", msg.value() or b""
+            headers = msg.headers() or []
             buf = buffers[p]
-            buf += pack(len(key), len(value))
+            buf += pack(msg.timestamp()[1], len(key), len(value), len(headers))
             buf += key
             buf += value
-            for hk, hv in msg.headers() or []:
-                buf += hk.encode()
-                buf += hv or b""
+            for hk, hv in headers:
+                hkb, hv = hk.encode(), hv or b""
+                buf += pack_header(len(hkb), len(hv))
+                buf += hkb
+                buf += hv
             count += 1
             if len(buf) >= SEGMENT:
                 put(p)
@@ -124,6 +133,48 @@ def bare_restore(bootstrap: str, topic: str, records: list[tuple]) -> None:
     assert producer.flush(120) == 0
 
 
+def bare_restore_from_s3(bootstrap: str, topic: str, s3, bucket: str, run: str) -> int:
+    """Get the bare backup's objects one by one, gunzip, unpack the frames, produce each record to
+    its partition with its timestamp: the bare loop's way back, one thread, no bookkeeping."""
+    producer = Producer({"bootstrap.servers": bootstrap, **RESTORE_PRODUCER})
+    unpack, unpack_header = FRAME.unpack_from, HEADER.unpack_from
+    fsize, hsize = FRAME.size, HEADER.size
+    count = 0
+    for p in range(PARTITIONS):
+        listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"bare/{run}/{p}/").get("Contents", [])
+        for key in sorted((o["Key"] for o in listed), key=lambda k: int(k.rsplit("/", 1)[1])):
+            data = zlib.decompress(s3.get_object(Bucket=bucket, Key=key)["Body"].read(), 31)
+            pos, end = 0, len(data)
+            while pos < end:
+                ts, klen, vlen, nheaders = unpack(data, pos)
+                pos += fsize
+                rkey = data[pos:pos + klen]
+                pos += klen
+                value = data[pos:pos + vlen]
+                pos += vlen
+                headers = []
+                for _ in range(nheaders):
+                    hklen, hvlen = unpack_header(data, pos)
+                    pos += hsize
+                    hk = data[pos:pos + hklen].decode()
+                    pos += hklen
+                    headers.append((hk, data[pos:pos + hvlen]))
+                    pos += hvlen
+                while True:
+                    try:
+                        producer.produce(
+                            topic, key=rkey, value=value, headers=headers, partition=p, timestamp=ts
+                        )
+                        break
+                    except BufferError:
+                        producer.poll(0.05)
+                count += 1
+                if count % 1000 == 0:
+                    producer.poll(0)
+    assert producer.flush(120) == 0
+    return count
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench topic-backup")
     parser.add_argument("--records", type=int, default=100_000)
@@ -148,11 +199,13 @@ def main(argv: list[str]) -> int:
         mb = total / 1e6
         print(f"filled {topic} with {len(records):,} records ({mb:.1f} MB) in {time.monotonic() - started:.1f} s")
 
-        rates: dict[str, list[float]] = {k: [] for k in ("bare_b", "task_b", "bare_r", "task_r")}
+        rates: dict[str, list[float]] = {
+            k: [] for k in ("bare_b", "task_b", "bare_r", "bare_s3_r", "task_r")
+        }
         # CPU seconds of this process, the broker and moto: on a shared 2-core machine the
         # restore is CPU-bound, and this says how much work each side did whatever the load
         pids = [os.getpid(), broker.proc.pid, moto._proc.pid]
-        cpu: dict[str, list[float]] = {"bare_r": [], "task_r": []}
+        cpu: dict[str, list[float]] = {"bare_r": [], "bare_s3_r": [], "task_r": []}
         for i in range(args.repeats):
             t0 = time.perf_counter()
             n = bare_backup(broker.bootstrap, topic, s3, bucket, f"r{i}")
@@ -171,6 +224,13 @@ def main(argv: list[str]) -> int:
             bare_restore(broker.bootstrap, target, records)
             rates["bare_r"].append(mb / (time.perf_counter() - t0))
             cpu["bare_r"].append(cpu_s(pids) - c0)
+            target = create_topic(broker.bootstrap, f"bench-bare-s3-restore-{i}", partitions=PARTITIONS)
+            c0 = cpu_s(pids)
+            t0 = time.perf_counter()
+            n = bare_restore_from_s3(broker.bootstrap, target, s3, bucket, f"r{i}")
+            rates["bare_s3_r"].append(mb / (time.perf_counter() - t0))
+            cpu["bare_s3_r"].append(cpu_s(pids) - c0)
+            assert n == len(records), f"bare restore from S3 sent {n}"
             c0 = cpu_s(pids)
             t0 = time.perf_counter()
             restored = restore_topic.fn(
@@ -182,12 +242,15 @@ def main(argv: list[str]) -> int:
             assert sum(restored.sent.values()) == len(records)
         med = {k: statistics.median(v) for k, v in rates.items()}
         print()
-        print(f"| {len(records):,} records x {args.size} B, {PARTITIONS} partitions | MB/s (median of {args.repeats}) | ratio |")
-        print("|---|---|---|")
-        print(f"| bare consume + gzip + put loop | {med['bare_b']:.1f} | 1.00x |")
-        print(f"| `backup_topic` (plan, segments, digests, manifest) | {med['task_b']:.1f} | **{med['task_b'] / med['bare_b']:.2f}x** |")
-        print(f"| bare produce loop, records in memory, the restore's producer settings | {med['bare_r']:.1f} | 1.00x |")
-        print(f"| `restore_topic` (get, gunzip, decode, produce, progress) | {med['task_r']:.1f} | **{med['task_r'] / med['bare_r']:.2f}x** |")
+        mcpu = {k: statistics.median(v) for k, v in cpu.items()}
+        print(f"| {len(records):,} records x {args.size} B, {PARTITIONS} partitions | MB/s (median of {args.repeats}) | ratio | restore CPU s (median) |")
+        print("|---|---|---|---|")
+        print(f"| bare consume + gzip + put loop | {med['bare_b']:.1f} | 1.00x | |")
+        print(f"| `backup_topic` (plan, segments, digests, manifest) | {med['task_b']:.1f} | **{med['task_b'] / med['bare_b']:.2f}x** | |")
+        print(f"| bare get + gunzip + unpack + produce loop (S3 to topic, one thread) | {med['bare_s3_r']:.1f} | 1.00x | {mcpu['bare_s3_r']:.2f} |")
+        print(f"| `restore_topic` (manifest, get, gunzip, decode, produce, progress) | {med['task_r']:.1f} | **{med['task_r'] / med['bare_s3_r']:.2f}x** | {mcpu['task_r']:.2f} |")
+        print(f"| bare produce loop, records already in memory (the producer alone) | {med['bare_r']:.1f} | 1.00x | {mcpu['bare_r']:.2f} |")
+        print(f"| `restore_topic` against it | {med['task_r']:.1f} | **{med['task_r'] / med['bare_r']:.2f}x** | |")
         print(f"\nbackup: {result.manifest.bytes / 1e6:.1f} MB in {len(result.manifest.segments)} segments")
         print("all runs (MB/s):", {k: [round(x, 1) for x in v] for k, v in rates.items()})
         print(
