@@ -180,12 +180,14 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger(__name__)
 
 
-def flow_run_url(flow_run_id: str) -> str | None:
-    """The flow run's page in the Prefect UI, or None without a configured UI URL."""
+def flow_run_url(flow_run_id: object | None) -> str | None:
+    """The flow run's page in the Prefect UI, or None without a configured UI URL or run id."""
     from prefect.settings import PREFECT_UI_URL
 
     base = PREFECT_UI_URL.value()
-    return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}" if base else None
+    if not base or flow_run_id is None:
+        return None
+    return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}"
 
 
 def _with_run_link(message: EscalationMessage) -> EscalationMessage:

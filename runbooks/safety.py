@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import httpx
 from prefect import get_client
@@ -61,13 +61,13 @@ from prefect.events.filters import (
     EventResourceFilter,
 )
 from prefect.exceptions import Pause, PrefectException
-from prefect.settings import PREFECT_UI_URL
 from prefect.variables import Variable
 from pydantic import BaseModel, Field
 
 from runbooks.approvals import Approval, ConfirmedApproval, confirmation_missing, request_approval
 from runbooks.audit import ActionRow, emit_action, scrub
 from runbooks.errors import ApprovalRejected, ApprovalTimedOut, BudgetSpent, TargetBusy
+from runbooks.escalation import flow_run_url
 from runbooks.locks import HolderStatus, LockBusy, LockHolder, TargetLock, put_variable
 from runbooks.params import OnBusyTarget, SafetyParams
 from runbooks.results import ChangeSet
@@ -446,7 +446,7 @@ class Guard:
         self.silence.start(
             self.report,
             run_id or "outside a flow run",
-            _run_url(run_id),
+            flow_run_url(run_id),
             self.report.params.safety.silence_max_s,
         )
 
@@ -572,7 +572,7 @@ class Guard:
                 danger=danger,
                 changes=[c.describe() for c in plan.planned],
                 run_id=run_id or "",
-                run_url=_run_url(run_id),
+                run_url=flow_run_url(run_id),
                 pause_key=pause_key,
                 required=required,
                 approved_by=approved_by,
@@ -676,7 +676,7 @@ def _busy(
 
 
 def _holder_text(holder: LockHolder) -> str:
-    link = _run_url(holder.flow_run_id)
+    link = flow_run_url(holder.flow_run_id)
     return holder.describe() + (f" ({link})" if link else "")
 
 
@@ -684,13 +684,6 @@ def _this_run_id() -> str | None:
     """The id of the flow run this code runs in (None outside one)."""
     ctx = FlowRunContext.get()
     return str(ctx.flow_run.id) if ctx and ctx.flow_run else None
-
-
-def _run_url(flow_run_id: Any) -> str | None:
-    base = PREFECT_UI_URL.value()
-    if not base or flow_run_id is None:
-        return None
-    return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}"
 
 
 def _duration(seconds: float) -> str:
