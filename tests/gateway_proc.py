@@ -151,7 +151,16 @@ def post_alerts(
     return httpx.post(f"{base_url}{path}", json=notification, headers=AUTH, timeout=10)
 
 
-def delivered_as(spool_path: Path, alert_ids: Collection[str]) -> dict[str, str]:
+def wait_until_delivered(url: str, timeout_s: float = 10) -> float:
+    """Seconds until the gateway's spool is empty (Prefect acknowledged every event)."""
+    start = time.monotonic()
+    while httpx.get(f"{url}/healthz", timeout=5).json()["spool_depth"]:
+        assert time.monotonic() - start < timeout_s, "events still undelivered"
+        time.sleep(0.005)
+    return time.monotonic() - start
+
+
+def delivered_as(spool_path: Path, wanted: Collection[str]) -> dict[str, str]:
     """Alert event id -> the id its delivered attempt went under (alert_gateway.events
     delivery_id: the alert's own id on a first attempt, a derived one after a failed or unknown
     one), read from the spool file: a delivered row's ``attempts`` is that attempt's number."""
@@ -159,7 +168,8 @@ def delivered_as(spool_path: Path, alert_ids: Collection[str]) -> dict[str, str]
 
     with sqlite3.connect(f"file:{spool_path}?mode=ro", uri=True, timeout=5) as db:
         rows = db.execute("SELECT id, attempts FROM events WHERE state = 'delivered'").fetchall()
-    return {i: delivery_id(i, n) for i, n in rows if i in set(alert_ids)}
+    wanted = set(wanted)
+    return {i: delivery_id(i, n) for i, n in rows if i in wanted}
 
 
 def alert_ids(events: list[dict[str, Any]]) -> list[str]:

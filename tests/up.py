@@ -157,14 +157,7 @@ class RunbooksUp:
     def start(self, deployment: str = "db-connection-pool-exhausted") -> None:
         self.launch()
 
-        def served() -> bool:
-            found = self.api_call(
-                "POST", "/deployments/filter", timeout_s=5,
-                json={"deployments": {"name": {"any_": [deployment]}}},
-            )
-            return bool(found)
-
-        poll(served, 180, "runbooks up serving its deployments")
+        poll(lambda: bool(self.deployments(deployment)), 180, "runbooks up serving its deployments")
 
     def gateway_alone(self, log: Path) -> subprocess.Popen:
         """The alert gateway on its own (same port, token and spool), e.g. while Prefect is down."""
@@ -220,11 +213,14 @@ class RunbooksUp:
     def run(self, run_id: str) -> dict:
         return self.api_call("GET", f"/flow_runs/{run_id}", timeout_s=5)
 
-    def deployment_id(self, name: str) -> str:
-        [deployment] = self.api_call(
+    def deployments(self, name: str) -> list[dict]:
+        return self.api_call(
             "POST", "/deployments/filter", timeout_s=5,
             json={"deployments": {"name": {"any_": [name]}}},
         )
+
+    def deployment_id(self, name: str) -> str:
+        [deployment] = self.deployments(name)
         return deployment["id"]
 
     def start_run(self, params: dict, deployment: str = "db-connection-pool-exhausted") -> str:

@@ -48,6 +48,7 @@ from tests.gateway_proc import (
     serving,
     started_now,
     wait_for_events,
+    wait_until_delivered,
 )
 from tests.servers import PrefectServer, free_port, wait_for_port
 
@@ -204,9 +205,7 @@ def test_prefect_down_then_up_delivers_everything_once(
         assert metric(gateway, "runbooks_gateway_forward_failures", reason="unreachable") >= 2
 
         own_prefect.start()
-        deadline = time.monotonic() + 30
-        while metric(gateway, "runbooks_gateway_spool_depth") and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until_delivered(gateway, timeout_s=30)
         assert metric(gateway, "runbooks_gateway_events_forwarded") == 21
         assert metric(gateway, "runbooks_gateway_spool_depth") == 0
         # each retried after failed attempts: under an id of its own, naming the alert's
@@ -281,10 +280,7 @@ def test_wrong_prefect_credentials_keep_alerts_until_fixed(
             time.sleep(0.05)
         assert spool_states(tmp_path / "spool.sqlite3") == {event_id: "pending"}
     with serving(settings(PREFECT_AUTH)) as gateway:  # fixed and restarted: it goes through
-        deadline = time.monotonic() + 20
-        while spool_states(tmp_path / "spool.sqlite3")[event_id] == "pending":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until_delivered(gateway, timeout_s=20)
         [sent] = delivered_as(tmp_path / "spool.sqlite3", [event_id]).values()
         assert alert_ids(own_prefect.events([sent])) == [event_id]
 
@@ -338,10 +334,7 @@ def test_gateway_killed_mid_stream_delivers_every_acknowledged_alert_once(tmp_pa
 
         every_id = [i for ids in acked.values() for i in ids]
         assert len(set(every_id)) == len(every_id) == sum(1 + i % 3 for i in range(80))
-        deadline = time.monotonic() + 30
-        while "pending" in spool_states(gateway.spool_path).values():
-            assert time.monotonic() < deadline, "the restarted gateway did not deliver"
-            time.sleep(0.1)
+        wait_until_delivered(gateway.url, timeout_s=30)
         # what was pending at the kill went again under an id of its own (an attempt of it may
         # have been in flight); the rest under the alert's id
         sent_as = delivered_as(gateway.spool_path, every_id)

@@ -33,6 +33,7 @@ from tests.gateway_proc import (
     serving,
     started_now,
     wait_for_events,
+    wait_until_delivered,
 )
 
 
@@ -49,15 +50,6 @@ def settings_for(tmp_path: Path, **overrides: object) -> GatewaySettings:
 def gateway(tmp_path: Path) -> Iterator[str]:
     with serving(settings_for(tmp_path)) as url:
         yield url
-
-
-def wait_until_delivered(url: str, timeout_s: float = 10) -> float:
-    """Seconds until the gateway's spool is empty (Prefect acknowledged every event)."""
-    start = time.monotonic()
-    while httpx.get(f"{url}/healthz", timeout=5).json()["spool_depth"]:
-        assert time.monotonic() - start < timeout_s, "events still undelivered"
-        time.sleep(0.005)
-    return time.monotonic() - start
 
 
 def test_grouped_notification_reaches_prefect_exactly_once(gateway: str) -> None:
